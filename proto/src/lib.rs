@@ -1,0 +1,19 @@
+//! Keel's wire formats. This crate is an API boundary: plugin authors, Elkeid peers
+//! and every Keel component depend on what it defines.
+//!
+//! - [`grpc`]: the generated messages of `proto/grpc.proto` (package `grpc`), and with
+//!   the `transport` feature the tonic client and server of `grpc.Transfer`.
+//! - [`data_type`]: the one table of every `data_type` Keel knows.
+//! - [`payload`]: encoding and decoding of `Payload` bytes, for the few records the
+//!   agent and server produce or read themselves. Plugin payloads are never decoded
+//!   on the data path.
+#![forbid(unsafe_code)]
+
+/// Generated from `proto/grpc.proto`.
+#[allow(missing_debug_implementations, clippy::all)]
+pub mod grpc {
+    include!(concat!(env!("OUT_DIR"), "/grpc.rs"));
+}
+
+pub mod data_type;
+pub mod payload;

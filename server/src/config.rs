@@ -1,0 +1,388 @@
+//! `server.toml`: parsed once at start-up into typed structs.
+//!
+//! Layers: the file (default `/etc/keel/server.toml`), then `KEEL_*` environment
+//! variables, then flags. Invalid configuration exits with code 64 and names the key.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use keel_common::config::{ConfigError, EnvBinding, EnvKind, Layers};
+use serde::Deserialize;
+
+/// Where the server looks for its configuration unless `--config` says otherwise.
+pub const DEFAULT_CONFIG_PATH: &str = "/etc/keel/server.toml";
+
+/// Environment overrides, all with the `KEEL_` prefix.
+pub const ENV: &[EnvBinding] = &[
+    ("KEEL_DATA_DIR", "data_dir", EnvKind::Str),
+    ("KEEL_GRPC_LISTEN", "grpc.listen", EnvKind::Str),
+    ("KEEL_HTTP_LISTEN", "http.listen", EnvKind::Str),
+    ("KEEL_HTTP_TLS", "http.tls", EnvKind::Bool),
+    ("KEEL_DATABASE_URL", "database.url", EnvKind::Str),
+    ("KEEL_CERT_LIFETIME", "pki.cert_lifetime", EnvKind::Str),
+    ("KEEL_SERVER_SANS", "pki.server_sans", EnvKind::List),
+];
+
+/// The whole server configuration.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServerConfig {
+    /// State directory: database, PKI and record files live under it.
+    #[serde(default = "default_data_dir")]
+    pub data_dir: PathBuf,
+    /// The agents' gRPC endpoint.
+    #[serde(default)]
+    pub grpc: GrpcConfig,
+    /// The console, API and enrollment endpoint.
+    #[serde(default)]
+    pub http: HttpConfig,
+    /// Certificate authority and issuing.
+    #[serde(default)]
+    pub pki: PkiConfig,
+    /// Registry storage.
+    #[serde(default)]
+    pub database: DatabaseConfig,
+    /// Where records go.
+    #[serde(default)]
+    pub sink: SinkConfig,
+    /// Logging.
+    #[serde(default)]
+    pub log: LogConfig,
+}
+
+/// gRPC transfer listener (mTLS).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GrpcConfig {
+    /// Listen address.
+    #[serde(default = "default_grpc_listen")]
+    pub listen: SocketAddr,
+    /// Addresses agents should dial, served by service discovery. Empty: `listen`.
+    #[serde(default)]
+    pub advertise: Vec<String>,
+    /// TLS handshakes allowed in flight at once; further connections wait.
+    #[serde(default = "default_max_handshakes")]
+    pub max_handshakes: usize,
+    /// A handshake not finished by then is dropped.
+    #[serde(default = "default_handshake_timeout", with = "humantime_serde")]
+    pub handshake_timeout: Duration,
+    /// HTTP/2 keepalive ping interval; a peer that does not answer is dropped.
+    #[serde(default = "default_keepalive", with = "humantime_serde")]
+    pub keepalive: Duration,
+    /// Largest `PackagedData` accepted, in bytes.
+    #[serde(default = "default_max_message")]
+    pub max_message_bytes: usize,
+}
+
+/// HTTP listener: console, API, enrollment and discovery.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HttpConfig {
+    /// Listen address.
+    #[serde(default = "default_http_listen")]
+    pub listen: SocketAddr,
+    /// Serve HTTPS with the server certificate. `false` is allowed only on a loopback address.
+    #[serde(default = "default_true")]
+    pub tls: bool,
+}
+
+/// Key types an agent may enroll with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum KeyType {
+    /// ECDSA on NIST P-256 with SHA-256.
+    EcdsaP256,
+    /// ECDSA on NIST P-384 with SHA-384.
+    EcdsaP384,
+    /// Ed25519.
+    Ed25519,
+}
+
+impl KeyType {
+    /// The configuration spelling.
+    pub fn name(self) -> &'static str {
+        match self {
+            KeyType::EcdsaP256 => "ecdsa-p256",
+            KeyType::EcdsaP384 => "ecdsa-p384",
+            KeyType::Ed25519 => "ed25519",
+        }
+    }
+}
+
+/// Certificate authority settings.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PkiConfig {
+    /// Directory of `ca.pem`, `ca.key`, `server.pem`, `server.key`. Default `<data_dir>/pki`.
+    #[serde(default)]
+    pub dir: Option<PathBuf>,
+    /// Lifetime of agent certificates. Agents renew before two thirds of it has passed.
+    #[serde(default = "default_cert_lifetime", with = "humantime_serde")]
+    pub cert_lifetime: Duration,
+    /// Subject alternative names of the server certificate made by `ca init`.
+    #[serde(default = "default_sans")]
+    pub server_sans: Vec<String>,
+    /// Key types accepted in enrollment and renewal CSRs.
+    #[serde(default = "default_key_types")]
+    pub allowed_key_types: Vec<KeyType>,
+    /// Lifetime of enrollment tokens made without `--ttl`.
+    #[serde(default = "default_token_ttl", with = "humantime_serde")]
+    pub enrollment_token_ttl: Duration,
+}
+
+/// Registry storage.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DatabaseConfig {
+    /// `sqlite://PATH` or `postgres://…`. Default: SQLite at `<data_dir>/keel.db`.
+    #[serde(default)]
+    pub url: Option<String>,
+}
+
+/// Record sink.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SinkConfig {
+    /// Sink kind; `file` is the embedded default.
+    #[serde(default = "default_sink_kind")]
+    pub kind: SinkKind,
+    /// Directory of the record files. Default `<data_dir>/records`.
+    #[serde(default)]
+    pub dir: Option<PathBuf>,
+    /// A record file is rotated once it reaches this size.
+    #[serde(default = "default_sink_file_bytes")]
+    pub max_file_bytes: u64,
+    /// Rotated files kept; older ones are deleted.
+    #[serde(default = "default_sink_files")]
+    pub max_files: usize,
+}
+
+/// The available sinks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SinkKind {
+    /// JSON lines in rotating files.
+    File,
+}
+
+/// Logging.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LogConfig {
+    /// Directory of the rotating log file; unset logs to stderr only.
+    #[serde(default)]
+    pub dir: Option<PathBuf>,
+    /// Filter when `KEEL_LOG` is unset.
+    #[serde(default = "default_log_level")]
+    pub level: String,
+    /// Rotated files kept.
+    #[serde(default = "default_log_files")]
+    pub max_files: usize,
+}
+
+fn default_data_dir() -> PathBuf {
+    PathBuf::from("/var/lib/keel-server")
+}
+fn default_grpc_listen() -> SocketAddr {
+    SocketAddr::from(([0, 0, 0, 0], 6751))
+}
+fn default_http_listen() -> SocketAddr {
+    SocketAddr::from(([0, 0, 0, 0], 6752))
+}
+fn default_max_handshakes() -> usize {
+    1024
+}
+fn default_handshake_timeout() -> Duration {
+    Duration::from_secs(10)
+}
+fn default_keepalive() -> Duration {
+    Duration::from_secs(30)
+}
+fn default_max_message() -> usize {
+    16 << 20
+}
+fn default_true() -> bool {
+    true
+}
+fn default_cert_lifetime() -> Duration {
+    Duration::from_secs(30 * 24 * 3600)
+}
+fn default_sans() -> Vec<String> {
+    vec!["localhost".into(), "127.0.0.1".into(), "::1".into()]
+}
+fn default_key_types() -> Vec<KeyType> {
+    vec![KeyType::EcdsaP256, KeyType::EcdsaP384, KeyType::Ed25519]
+}
+fn default_token_ttl() -> Duration {
+    Duration::from_secs(24 * 3600)
+}
+fn default_sink_kind() -> SinkKind {
+    SinkKind::File
+}
+fn default_sink_file_bytes() -> u64 {
+    128 << 20
+}
+fn default_sink_files() -> usize {
+    16
+}
+fn default_log_level() -> String {
+    "info".into()
+}
+fn default_log_files() -> usize {
+    7
+}
+
+impl Default for GrpcConfig {
+    fn default() -> Self {
+        Self {
+            listen: default_grpc_listen(),
+            advertise: Vec::new(),
+            max_handshakes: default_max_handshakes(),
+            handshake_timeout: default_handshake_timeout(),
+            keepalive: default_keepalive(),
+            max_message_bytes: default_max_message(),
+        }
+    }
+}
+impl Default for HttpConfig {
+    fn default() -> Self {
+        Self { listen: default_http_listen(), tls: true }
+    }
+}
+impl Default for PkiConfig {
+    fn default() -> Self {
+        Self {
+            dir: None,
+            cert_lifetime: default_cert_lifetime(),
+            server_sans: default_sans(),
+            allowed_key_types: default_key_types(),
+            enrollment_token_ttl: default_token_ttl(),
+        }
+    }
+}
+impl Default for SinkConfig {
+    fn default() -> Self {
+        Self {
+            kind: default_sink_kind(),
+            dir: None,
+            max_file_bytes: default_sink_file_bytes(),
+            max_files: default_sink_files(),
+        }
+    }
+}
+impl Default for LogConfig {
+    fn default() -> Self {
+        Self { dir: None, level: default_log_level(), max_files: default_log_files() }
+    }
+}
+
+/// Flag overrides, the last layer.
+#[derive(Debug, Clone, Default)]
+pub struct Overrides {
+    /// `--data-dir`.
+    pub data_dir: Option<PathBuf>,
+    /// `--grpc-listen`.
+    pub grpc_listen: Option<String>,
+    /// `--http-listen`.
+    pub http_listen: Option<String>,
+}
+
+impl ServerConfig {
+    /// Loads the layers. `path` is `--config`; when it is `None` the default path is
+    /// read if it exists.
+    pub fn load(path: Option<&Path>, overrides: &Overrides) -> Result<Self, ConfigError> {
+        let (file, required) = match path {
+            Some(p) => (p.to_path_buf(), true),
+            None => (PathBuf::from(DEFAULT_CONFIG_PATH), false),
+        };
+        let mut layers = Layers::from_file(&file, required)?.env(ENV)?;
+        layers.set_opt("data_dir", overrides.data_dir.as_ref().map(|p| p.display().to_string()), "--data-dir");
+        layers.set_opt("grpc.listen", overrides.grpc_listen.clone(), "--grpc-listen");
+        layers.set_opt("http.listen", overrides.http_listen.clone(), "--http-listen");
+        let source = layers.file_name().to_owned();
+        let config: ServerConfig = layers.build()?;
+        config.validate(&source)?;
+        Ok(config)
+    }
+
+    /// Parses a configuration from TOML text alone, for tests and the quickstart.
+    pub fn from_toml(name: &str, text: &str) -> Result<Self, ConfigError> {
+        let config: ServerConfig = Layers::from_str(name, text)?.build()?;
+        config.validate(name)?;
+        Ok(config)
+    }
+
+    fn validate(&self, source: &str) -> Result<(), ConfigError> {
+        let err = |key: &str, message: String| ConfigError { source: source.to_owned(), key: key.into(), message };
+        if !self.http.tls && !self.http.listen.ip().is_loopback() {
+            return Err(err(
+                "http.tls",
+                format!("plain HTTP is allowed only on a loopback address, not {}", self.http.listen),
+            ));
+        }
+        if self.pki.allowed_key_types.is_empty() {
+            return Err(err("pki.allowed_key_types", "must allow at least one key type".into()));
+        }
+        if self.pki.cert_lifetime < Duration::from_secs(5) {
+            return Err(err("pki.cert_lifetime", "must be at least 5s".into()));
+        }
+        if self.grpc.max_handshakes == 0 {
+            return Err(err("grpc.max_handshakes", "must be at least 1".into()));
+        }
+        if self.sink.max_files == 0 {
+            return Err(err("sink.max_files", "must be at least 1".into()));
+        }
+        Ok(())
+    }
+
+    /// The PKI directory.
+    pub fn pki_dir(&self) -> PathBuf {
+        self.pki.dir.clone().unwrap_or_else(|| self.data_dir.join("pki"))
+    }
+
+    /// The database URL.
+    pub fn database_url(&self) -> String {
+        self.database
+            .url
+            .clone()
+            .unwrap_or_else(|| format!("sqlite://{}", self.data_dir.join("keel.db").display()))
+    }
+
+    /// The record directory of the file sink.
+    pub fn sink_dir(&self) -> PathBuf {
+        self.sink.dir.clone().unwrap_or_else(|| self.data_dir.join("records"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_are_the_documented_ports() {
+        let c = ServerConfig::from_toml("t", "").unwrap();
+        assert_eq!(c.grpc.listen.port(), 6751);
+        assert_eq!(c.http.listen.port(), 6752);
+        assert!(c.http.tls);
+        assert_eq!(c.pki.cert_lifetime, Duration::from_secs(30 * 86400));
+    }
+
+    #[test]
+    fn plain_http_only_on_loopback() {
+        let e = ServerConfig::from_toml("t", "[http]\ntls = false\n").unwrap_err();
+        assert_eq!(e.key, "http.tls");
+        let c = ServerConfig::from_toml("t", "[http]\ntls = false\nlisten = \"127.0.0.1:6752\"\n").unwrap();
+        assert!(!c.http.tls);
+    }
+
+    #[test]
+    fn bad_values_name_their_key() {
+        let e = ServerConfig::from_toml("t", "[pki]\nallowed_key_types = [\"rsa\"]\n").unwrap_err();
+        assert_eq!(e.key, "pki.allowed_key_types[0]");
+        let e = ServerConfig::from_toml("t", "[pki]\ncert_lifetime = \"soon\"\n").unwrap_err();
+        assert_eq!(e.key, "pki.cert_lifetime");
+        let e = ServerConfig::from_toml("t", "colour = 1\n").unwrap_err();
+        assert_eq!(e.key, "colour");
+    }
+}

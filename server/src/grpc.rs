@@ -1,0 +1,336 @@
+//! The `grpc.Transfer` service: one bidirectional stream per agent.
+//!
+//! This module and `tls` are the only ones that see prost and tonic types; records
+//! become [`sink::Record`]s and commands come in as [`Outbound`]s.
+//!
+//! The agent's identity is the subject of its verified client certificate. Every
+//! `PackagedData.agent_id` must equal it, or the stream is refused and nothing is
+//! registered.
+
+use std::collections::HashMap;
+use std::pin::Pin;
+use std::sync::Arc;
+
+use futures::{Stream, StreamExt};
+use keel_common::time::now_ms;
+use keel_proto::data_type;
+use keel_proto::grpc::transfer_server::{Transfer, TransferServer};
+use keel_proto::grpc::{Ack, CertificateRenewal, Command, PackagedData, Task};
+use keel_proto::payload;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::transport::server::{TcpConnectInfo, TlsConnectInfo};
+use tonic::{Request, Response, Status, Streaming};
+use tracing::{Instrument, debug, info, info_span, warn};
+
+use crate::connections::{Closing, Connection, Outbound};
+use crate::pki::{self, PeerCert};
+use crate::sink::{Batch, Record};
+use crate::state::ServerState;
+use crate::store::AgentMeta;
+
+/// Commands queued per stream before senders see "busy".
+const COMMAND_QUEUE: usize = 64;
+
+/// The tonic service.
+#[derive(Debug, Clone)]
+pub struct TransferService {
+    state: Arc<ServerState>,
+}
+
+impl TransferService {
+    /// The service, ready to add to a tonic server.
+    pub fn server(state: Arc<ServerState>) -> TransferServer<Self> {
+        let max = state.config.grpc.max_message_bytes;
+        TransferServer::new(Self { state }).max_decoding_message_size(max)
+    }
+}
+
+type CommandStream = Pin<Box<dyn Stream<Item = Result<Command, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl Transfer for TransferService {
+    type TransferStream = CommandStream;
+
+    async fn transfer(
+        &self,
+        request: Request<Streaming<PackagedData>>,
+    ) -> Result<Response<Self::TransferStream>, Status> {
+        let info = request.extensions().get::<TlsConnectInfo<TcpConnectInfo>>().cloned();
+        let peer = info.as_ref().and_then(|i| i.get_ref().remote_addr());
+        let cert = info
+            .and_then(|i| i.peer_certs())
+            .and_then(|certs| certs.first().and_then(|c| pki::peer_cert(c)))
+            .ok_or_else(|| {
+                warn!(?peer, "refused stream: no usable client certificate");
+                Status::unauthenticated("no usable client certificate")
+            })?;
+        // The handshake checked revocation; this catches a revocation since then on
+        // a connection that is opening another stream.
+        if self.state.revocations.contains(&cert.serial) {
+            warn!(?peer, agent_id = %cert.agent_id, serial = %cert.serial, "refused stream: certificate revoked");
+            return Err(Status::permission_denied("certificate revoked"));
+        }
+        let (tx, rx) = mpsc::channel(COMMAND_QUEUE);
+        let conn = Connection::new(cert.serial.clone(), peer, tx);
+        let span = info_span!("stream", agent_id = %cert.agent_id, peer = ?peer);
+        let stream = StreamTask { state: Arc::clone(&self.state), cert, conn, session: None };
+        tokio::spawn(stream.run(request.into_inner()).instrument(span));
+        let out = close_after_error(ReceiverStream::new(rx).map(to_command));
+        Ok(Response::new(Box::pin(out)))
+    }
+}
+
+/// Ends the stream right after the first error, which carries the close reason.
+fn close_after_error(
+    s: impl Stream<Item = Result<Command, Status>> + Send + 'static,
+) -> impl Stream<Item = Result<Command, Status>> + Send {
+    s.scan(false, |ended, item| {
+        if *ended {
+            return std::future::ready(None);
+        }
+        *ended = item.is_err();
+        std::future::ready(Some(item))
+    })
+}
+
+fn to_command(o: Outbound) -> Result<Command, Status> {
+    Ok(match o {
+        Outbound::Task(t) => Command {
+            task: Some(Task { data_type: t.data_type, object_name: t.object_name, data: t.data, token: t.token }),
+            ..Default::default()
+        },
+        Outbound::Ack { epoch, seq } => Command { ack: Some(Ack { epoch, seq }), ..Default::default() },
+        Outbound::Renewal(r) => Command {
+            renewal: Some(match r {
+                Ok(certificate_pem) => CertificateRenewal { certificate_pem, error: String::new() },
+                Err(error) => CertificateRenewal { certificate_pem: String::new(), error },
+            }),
+            ..Default::default()
+        },
+        Outbound::Close(reason) => {
+            return Err(match reason {
+                Closing::Replaced => Status::aborted("replaced by a newer stream of this agent"),
+                Closing::Revoked => Status::permission_denied("certificate revoked"),
+                Closing::Refused(why) => Status::permission_denied(why),
+                Closing::Unavailable(why) => Status::unavailable(why),
+                Closing::Shutdown => Status::unavailable("server shutting down"),
+            });
+        }
+    })
+}
+
+fn meta(pd: &PackagedData) -> AgentMeta {
+    AgentMeta {
+        hostname: pd.hostname.clone(),
+        version: pd.version.clone(),
+        product: pd.product.clone(),
+        intranet_ipv4: pd.intranet_ipv4.clone(),
+        extranet_ipv4: pd.extranet_ipv4.clone(),
+        intranet_ipv6: pd.intranet_ipv6.clone(),
+        extranet_ipv6: pd.extranet_ipv6.clone(),
+    }
+}
+
+/// What is known once the first valid batch arrived.
+struct Session {
+    generation: u64,
+    meta: AgentMeta,
+    mark: Option<(u64, u64)>,
+}
+
+struct StreamTask {
+    state: Arc<ServerState>,
+    cert: PeerCert,
+    conn: Connection,
+    session: Option<Session>,
+}
+
+enum Step {
+    Continue,
+    Close(Closing),
+}
+
+impl StreamTask {
+    async fn run(mut self, mut inbound: Streaming<PackagedData>) {
+        let reason = loop {
+            let msg = tokio::select! {
+                reason = self.conn.closed() => break Some(reason),
+                msg = inbound.message() => msg,
+            };
+            match msg {
+                Ok(Some(pd)) => match self.handle(pd).await {
+                    Step::Continue => {}
+                    Step::Close(reason) => break Some(reason),
+                },
+                Ok(None) => {
+                    debug!("agent closed the stream");
+                    break None;
+                }
+                Err(status) => {
+                    debug!(code = ?status.code(), message = status.message(), "stream ended");
+                    break None;
+                }
+            }
+        };
+        if let Some(reason) = reason {
+            info!(?reason, "closing stream");
+            // The receiver may already be gone; then there is nobody to tell.
+            let _ = self.conn.commands.try_send(Outbound::Close(reason));
+        }
+        self.finish().await;
+    }
+
+    async fn finish(self) {
+        let Some(session) = self.session else { return };
+        let agent_id = &self.cert.agent_id;
+        if let Err(e) = self.state.flush_mark(agent_id).await {
+            warn!(error = %e, "cannot store the stream mark");
+        }
+        if self.state.connections.unregister(agent_id, session.generation) {
+            if let Err(e) = self.state.store.agent_disconnected(agent_id, now_ms()).await {
+                warn!(error = %e, "cannot mark agent offline");
+            }
+            info!("agent offline");
+        }
+    }
+
+    async fn handle(&mut self, pd: PackagedData) -> Step {
+        let agent_id = self.cert.agent_id.clone();
+        if pd.agent_id != agent_id {
+            warn!(claimed = %pd.agent_id, serial = %self.cert.serial,
+                "refused PackagedData: agent_id differs from the client certificate");
+            return Step::Close(Closing::Refused(format!(
+                "agent_id {:?} does not match the client certificate ({agent_id})",
+                pd.agent_id
+            )));
+        }
+        let now = now_ms();
+        let meta = meta(&pd);
+        match &mut self.session {
+            None => {
+                let generation = self.state.connections.register(&agent_id, self.conn.clone());
+                if let Err(e) = self.state.store.agent_connected(&agent_id, &meta, now).await {
+                    return unavailable("registry", e);
+                }
+                let mark = match self.state.mark(&agent_id).await {
+                    Ok(m) => m,
+                    Err(e) => return unavailable("registry", e),
+                };
+                info!(version = %meta.version, hostname = %meta.hostname, "agent online");
+                self.session = Some(Session { generation, meta, mark });
+            }
+            Some(s) if s.meta != meta => {
+                if let Err(e) = self.state.store.agent_meta(&agent_id, &meta, now).await {
+                    return unavailable("registry", e);
+                }
+                s.meta = meta;
+            }
+            Some(_) => {}
+        }
+        let numbered = pd.seq > 0;
+        let mark = self.session.as_ref().and_then(|s| s.mark);
+        if numbered && mark.is_some_and(|(epoch, seq)| epoch == pd.epoch && pd.seq <= seq) {
+            debug!(seq = pd.seq, "duplicate batch dropped");
+            return self.ack(pd.epoch, pd.seq).await;
+        }
+        let records: Vec<Record> = pd
+            .records
+            .into_iter()
+            .map(|r| Record { data_type: r.data_type, timestamp: r.timestamp, data: r.data })
+            .collect();
+        let mut data = Vec::with_capacity(records.len());
+        for r in records {
+            match self.control(&r, now).await {
+                Ok(true) => data.push(r),
+                Ok(false) => {}
+                Err(e) => return unavailable("registry", e),
+            }
+        }
+        if !data.is_empty() {
+            let batch = Batch { agent_id: &agent_id, server_time: now, records: &data };
+            if let Err(e) = self.state.sink.write(batch).await {
+                return unavailable("sink", e);
+            }
+        }
+        if numbered {
+            self.state.set_mark(&agent_id, pd.epoch, pd.seq);
+            if let Some(s) = &mut self.session {
+                s.mark = Some((pd.epoch, pd.seq));
+            }
+            return self.ack(pd.epoch, pd.seq).await;
+        }
+        Step::Continue
+    }
+
+    async fn ack(&self, epoch: u64, seq: u64) -> Step {
+        // Waiting here when the agent does not read its commands stops this stream's
+        // reads too: backpressure, not unbounded buffering.
+        match self.conn.commands.send(Outbound::Ack { epoch, seq }).await {
+            Ok(()) => Step::Continue,
+            Err(_) => Step::Close(Closing::Shutdown),
+        }
+    }
+
+    /// Applies what the server itself reads from a record. Returns whether the
+    /// record also goes to the sink.
+    async fn control(&self, r: &Record, now: i64) -> Result<bool, crate::store::StoreError> {
+        let agent_id = &self.cert.agent_id;
+        match r.data_type {
+            data_type::AGENT_HEARTBEAT => {
+                if let Some(fields) = decode(r) {
+                    self.state.store.agent_heartbeat(agent_id, &fields, now).await?;
+                }
+                Ok(true)
+            }
+            data_type::TASK_RESULT => {
+                if let Some(fields) = decode(r) {
+                    if let Some(token) = fields.get("token").filter(|t| !t.is_empty()) {
+                        if !self.state.store.task_result(token, agent_id, &fields, now).await? {
+                            debug!(%token, "task result for an unknown task of this agent");
+                        }
+                    }
+                }
+                Ok(true)
+            }
+            data_type::CERT_RENEWAL => {
+                self.renew(r).await;
+                Ok(false)
+            }
+            _ => Ok(true),
+        }
+    }
+
+    async fn renew(&self, r: &Record) {
+        let agent_id = &self.cert.agent_id;
+        let csr = decode(r).and_then(|mut f| f.remove("csr")).unwrap_or_default();
+        let answer = match self.state.issue(agent_id, &csr, true).await {
+            Ok(issued) => {
+                info!(serial = %issued.serial, "renewed the agent certificate");
+                Ok(issued.pem)
+            }
+            Err(e) => {
+                warn!(error = %e, "refused certificate renewal");
+                Err(e.to_string())
+            }
+        };
+        if self.conn.commands.send(Outbound::Renewal(answer)).await.is_err() {
+            debug!("stream gone before the renewal answer");
+        }
+    }
+}
+
+fn decode(r: &Record) -> Option<HashMap<String, String>> {
+    match payload::decode(&r.data) {
+        Ok(f) => Some(f),
+        Err(e) => {
+            warn!(data_type = r.data_type, error = %e, "undecodable payload in a Keel record");
+            None
+        }
+    }
+}
+
+fn unavailable(what: &str, e: impl std::fmt::Display) -> Step {
+    tracing::error!(error = %e, "{what} failed; the batch is not acknowledged");
+    Step::Close(Closing::Unavailable(format!("{what} unavailable")))
+}

@@ -1,0 +1,96 @@
+//! Enrollment: an agent trades an enrollment token and a CSR for its certificate.
+//!
+//! The private key never leaves the agent; only the CSR's public key is used.
+//! Enrolling an ID again revokes that ID's earlier certificates, so exactly one key
+//! speaks for an agent ID at a time.
+
+use std::sync::Arc;
+
+use axum::extract::rejection::JsonRejection;
+use axum::extract::State;
+use axum::http::{StatusCode, header};
+use axum::response::IntoResponse;
+use axum::Json;
+use keel_common::ids::valid_agent_id;
+use keel_common::secret::Secret;
+use keel_common::time::{now_ms, rfc3339_ms};
+use serde::{Deserialize, Serialize};
+use tracing::{info, warn};
+
+use super::agents::json_body;
+use super::{ApiError, Peer};
+use crate::state::{IssueError, ServerState};
+use crate::store::TokenRefusal;
+
+/// Body of `POST /enroll`.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EnrollRequest {
+    token: Secret,
+    agent_id: String,
+    #[serde(default)]
+    hostname: String,
+    csr: String,
+}
+
+/// Answer to a successful enrollment.
+#[derive(Debug, Serialize)]
+pub struct EnrollResponse {
+    agent_id: String,
+    certificate: String,
+    ca: String,
+    not_after: String,
+}
+
+/// `GET /enroll/ca.pem`: the CA certificate. An agent checks it against the
+/// fingerprint it was given before trusting anything else from this server.
+pub async fn ca_pem(State(state): State<Arc<ServerState>>) -> impl IntoResponse {
+    ([(header::CONTENT_TYPE, "application/x-pem-file")], state.ca.cert_pem().to_owned())
+}
+
+/// `POST /enroll`
+pub async fn enroll(
+    State(state): State<Arc<ServerState>>,
+    peer: Peer,
+    body: Result<Json<EnrollRequest>, JsonRejection>,
+) -> Result<Json<EnrollResponse>, ApiError> {
+    let peer = peer.0.to_string();
+    let req = json_body(body)?;
+    let refuse = |status: StatusCode, reason: String| {
+        warn!(%peer, agent_id = %req.agent_id, %reason, "enrollment refused");
+        ApiError::new(status, reason)
+    };
+    if !valid_agent_id(&req.agent_id) {
+        return Err(refuse(StatusCode::BAD_REQUEST, format!("invalid agent_id {:?}", req.agent_id)));
+    }
+    if req.hostname.len() > 255 {
+        return Err(refuse(StatusCode::BAD_REQUEST, "hostname is longer than 255 bytes".into()));
+    }
+    // Check the CSR before spending a token use on it.
+    if let Err(e) = crate::pki::check_csr(&req.csr, &req.agent_id, &state.config.pki.allowed_key_types) {
+        return Err(refuse(StatusCode::BAD_REQUEST, e.to_string()));
+    }
+    let token_id = match state.store.consume_enrollment_token(req.token.expose()).await? {
+        Ok(id) => id,
+        Err(r @ TokenRefusal::Unknown) => return Err(refuse(StatusCode::UNAUTHORIZED, r.to_string())),
+        Err(r) => return Err(refuse(StatusCode::FORBIDDEN, r.to_string())),
+    };
+    let issued = match state.issue(&req.agent_id, &req.csr, false).await {
+        Ok(i) => i,
+        Err(IssueError::Store(e)) => return Err(e.into()),
+        Err(e) => return Err(refuse(StatusCode::BAD_REQUEST, e.to_string())),
+    };
+    let reason = format!("re-enrolled with token {token_id}");
+    let older = state.revoke_agent(&req.agent_id, &reason, Some(&issued.serial)).await?;
+    if !older.is_empty() {
+        warn!(agent_id = %req.agent_id, revoked = older.len(), "re-enrollment revoked earlier certificates");
+    }
+    state.store.agent_enrolled(&req.agent_id, &req.hostname, now_ms()).await?;
+    info!(%peer, agent_id = %req.agent_id, token = %token_id, serial = %issued.serial, "agent enrolled");
+    Ok(Json(EnrollResponse {
+        agent_id: req.agent_id,
+        certificate: issued.pem,
+        ca: state.ca.cert_pem().to_owned(),
+        not_after: rfc3339_ms(issued.not_after_ms),
+    }))
+}

@@ -1,0 +1,19 @@
+//! keel-server as a library: `main.rs` only parses arguments and calls in here, so
+//! tests can drive every part.
+//!
+//! Only [`grpc`] and [`tls`] see prost/tonic/rustls types; the rest works on
+//! domain types ([`sink::Record`], [`connections::Outbound`]).
+#![forbid(unsafe_code)]
+
+pub mod admin;
+pub mod config;
+pub mod connections;
+pub mod grpc;
+pub mod http;
+pub mod pki;
+pub mod quickstart;
+pub mod serve;
+pub mod sink;
+pub mod state;
+pub mod store;
+pub mod tls;

@@ -1,0 +1,165 @@
+//! `keel-server serve`: the gRPC and HTTP listeners and the background work.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use serde::Serialize;
+use tokio::net::TcpListener;
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_util::sync::CancellationToken;
+use tracing::{error, info, warn};
+
+use crate::config::{ServerConfig, SinkKind};
+use crate::grpc::TransferService;
+use crate::pki::Ca;
+use crate::sink::{FileSink, Sink};
+use crate::state::ServerState;
+use crate::store::Store;
+use crate::{http, tls};
+
+/// How often revocations made by other processes are picked up.
+const REVOCATION_POLL: Duration = Duration::from_secs(1);
+/// How often stream marks are written to the store.
+const MARK_FLUSH: Duration = Duration::from_secs(5);
+
+/// The addresses actually bound, written to `--ready-file` once both listen.
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct Bound {
+    /// gRPC transfer address.
+    pub grpc: SocketAddr,
+    /// HTTP(S) address.
+    pub http: SocketAddr,
+}
+
+/// Opens the store, CA and sink that a server runs on.
+pub async fn open_state(config: ServerConfig) -> anyhow::Result<Arc<ServerState>> {
+    keel_common::tls::install_crypto_provider();
+    std::fs::create_dir_all(&config.data_dir)
+        .with_context(|| format!("cannot create data_dir {}", config.data_dir.display()))?;
+    let pki_dir = config.pki_dir();
+    if !pki_dir.join(crate::pki::CA_KEY).exists() {
+        anyhow::bail!("no CA in {}: run `keel-server ca init` first", pki_dir.display());
+    }
+    let ca = Ca::load(&pki_dir)?;
+    let store = Store::open(&config.database_url()).await.context("opening the registry")?;
+    let sink: Arc<dyn Sink> = match config.sink.kind {
+        SinkKind::File => Arc::new(FileSink::open(&config.sink_dir(), config.sink.max_file_bytes, config.sink.max_files)?),
+    };
+    Ok(Arc::new(ServerState::new(config, store, ca, sink)))
+}
+
+/// Runs the server until `shutdown`, then drains. `ready` receives the bound
+/// addresses as JSON once both listeners accept.
+pub async fn run(config: ServerConfig, shutdown: CancellationToken, ready: Option<PathBuf>) -> anyhow::Result<()> {
+    let state = open_state(config).await?;
+    run_with_state(state, shutdown, ready).await
+}
+
+/// Runs a server on already-opened state.
+pub async fn run_with_state(
+    state: Arc<ServerState>,
+    shutdown: CancellationToken,
+    ready: Option<PathBuf>,
+) -> anyhow::Result<()> {
+    let config = state.config.clone();
+    state.store.mark_all_offline().await?;
+    let mut newest_revocation = state.sync_revocations(0).await?;
+
+    let grpc_listener = TcpListener::bind(config.grpc.listen)
+        .await
+        .with_context(|| format!("cannot listen on grpc.listen {}", config.grpc.listen))?;
+    let http_listener = std::net::TcpListener::bind(config.http.listen)
+        .with_context(|| format!("cannot listen on http.listen {}", config.http.listen))?;
+    http_listener.set_nonblocking(true)?;
+    let bound = Bound { grpc: grpc_listener.local_addr()?, http: http_listener.local_addr()? };
+
+    let grpc_tls = tls::grpc_config(&state)?;
+    let incoming = tls::accept_loop(
+        grpc_listener,
+        grpc_tls,
+        config.grpc.max_handshakes,
+        config.grpc.handshake_timeout,
+        shutdown.clone(),
+    );
+    let grpc_shutdown = shutdown.clone();
+    let grpc = tonic::transport::Server::builder()
+        .http2_keepalive_interval(Some(config.grpc.keepalive))
+        .http2_keepalive_timeout(Some(config.grpc.keepalive))
+        .tcp_keepalive(Some(config.grpc.keepalive))
+        .add_service(TransferService::server(Arc::clone(&state)))
+        .serve_with_incoming_shutdown(ReceiverStream::new(incoming), async move { grpc_shutdown.cancelled().await });
+
+    let app = http::router(Arc::clone(&state)).into_make_service_with_connect_info::<SocketAddr>();
+    let http_tls = if config.http.tls { Some(tls::http_config(&state)?) } else { None };
+    let http_shutdown = shutdown.clone();
+    let scheme = if config.http.tls { "https" } else { "http" };
+    let http = async move {
+        if let Some(http_tls) = http_tls {
+            let tls = axum_server::tls_rustls::RustlsConfig::from_config(Arc::new(http_tls));
+            let handle = axum_server::Handle::new();
+            let h = handle.clone();
+            tokio::spawn(async move {
+                http_shutdown.cancelled().await;
+                h.graceful_shutdown(Some(Duration::from_secs(5)));
+            });
+            axum_server::from_tcp_rustls(http_listener, tls)?.handle(handle).serve(app).await?;
+        } else {
+            let listener = TcpListener::from_std(http_listener)?;
+            axum::serve(listener, app).with_graceful_shutdown(async move { http_shutdown.cancelled().await }).await?;
+        }
+        anyhow::Ok(())
+    };
+
+    info!(grpc = %bound.grpc, http = %format!("{scheme}://{}", bound.http), ca_fingerprint = %state.ca.fingerprint(), "keel-server listening");
+    if let Some(path) = ready {
+        write_ready(&path, &bound)?;
+    }
+
+    let background = background(Arc::clone(&state), shutdown.clone(), &mut newest_revocation);
+    let drain_state = Arc::clone(&state);
+    let drain = async move {
+        shutdown.cancelled().await;
+        drain_state.connections.close_all();
+    };
+    let (grpc_result, http_result, (), ()) = tokio::join!(grpc, http, background, drain);
+    if let Err(e) = state.flush_marks().await {
+        warn!(error = %e, "cannot store stream marks at shutdown");
+    }
+    if let Err(e) = state.store.mark_all_offline().await {
+        warn!(error = %e, "cannot mark agents offline at shutdown");
+    }
+    grpc_result.context("gRPC server")?;
+    http_result.context("HTTP server")?;
+    info!("keel-server stopped");
+    Ok(())
+}
+
+fn write_ready(path: &Path, bound: &Bound) -> anyhow::Result<()> {
+    let json = serde_json::to_vec(bound)?;
+    keel_common::fsutil::write_public(path, &json).with_context(|| format!("cannot write {}", path.display()))
+}
+
+async fn background(state: Arc<ServerState>, shutdown: CancellationToken, newest: &mut i64) {
+    let mut revocations = tokio::time::interval(REVOCATION_POLL);
+    let mut marks = tokio::time::interval(MARK_FLUSH);
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => break,
+            _ = revocations.tick() => {
+                // Re-read a little overlap: two revocations may share a millisecond.
+                match state.sync_revocations(newest.saturating_sub(1)).await {
+                    Ok(n) => *newest = n,
+                    Err(e) => error!(error = %e, "cannot read revocations"),
+                }
+            }
+            _ = marks.tick() => {
+                if let Err(e) = state.flush_marks().await {
+                    warn!(error = %e, "cannot store stream marks");
+                }
+            }
+        }
+    }
+}

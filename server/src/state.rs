@@ -1,0 +1,146 @@
+//! What every request handler and stream shares.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use keel_common::time::now_ms;
+
+use crate::config::ServerConfig;
+use crate::connections::{Connections, Revocations};
+use crate::pki::{self, Ca, CsrError, IssuedCert, PkiError};
+use crate::sink::Sink;
+use crate::store::{Store, StoreError};
+
+/// The server's shared state.
+#[derive(Debug)]
+pub struct ServerState {
+    /// Configuration, as loaded.
+    pub config: ServerConfig,
+    /// The registry.
+    pub store: Store,
+    /// The CA.
+    pub ca: Ca,
+    /// Where records go.
+    pub sink: Arc<dyn Sink>,
+    /// Open streams.
+    pub connections: Connections,
+    /// Revoked certificate serials.
+    pub revocations: Revocations,
+    /// Highest persisted batch per agent: (epoch, seq). Flushed to the store when a
+    /// stream ends and periodically.
+    marks: Mutex<HashMap<String, (u64, u64)>>,
+}
+
+/// Why a certificate could not be issued.
+#[derive(Debug, thiserror::Error)]
+pub enum IssueError {
+    /// The CSR was refused.
+    #[error(transparent)]
+    Csr(#[from] CsrError),
+    /// Renewal was asked for again too soon.
+    #[error("renewal refused: the last certificate was issued {0}s ago")]
+    TooSoon(i64),
+    /// Signing failed.
+    #[error(transparent)]
+    Pki(#[from] PkiError),
+    /// Recording failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+impl ServerState {
+    /// Builds the state from its parts.
+    pub fn new(config: ServerConfig, store: Store, ca: Ca, sink: Arc<dyn Sink>) -> Self {
+        Self {
+            config,
+            store,
+            ca,
+            sink,
+            connections: Connections::default(),
+            revocations: Revocations::default(),
+            marks: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Checks a CSR and issues a certificate for `agent_id`. With `renewal`, a
+    /// certificate issued less than a quarter lifetime ago refuses a new one, so a
+    /// looping agent cannot make the CA sign without bound.
+    pub async fn issue(&self, agent_id: &str, csr_pem: &str, renewal: bool) -> Result<IssuedCert, IssueError> {
+        let checked = pki::check_csr(csr_pem, agent_id, &self.config.pki.allowed_key_types)?;
+        let lifetime = self.config.pki.cert_lifetime;
+        let now = now_ms();
+        if renewal {
+            if let Some(last) = self.store.last_cert_issued(agent_id).await? {
+                let min_gap = i64::try_from(lifetime.as_millis() / 4).unwrap_or(i64::MAX);
+                if now - last < min_gap {
+                    return Err(IssueError::TooSoon((now - last) / 1000));
+                }
+            }
+        }
+        let issued = self.ca.issue_agent(agent_id, &checked, lifetime)?;
+        self.store.cert_issued(&issued.serial, agent_id, now, issued.not_after_ms).await?;
+        Ok(issued)
+    }
+
+    /// Revokes every certificate of `agent_id` but `keep`, and closes streams using
+    /// them at once. Returns the serials revoked.
+    pub async fn revoke_agent(&self, agent_id: &str, reason: &str, keep: Option<&str>) -> Result<Vec<String>, StoreError> {
+        let serials = self.store.revoke_agent_certs(agent_id, reason, keep, now_ms()).await?;
+        self.apply_revocations(serials.iter().cloned());
+        Ok(serials)
+    }
+
+    /// Adds revoked serials to the handshake check and closes their streams.
+    pub fn apply_revocations(&self, serials: impl IntoIterator<Item = String>) {
+        let new = self.revocations.add(serials);
+        if !new.is_empty() {
+            for agent_id in self.connections.close_serials(&new) {
+                tracing::warn!(agent_id, "closed the stream of a revoked certificate");
+            }
+        }
+    }
+
+    /// Loads revocations made since `since` (Unix ms), for example by
+    /// `keel-server ca revoke` in another process. Returns the newest time seen.
+    pub async fn sync_revocations(&self, since: i64) -> Result<i64, StoreError> {
+        let revoked = self.store.revoked_since(since).await?;
+        let newest = revoked.iter().map(|(_, at)| *at).max().unwrap_or(since);
+        self.apply_revocations(revoked.into_iter().map(|(s, _)| s));
+        Ok(newest)
+    }
+
+    /// The agent's highest persisted batch, from memory or the store.
+    pub async fn mark(&self, agent_id: &str) -> Result<Option<(u64, u64)>, StoreError> {
+        if let Some(m) = self.marks_lock().get(agent_id) {
+            return Ok(Some(*m));
+        }
+        self.store.stream_mark(agent_id).await
+    }
+
+    /// Records a persisted batch in memory.
+    pub fn set_mark(&self, agent_id: &str, epoch: u64, seq: u64) {
+        self.marks_lock().insert(agent_id.to_owned(), (epoch, seq));
+    }
+
+    /// Writes one agent's mark to the store.
+    pub async fn flush_mark(&self, agent_id: &str) -> Result<(), StoreError> {
+        let mark = self.marks_lock().get(agent_id).copied();
+        if let Some((epoch, seq)) = mark {
+            self.store.save_stream_mark(agent_id, epoch, seq).await?;
+        }
+        Ok(())
+    }
+
+    /// Writes every mark to the store.
+    pub async fn flush_marks(&self) -> Result<(), StoreError> {
+        let marks: Vec<_> = self.marks_lock().iter().map(|(a, m)| (a.clone(), *m)).collect();
+        for (agent, (epoch, seq)) in marks {
+            self.store.save_stream_mark(&agent, epoch, seq).await?;
+        }
+        Ok(())
+    }
+
+    fn marks_lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, (u64, u64)>> {
+        self.marks.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}

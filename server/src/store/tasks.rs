@@ -1,0 +1,174 @@
+//! Tasks sent to agents and their 5100 results.
+
+use std::collections::HashMap;
+
+use sqlx::Row;
+
+use super::{Store, StoreError, corrupt};
+
+/// A task about to be sent.
+#[derive(Debug, Clone)]
+pub struct NewTask<'a> {
+    /// Correlation token, echoed in the 5100 result.
+    pub token: &'a str,
+    /// Target agent.
+    pub agent_id: &'a str,
+    /// Task data_type.
+    pub data_type: i32,
+    /// `keel-agent` or a plugin name.
+    pub object_name: &'a str,
+    /// Task data, usually JSON.
+    pub data: &'a str,
+    /// The API token ID that made it.
+    pub created_by: &'a str,
+}
+
+/// A task as stored.
+#[derive(Debug, Clone)]
+pub struct TaskRow {
+    /// Correlation token.
+    pub token: String,
+    /// Target agent.
+    pub agent_id: String,
+    /// Task data_type.
+    pub data_type: i32,
+    /// Target object.
+    pub object_name: String,
+    /// `sent`, `succeeded` or `failed`.
+    pub status: String,
+    /// Fields of the 5100 result.
+    pub result: Option<HashMap<String, String>>,
+    /// Made at, Unix ms.
+    pub created_at: i64,
+    /// Result arrived at, Unix ms.
+    pub finished_at: Option<i64>,
+}
+
+impl Store {
+    /// Records a task as sent.
+    pub async fn task_sent(&self, t: &NewTask<'_>, now: i64) -> Result<(), StoreError> {
+        sqlx::query(
+            "INSERT INTO tasks (token, agent_id, data_type, object_name, data, created_by, created_at, status) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, 'sent')",
+        )
+        .bind(t.token)
+        .bind(t.agent_id)
+        .bind(i64::from(t.data_type))
+        .bind(t.object_name)
+        .bind(t.data)
+        .bind(t.created_by)
+        .bind(now)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    /// Stores a 5100 result. Only the agent the task was sent to can complete it;
+    /// returns false for an unknown token or another agent's task.
+    pub async fn task_result(
+        &self,
+        token: &str,
+        agent_id: &str,
+        fields: &HashMap<String, String>,
+        now: i64,
+    ) -> Result<bool, StoreError> {
+        let status = match fields.get("status").map(String::as_str) {
+            Some("succeeded") => "succeeded",
+            _ => "failed",
+        };
+        let json = serde_json::to_string(fields).map_err(corrupt("task result"))?;
+        let done = sqlx::query(
+            "UPDATE tasks SET status = $1, result = $2, finished_at = $3 WHERE token = $4 AND agent_id = $5",
+        )
+        .bind(status)
+        .bind(json)
+        .bind(now)
+        .bind(token)
+        .bind(agent_id)
+        .execute(&self.pool)
+        .await?;
+        Ok(done.rows_affected() > 0)
+    }
+
+    /// One task by token.
+    pub async fn get_task(&self, token: &str) -> Result<Option<TaskRow>, StoreError> {
+        let Some(row) = sqlx::query(
+            "SELECT token, agent_id, data_type, object_name, status, result, created_at, finished_at FROM tasks WHERE token = $1",
+        )
+        .bind(token)
+        .fetch_optional(&self.pool)
+        .await?
+        else {
+            return Ok(None);
+        };
+        let result: Option<String> = row.try_get("result")?;
+        let data_type: i64 = row.try_get("data_type")?;
+        Ok(Some(TaskRow {
+            token: row.try_get("token")?,
+            agent_id: row.try_get("agent_id")?,
+            data_type: i32::try_from(data_type).unwrap_or_default(),
+            object_name: row.try_get("object_name")?,
+            status: row.try_get("status")?,
+            result: result.map(|r| serde_json::from_str(&r)).transpose().map_err(corrupt("task result"))?,
+            created_at: row.try_get("created_at")?,
+            finished_at: row.try_get("finished_at")?,
+        }))
+    }
+
+    /// The highest persisted batch of an agent: (epoch, seq).
+    pub async fn stream_mark(&self, agent_id: &str) -> Result<Option<(u64, u64)>, StoreError> {
+        let row = sqlx::query("SELECT epoch, seq FROM stream_marks WHERE agent_id = $1")
+            .bind(agent_id)
+            .fetch_optional(&self.pool)
+            .await?;
+        let Some(row) = row else { return Ok(None) };
+        let epoch: String = row.try_get("epoch")?;
+        let seq: i64 = row.try_get("seq")?;
+        let epoch = u64::from_str_radix(&epoch, 16)
+            .map_err(|e| StoreError::Corrupt { what: "stream epoch", message: e.to_string() })?;
+        Ok(Some((epoch, u64::try_from(seq).unwrap_or(0))))
+    }
+
+    /// Stores the highest persisted batch of an agent.
+    pub async fn save_stream_mark(&self, agent_id: &str, epoch: u64, seq: u64) -> Result<(), StoreError> {
+        sqlx::query(
+            "INSERT INTO stream_marks (agent_id, epoch, seq) VALUES ($1, $2, $3) \
+             ON CONFLICT (agent_id) DO UPDATE SET epoch = excluded.epoch, seq = excluded.seq",
+        )
+        .bind(agent_id)
+        .bind(format!("{epoch:016x}"))
+        .bind(i64::try_from(seq).unwrap_or(i64::MAX))
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::test_store;
+
+    #[tokio::test]
+    async fn only_the_target_agent_completes_a_task() {
+        let (store, _dir) = test_store().await;
+        let t = NewTask { token: "t1", agent_id: "a1", data_type: 1051, object_name: "keel-agent", data: "{}", created_by: "x" };
+        store.task_sent(&t, 1).await.unwrap();
+        let fields = HashMap::from([("status".to_owned(), "succeeded".to_owned())]);
+        assert!(!store.task_result("t1", "a2", &fields, 2).await.unwrap());
+        assert_eq!(store.get_task("t1").await.unwrap().unwrap().status, "sent");
+        assert!(store.task_result("t1", "a1", &fields, 3).await.unwrap());
+        let row = store.get_task("t1").await.unwrap().unwrap();
+        assert_eq!(row.status, "succeeded");
+        assert_eq!(row.finished_at, Some(3));
+    }
+
+    #[tokio::test]
+    async fn stream_marks_round_trip_full_u64() {
+        let (store, _dir) = test_store().await;
+        assert_eq!(store.stream_mark("a").await.unwrap(), None);
+        store.save_stream_mark("a", u64::MAX, 7).await.unwrap();
+        store.save_stream_mark("a", u64::MAX, 9).await.unwrap();
+        assert_eq!(store.stream_mark("a").await.unwrap(), Some((u64::MAX, 9)));
+    }
+}

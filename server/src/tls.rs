@@ -1,0 +1,215 @@
+//! TLS for both listeners, and the accept loop of the gRPC listener.
+//!
+//! The gRPC listener requires a client certificate that chains to the Keel CA, has
+//! the clientAuth usage, is within its validity, and is not revoked. Handshakes run
+//! concurrently, bounded in number and time, and every refusal is logged with the
+//! peer and a plain reason.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use keel_common::backoff::Backoff;
+use rustls::client::danger::HandshakeSignatureValid;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, UnixTime};
+use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
+use rustls::server::WebPkiClientVerifier;
+use rustls::{CertificateError, DigitallySignedStruct, DistinguishedName, RootCertStore, SignatureScheme};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{Semaphore, mpsc};
+use tokio_rustls::TlsAcceptor;
+use tokio_rustls::server::TlsStream;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, warn};
+
+use crate::pki;
+use crate::state::ServerState;
+
+/// The TLS configuration could not be built.
+#[derive(Debug, thiserror::Error)]
+#[error("TLS setup: {0}")]
+pub struct TlsSetupError(String);
+
+fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+/// Checks the client certificate against the CA, then against the revocation list.
+#[derive(Debug)]
+struct AgentVerifier {
+    inner: Arc<dyn ClientCertVerifier>,
+    state: Arc<ServerState>,
+}
+
+impl ClientCertVerifier for AgentVerifier {
+    fn offer_client_auth(&self) -> bool {
+        true
+    }
+
+    fn client_auth_mandatory(&self) -> bool {
+        true
+    }
+
+    fn root_hint_subjects(&self) -> &[DistinguishedName] {
+        self.inner.root_hint_subjects()
+    }
+
+    fn verify_client_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+    ) -> Result<ClientCertVerified, rustls::Error> {
+        self.inner.verify_client_cert(end_entity, intermediates, now)?;
+        let Some(peer) = pki::peer_cert(end_entity) else {
+            return Err(rustls::Error::InvalidCertificate(CertificateError::BadEncoding));
+        };
+        if self.state.revocations.contains(&peer.serial) {
+            warn!(agent_id = %peer.agent_id, serial = %peer.serial, "refused a revoked client certificate");
+            return Err(rustls::Error::InvalidCertificate(CertificateError::Revoked));
+        }
+        Ok(ClientCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.inner.supported_verify_schemes()
+    }
+}
+
+fn server_identity(state: &ServerState) -> Result<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>), TlsSetupError> {
+    pki::server_identity(&state.config.pki_dir()).map_err(|e| TlsSetupError(e.to_string()))
+}
+
+/// The gRPC listener's TLS: mutual, HTTP/2.
+pub fn grpc_config(state: &Arc<ServerState>) -> Result<rustls::ServerConfig, TlsSetupError> {
+    let mut roots = RootCertStore::empty();
+    roots.add(state.ca.cert_der().clone()).map_err(|e| TlsSetupError(format!("CA certificate: {e}")))?;
+    let inner = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider())
+        .build()
+        .map_err(|e| TlsSetupError(e.to_string()))?;
+    let verifier = Arc::new(AgentVerifier { inner, state: Arc::clone(state) });
+    let (chain, key) = server_identity(state)?;
+    let mut config = rustls::ServerConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| TlsSetupError(e.to_string()))?
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(chain, key)
+        .map_err(|e| TlsSetupError(format!("server certificate: {e}")))?;
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    Ok(config)
+}
+
+/// The HTTPS listener's TLS: server authentication only.
+pub fn http_config(state: &ServerState) -> Result<rustls::ServerConfig, TlsSetupError> {
+    let (chain, key) = server_identity(state)?;
+    let mut config = rustls::ServerConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| TlsSetupError(e.to_string()))?
+        .with_no_client_auth()
+        .with_single_cert(chain, key)
+        .map_err(|e| TlsSetupError(format!("server certificate: {e}")))?;
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    Ok(config)
+}
+
+/// A plain explanation of a failed handshake, for the log.
+pub fn describe_handshake_error(e: &std::io::Error) -> String {
+    let Some(tls) = e.get_ref().and_then(|inner| inner.downcast_ref::<rustls::Error>()) else {
+        return e.to_string();
+    };
+    match tls {
+        rustls::Error::NoCertificatesPresented => "no client certificate".into(),
+        rustls::Error::InvalidCertificate(CertificateError::UnknownIssuer) => {
+            "client certificate is not issued by the Keel CA".into()
+        }
+        rustls::Error::InvalidCertificate(CertificateError::Expired | CertificateError::ExpiredContext { .. }) => {
+            "client certificate has expired".into()
+        }
+        rustls::Error::InvalidCertificate(CertificateError::NotValidYet | CertificateError::NotValidYetContext { .. }) => {
+            "client certificate is not valid yet".into()
+        }
+        rustls::Error::InvalidCertificate(CertificateError::Revoked) => "client certificate is revoked".into(),
+        other => other.to_string(),
+    }
+}
+
+/// Accepts TCP connections and completes TLS handshakes concurrently, handing
+/// finished streams to the gRPC server through the returned channel.
+pub fn accept_loop(
+    listener: TcpListener,
+    config: rustls::ServerConfig,
+    max_handshakes: usize,
+    handshake_timeout: Duration,
+    shutdown: CancellationToken,
+) -> mpsc::Receiver<Result<TlsStream<TcpStream>, std::io::Error>> {
+    let (tx, rx) = mpsc::channel(max_handshakes.max(1));
+    let acceptor = TlsAcceptor::from(Arc::new(config));
+    let permits = Arc::new(Semaphore::new(max_handshakes.max(1)));
+    tokio::spawn(async move {
+        let mut backoff = Backoff::new(Duration::from_millis(10), Duration::from_secs(1), 0.5);
+        loop {
+            let accepted = tokio::select! {
+                _ = shutdown.cancelled() => break,
+                a = listener.accept() => a,
+            };
+            let (tcp, peer) = match accepted {
+                Ok(a) => {
+                    backoff.reset();
+                    a
+                }
+                Err(e) => {
+                    // EMFILE and friends: wait instead of spinning.
+                    warn!(error = %e, "accept failed");
+                    tokio::time::sleep(backoff.next_delay()).await;
+                    continue;
+                }
+            };
+            let Ok(permit) = Arc::clone(&permits).acquire_owned().await else { break };
+            let _ = tcp.set_nodelay(true);
+            let acceptor = acceptor.clone();
+            let tx = tx.clone();
+            tokio::spawn(async move {
+                let _permit = permit;
+                handshake(acceptor, tcp, peer, handshake_timeout, tx).await;
+            });
+        }
+        debug!("gRPC accept loop stopped");
+    });
+    rx
+}
+
+async fn handshake(
+    acceptor: TlsAcceptor,
+    tcp: TcpStream,
+    peer: SocketAddr,
+    limit: Duration,
+    tx: mpsc::Sender<Result<TlsStream<TcpStream>, std::io::Error>>,
+) {
+    match tokio::time::timeout(limit, acceptor.accept(tcp)).await {
+        Ok(Ok(tls)) => {
+            let _ = tx.send(Ok(tls)).await;
+        }
+        Ok(Err(e)) => {
+            warn!(%peer, reason = %describe_handshake_error(&e), "refused connection: TLS handshake failed");
+        }
+        Err(_) => warn!(%peer, "refused connection: TLS handshake timed out"),
+    }
+}
