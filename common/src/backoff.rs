@@ -17,7 +17,13 @@ impl Backoff {
     /// A schedule starting at `min` and doubling up to `max`. `jitter` is clamped to `[0, 1]`.
     pub fn new(min: Duration, max: Duration, jitter: f64) -> Self {
         let max = max.max(min);
-        Self { min, max, jitter: jitter.clamp(0.0, 1.0), next: min, attempts: 0 }
+        Self {
+            min,
+            max,
+            jitter: jitter.clamp(0.0, 1.0),
+            next: min,
+            attempts: 0,
+        }
     }
 
     /// The delay before the next attempt; each call doubles the base, up to `max`.
@@ -52,7 +58,11 @@ mod tests {
         for secs in expected {
             let d = b.next_delay();
             let hi = Duration::from_secs(secs);
-            assert!(d <= hi && d >= hi / 2, "delay {d:?} outside [{:?}, {hi:?}]", hi / 2);
+            assert!(
+                d <= hi && d >= hi / 2,
+                "delay {d:?} outside [{:?}, {hi:?}]",
+                hi / 2
+            );
         }
         assert_eq!(b.attempts(), 6);
         b.reset();

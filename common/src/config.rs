@@ -71,7 +71,11 @@ impl Layers {
             Ok(t) => t,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound && !required => String::new(),
             Err(e) => {
-                return Err(ConfigError { source: file, key: String::new(), message: format!("cannot read: {e}") });
+                return Err(ConfigError {
+                    source: file,
+                    key: String::new(),
+                    message: format!("cannot read: {e}"),
+                });
             }
         };
         Self::from_str(&file, &text)
@@ -84,7 +88,11 @@ impl Layers {
             key: String::new(),
             message: e.to_string().trim().replace('\n', " "),
         })?;
-        Ok(Self { tree, file: name.to_owned(), overrides: BTreeMap::new() })
+        Ok(Self {
+            tree,
+            file: name.to_owned(),
+            overrides: BTreeMap::new(),
+        })
     }
 
     /// Applies every binding whose variable is set in the process environment.
@@ -125,7 +133,9 @@ impl Layers {
             if !entry.is_table() {
                 *entry = toml::Value::Table(toml::Table::new());
             }
-            let toml::Value::Table(next) = entry else { return };
+            let toml::Value::Table(next) = entry else {
+                return;
+            };
             table = next;
         }
         self.overrides.insert(key.to_owned(), origin.to_owned());
@@ -140,13 +150,21 @@ impl Layers {
 
     /// Deserialises the merged tree into `T`.
     pub fn build<T: DeserializeOwned>(self) -> Result<T, ConfigError> {
-        let Layers { tree, file, overrides } = self;
+        let Layers {
+            tree,
+            file,
+            overrides,
+        } = self;
         serde_path_to_error::deserialize(toml::Value::Table(tree)).map_err(|e| {
             let path = e.path().to_string();
             let key = if path == "." { String::new() } else { path };
             let message = e.into_inner().to_string().trim().to_owned();
             let source = overrides.get(&key).cloned().unwrap_or(file);
-            ConfigError { source, key, message }
+            ConfigError {
+                source,
+                key,
+                message,
+            }
         })
     }
 
@@ -167,7 +185,9 @@ fn env_value(raw: &str, kind: EnvKind) -> Result<toml::Value, String> {
                 .collect(),
         ),
         EnvKind::Int => toml::Value::Integer(
-            raw.trim().parse().map_err(|_| format!("expected an integer, got {raw:?}"))?,
+            raw.trim()
+                .parse()
+                .map_err(|_| format!("expected an integer, got {raw:?}"))?,
         ),
         EnvKind::Bool => toml::Value::Boolean(match raw.trim() {
             "true" | "1" | "yes" => true,
@@ -179,7 +199,11 @@ fn env_value(raw: &str, kind: EnvKind) -> Result<toml::Value, String> {
 
 /// Resolves `path` against `base` unless it is absolute.
 pub fn resolve(base: &Path, path: &Path) -> PathBuf {
-    if path.is_absolute() { path.to_path_buf() } else { base.join(path) }
+    if path.is_absolute() {
+        path.to_path_buf()
+    } else {
+        base.join(path)
+    }
 }
 
 #[cfg(test)]
@@ -206,7 +230,12 @@ mod tests {
     }
 
     fn lookup<'a>(pairs: &'a [(&'a str, &'a str)]) -> impl Fn(&str) -> Option<String> + 'a {
-        move |k| pairs.iter().find(|(n, _)| *n == k).map(|(_, v)| (*v).to_owned())
+        move |k| {
+            pairs
+                .iter()
+                .find(|(n, _)| *n == k)
+                .map(|(_, v)| (*v).to_owned())
+        }
     }
 
     const ENV: &[EnvBinding] = &[
@@ -218,7 +247,10 @@ mod tests {
     fn layers_override_in_order() {
         let mut l = Layers::from_str("a.toml", "name = \"file\"\n[server]\nport = 1\n")
             .unwrap()
-            .env_from(ENV, lookup(&[("KEEL_PORT", "2"), ("KEEL_HOSTS", "a:1, b:2,")]))
+            .env_from(
+                ENV,
+                lookup(&[("KEEL_PORT", "2"), ("KEEL_HOSTS", "a:1, b:2,")]),
+            )
             .unwrap();
         l.set("name", toml::Value::String("flag".into()), "--name");
         let c: Conf = l.build().unwrap();
@@ -229,15 +261,25 @@ mod tests {
 
     #[test]
     fn unknown_key_is_named() {
-        let e = Layers::from_str("a.toml", "[server]\nprot = 1\n").unwrap().build::<Conf>().unwrap_err();
+        let e = Layers::from_str("a.toml", "[server]\nprot = 1\n")
+            .unwrap()
+            .build::<Conf>()
+            .unwrap_err();
         assert_eq!(e.source, "a.toml");
         assert_eq!(e.key, "server.prot");
-        assert!(e.to_string().starts_with("a.toml: server.prot: unknown field `prot`"), "{e}");
+        assert!(
+            e.to_string()
+                .starts_with("a.toml: server.prot: unknown field `prot`"),
+            "{e}"
+        );
     }
 
     #[test]
     fn wrong_type_is_named() {
-        let e = Layers::from_str("a.toml", "[server]\nport = \"x\"\n").unwrap().build::<Conf>().unwrap_err();
+        let e = Layers::from_str("a.toml", "[server]\nport = \"x\"\n")
+            .unwrap()
+            .build::<Conf>()
+            .unwrap_err();
         assert_eq!(e.key, "server.port");
         assert!(e.message.contains("invalid type"), "{e}");
     }
@@ -261,7 +303,10 @@ mod tests {
 
     #[test]
     fn missing_section_and_syntax_errors() {
-        let e = Layers::from_str("a.toml", "").unwrap().build::<Conf>().unwrap_err();
+        let e = Layers::from_str("a.toml", "")
+            .unwrap()
+            .build::<Conf>()
+            .unwrap_err();
         assert!(e.message.contains("missing field `server`"), "{e}");
         let e = Layers::from_str("a.toml", "[server\n").unwrap_err();
         assert_eq!(e.source, "a.toml");

@@ -9,7 +9,9 @@ pub fn valid_agent_id(id: &str) -> bool {
     !id.is_empty()
         && id.len() <= MAX_AGENT_ID_LEN
         && id.as_bytes()[0].is_ascii_alphanumeric()
-        && id.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
 }
 
 #[cfg(test)]

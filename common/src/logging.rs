@@ -61,15 +61,20 @@ pub fn init(opts: &LogOptions, extra: Vec<BoxedLayer>) -> Result<LogGuard, LogEr
     let mut layers: Vec<BoxedLayer> = extra;
     let mut guard = None;
     if let Some(dir) = &opts.dir {
-        std::fs::create_dir_all(dir)
-            .map_err(|e| LogError::Dir { dir: dir.clone(), source: Box::new(e) })?;
+        std::fs::create_dir_all(dir).map_err(|e| LogError::Dir {
+            dir: dir.clone(),
+            source: Box::new(e),
+        })?;
         let appender = RollingFileAppender::builder()
             .rotation(Rotation::DAILY)
             .filename_prefix(&opts.file_prefix)
             .filename_suffix("log")
             .max_log_files(opts.max_files.max(1))
             .build(dir)
-            .map_err(|e| LogError::Dir { dir: dir.clone(), source: Box::new(e) })?;
+            .map_err(|e| LogError::Dir {
+                dir: dir.clone(),
+                source: Box::new(e),
+            })?;
         let (writer, g) = tracing_appender::non_blocking(appender);
         guard = Some(g);
         layers.push(

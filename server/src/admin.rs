@@ -33,7 +33,9 @@ pub fn ca_fingerprint(config: &ServerConfig) -> anyhow::Result<String> {
 async fn store(config: &ServerConfig) -> anyhow::Result<Store> {
     std::fs::create_dir_all(&config.data_dir)
         .with_context(|| format!("cannot create data_dir {}", config.data_dir.display()))?;
-    Store::open(&config.database_url()).await.context("opening the registry")
+    Store::open(&config.database_url())
+        .await
+        .context("opening the registry")
 }
 
 /// What `ca revoke` should revoke.
@@ -46,7 +48,11 @@ pub enum RevokeTarget {
 }
 
 /// `ca revoke`: returns the serials revoked.
-pub async fn ca_revoke(config: &ServerConfig, target: &RevokeTarget, reason: &str) -> anyhow::Result<Vec<String>> {
+pub async fn ca_revoke(
+    config: &ServerConfig,
+    target: &RevokeTarget,
+    reason: &str,
+) -> anyhow::Result<Vec<String>> {
     let store = store(config).await?;
     let now = now_ms();
     Ok(match target {
@@ -74,7 +80,9 @@ pub async fn token_create(
         Some(role) => store.create_api_token(role, ttl, description).await?,
         None => {
             let ttl = ttl.unwrap_or(config.pki.enrollment_token_ttl);
-            store.create_enrollment_token(ttl, uses, description).await?
+            store
+                .create_enrollment_token(ttl, uses, description)
+                .await?
         }
     })
 }

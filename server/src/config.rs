@@ -247,7 +247,10 @@ impl Default for GrpcConfig {
 }
 impl Default for HttpConfig {
     fn default() -> Self {
-        Self { listen: default_http_listen(), tls: true }
+        Self {
+            listen: default_http_listen(),
+            tls: true,
+        }
     }
 }
 impl Default for PkiConfig {
@@ -273,7 +276,11 @@ impl Default for SinkConfig {
 }
 impl Default for LogConfig {
     fn default() -> Self {
-        Self { dir: None, level: default_log_level(), max_files: default_log_files() }
+        Self {
+            dir: None,
+            level: default_log_level(),
+            max_files: default_log_files(),
+        }
     }
 }
 
@@ -297,9 +304,21 @@ impl ServerConfig {
             None => (PathBuf::from(DEFAULT_CONFIG_PATH), false),
         };
         let mut layers = Layers::from_file(&file, required)?.env(ENV)?;
-        layers.set_opt("data_dir", overrides.data_dir.as_ref().map(|p| p.display().to_string()), "--data-dir");
-        layers.set_opt("grpc.listen", overrides.grpc_listen.clone(), "--grpc-listen");
-        layers.set_opt("http.listen", overrides.http_listen.clone(), "--http-listen");
+        layers.set_opt(
+            "data_dir",
+            overrides.data_dir.as_ref().map(|p| p.display().to_string()),
+            "--data-dir",
+        );
+        layers.set_opt(
+            "grpc.listen",
+            overrides.grpc_listen.clone(),
+            "--grpc-listen",
+        );
+        layers.set_opt(
+            "http.listen",
+            overrides.http_listen.clone(),
+            "--http-listen",
+        );
         let source = layers.file_name().to_owned();
         let config: ServerConfig = layers.build()?;
         config.validate(&source)?;
@@ -314,15 +333,25 @@ impl ServerConfig {
     }
 
     fn validate(&self, source: &str) -> Result<(), ConfigError> {
-        let err = |key: &str, message: String| ConfigError { source: source.to_owned(), key: key.into(), message };
+        let err = |key: &str, message: String| ConfigError {
+            source: source.to_owned(),
+            key: key.into(),
+            message,
+        };
         if !self.http.tls && !self.http.listen.ip().is_loopback() {
             return Err(err(
                 "http.tls",
-                format!("plain HTTP is allowed only on a loopback address, not {}", self.http.listen),
+                format!(
+                    "plain HTTP is allowed only on a loopback address, not {}",
+                    self.http.listen
+                ),
             ));
         }
         if self.pki.allowed_key_types.is_empty() {
-            return Err(err("pki.allowed_key_types", "must allow at least one key type".into()));
+            return Err(err(
+                "pki.allowed_key_types",
+                "must allow at least one key type".into(),
+            ));
         }
         if self.pki.cert_lifetime < Duration::from_secs(5) {
             return Err(err("pki.cert_lifetime", "must be at least 5s".into()));
@@ -338,7 +367,10 @@ impl ServerConfig {
 
     /// The PKI directory.
     pub fn pki_dir(&self) -> PathBuf {
-        self.pki.dir.clone().unwrap_or_else(|| self.data_dir.join("pki"))
+        self.pki
+            .dir
+            .clone()
+            .unwrap_or_else(|| self.data_dir.join("pki"))
     }
 
     /// The database URL.
@@ -351,7 +383,10 @@ impl ServerConfig {
 
     /// The record directory of the file sink.
     pub fn sink_dir(&self) -> PathBuf {
-        self.sink.dir.clone().unwrap_or_else(|| self.data_dir.join("records"))
+        self.sink
+            .dir
+            .clone()
+            .unwrap_or_else(|| self.data_dir.join("records"))
     }
 }
 
@@ -372,7 +407,8 @@ mod tests {
     fn plain_http_only_on_loopback() {
         let e = ServerConfig::from_toml("t", "[http]\ntls = false\n").unwrap_err();
         assert_eq!(e.key, "http.tls");
-        let c = ServerConfig::from_toml("t", "[http]\ntls = false\nlisten = \"127.0.0.1:6752\"\n").unwrap();
+        let c = ServerConfig::from_toml("t", "[http]\ntls = false\nlisten = \"127.0.0.1:6752\"\n")
+            .unwrap();
         assert!(!c.http.tls);
     }
 

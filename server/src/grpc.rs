@@ -56,7 +56,10 @@ impl Transfer for TransferService {
         &self,
         request: Request<Streaming<PackagedData>>,
     ) -> Result<Response<Self::TransferStream>, Status> {
-        let info = request.extensions().get::<TlsConnectInfo<TcpConnectInfo>>().cloned();
+        let info = request
+            .extensions()
+            .get::<TlsConnectInfo<TcpConnectInfo>>()
+            .cloned();
         let peer = info.as_ref().and_then(|i| i.get_ref().remote_addr());
         let cert = info
             .and_then(|i| i.peer_certs())
@@ -74,7 +77,12 @@ impl Transfer for TransferService {
         let (tx, rx) = mpsc::channel(COMMAND_QUEUE);
         let conn = Connection::new(cert.serial.clone(), peer, tx);
         let span = info_span!("stream", agent_id = %cert.agent_id, peer = ?peer);
-        let stream = StreamTask { state: Arc::clone(&self.state), cert, conn, session: None };
+        let stream = StreamTask {
+            state: Arc::clone(&self.state),
+            cert,
+            conn,
+            session: None,
+        };
         tokio::spawn(stream.run(request.into_inner()).instrument(span));
         let out = close_after_error(ReceiverStream::new(rx).map(to_command));
         Ok(Response::new(Box::pin(out)))
@@ -97,14 +105,28 @@ fn close_after_error(
 fn to_command(o: Outbound) -> Result<Command, Status> {
     Ok(match o {
         Outbound::Task(t) => Command {
-            task: Some(Task { data_type: t.data_type, object_name: t.object_name, data: t.data, token: t.token }),
+            task: Some(Task {
+                data_type: t.data_type,
+                object_name: t.object_name,
+                data: t.data,
+                token: t.token,
+            }),
             ..Default::default()
         },
-        Outbound::Ack { epoch, seq } => Command { ack: Some(Ack { epoch, seq }), ..Default::default() },
+        Outbound::Ack { epoch, seq } => Command {
+            ack: Some(Ack { epoch, seq }),
+            ..Default::default()
+        },
         Outbound::Renewal(r) => Command {
             renewal: Some(match r {
-                Ok(certificate_pem) => CertificateRenewal { certificate_pem, error: String::new() },
-                Err(error) => CertificateRenewal { certificate_pem: String::new(), error },
+                Ok(certificate_pem) => CertificateRenewal {
+                    certificate_pem,
+                    error: String::new(),
+                },
+                Err(error) => CertificateRenewal {
+                    certificate_pem: String::new(),
+                    error,
+                },
             }),
             ..Default::default()
         },
@@ -187,8 +209,17 @@ impl StreamTask {
         if let Err(e) = self.state.flush_mark(agent_id).await {
             warn!(error = %e, "cannot store the stream mark");
         }
-        if self.state.connections.unregister(agent_id, session.generation) {
-            if let Err(e) = self.state.store.agent_disconnected(agent_id, now_ms()).await {
+        if self
+            .state
+            .connections
+            .unregister(agent_id, session.generation)
+        {
+            if let Err(e) = self
+                .state
+                .store
+                .agent_disconnected(agent_id, now_ms())
+                .await
+            {
                 warn!(error = %e, "cannot mark agent offline");
             }
             info!("agent offline");
@@ -209,8 +240,16 @@ impl StreamTask {
         let meta = meta(&pd);
         match &mut self.session {
             None => {
-                let generation = self.state.connections.register(&agent_id, self.conn.clone());
-                if let Err(e) = self.state.store.agent_connected(&agent_id, &meta, now).await {
+                let generation = self
+                    .state
+                    .connections
+                    .register(&agent_id, self.conn.clone());
+                if let Err(e) = self
+                    .state
+                    .store
+                    .agent_connected(&agent_id, &meta, now)
+                    .await
+                {
                     return unavailable("registry", e);
                 }
                 let mark = match self.state.mark(&agent_id).await {
@@ -218,7 +257,11 @@ impl StreamTask {
                     Err(e) => return unavailable("registry", e),
                 };
                 info!(version = %meta.version, hostname = %meta.hostname, "agent online");
-                self.session = Some(Session { generation, meta, mark });
+                self.session = Some(Session {
+                    generation,
+                    meta,
+                    mark,
+                });
             }
             Some(s) if s.meta != meta => {
                 if let Err(e) = self.state.store.agent_meta(&agent_id, &meta, now).await {
@@ -237,7 +280,11 @@ impl StreamTask {
         let records: Vec<Record> = pd
             .records
             .into_iter()
-            .map(|r| Record { data_type: r.data_type, timestamp: r.timestamp, data: r.data })
+            .map(|r| Record {
+                data_type: r.data_type,
+                timestamp: r.timestamp,
+                data: r.data,
+            })
             .collect();
         let mut data = Vec::with_capacity(records.len());
         for r in records {
@@ -248,7 +295,11 @@ impl StreamTask {
             }
         }
         if !data.is_empty() {
-            let batch = Batch { agent_id: &agent_id, server_time: now, records: &data };
+            let batch = Batch {
+                agent_id: &agent_id,
+                server_time: now,
+                records: &data,
+            };
             if let Err(e) = self.state.sink.write(batch).await {
                 return unavailable("sink", e);
             }
@@ -279,17 +330,23 @@ impl StreamTask {
         match r.data_type {
             data_type::AGENT_HEARTBEAT => {
                 if let Some(fields) = decode(r) {
-                    self.state.store.agent_heartbeat(agent_id, &fields, now).await?;
+                    self.state
+                        .store
+                        .agent_heartbeat(agent_id, &fields, now)
+                        .await?;
                 }
                 Ok(true)
             }
             data_type::TASK_RESULT => {
-                if let Some(fields) = decode(r) {
-                    if let Some(token) = fields.get("token").filter(|t| !t.is_empty()) {
-                        if !self.state.store.task_result(token, agent_id, &fields, now).await? {
-                            debug!(%token, "task result for an unknown task of this agent");
-                        }
-                    }
+                if let Some(fields) = decode(r)
+                    && let Some(token) = fields.get("token").filter(|t| !t.is_empty())
+                    && !self
+                        .state
+                        .store
+                        .task_result(token, agent_id, &fields, now)
+                        .await?
+                {
+                    debug!(%token, "task result for an unknown task of this agent");
                 }
                 Ok(true)
             }
@@ -303,7 +360,9 @@ impl StreamTask {
 
     async fn renew(&self, r: &Record) {
         let agent_id = &self.cert.agent_id;
-        let csr = decode(r).and_then(|mut f| f.remove("csr")).unwrap_or_default();
+        let csr = decode(r)
+            .and_then(|mut f| f.remove("csr"))
+            .unwrap_or_default();
         let answer = match self.state.issue(agent_id, &csr, true).await {
             Ok(issued) => {
                 info!(serial = %issued.serial, "renewed the agent certificate");
@@ -314,7 +373,13 @@ impl StreamTask {
                 Err(e.to_string())
             }
         };
-        if self.conn.commands.send(Outbound::Renewal(answer)).await.is_err() {
+        if self
+            .conn
+            .commands
+            .send(Outbound::Renewal(answer))
+            .await
+            .is_err()
+        {
             debug!("stream gone before the renewal answer");
         }
     }

@@ -32,7 +32,10 @@ pub struct ApiError {
 impl ApiError {
     /// An error with `status`.
     pub fn new(status: StatusCode, message: impl Into<String>) -> Self {
-        Self { status, message: message.into() }
+        Self {
+            status,
+            message: message.into(),
+        }
     }
 
     fn bad_request(message: impl Into<String>) -> Self {
@@ -58,7 +61,13 @@ struct ErrorBody<'a> {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        (self.status, Json(ErrorBody { error: &self.message })).into_response()
+        (
+            self.status,
+            Json(ErrorBody {
+                error: &self.message,
+            }),
+        )
+            .into_response()
     }
 }
 
@@ -79,13 +88,20 @@ impl Principal {
         } else {
             Err(ApiError::new(
                 StatusCode::FORBIDDEN,
-                format!("this needs the {needed} role; token {} has {}", self.token_id, self.role),
+                format!(
+                    "this needs the {needed} role; token {} has {}",
+                    self.token_id, self.role
+                ),
             ))
         }
     }
 }
 
-async fn authenticate(State(state): State<Arc<ServerState>>, mut req: Request, next: Next) -> Response {
+async fn authenticate(
+    State(state): State<Arc<ServerState>>,
+    mut req: Request,
+    next: Next,
+) -> Response {
     let presented = req
         .headers()
         .get(header::AUTHORIZATION)
@@ -94,8 +110,11 @@ async fn authenticate(State(state): State<Arc<ServerState>>, mut req: Request, n
         .map(str::trim)
         .filter(|t| !t.is_empty());
     let Some(secret) = presented else {
-        return ApiError::new(StatusCode::UNAUTHORIZED, "missing bearer token (Authorization: Bearer <token>)")
-            .into_response();
+        return ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            "missing bearer token (Authorization: Bearer <token>)",
+        )
+        .into_response();
     };
     match state.store.authenticate(secret).await {
         Ok(Some((token_id, role))) => {
@@ -104,7 +123,11 @@ async fn authenticate(State(state): State<Arc<ServerState>>, mut req: Request, n
         }
         Ok(None) => {
             warn!(path = %req.uri().path(), "refused API call: unknown, expired or revoked token");
-            ApiError::new(StatusCode::UNAUTHORIZED, "unknown, expired or revoked token").into_response()
+            ApiError::new(
+                StatusCode::UNAUTHORIZED,
+                "unknown, expired or revoked token",
+            )
+            .into_response()
         }
         Err(e) => ApiError::from(e).into_response(),
     }
@@ -120,7 +143,10 @@ struct Discovery {
 }
 
 /// Where agents should dial: the advertised addresses, or this host at the gRPC port.
-async fn discovery(State(state): State<Arc<ServerState>>, headers: axum::http::HeaderMap) -> Json<Discovery> {
+async fn discovery(
+    State(state): State<Arc<ServerState>>,
+    headers: axum::http::HeaderMap,
+) -> Json<Discovery> {
     let grpc = if state.config.grpc.advertise.is_empty() {
         let port = state.config.grpc.listen.port();
         let host = headers
@@ -144,7 +170,10 @@ pub fn router(state: Arc<ServerState>) -> Router {
         .route("/agents/{id}/tasks", post(agents::create_task))
         .route("/agents/{id}/revoke", post(agents::revoke))
         .route("/tasks/{token}", get(agents::show_task))
-        .layer(middleware::from_fn_with_state(Arc::clone(&state), authenticate));
+        .layer(middleware::from_fn_with_state(
+            Arc::clone(&state),
+            authenticate,
+        ));
     Router::new()
         .nest("/api/v1", api)
         .route("/enroll", post(enroll::enroll))

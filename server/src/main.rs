@@ -165,7 +165,10 @@ fn main() -> ExitCode {
     }
 }
 
-fn init_logging(config: Option<&ServerConfig>, stderr_filter: &str) -> anyhow::Result<logging::LogGuard> {
+fn init_logging(
+    config: Option<&ServerConfig>,
+    stderr_filter: &str,
+) -> anyhow::Result<logging::LogGuard> {
     let opts = LogOptions {
         dir: config.and_then(|c| c.log.dir.clone()),
         file_prefix: "keel-server".into(),
@@ -190,7 +193,12 @@ async fn run(cli: Cli, config: Option<ServerConfig>) -> anyhow::Result<()> {
                 Some(p) => p,
                 None => std::env::current_exe()?.with_file_name("keel-agent"),
             };
-            let opts = quickstart::Options { dir, agent_bin, grpc_port: args.grpc_port, http_port: args.http_port };
+            let opts = quickstart::Options {
+                dir,
+                agent_bin,
+                grpc_port: args.grpc_port,
+                http_port: args.http_port,
+            };
             let config = quickstart::server_config(&opts)?;
             let _log = logging::init(
                 &LogOptions {
@@ -214,7 +222,11 @@ async fn run(cli: Cli, config: Option<ServerConfig>) -> anyhow::Result<()> {
                     println!("fingerprint: {fp}");
                 }
                 CaCmd::Fingerprint => println!("{}", admin::ca_fingerprint(&config)?),
-                CaCmd::Revoke { agent, serial, reason } => {
+                CaCmd::Revoke {
+                    agent,
+                    serial,
+                    reason,
+                } => {
                     let target = match (agent, serial) {
                         (Some(a), _) => RevokeTarget::Agent(a),
                         (None, Some(s)) => RevokeTarget::Serial(s),
@@ -235,14 +247,23 @@ async fn run(cli: Cli, config: Option<ServerConfig>) -> anyhow::Result<()> {
             let config = config.ok_or_else(|| anyhow::anyhow!("no configuration"))?;
             let _log = init_logging(None, "warn")?;
             match cmd {
-                TokenCmd::Create { ttl, uses, admin: is_admin, role, description } => {
+                TokenCmd::Create {
+                    ttl,
+                    uses,
+                    admin: is_admin,
+                    role,
+                    description,
+                } => {
                     let role = if is_admin { Some(Role::Admin) } else { role };
                     let t = admin::token_create(&config, role, ttl, uses, &description).await?;
                     eprintln!("token {} created; the secret is shown once:", t.id);
                     println!("{}", t.secret.expose());
                 }
                 TokenCmd::List => {
-                    println!("{:<14} {:<11} {:<9} {:<25} description", "id", "kind", "uses", "expires");
+                    println!(
+                        "{:<14} {:<11} {:<9} {:<25} description",
+                        "id", "kind", "uses", "expires"
+                    );
                     for t in admin::token_list(&config).await? {
                         let uses = t.uses.map(|(u, m)| format!("{u}/{m}")).unwrap_or_default();
                         let expires = match (t.revoked_at, t.expires_at) {
@@ -250,7 +271,10 @@ async fn run(cli: Cli, config: Option<ServerConfig>) -> anyhow::Result<()> {
                             (None, Some(e)) => keel_common::time::rfc3339_ms(e),
                             (None, None) => "never".to_owned(),
                         };
-                        println!("{:<14} {:<11} {:<9} {:<25} {}", t.id, t.kind, uses, expires, t.description);
+                        println!(
+                            "{:<14} {:<11} {:<9} {:<25} {}",
+                            t.id, t.kind, uses, expires, t.description
+                        );
                     }
                 }
                 TokenCmd::Revoke { id } => {

@@ -49,7 +49,8 @@ impl Layout {
 
 fn write_if_missing(path: &Path, text: &str) -> anyhow::Result<()> {
     if !path.exists() {
-        keel_common::fsutil::write_public(path, text.as_bytes()).with_context(|| format!("cannot write {}", path.display()))?;
+        keel_common::fsutil::write_public(path, text.as_bytes())
+            .with_context(|| format!("cannot write {}", path.display()))?;
     }
     Ok(())
 }
@@ -61,7 +62,8 @@ fn toml_str(p: &Path) -> String {
 /// Loads (creating on first run) the quickstart's server configuration.
 pub fn server_config(opts: &Options) -> anyhow::Result<ServerConfig> {
     let dir = &opts.dir;
-    keel_common::fsutil::create_dir(dir, 0o700).with_context(|| format!("cannot create {}", dir.display()))?;
+    keel_common::fsutil::create_dir(dir, 0o700)
+        .with_context(|| format!("cannot create {}", dir.display()))?;
     let layout = Layout::new(dir);
     write_if_missing(
         &layout.server_toml,
@@ -95,11 +97,18 @@ pub fn server_config(opts: &Options) -> anyhow::Result<ServerConfig> {
 async fn agent_cmd(opts: &Options, args: &[&str]) -> Command {
     let layout = Layout::new(&opts.dir);
     let mut cmd = Command::new(&opts.agent_bin);
-    cmd.args(args).arg("--config").arg(&layout.agent_toml).kill_on_drop(true);
+    cmd.args(args)
+        .arg("--config")
+        .arg(&layout.agent_toml)
+        .kill_on_drop(true);
     cmd
 }
 
-async fn agent_output(opts: &Options, args: &[&str], env: &[(&str, &str)]) -> anyhow::Result<String> {
+async fn agent_output(
+    opts: &Options,
+    args: &[&str],
+    env: &[(&str, &str)],
+) -> anyhow::Result<String> {
     let mut cmd = agent_cmd(opts, args).await;
     for (k, v) in env {
         cmd.env(k, v);
@@ -128,9 +137,15 @@ async fn wait_for(path: &Path, limit: Duration) -> anyhow::Result<()> {
 
 async fn stop_agent(child: &mut Child) {
     if let Some(pid) = child.id().and_then(|p| i32::try_from(p).ok()) {
-        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGTERM);
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid),
+            nix::sys::signal::Signal::SIGTERM,
+        );
     }
-    if tokio::time::timeout(Duration::from_secs(12), child.wait()).await.is_err() {
+    if tokio::time::timeout(Duration::from_secs(12), child.wait())
+        .await
+        .is_err()
+    {
         let _ = child.kill().await;
     }
 }
@@ -138,7 +153,10 @@ async fn stop_agent(child: &mut Child) {
 /// Runs the quickstart until `shutdown`.
 pub async fn run(opts: Options, shutdown: CancellationToken) -> anyhow::Result<()> {
     if !opts.agent_bin.exists() {
-        bail!("keel-agent binary not found at {} (build the workspace first)", opts.agent_bin.display());
+        bail!(
+            "keel-agent binary not found at {} (build the workspace first)",
+            opts.agent_bin.display()
+        );
     }
     let layout = Layout::new(&opts.dir);
     let config = server_config(&opts)?;
@@ -146,7 +164,8 @@ pub async fn run(opts: Options, shutdown: CancellationToken) -> anyhow::Result<(
         admin::ca_init(&config, &[])?;
     }
     if !layout.admin_token.exists() {
-        let token = admin::token_create(&config, Some(Role::Admin), None, 1, "quickstart admin").await?;
+        let token =
+            admin::token_create(&config, Some(Role::Admin), None, 1, "quickstart admin").await?;
         admin::write_token_file(&layout.admin_token, &token)?;
     }
     let _ = std::fs::remove_file(&layout.ready);
@@ -161,7 +180,14 @@ pub async fn run(opts: Options, shutdown: CancellationToken) -> anyhow::Result<(
     let http = format!("http://127.0.0.1:{}", config.http.listen.port());
 
     if !layout.agent_state.join("pki").join("agent.pem").exists() {
-        let token = admin::token_create(&config, None, Some(Duration::from_secs(600)), 1, "quickstart agent").await?;
+        let token = admin::token_create(
+            &config,
+            None,
+            Some(Duration::from_secs(600)),
+            1,
+            "quickstart agent",
+        )
+        .await?;
         let fp = state.ca.fingerprint().to_owned();
         agent_output(
             &opts,
@@ -182,7 +208,11 @@ pub async fn run(opts: Options, shutdown: CancellationToken) -> anyhow::Result<(
     while !state.connections.is_online(&agent_id) && start.elapsed() < Duration::from_secs(30) {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    let online = if state.connections.is_online(&agent_id) { "online" } else { "not online yet; see its log" };
+    let online = if state.connections.is_online(&agent_id) {
+        "online"
+    } else {
+        "not online yet; see its log"
+    };
     let token_path = layout.admin_token.display();
     println!(
         "\nKeel quickstart is running.\n\
@@ -207,6 +237,9 @@ pub async fn run(opts: Options, shutdown: CancellationToken) -> anyhow::Result<(
     stop_agent(&mut agent).await;
     server_stop.cancel();
     server.await.context("server task")??;
-    println!("Keel quickstart stopped. State is kept in {}.", opts.dir.display());
+    println!(
+        "Keel quickstart stopped. State is kept in {}.",
+        opts.dir.display()
+    );
     Ok(())
 }

@@ -41,19 +41,32 @@ pub async fn open_state(config: ServerConfig) -> anyhow::Result<Arc<ServerState>
         .with_context(|| format!("cannot create data_dir {}", config.data_dir.display()))?;
     let pki_dir = config.pki_dir();
     if !pki_dir.join(crate::pki::CA_KEY).exists() {
-        anyhow::bail!("no CA in {}: run `keel-server ca init` first", pki_dir.display());
+        anyhow::bail!(
+            "no CA in {}: run `keel-server ca init` first",
+            pki_dir.display()
+        );
     }
     let ca = Ca::load(&pki_dir)?;
-    let store = Store::open(&config.database_url()).await.context("opening the registry")?;
+    let store = Store::open(&config.database_url())
+        .await
+        .context("opening the registry")?;
     let sink: Arc<dyn Sink> = match config.sink.kind {
-        SinkKind::File => Arc::new(FileSink::open(&config.sink_dir(), config.sink.max_file_bytes, config.sink.max_files)?),
+        SinkKind::File => Arc::new(FileSink::open(
+            &config.sink_dir(),
+            config.sink.max_file_bytes,
+            config.sink.max_files,
+        )?),
     };
     Ok(Arc::new(ServerState::new(config, store, ca, sink)))
 }
 
 /// Runs the server until `shutdown`, then drains. `ready` receives the bound
 /// addresses as JSON once both listeners accept.
-pub async fn run(config: ServerConfig, shutdown: CancellationToken, ready: Option<PathBuf>) -> anyhow::Result<()> {
+pub async fn run(
+    config: ServerConfig,
+    shutdown: CancellationToken,
+    ready: Option<PathBuf>,
+) -> anyhow::Result<()> {
     let state = open_state(config).await?;
     run_with_state(state, shutdown, ready).await
 }
@@ -74,7 +87,10 @@ pub async fn run_with_state(
     let http_listener = std::net::TcpListener::bind(config.http.listen)
         .with_context(|| format!("cannot listen on http.listen {}", config.http.listen))?;
     http_listener.set_nonblocking(true)?;
-    let bound = Bound { grpc: grpc_listener.local_addr()?, http: http_listener.local_addr()? };
+    let bound = Bound {
+        grpc: grpc_listener.local_addr()?,
+        http: http_listener.local_addr()?,
+    };
 
     let grpc_tls = tls::grpc_config(&state)?;
     let incoming = tls::accept_loop(
@@ -90,10 +106,16 @@ pub async fn run_with_state(
         .http2_keepalive_timeout(Some(config.grpc.keepalive))
         .tcp_keepalive(Some(config.grpc.keepalive))
         .add_service(TransferService::server(Arc::clone(&state)))
-        .serve_with_incoming_shutdown(ReceiverStream::new(incoming), async move { grpc_shutdown.cancelled().await });
+        .serve_with_incoming_shutdown(ReceiverStream::new(incoming), async move {
+            grpc_shutdown.cancelled().await
+        });
 
     let app = http::router(Arc::clone(&state)).into_make_service_with_connect_info::<SocketAddr>();
-    let http_tls = if config.http.tls { Some(tls::http_config(&state)?) } else { None };
+    let http_tls = if config.http.tls {
+        Some(tls::http_config(&state)?)
+    } else {
+        None
+    };
     let http_shutdown = shutdown.clone();
     let scheme = if config.http.tls { "https" } else { "http" };
     let http = async move {
@@ -105,10 +127,15 @@ pub async fn run_with_state(
                 http_shutdown.cancelled().await;
                 h.graceful_shutdown(Some(Duration::from_secs(5)));
             });
-            axum_server::from_tcp_rustls(http_listener, tls)?.handle(handle).serve(app).await?;
+            axum_server::from_tcp_rustls(http_listener, tls)?
+                .handle(handle)
+                .serve(app)
+                .await?;
         } else {
             let listener = TcpListener::from_std(http_listener)?;
-            axum::serve(listener, app).with_graceful_shutdown(async move { http_shutdown.cancelled().await }).await?;
+            axum::serve(listener, app)
+                .with_graceful_shutdown(async move { http_shutdown.cancelled().await })
+                .await?;
         }
         anyhow::Ok(())
     };
@@ -139,7 +166,8 @@ pub async fn run_with_state(
 
 fn write_ready(path: &Path, bound: &Bound) -> anyhow::Result<()> {
     let json = serde_json::to_vec(bound)?;
-    keel_common::fsutil::write_public(path, &json).with_context(|| format!("cannot write {}", path.display()))
+    keel_common::fsutil::write_public(path, &json)
+        .with_context(|| format!("cannot write {}", path.display()))
 }
 
 async fn background(state: Arc<ServerState>, shutdown: CancellationToken, newest: &mut i64) {

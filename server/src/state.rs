@@ -65,27 +65,40 @@ impl ServerState {
     /// Checks a CSR and issues a certificate for `agent_id`. With `renewal`, a
     /// certificate issued less than a quarter lifetime ago refuses a new one, so a
     /// looping agent cannot make the CA sign without bound.
-    pub async fn issue(&self, agent_id: &str, csr_pem: &str, renewal: bool) -> Result<IssuedCert, IssueError> {
+    pub async fn issue(
+        &self,
+        agent_id: &str,
+        csr_pem: &str,
+        renewal: bool,
+    ) -> Result<IssuedCert, IssueError> {
         let checked = pki::check_csr(csr_pem, agent_id, &self.config.pki.allowed_key_types)?;
         let lifetime = self.config.pki.cert_lifetime;
         let now = now_ms();
-        if renewal {
-            if let Some(last) = self.store.last_cert_issued(agent_id).await? {
-                let min_gap = i64::try_from(lifetime.as_millis() / 4).unwrap_or(i64::MAX);
-                if now - last < min_gap {
-                    return Err(IssueError::TooSoon((now - last) / 1000));
-                }
+        if renewal && let Some(last) = self.store.last_cert_issued(agent_id).await? {
+            let min_gap = i64::try_from(lifetime.as_millis() / 4).unwrap_or(i64::MAX);
+            if now - last < min_gap {
+                return Err(IssueError::TooSoon((now - last) / 1000));
             }
         }
         let issued = self.ca.issue_agent(agent_id, &checked, lifetime)?;
-        self.store.cert_issued(&issued.serial, agent_id, now, issued.not_after_ms).await?;
+        self.store
+            .cert_issued(&issued.serial, agent_id, now, issued.not_after_ms)
+            .await?;
         Ok(issued)
     }
 
     /// Revokes every certificate of `agent_id` but `keep`, and closes streams using
     /// them at once. Returns the serials revoked.
-    pub async fn revoke_agent(&self, agent_id: &str, reason: &str, keep: Option<&str>) -> Result<Vec<String>, StoreError> {
-        let serials = self.store.revoke_agent_certs(agent_id, reason, keep, now_ms()).await?;
+    pub async fn revoke_agent(
+        &self,
+        agent_id: &str,
+        reason: &str,
+        keep: Option<&str>,
+    ) -> Result<Vec<String>, StoreError> {
+        let serials = self
+            .store
+            .revoke_agent_certs(agent_id, reason, keep, now_ms())
+            .await?;
         self.apply_revocations(serials.iter().cloned());
         Ok(serials)
     }
@@ -133,7 +146,11 @@ impl ServerState {
 
     /// Writes every mark to the store.
     pub async fn flush_marks(&self) -> Result<(), StoreError> {
-        let marks: Vec<_> = self.marks_lock().iter().map(|(a, m)| (a.clone(), *m)).collect();
+        let marks: Vec<_> = self
+            .marks_lock()
+            .iter()
+            .map(|(a, m)| (a.clone(), *m))
+            .collect();
         for (agent, (epoch, seq)) in marks {
             self.store.save_stream_mark(&agent, epoch, seq).await?;
         }

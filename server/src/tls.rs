@@ -12,9 +12,11 @@ use std::time::Duration;
 use keel_common::backoff::Backoff;
 use rustls::client::danger::HandshakeSignatureValid;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, UnixTime};
-use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
 use rustls::server::WebPkiClientVerifier;
-use rustls::{CertificateError, DigitallySignedStruct, DistinguishedName, RootCertStore, SignatureScheme};
+use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
+use rustls::{
+    CertificateError, DigitallySignedStruct, DistinguishedName, RootCertStore, SignatureScheme,
+};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Semaphore, mpsc};
 use tokio_rustls::TlsAcceptor;
@@ -60,9 +62,12 @@ impl ClientCertVerifier for AgentVerifier {
         intermediates: &[CertificateDer<'_>],
         now: UnixTime,
     ) -> Result<ClientCertVerified, rustls::Error> {
-        self.inner.verify_client_cert(end_entity, intermediates, now)?;
+        self.inner
+            .verify_client_cert(end_entity, intermediates, now)?;
         let Some(peer) = pki::peer_cert(end_entity) else {
-            return Err(rustls::Error::InvalidCertificate(CertificateError::BadEncoding));
+            return Err(rustls::Error::InvalidCertificate(
+                CertificateError::BadEncoding,
+            ));
         };
         if self.state.revocations.contains(&peer.serial) {
             warn!(agent_id = %peer.agent_id, serial = %peer.serial, "refused a revoked client certificate");
@@ -94,18 +99,25 @@ impl ClientCertVerifier for AgentVerifier {
     }
 }
 
-fn server_identity(state: &ServerState) -> Result<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>), TlsSetupError> {
+fn server_identity(
+    state: &ServerState,
+) -> Result<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>), TlsSetupError> {
     pki::server_identity(&state.config.pki_dir()).map_err(|e| TlsSetupError(e.to_string()))
 }
 
 /// The gRPC listener's TLS: mutual, HTTP/2.
 pub fn grpc_config(state: &Arc<ServerState>) -> Result<rustls::ServerConfig, TlsSetupError> {
     let mut roots = RootCertStore::empty();
-    roots.add(state.ca.cert_der().clone()).map_err(|e| TlsSetupError(format!("CA certificate: {e}")))?;
+    roots
+        .add(state.ca.cert_der().clone())
+        .map_err(|e| TlsSetupError(format!("CA certificate: {e}")))?;
     let inner = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider())
         .build()
         .map_err(|e| TlsSetupError(e.to_string()))?;
-    let verifier = Arc::new(AgentVerifier { inner, state: Arc::clone(state) });
+    let verifier = Arc::new(AgentVerifier {
+        inner,
+        state: Arc::clone(state),
+    });
     let (chain, key) = server_identity(state)?;
     let mut config = rustls::ServerConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()
@@ -132,7 +144,10 @@ pub fn http_config(state: &ServerState) -> Result<rustls::ServerConfig, TlsSetup
 
 /// A plain explanation of a failed handshake, for the log.
 pub fn describe_handshake_error(e: &std::io::Error) -> String {
-    let Some(tls) = e.get_ref().and_then(|inner| inner.downcast_ref::<rustls::Error>()) else {
+    let Some(tls) = e
+        .get_ref()
+        .and_then(|inner| inner.downcast_ref::<rustls::Error>())
+    else {
         return e.to_string();
     };
     match tls {
@@ -140,13 +155,15 @@ pub fn describe_handshake_error(e: &std::io::Error) -> String {
         rustls::Error::InvalidCertificate(CertificateError::UnknownIssuer) => {
             "client certificate is not issued by the Keel CA".into()
         }
-        rustls::Error::InvalidCertificate(CertificateError::Expired | CertificateError::ExpiredContext { .. }) => {
-            "client certificate has expired".into()
+        rustls::Error::InvalidCertificate(
+            CertificateError::Expired | CertificateError::ExpiredContext { .. },
+        ) => "client certificate has expired".into(),
+        rustls::Error::InvalidCertificate(
+            CertificateError::NotValidYet | CertificateError::NotValidYetContext { .. },
+        ) => "client certificate is not valid yet".into(),
+        rustls::Error::InvalidCertificate(CertificateError::Revoked) => {
+            "client certificate is revoked".into()
         }
-        rustls::Error::InvalidCertificate(CertificateError::NotValidYet | CertificateError::NotValidYetContext { .. }) => {
-            "client certificate is not valid yet".into()
-        }
-        rustls::Error::InvalidCertificate(CertificateError::Revoked) => "client certificate is revoked".into(),
         other => other.to_string(),
     }
 }
@@ -182,7 +199,9 @@ pub fn accept_loop(
                     continue;
                 }
             };
-            let Ok(permit) = Arc::clone(&permits).acquire_owned().await else { break };
+            let Ok(permit) = Arc::clone(&permits).acquire_owned().await else {
+                break;
+            };
             let _ = tcp.set_nodelay(true);
             let acceptor = acceptor.clone();
             let tx = tx.clone();

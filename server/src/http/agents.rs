@@ -93,7 +93,11 @@ pub async fn show(
     Path(id): Path<String>,
 ) -> Result<Json<AgentView>, ApiError> {
     who.require(Role::Viewer)?;
-    let agent = state.store.get_agent(&id).await?.ok_or_else(|| ApiError::not_found(format!("no agent {id}")))?;
+    let agent = state
+        .store
+        .get_agent(&id)
+        .await?
+        .ok_or_else(|| ApiError::not_found(format!("no agent {id}")))?;
     let online = state.connections.is_online(&id);
     Ok(Json(AgentView::new(agent, online)))
 }
@@ -123,7 +127,8 @@ pub struct TaskCreated {
 }
 
 pub(super) fn json_body<T>(body: Result<Json<T>, JsonRejection>) -> Result<T, ApiError> {
-    body.map(|Json(t)| t).map_err(|e| ApiError::bad_request(format!("invalid request body: {}", e.body_text())))
+    body.map(|Json(t)| t)
+        .map_err(|e| ApiError::bad_request(format!("invalid request body: {}", e.body_text())))
 }
 
 /// `POST /api/v1/agents/{id}/tasks`: sends a task down the agent's stream.
@@ -139,13 +144,18 @@ pub async fn create_task(
         return Err(ApiError::bad_request("object_name must be 1-64 characters"));
     }
     if req.data.len() > MAX_TASK_DATA {
-        return Err(ApiError::bad_request(format!("data is larger than {MAX_TASK_DATA} bytes")));
+        return Err(ApiError::bad_request(format!(
+            "data is larger than {MAX_TASK_DATA} bytes"
+        )));
     }
     if state.store.get_agent(&id).await?.is_none() {
         return Err(ApiError::not_found(format!("no agent {id}")));
     }
     if !state.connections.is_online(&id) {
-        return Err(ApiError::new(StatusCode::CONFLICT, format!("agent {id} is offline")));
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            format!("agent {id} is offline"),
+        ));
     }
     let token = uuid::Uuid::new_v4().to_string();
     let task = NewTask {
@@ -164,8 +174,14 @@ pub async fn create_task(
         token: token.clone(),
     };
     if let Err(e) = state.connections.send(&id, Outbound::Task(cmd)) {
-        let fields = HashMap::from([("status".to_owned(), "failed".to_owned()), ("msg".to_owned(), e.to_string())]);
-        state.store.task_result(&token, &id, &fields, now_ms()).await?;
+        let fields = HashMap::from([
+            ("status".to_owned(), "failed".to_owned()),
+            ("msg".to_owned(), e.to_string()),
+        ]);
+        state
+            .store
+            .task_result(&token, &id, &fields, now_ms())
+            .await?;
         let status = match e {
             SendError::Offline(_) => StatusCode::CONFLICT,
             SendError::Busy(_) => StatusCode::SERVICE_UNAVAILABLE,
@@ -196,7 +212,11 @@ pub async fn show_task(
     Path(token): Path<String>,
 ) -> Result<Json<TaskView>, ApiError> {
     who.require(Role::Viewer)?;
-    let t = state.store.get_task(&token).await?.ok_or_else(|| ApiError::not_found(format!("no task {token}")))?;
+    let t = state
+        .store
+        .get_task(&token)
+        .await?
+        .ok_or_else(|| ApiError::not_found(format!("no task {token}")))?;
     Ok(Json(TaskView {
         token: t.token,
         agent_id: t.agent_id,
@@ -226,7 +246,9 @@ pub async fn revoke(
     let reason = format!("revoked through the API by token {}", who.token_id);
     let revoked = state.revoke_agent(&id, &reason, None).await?;
     if revoked.is_empty() {
-        return Err(ApiError::not_found(format!("agent {id} has no unrevoked certificate")));
+        return Err(ApiError::not_found(format!(
+            "agent {id} has no unrevoked certificate"
+        )));
     }
     tracing::warn!(agent_id = %id, by = %who.token_id, count = revoked.len(), "agent certificates revoked");
     Ok(Json(Revoked { revoked }))

@@ -6,11 +6,11 @@
 
 use std::sync::Arc;
 
-use axum::extract::rejection::JsonRejection;
+use axum::Json;
 use axum::extract::State;
+use axum::extract::rejection::JsonRejection;
 use axum::http::{StatusCode, header};
 use axum::response::IntoResponse;
-use axum::Json;
 use keel_common::ids::valid_agent_id;
 use keel_common::secret::Secret;
 use keel_common::time::{now_ms, rfc3339_ms};
@@ -45,7 +45,10 @@ pub struct EnrollResponse {
 /// `GET /enroll/ca.pem`: the CA certificate. An agent checks it against the
 /// fingerprint it was given before trusting anything else from this server.
 pub async fn ca_pem(State(state): State<Arc<ServerState>>) -> impl IntoResponse {
-    ([(header::CONTENT_TYPE, "application/x-pem-file")], state.ca.cert_pem().to_owned())
+    (
+        [(header::CONTENT_TYPE, "application/x-pem-file")],
+        state.ca.cert_pem().to_owned(),
+    )
 }
 
 /// `POST /enroll`
@@ -61,18 +64,32 @@ pub async fn enroll(
         ApiError::new(status, reason)
     };
     if !valid_agent_id(&req.agent_id) {
-        return Err(refuse(StatusCode::BAD_REQUEST, format!("invalid agent_id {:?}", req.agent_id)));
+        return Err(refuse(
+            StatusCode::BAD_REQUEST,
+            format!("invalid agent_id {:?}", req.agent_id),
+        ));
     }
     if req.hostname.len() > 255 {
-        return Err(refuse(StatusCode::BAD_REQUEST, "hostname is longer than 255 bytes".into()));
+        return Err(refuse(
+            StatusCode::BAD_REQUEST,
+            "hostname is longer than 255 bytes".into(),
+        ));
     }
     // Check the CSR before spending a token use on it.
-    if let Err(e) = crate::pki::check_csr(&req.csr, &req.agent_id, &state.config.pki.allowed_key_types) {
+    if let Err(e) =
+        crate::pki::check_csr(&req.csr, &req.agent_id, &state.config.pki.allowed_key_types)
+    {
         return Err(refuse(StatusCode::BAD_REQUEST, e.to_string()));
     }
-    let token_id = match state.store.consume_enrollment_token(req.token.expose()).await? {
+    let token_id = match state
+        .store
+        .consume_enrollment_token(req.token.expose())
+        .await?
+    {
         Ok(id) => id,
-        Err(r @ TokenRefusal::Unknown) => return Err(refuse(StatusCode::UNAUTHORIZED, r.to_string())),
+        Err(r @ TokenRefusal::Unknown) => {
+            return Err(refuse(StatusCode::UNAUTHORIZED, r.to_string()));
+        }
         Err(r) => return Err(refuse(StatusCode::FORBIDDEN, r.to_string())),
     };
     let issued = match state.issue(&req.agent_id, &req.csr, false).await {
@@ -81,11 +98,16 @@ pub async fn enroll(
         Err(e) => return Err(refuse(StatusCode::BAD_REQUEST, e.to_string())),
     };
     let reason = format!("re-enrolled with token {token_id}");
-    let older = state.revoke_agent(&req.agent_id, &reason, Some(&issued.serial)).await?;
+    let older = state
+        .revoke_agent(&req.agent_id, &reason, Some(&issued.serial))
+        .await?;
     if !older.is_empty() {
         warn!(agent_id = %req.agent_id, revoked = older.len(), "re-enrollment revoked earlier certificates");
     }
-    state.store.agent_enrolled(&req.agent_id, &req.hostname, now_ms()).await?;
+    state
+        .store
+        .agent_enrolled(&req.agent_id, &req.hostname, now_ms())
+        .await?;
     info!(%peer, agent_id = %req.agent_id, token = %token_id, serial = %issued.serial, "agent enrolled");
     Ok(Json(EnrollResponse {
         agent_id: req.agent_id,

@@ -56,7 +56,10 @@ struct Line<'a> {
 }
 
 fn open_active(dir: &Path) -> std::io::Result<(File, u64)> {
-    let file = OpenOptions::new().create(true).append(true).open(dir.join(ACTIVE))?;
+    let file = OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(dir.join(ACTIVE))?;
     let size = file.metadata()?.len();
     Ok((file, size))
 }
@@ -64,7 +67,10 @@ fn open_active(dir: &Path) -> std::io::Result<(File, u64)> {
 impl FileSink {
     /// Opens (creating) the sink directory.
     pub fn open(dir: &Path, max_file_bytes: u64, max_files: usize) -> Result<Self, SinkError> {
-        let io = |source| SinkError::Io { sink: format!("file {}", dir.display()), source };
+        let io = |source| SinkError::Io {
+            sink: format!("file {}", dir.display()),
+            source,
+        };
         std::fs::create_dir_all(dir).map_err(io)?;
         let (file, size) = open_active(dir).map_err(io)?;
         Ok(Self {
@@ -72,7 +78,11 @@ impl FileSink {
                 dir: dir.to_path_buf(),
                 max_file_bytes: max_file_bytes.max(1),
                 max_files: max_files.max(1),
-                active: Mutex::new(Active { file, size, rotations: 0 }),
+                active: Mutex::new(Active {
+                    file,
+                    size,
+                    rotations: 0,
+                }),
             }),
         })
     }
@@ -86,7 +96,11 @@ impl FileSink {
 fn encode(batch: &Batch<'_>) -> Vec<u8> {
     let mut out = Vec::with_capacity(batch.records.len() * 160);
     for r in batch.records {
-        let decoded = if data_type::is_keel_payload(r.data_type) { payload::decode(&r.data).ok() } else { None };
+        let decoded = if data_type::is_keel_payload(r.data_type) {
+            payload::decode(&r.data).ok()
+        } else {
+            None
+        };
         let data = match decoded {
             Some(_) => None,
             None => Some(base64::engine::general_purpose::STANDARD.encode(&r.data)),
@@ -121,7 +135,10 @@ impl Inner {
 
     fn rotate(&self, active: &mut Active, now_ms: i64) -> std::io::Result<()> {
         active.rotations += 1;
-        let rotated = self.dir.join(format!("records-{now_ms:013}-{:06}.jsonl", active.rotations));
+        let rotated = self.dir.join(format!(
+            "records-{now_ms:013}-{:06}.jsonl",
+            active.rotations
+        ));
         std::fs::rename(self.dir.join(ACTIVE), rotated)?;
         let (file, size) = open_active(&self.dir)?;
         active.file = file;
@@ -156,14 +173,21 @@ impl Sink for FileSink {
             let name = format!("file {}", inner.dir.display());
             // Encoding and writing are CPU and disk work: keep them off the runtime.
             let result = tokio::task::spawn_blocking(move || {
-                let bytes = encode(&Batch { agent_id: &agent_id, server_time: now, records: &records });
+                let bytes = encode(&Batch {
+                    agent_id: &agent_id,
+                    server_time: now,
+                    records: &records,
+                });
                 inner.append(&bytes, now)
             })
             .await;
             match result {
                 Ok(Ok(())) => Ok(()),
                 Ok(Err(source)) => Err(SinkError::Io { sink: name, source }),
-                Err(join) => Err(SinkError::Io { sink: name, source: std::io::Error::other(join) }),
+                Err(join) => Err(SinkError::Io {
+                    sink: name,
+                    source: std::io::Error::other(join),
+                }),
             }
         })
     }
@@ -177,11 +201,20 @@ mod tests {
     use crate::sink::Record;
 
     fn lines(dir: &Path) -> Vec<serde_json::Value> {
-        let mut files: Vec<_> = std::fs::read_dir(dir).unwrap().map(|e| e.unwrap().path()).collect();
+        let mut files: Vec<_> = std::fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .collect();
         files.sort();
         files
             .iter()
-            .flat_map(|f| std::fs::read_to_string(f).unwrap().lines().map(str::to_owned).collect::<Vec<_>>())
+            .flat_map(|f| {
+                std::fs::read_to_string(f)
+                    .unwrap()
+                    .lines()
+                    .map(str::to_owned)
+                    .collect::<Vec<_>>()
+            })
             .map(|l| serde_json::from_str(&l).unwrap())
             .collect()
     }
@@ -191,10 +224,24 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let sink = FileSink::open(dir.path(), 1 << 20, 4).unwrap();
         let records = [
-            Record { data_type: 1000, timestamp: 5, data: payload::encode([("cpu", "0.5")]) },
-            Record { data_type: 6001, timestamp: 6, data: Bytes::from_static(b"\x01\x02") },
+            Record {
+                data_type: 1000,
+                timestamp: 5,
+                data: payload::encode([("cpu", "0.5")]),
+            },
+            Record {
+                data_type: 6001,
+                timestamp: 6,
+                data: Bytes::from_static(b"\x01\x02"),
+            },
         ];
-        sink.write(Batch { agent_id: "a1", server_time: 9, records: &records }).await.unwrap();
+        sink.write(Batch {
+            agent_id: "a1",
+            server_time: 9,
+            records: &records,
+        })
+        .await
+        .unwrap();
         let l = lines(dir.path());
         assert_eq!(l.len(), 2);
         assert_eq!(l[0]["agent_id"], "a1");
@@ -208,9 +255,19 @@ mod tests {
     async fn rotates_and_keeps_max_files() {
         let dir = tempfile::tempdir().unwrap();
         let sink = FileSink::open(dir.path(), 300, 3).unwrap();
-        let records = [Record { data_type: 7000, timestamp: 1, data: Bytes::from(vec![b'x'; 100]) }];
+        let records = [Record {
+            data_type: 7000,
+            timestamp: 1,
+            data: Bytes::from(vec![b'x'; 100]),
+        }];
         for i in 0..10 {
-            sink.write(Batch { agent_id: "a", server_time: i, records: &records }).await.unwrap();
+            sink.write(Batch {
+                agent_id: "a",
+                server_time: i,
+                records: &records,
+            })
+            .await
+            .unwrap();
         }
         let files = std::fs::read_dir(dir.path()).unwrap().count();
         assert_eq!(files, 3);

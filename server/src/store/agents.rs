@@ -111,7 +111,12 @@ fn from_row(row: &AnyRow) -> Result<AgentRow, StoreError> {
 
 impl Store {
     /// Records an enrollment: the agent exists from now on, offline until it connects.
-    pub async fn agent_enrolled(&self, id: &str, hostname: &str, now: i64) -> Result<(), StoreError> {
+    pub async fn agent_enrolled(
+        &self,
+        id: &str,
+        hostname: &str,
+        now: i64,
+    ) -> Result<(), StoreError> {
         sqlx::query(
             "INSERT INTO agents (id, hostname, first_seen, last_seen) VALUES ($1, $2, $3, $3) \
              ON CONFLICT (id) DO UPDATE SET hostname = excluded.hostname, last_seen = excluded.last_seen",
@@ -125,7 +130,12 @@ impl Store {
     }
 
     /// Marks the agent online with the header it sent first.
-    pub async fn agent_connected(&self, id: &str, meta: &AgentMeta, now: i64) -> Result<(), StoreError> {
+    pub async fn agent_connected(
+        &self,
+        id: &str,
+        meta: &AgentMeta,
+        now: i64,
+    ) -> Result<(), StoreError> {
         sqlx::query(
             "INSERT INTO agents (id, hostname, version, product, addresses, first_seen, last_seen, online, connected_at) \
              VALUES ($1, $2, $3, $4, $5, $6, $6, 1, $6) \
@@ -178,28 +188,39 @@ impl Store {
         now: i64,
     ) -> Result<(), StoreError> {
         let json = serde_json::to_string(fields).map_err(corrupt("heartbeat"))?;
-        sqlx::query("UPDATE agents SET heartbeat = $2, last_heartbeat = $3, last_seen = $3 WHERE id = $1")
-            .bind(id)
-            .bind(json)
-            .bind(now)
-            .execute(&self.pool)
-            .await?;
+        sqlx::query(
+            "UPDATE agents SET heartbeat = $2, last_heartbeat = $3, last_seen = $3 WHERE id = $1",
+        )
+        .bind(id)
+        .bind(json)
+        .bind(now)
+        .execute(&self.pool)
+        .await?;
         Ok(())
     }
 
     /// At start-up: no stream is open yet, whatever the last run left behind.
     pub async fn mark_all_offline(&self) -> Result<(), StoreError> {
-        sqlx::query("UPDATE agents SET online = 0 WHERE online <> 0").execute(&self.pool).await?;
+        sqlx::query("UPDATE agents SET online = 0 WHERE online <> 0")
+            .execute(&self.pool)
+            .await?;
         Ok(())
     }
 
     /// Every agent, by ID.
     pub async fn list_agents(&self) -> Result<Vec<AgentRow>, StoreError> {
-        let rows = sqlx::query(select_agents!(" ORDER BY id")).fetch_all(&self.pool).await?;
+        let rows = sqlx::query(select_agents!(" ORDER BY id"))
+            .fetch_all(&self.pool)
+            .await?;
         let mut agents = rows.iter().map(from_row).collect::<Result<Vec<_>, _>>()?;
         let mut tags: HashMap<String, Vec<String>> = HashMap::new();
-        for row in sqlx::query("SELECT agent_id, tag FROM agent_tags ORDER BY tag").fetch_all(&self.pool).await? {
-            tags.entry(row.try_get("agent_id")?).or_default().push(row.try_get("tag")?);
+        for row in sqlx::query("SELECT agent_id, tag FROM agent_tags ORDER BY tag")
+            .fetch_all(&self.pool)
+            .await?
+        {
+            tags.entry(row.try_get("agent_id")?)
+                .or_default()
+                .push(row.try_get("tag")?);
         }
         for a in &mut agents {
             a.tags = tags.remove(&a.id).unwrap_or_default();
@@ -209,15 +230,19 @@ impl Store {
 
     /// One agent.
     pub async fn get_agent(&self, id: &str) -> Result<Option<AgentRow>, StoreError> {
-        let Some(row) = sqlx::query(select_agents!(" WHERE id = $1")).bind(id).fetch_optional(&self.pool).await?
+        let Some(row) = sqlx::query(select_agents!(" WHERE id = $1"))
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await?
         else {
             return Ok(None);
         };
         let mut agent = from_row(&row)?;
-        agent.tags = sqlx::query_scalar("SELECT tag FROM agent_tags WHERE agent_id = $1 ORDER BY tag")
-            .bind(id)
-            .fetch_all(&self.pool)
-            .await?;
+        agent.tags =
+            sqlx::query_scalar("SELECT tag FROM agent_tags WHERE agent_id = $1 ORDER BY tag")
+                .bind(id)
+                .fetch_all(&self.pool)
+                .await?;
         Ok(Some(agent))
     }
 }
@@ -230,13 +255,25 @@ mod tests {
     #[tokio::test]
     async fn presence_and_heartbeat() {
         let (store, _dir) = test_store().await;
-        let meta = AgentMeta { hostname: "h1".into(), version: "1.0".into(), intranet_ipv4: vec!["10.0.0.1".into()], ..Default::default() };
+        let meta = AgentMeta {
+            hostname: "h1".into(),
+            version: "1.0".into(),
+            intranet_ipv4: vec!["10.0.0.1".into()],
+            ..Default::default()
+        };
         store.agent_connected("a1", &meta, 1000).await.unwrap();
         let a = store.get_agent("a1").await.unwrap().unwrap();
         assert!(a.online);
         assert_eq!(a.meta, meta);
         assert_eq!(a.first_seen, 1000);
-        store.agent_heartbeat("a1", &HashMap::from([("cpu".to_owned(), "0.1".to_owned())]), 2000).await.unwrap();
+        store
+            .agent_heartbeat(
+                "a1",
+                &HashMap::from([("cpu".to_owned(), "0.1".to_owned())]),
+                2000,
+            )
+            .await
+            .unwrap();
         store.agent_disconnected("a1", 3000).await.unwrap();
         let a = store.get_agent("a1").await.unwrap().unwrap();
         assert!(!a.online);

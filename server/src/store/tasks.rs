@@ -109,7 +109,10 @@ impl Store {
             data_type: i32::try_from(data_type).unwrap_or_default(),
             object_name: row.try_get("object_name")?,
             status: row.try_get("status")?,
-            result: result.map(|r| serde_json::from_str(&r)).transpose().map_err(corrupt("task result"))?,
+            result: result
+                .map(|r| serde_json::from_str(&r))
+                .transpose()
+                .map_err(corrupt("task result"))?,
             created_at: row.try_get("created_at")?,
             finished_at: row.try_get("finished_at")?,
         }))
@@ -124,13 +127,20 @@ impl Store {
         let Some(row) = row else { return Ok(None) };
         let epoch: String = row.try_get("epoch")?;
         let seq: i64 = row.try_get("seq")?;
-        let epoch = u64::from_str_radix(&epoch, 16)
-            .map_err(|e| StoreError::Corrupt { what: "stream epoch", message: e.to_string() })?;
+        let epoch = u64::from_str_radix(&epoch, 16).map_err(|e| StoreError::Corrupt {
+            what: "stream epoch",
+            message: e.to_string(),
+        })?;
         Ok(Some((epoch, u64::try_from(seq).unwrap_or(0))))
     }
 
     /// Stores the highest persisted batch of an agent.
-    pub async fn save_stream_mark(&self, agent_id: &str, epoch: u64, seq: u64) -> Result<(), StoreError> {
+    pub async fn save_stream_mark(
+        &self,
+        agent_id: &str,
+        epoch: u64,
+        seq: u64,
+    ) -> Result<(), StoreError> {
         sqlx::query(
             "INSERT INTO stream_marks (agent_id, epoch, seq) VALUES ($1, $2, $3) \
              ON CONFLICT (agent_id) DO UPDATE SET epoch = excluded.epoch, seq = excluded.seq",
@@ -152,7 +162,14 @@ mod tests {
     #[tokio::test]
     async fn only_the_target_agent_completes_a_task() {
         let (store, _dir) = test_store().await;
-        let t = NewTask { token: "t1", agent_id: "a1", data_type: 1051, object_name: "keel-agent", data: "{}", created_by: "x" };
+        let t = NewTask {
+            token: "t1",
+            agent_id: "a1",
+            data_type: 1051,
+            object_name: "keel-agent",
+            data: "{}",
+            created_by: "x",
+        };
         store.task_sent(&t, 1).await.unwrap();
         let fields = HashMap::from([("status".to_owned(), "succeeded".to_owned())]);
         assert!(!store.task_result("t1", "a2", &fields, 2).await.unwrap());

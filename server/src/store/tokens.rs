@@ -106,12 +106,19 @@ pub fn hash_secret(secret: &str) -> String {
 fn new_secret(prefix: &str) -> Result<(String, Secret), StoreError> {
     let rng = SystemRandom::new();
     let mut bytes = [0u8; 24];
-    rng.fill(&mut bytes)
-        .map_err(|_| StoreError::Corrupt { what: "random source", message: "no entropy".into() })?;
-    let secret = format!("{prefix}{}", base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes));
+    rng.fill(&mut bytes).map_err(|_| StoreError::Corrupt {
+        what: "random source",
+        message: "no entropy".into(),
+    })?;
+    let secret = format!(
+        "{prefix}{}",
+        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes)
+    );
     let mut id = [0u8; 6];
-    rng.fill(&mut id)
-        .map_err(|_| StoreError::Corrupt { what: "random source", message: "no entropy".into() })?;
+    rng.fill(&mut id).map_err(|_| StoreError::Corrupt {
+        what: "random source",
+        message: "no entropy".into(),
+    })?;
     Ok((hex::encode(id), Secret::new(secret)))
 }
 
@@ -141,7 +148,11 @@ impl Store {
         .bind(expires_at)
         .execute(&self.pool)
         .await?;
-        Ok(NewToken { id, secret, expires_at })
+        Ok(NewToken {
+            id,
+            secret,
+            expires_at,
+        })
     }
 
     /// The token ID and role of a valid (known, unexpired, unrevoked) API token.
@@ -156,8 +167,10 @@ impl Store {
         let Some(row) = row else { return Ok(None) };
         let id: String = row.try_get("id")?;
         let role: String = row.try_get("role")?;
-        let role = Role::parse(&role)
-            .ok_or_else(|| StoreError::Corrupt { what: "token role", message: format!("unknown role {role:?}") })?;
+        let role = Role::parse(&role).ok_or_else(|| StoreError::Corrupt {
+            what: "token role",
+            message: format!("unknown role {role:?}"),
+        })?;
         Ok(Some((id, role)))
     }
 
@@ -182,11 +195,18 @@ impl Store {
         .bind(i64::from(max_uses))
         .execute(&self.pool)
         .await?;
-        Ok(NewToken { id, secret, expires_at: Some(expires_at) })
+        Ok(NewToken {
+            id,
+            secret,
+            expires_at: Some(expires_at),
+        })
     }
 
     /// Spends one use of an enrollment token, atomically. Returns the token's ID.
-    pub async fn consume_enrollment_token(&self, secret: &str) -> Result<Result<String, TokenRefusal>, StoreError> {
+    pub async fn consume_enrollment_token(
+        &self,
+        secret: &str,
+    ) -> Result<Result<String, TokenRefusal>, StoreError> {
         let hash = hash_secret(secret);
         let now = now_ms();
         let spent = sqlx::query(
@@ -204,7 +224,9 @@ impl Store {
             .bind(&hash)
             .fetch_optional(&self.pool)
             .await?;
-        let Some(row) = row else { return Ok(Err(TokenRefusal::Unknown)) };
+        let Some(row) = row else {
+            return Ok(Err(TokenRefusal::Unknown));
+        };
         let id: String = row.try_get("id")?;
         let revoked: Option<i64> = row.try_get("revoked_at")?;
         let expires: i64 = row.try_get("expires_at")?;
@@ -220,25 +242,31 @@ impl Store {
     /// Revokes a token of either kind by ID. Returns whether one was found.
     pub async fn revoke_token(&self, id: &str) -> Result<bool, StoreError> {
         let now = now_ms();
-        let a = sqlx::query("UPDATE api_tokens SET revoked_at = $1 WHERE id = $2 AND revoked_at IS NULL")
-            .bind(now)
-            .bind(id)
-            .execute(&self.pool)
-            .await?;
-        let e = sqlx::query("UPDATE enrollment_tokens SET revoked_at = $1 WHERE id = $2 AND revoked_at IS NULL")
-            .bind(now)
-            .bind(id)
-            .execute(&self.pool)
-            .await?;
+        let a = sqlx::query(
+            "UPDATE api_tokens SET revoked_at = $1 WHERE id = $2 AND revoked_at IS NULL",
+        )
+        .bind(now)
+        .bind(id)
+        .execute(&self.pool)
+        .await?;
+        let e = sqlx::query(
+            "UPDATE enrollment_tokens SET revoked_at = $1 WHERE id = $2 AND revoked_at IS NULL",
+        )
+        .bind(now)
+        .bind(id)
+        .execute(&self.pool)
+        .await?;
         Ok(a.rows_affected() + e.rows_affected() > 0)
     }
 
     /// Every token, newest first. Secrets are not stored, so none is shown.
     pub async fn list_tokens(&self) -> Result<Vec<TokenRow>, StoreError> {
         let mut out = Vec::new();
-        for row in sqlx::query("SELECT id, role, description, created_at, expires_at, revoked_at FROM api_tokens")
-            .fetch_all(&self.pool)
-            .await?
+        for row in sqlx::query(
+            "SELECT id, role, description, created_at, expires_at, revoked_at FROM api_tokens",
+        )
+        .fetch_all(&self.pool)
+        .await?
         {
             out.push(TokenRow {
                 id: row.try_get("id")?,
@@ -266,7 +294,7 @@ impl Store {
                 revoked_at: row.try_get("revoked_at")?,
             });
         }
-        out.sort_by(|a, b| b.created_at.cmp(&a.created_at));
+        out.sort_by_key(|t| std::cmp::Reverse(t.created_at));
         Ok(out)
     }
 }
@@ -279,22 +307,49 @@ mod tests {
     #[tokio::test]
     async fn enrollment_tokens_expire_and_run_out() {
         let (store, _dir) = test_store().await;
-        let t = store.create_enrollment_token(Duration::from_secs(60), 2, "").await.unwrap();
+        let t = store
+            .create_enrollment_token(Duration::from_secs(60), 2, "")
+            .await
+            .unwrap();
         let secret = t.secret.expose();
-        assert_eq!(store.consume_enrollment_token(secret).await.unwrap(), Ok(t.id.clone()));
-        assert_eq!(store.consume_enrollment_token(secret).await.unwrap(), Ok(t.id.clone()));
-        assert_eq!(store.consume_enrollment_token(secret).await.unwrap(), Err(TokenRefusal::UsedUp(t.id.clone())));
-        assert_eq!(store.consume_enrollment_token("keel_e_nope").await.unwrap(), Err(TokenRefusal::Unknown));
-
-        let old = store.create_enrollment_token(Duration::ZERO, 5, "").await.unwrap();
         assert_eq!(
-            store.consume_enrollment_token(old.secret.expose()).await.unwrap(),
+            store.consume_enrollment_token(secret).await.unwrap(),
+            Ok(t.id.clone())
+        );
+        assert_eq!(
+            store.consume_enrollment_token(secret).await.unwrap(),
+            Ok(t.id.clone())
+        );
+        assert_eq!(
+            store.consume_enrollment_token(secret).await.unwrap(),
+            Err(TokenRefusal::UsedUp(t.id.clone()))
+        );
+        assert_eq!(
+            store.consume_enrollment_token("keel_e_nope").await.unwrap(),
+            Err(TokenRefusal::Unknown)
+        );
+
+        let old = store
+            .create_enrollment_token(Duration::ZERO, 5, "")
+            .await
+            .unwrap();
+        assert_eq!(
+            store
+                .consume_enrollment_token(old.secret.expose())
+                .await
+                .unwrap(),
             Err(TokenRefusal::Expired(old.id.clone()))
         );
-        let gone = store.create_enrollment_token(Duration::from_secs(60), 5, "").await.unwrap();
+        let gone = store
+            .create_enrollment_token(Duration::from_secs(60), 5, "")
+            .await
+            .unwrap();
         assert!(store.revoke_token(&gone.id).await.unwrap());
         assert_eq!(
-            store.consume_enrollment_token(gone.secret.expose()).await.unwrap(),
+            store
+                .consume_enrollment_token(gone.secret.expose())
+                .await
+                .unwrap(),
             Err(TokenRefusal::Revoked(gone.id.clone()))
         );
     }
@@ -302,15 +357,30 @@ mod tests {
     #[tokio::test]
     async fn api_tokens_authenticate_until_revoked() {
         let (store, _dir) = test_store().await;
-        let t = store.create_api_token(Role::Operator, None, "ci").await.unwrap();
-        assert_eq!(store.authenticate(t.secret.expose()).await.unwrap(), Some((t.id.clone(), Role::Operator)));
+        let t = store
+            .create_api_token(Role::Operator, None, "ci")
+            .await
+            .unwrap();
+        assert_eq!(
+            store.authenticate(t.secret.expose()).await.unwrap(),
+            Some((t.id.clone(), Role::Operator))
+        );
         assert_eq!(store.authenticate("keel_a_wrong").await.unwrap(), None);
         store.revoke_token(&t.id).await.unwrap();
         assert_eq!(store.authenticate(t.secret.expose()).await.unwrap(), None);
-        let expired = store.create_api_token(Role::Admin, Some(Duration::ZERO), "").await.unwrap();
-        assert_eq!(store.authenticate(expired.secret.expose()).await.unwrap(), None);
+        let expired = store
+            .create_api_token(Role::Admin, Some(Duration::ZERO), "")
+            .await
+            .unwrap();
+        assert_eq!(
+            store.authenticate(expired.secret.expose()).await.unwrap(),
+            None
+        );
         // Only hashes are stored.
-        let hashes: Vec<String> = sqlx::query_scalar("SELECT hash FROM api_tokens").fetch_all(store.pool()).await.unwrap();
+        let hashes: Vec<String> = sqlx::query_scalar("SELECT hash FROM api_tokens")
+            .fetch_all(store.pool())
+            .await
+            .unwrap();
         assert!(hashes.iter().all(|h| !h.contains("keel_a_")));
     }
 }

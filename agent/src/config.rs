@@ -1,0 +1,432 @@
+//! `agent.toml`: parsed once at start-up into typed structs.
+//!
+//! Layers: the file (default `/etc/keel/agent.toml`), then `KEEL_*` environment
+//! variables, then flags. Invalid configuration exits with code 64 and names the
+//! file (or variable, or flag), the key and what is wrong.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use keel_common::config::{ConfigError, EnvBinding, EnvKind, Layers};
+use serde::Deserialize;
+
+/// Where the agent looks for its configuration unless `--config` says otherwise.
+pub const DEFAULT_CONFIG_PATH: &str = "/etc/keel/agent.toml";
+
+/// Environment overrides, all with the `KEEL_` prefix.
+pub const ENV: &[EnvBinding] = &[
+    ("KEEL_AGENT_ID", "agent.id", EnvKind::Str),
+    ("KEEL_STATE_DIR", "agent.state_dir", EnvKind::Str),
+    ("KEEL_LOG_DIR", "agent.log_dir", EnvKind::Str),
+    (
+        "KEEL_HEARTBEAT_INTERVAL",
+        "agent.heartbeat_interval",
+        EnvKind::Str,
+    ),
+    ("KEEL_SERVER_PRIVATE", "server.private", EnvKind::List),
+    ("KEEL_SERVER_PUBLIC", "server.public", EnvKind::List),
+    ("KEEL_DISCOVERY_URL", "server.discovery_url", EnvKind::Str),
+];
+
+/// The whole agent configuration.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AgentConfig {
+    /// Identity, directories and timing.
+    #[serde(default)]
+    pub agent: AgentSection,
+    /// How to reach the server.
+    #[serde(default)]
+    pub server: ServerSection,
+    /// Batching and buffering of records.
+    #[serde(default)]
+    pub transfer: TransferSection,
+    /// Logging.
+    #[serde(default)]
+    pub log: LogSection,
+}
+
+/// Identity, directories and timing.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AgentSection {
+    /// Explicit agent ID. Empty: derived from the host (cloud instance-id, DMI
+    /// product_uuid and MAC; then /etc/machine-id; then the stored ID; then random).
+    #[serde(default)]
+    pub id: String,
+    /// Root of the host filesystem for identity and platform facts. Set it when the
+    /// agent runs in a container with the host mounted elsewhere.
+    #[serde(default = "default_host_root")]
+    pub host_root: PathBuf,
+    /// State: ID, certificates, metadata, spool, plugins.
+    #[serde(default = "default_state_dir")]
+    pub state_dir: PathBuf,
+    /// Rotating log files.
+    #[serde(default = "default_log_dir")]
+    pub log_dir: PathBuf,
+    /// Heartbeat period.
+    #[serde(default = "default_heartbeat", with = "humantime_serde")]
+    pub heartbeat_interval: Duration,
+    /// Bound on a graceful stop after SIGTERM.
+    #[serde(default = "default_grace", with = "humantime_serde")]
+    pub shutdown_grace: Duration,
+}
+
+/// How to reach the server.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServerSection {
+    /// Private gRPC addresses, `host:port`, tried after discovery.
+    #[serde(default)]
+    pub private: Vec<String>,
+    /// Public gRPC addresses, tried last.
+    #[serde(default)]
+    pub public: Vec<String>,
+    /// Service discovery URL (a keel-server's `/discovery`), tried first.
+    #[serde(default)]
+    pub discovery_url: String,
+    /// Name to verify in the server certificate. Empty: the host of each address.
+    #[serde(default)]
+    pub server_name: String,
+    /// Connect (TCP and TLS) timeout.
+    #[serde(default = "default_connect_timeout", with = "humantime_serde")]
+    pub connect_timeout: Duration,
+    /// First reconnect delay.
+    #[serde(default = "default_backoff_min", with = "humantime_serde")]
+    pub backoff_min: Duration,
+    /// Longest reconnect delay.
+    #[serde(default = "default_backoff_max", with = "humantime_serde")]
+    pub backoff_max: Duration,
+}
+
+/// Batching and buffering of records.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TransferSection {
+    /// A batch is sent at least this often while records are waiting.
+    #[serde(default = "default_batch_interval", with = "humantime_serde")]
+    pub batch_interval: Duration,
+    /// A batch is sent once it holds this many records.
+    #[serde(default = "default_batch_records")]
+    pub batch_max_records: usize,
+    /// A batch is sent once it holds this many payload bytes.
+    #[serde(default = "default_batch_bytes")]
+    pub batch_max_bytes: usize,
+    /// Unacknowledged batches kept for resending. Beyond it the oldest are dropped
+    /// and counted in the heartbeat.
+    #[serde(default = "default_pending_bytes")]
+    pub pending_max_bytes: usize,
+}
+
+/// Logging.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LogSection {
+    /// Filter when `KEEL_LOG` is unset.
+    #[serde(default = "default_level")]
+    pub level: String,
+    /// Rotated files kept.
+    #[serde(default = "default_log_files")]
+    pub max_files: usize,
+}
+
+fn default_host_root() -> PathBuf {
+    PathBuf::from("/")
+}
+fn default_state_dir() -> PathBuf {
+    PathBuf::from("/var/lib/keel-agent")
+}
+fn default_log_dir() -> PathBuf {
+    PathBuf::from("/var/log/keel-agent")
+}
+fn default_heartbeat() -> Duration {
+    Duration::from_secs(60)
+}
+fn default_grace() -> Duration {
+    Duration::from_secs(10)
+}
+fn default_connect_timeout() -> Duration {
+    Duration::from_secs(10)
+}
+fn default_backoff_min() -> Duration {
+    Duration::from_secs(1)
+}
+fn default_backoff_max() -> Duration {
+    Duration::from_secs(60)
+}
+fn default_batch_interval() -> Duration {
+    Duration::from_millis(100)
+}
+fn default_batch_records() -> usize {
+    4096
+}
+fn default_batch_bytes() -> usize {
+    1 << 20
+}
+fn default_pending_bytes() -> usize {
+    64 << 20
+}
+fn default_level() -> String {
+    "info".into()
+}
+fn default_log_files() -> usize {
+    7
+}
+
+impl Default for AgentSection {
+    fn default() -> Self {
+        Self {
+            id: String::new(),
+            host_root: default_host_root(),
+            state_dir: default_state_dir(),
+            log_dir: default_log_dir(),
+            heartbeat_interval: default_heartbeat(),
+            shutdown_grace: default_grace(),
+        }
+    }
+}
+impl Default for ServerSection {
+    fn default() -> Self {
+        Self {
+            private: Vec::new(),
+            public: Vec::new(),
+            discovery_url: String::new(),
+            server_name: String::new(),
+            connect_timeout: default_connect_timeout(),
+            backoff_min: default_backoff_min(),
+            backoff_max: default_backoff_max(),
+        }
+    }
+}
+impl Default for TransferSection {
+    fn default() -> Self {
+        Self {
+            batch_interval: default_batch_interval(),
+            batch_max_records: default_batch_records(),
+            batch_max_bytes: default_batch_bytes(),
+            pending_max_bytes: default_pending_bytes(),
+        }
+    }
+}
+impl Default for LogSection {
+    fn default() -> Self {
+        Self {
+            level: default_level(),
+            max_files: default_log_files(),
+        }
+    }
+}
+
+/// Flag overrides, the last layer.
+#[derive(Debug, Clone, Default)]
+pub struct Overrides {
+    /// `--id`.
+    pub id: Option<String>,
+    /// `--state-dir`.
+    pub state_dir: Option<PathBuf>,
+    /// `--log-dir`.
+    pub log_dir: Option<PathBuf>,
+    /// `--server` (repeatable): replaces `server.private`.
+    pub servers: Vec<String>,
+}
+
+/// What the configuration is loaded for: `run` needs a server address, `id` and
+/// `enroll` do not.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Purpose {
+    /// `keel-agent run`.
+    Run,
+    /// Everything else.
+    Other,
+}
+
+impl AgentConfig {
+    /// Loads the layers. `path` is `--config`; when `None`, the default path is read
+    /// if it exists.
+    pub fn load(
+        path: Option<&Path>,
+        overrides: &Overrides,
+        purpose: Purpose,
+    ) -> Result<Self, ConfigError> {
+        let (file, required) = match path {
+            Some(p) => (p.to_path_buf(), true),
+            None => (PathBuf::from(DEFAULT_CONFIG_PATH), false),
+        };
+        let layers = Layers::from_file(&file, required)?.env(ENV)?;
+        Self::from_layers(layers, overrides, purpose)
+    }
+
+    /// Parses TOML text alone (tests).
+    pub fn from_toml(name: &str, text: &str, purpose: Purpose) -> Result<Self, ConfigError> {
+        Self::from_layers(
+            Layers::from_str(name, text)?,
+            &Overrides::default(),
+            purpose,
+        )
+    }
+
+    fn from_layers(
+        mut layers: Layers,
+        o: &Overrides,
+        purpose: Purpose,
+    ) -> Result<Self, ConfigError> {
+        layers.set_opt("agent.id", o.id.clone(), "--id");
+        layers.set_opt(
+            "agent.state_dir",
+            o.state_dir.as_ref().map(|p| p.display().to_string()),
+            "--state-dir",
+        );
+        layers.set_opt(
+            "agent.log_dir",
+            o.log_dir.as_ref().map(|p| p.display().to_string()),
+            "--log-dir",
+        );
+        if !o.servers.is_empty() {
+            let list = o
+                .servers
+                .iter()
+                .map(|s| toml::Value::String(s.clone()))
+                .collect();
+            layers.set("server.private", toml::Value::Array(list), "--server");
+        }
+        let source = layers.file_name().to_owned();
+        let config: AgentConfig = layers.build()?;
+        config.validate(&source, purpose)?;
+        Ok(config)
+    }
+
+    fn validate(&self, source: &str, purpose: Purpose) -> Result<(), ConfigError> {
+        let err = |key: String, message: String| ConfigError {
+            source: source.to_owned(),
+            key,
+            message,
+        };
+        if !self.agent.id.is_empty() && !keel_common::ids::valid_agent_id(&self.agent.id) {
+            return Err(err(
+                "agent.id".into(),
+                "must be 1-64 characters of [A-Za-z0-9._-]".into(),
+            ));
+        }
+        for (list, name) in [
+            (&self.server.private, "server.private"),
+            (&self.server.public, "server.public"),
+        ] {
+            for (i, addr) in list.iter().enumerate() {
+                if let Err(why) = check_host_port(addr) {
+                    return Err(err(format!("{name}[{i}]"), why));
+                }
+            }
+        }
+        let d = &self.server.discovery_url;
+        if !(d.is_empty() || d.starts_with("https://") || d.starts_with("http://")) {
+            return Err(err(
+                "server.discovery_url".into(),
+                format!("{d:?} is not an http(s) URL"),
+            ));
+        }
+        if purpose == Purpose::Run
+            && self.server.private.is_empty()
+            && self.server.public.is_empty()
+            && self.server.discovery_url.is_empty()
+        {
+            return Err(err(
+                "server.private".into(),
+                "no server address: set server.private, server.public or server.discovery_url"
+                    .into(),
+            ));
+        }
+        if self.agent.heartbeat_interval < Duration::from_secs(1) {
+            return Err(err(
+                "agent.heartbeat_interval".into(),
+                "must be at least 1s".into(),
+            ));
+        }
+        if self.server.backoff_min.is_zero() || self.server.backoff_max < self.server.backoff_min {
+            return Err(err(
+                "server.backoff_max".into(),
+                "backoff_min must be > 0 and <= backoff_max".into(),
+            ));
+        }
+        if self.transfer.batch_max_records == 0 {
+            return Err(err(
+                "transfer.batch_max_records".into(),
+                "must be at least 1".into(),
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// Checks `host:port` (IPv6 in brackets).
+fn check_host_port(addr: &str) -> Result<(), String> {
+    let (host, port) = addr
+        .rsplit_once(':')
+        .ok_or_else(|| format!("{addr:?} is not host:port"))?;
+    if host.is_empty() {
+        return Err(format!("{addr:?} has no host"));
+    }
+    if host.contains(':') && !(host.starts_with('[') && host.ends_with(']')) {
+        return Err(format!(
+            "{addr:?}: put an IPv6 address in brackets, [addr]:port"
+        ));
+    }
+    match port.parse::<u16>() {
+        Ok(p) if p > 0 => Ok(()),
+        _ => Err(format!("{addr:?} has no valid port")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn minimal_run_config() {
+        let c = AgentConfig::from_toml(
+            "a.toml",
+            "[server]\nprivate = [\"10.0.0.1:6751\"]\n",
+            Purpose::Run,
+        )
+        .unwrap();
+        assert_eq!(c.agent.heartbeat_interval, Duration::from_secs(60));
+        assert_eq!(c.server.backoff_max, Duration::from_secs(60));
+        assert_eq!(c.transfer.batch_interval, Duration::from_millis(100));
+    }
+
+    #[test]
+    fn refusals_name_the_key() {
+        let cases = [
+            ("[server]\nprivate = [\"a:1\"]\nbogus = 1\n", "server.bogus"),
+            ("[server]\nprivate = \"a:1\"\n", "server.private"),
+            (
+                "[agent]\nheartbeat_interval = 5\n[server]\nprivate = [\"a:1\"]\n",
+                "agent.heartbeat_interval",
+            ),
+            ("", "server.private"),
+            ("[server]\nprivate = [\"nohost\"]\n", "server.private[0]"),
+            ("[server]\npublic = [\"::1:80\"]\n", "server.public[0]"),
+            (
+                "[agent]\nid = \"a/b\"\n[server]\nprivate = [\"a:1\"]\n",
+                "agent.id",
+            ),
+        ];
+        for (text, key) in cases {
+            let e = AgentConfig::from_toml("a.toml", text, Purpose::Run).unwrap_err();
+            assert_eq!(e.key, key, "{text:?}: {e}");
+            assert_eq!(e.source, "a.toml");
+        }
+    }
+
+    #[test]
+    fn no_server_needed_outside_run() {
+        assert!(AgentConfig::from_toml("a.toml", "", Purpose::Other).is_ok());
+        assert!(
+            AgentConfig::from_toml(
+                "a.toml",
+                "[server]\nprivate = [\"[::1]:6751\"]\n",
+                Purpose::Run
+            )
+            .is_ok()
+        );
+    }
+}

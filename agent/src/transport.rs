@@ -1,0 +1,354 @@
+//! The one bidirectional gRPC stream to the server, over mutual TLS.
+//!
+//! Only this module sees prost and tonic types. It connects (service discovery,
+//! then the private hosts, then the public ones), sends pending batches, applies
+//! acknowledgements, hands everything else the server sends to the dispatcher,
+//! and reconnects with jittered exponential backoff, forever, until shutdown.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant};
+
+use keel_common::backoff::Backoff;
+use keel_proto::grpc::transfer_client::TransferClient;
+use keel_proto::grpc::{Command, EncodedRecord, PackagedData};
+use prost::Message;
+use serde::Deserialize;
+use tokio::sync::{Notify, mpsc};
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_util::sync::CancellationToken;
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity as TlsIdentity};
+use tracing::{debug, info, warn};
+
+use crate::config::ServerSection;
+use crate::host::Addresses;
+use crate::outbox::{Batch, Pending};
+use crate::pki::Identity;
+use crate::tasks::{PRODUCT, TaskRequest};
+
+/// Largest command accepted from the server.
+const MAX_COMMAND_BYTES: usize = 16 << 20;
+/// A stream that lasted this long resets the backoff.
+const STABLE: Duration = Duration::from_secs(30);
+
+/// What the server sent that someone other than the transport handles.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Inbound {
+    /// A task.
+    Task(TaskRequest),
+    /// The answer to a renewal request: a certificate PEM or an error.
+    Renewal(Result<String, String>),
+    /// The desired plugin set (names and versions).
+    Configs(Vec<(String, String)>),
+}
+
+/// The `PackagedData` header: who this agent is.
+#[derive(Debug, Clone, Default)]
+pub struct Header {
+    /// Agent ID (the certificate's).
+    pub agent_id: String,
+    /// Host name.
+    pub hostname: String,
+    /// Interface addresses.
+    pub addresses: Addresses,
+}
+
+/// Counters behind the heartbeat's transfer rates.
+#[derive(Debug, Default)]
+pub struct TransferStats {
+    /// Encoded bytes sent.
+    pub tx_bytes: AtomicU64,
+    /// Encoded bytes received.
+    pub rx_bytes: AtomicU64,
+    /// Records sent.
+    pub tx_records: AtomicU64,
+    /// Commands received.
+    pub rx_commands: AtomicU64,
+    /// Streams opened.
+    pub connects: AtomicU64,
+}
+
+/// Everything the transport needs.
+#[derive(Debug, Clone)]
+pub struct Transport {
+    /// How to reach the server.
+    pub server: ServerSection,
+    /// Current certificate and key; replaced by renewals.
+    pub identity: Arc<RwLock<Identity>>,
+    /// Header fields, refreshed by the heartbeat.
+    pub header: Arc<RwLock<Header>>,
+    /// Batches to send.
+    pub pending: Arc<Pending>,
+    /// Where commands go.
+    pub inbound: mpsc::Sender<Inbound>,
+    /// Counters.
+    pub stats: Arc<TransferStats>,
+    /// Notified on each new stream, so a heartbeat goes out at once.
+    pub connected_signal: Arc<Notify>,
+    /// Notified to end the current stream and connect again (after a renewal).
+    pub reconnect: Arc<Notify>,
+    /// Whether a stream is open.
+    pub connected: Arc<AtomicBool>,
+    /// How long to keep sending after shutdown to drain pending batches.
+    pub drain: Duration,
+}
+
+/// Why a stream ended.
+#[derive(Debug)]
+enum End {
+    Shutdown,
+    Reconnect,
+    Server(String),
+}
+
+#[derive(Deserialize)]
+struct Discovered {
+    grpc: Vec<String>,
+}
+
+impl Transport {
+    /// Runs until `shutdown`.
+    pub async fn run(self, shutdown: CancellationToken) {
+        let mut backoff = Backoff::new(self.server.backoff_min, self.server.backoff_max, 0.5);
+        loop {
+            let mut reason = String::from("no server address reachable");
+            for addr in self.endpoints().await {
+                if shutdown.is_cancelled() {
+                    return;
+                }
+                let channel = match self.connect(&addr).await {
+                    Ok(c) => c,
+                    Err(e) => {
+                        warn!(server = %addr, error = %format!("{e:#}"), "cannot connect");
+                        reason = format!("cannot connect to {addr}: {e:#}");
+                        continue;
+                    }
+                };
+                let started = Instant::now();
+                info!(server = %addr, "connected");
+                let end = self.stream(channel, &shutdown).await;
+                self.connected.store(false, Ordering::Relaxed);
+                if started.elapsed() >= STABLE {
+                    backoff.reset();
+                }
+                match end {
+                    End::Shutdown => return,
+                    End::Reconnect => {
+                        info!(server = %addr, "reconnecting with the renewed certificate");
+                        backoff.reset();
+                        reason = "certificate renewed".into();
+                    }
+                    End::Server(why) => reason = format!("stream to {addr} ended: {why}"),
+                }
+                break;
+            }
+            let delay = if reason == "certificate renewed" {
+                Duration::ZERO
+            } else {
+                backoff.next_delay()
+            };
+            info!(%reason, retry_in = ?delay, "reconnecting");
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tokio::time::sleep(delay) => {}
+            }
+        }
+    }
+
+    /// Discovery first, then private, then public addresses.
+    async fn endpoints(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        if !self.server.discovery_url.is_empty() {
+            match self.discover().await {
+                Ok(list) => out.extend(list),
+                Err(e) => {
+                    warn!(url = %self.server.discovery_url, error = %e, "service discovery failed")
+                }
+            }
+        }
+        out.extend(self.server.private.iter().cloned());
+        out.extend(self.server.public.iter().cloned());
+        out.dedup();
+        out
+    }
+
+    async fn discover(&self) -> anyhow::Result<Vec<String>> {
+        let ca = self
+            .identity
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .ca_pem
+            .clone();
+        let client = reqwest::Client::builder()
+            .tls_backend_preconfigured(crate::enroll::pinned_tls(&ca)?)
+            .timeout(self.server.connect_timeout)
+            .no_proxy()
+            .build()?;
+        let d: Discovered = client
+            .get(&self.server.discovery_url)
+            .send()
+            .await?
+            .error_for_status()?
+            .json()
+            .await?;
+        Ok(d.grpc)
+    }
+
+    async fn connect(&self, addr: &str) -> anyhow::Result<Channel> {
+        let identity = self
+            .identity
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        let mut tls = ClientTlsConfig::new()
+            .ca_certificate(Certificate::from_pem(&identity.ca_pem))
+            .identity(TlsIdentity::from_pem(
+                &identity.cert_pem,
+                identity.key_pem.expose(),
+            ));
+        if !self.server.server_name.is_empty() {
+            tls = tls.domain_name(self.server.server_name.clone());
+        }
+        let endpoint = Endpoint::from_shared(format!("https://{addr}"))?
+            .tls_config(tls)?
+            .connect_timeout(self.server.connect_timeout)
+            .http2_keep_alive_interval(Duration::from_secs(30))
+            .keep_alive_timeout(Duration::from_secs(20))
+            .keep_alive_while_idle(true)
+            .tcp_nodelay(true);
+        Ok(endpoint.connect().await?)
+    }
+
+    fn packaged(&self, batch: &Batch) -> PackagedData {
+        let header = self
+            .header
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        PackagedData {
+            records: batch
+                .records
+                .iter()
+                .map(|r| EncodedRecord {
+                    data_type: r.data_type,
+                    timestamp: r.timestamp,
+                    data: r.data.clone(),
+                })
+                .collect(),
+            agent_id: header.agent_id,
+            intranet_ipv4: header.addresses.intranet_ipv4,
+            extranet_ipv4: header.addresses.extranet_ipv4,
+            intranet_ipv6: header.addresses.intranet_ipv6,
+            extranet_ipv6: header.addresses.extranet_ipv6,
+            hostname: header.hostname,
+            version: keel_common::VERSION.to_owned(),
+            product: PRODUCT.to_owned(),
+            seq: batch.seq,
+            epoch: self.pending.epoch(),
+        }
+    }
+
+    async fn stream(&self, channel: Channel, shutdown: &CancellationToken) -> End {
+        let mut client = TransferClient::new(channel).max_decoding_message_size(MAX_COMMAND_BYTES);
+        let (tx, rx) = mpsc::channel::<PackagedData>(2);
+        self.pending.rewind();
+        let mut inbound = match client.transfer(ReceiverStream::new(rx)).await {
+            Ok(r) => r.into_inner(),
+            Err(status) => return End::Server(describe(&status)),
+        };
+        self.connected.store(true, Ordering::Relaxed);
+        self.stats.connects.fetch_add(1, Ordering::Relaxed);
+        self.connected_signal.notify_one();
+
+        let send = async {
+            loop {
+                let batch = self.pending.next().await;
+                let pd = self.packaged(&batch);
+                self.stats
+                    .tx_bytes
+                    .fetch_add(pd.encoded_len() as u64, Ordering::Relaxed);
+                self.stats
+                    .tx_records
+                    .fetch_add(batch.records.len() as u64, Ordering::Relaxed);
+                if tx.send(pd).await.is_err() {
+                    return End::Server("send side closed".into());
+                }
+            }
+        };
+        let receive = async {
+            loop {
+                match inbound.message().await {
+                    Ok(Some(cmd)) => self.on_command(cmd).await,
+                    Ok(None) => return End::Server("closed by the server".into()),
+                    Err(status) => return End::Server(describe(&status)),
+                }
+            }
+        };
+        tokio::pin!(send, receive);
+        tokio::select! {
+            end = &mut receive => end,
+            end = &mut send => end,
+            _ = self.reconnect.notified() => End::Reconnect,
+            _ = shutdown.cancelled() => {
+                // Keep the stream up briefly so queued records and their acks go through.
+                let drained = tokio::select! {
+                    d = self.pending.drained(self.drain) => d,
+                    _ = &mut receive => false,
+                    _ = &mut send => false,
+                };
+                debug!(drained, "stream closed for shutdown");
+                End::Shutdown
+            }
+        }
+    }
+
+    async fn on_command(&self, cmd: Command) {
+        self.stats
+            .rx_bytes
+            .fetch_add(cmd.encoded_len() as u64, Ordering::Relaxed);
+        self.stats.rx_commands.fetch_add(1, Ordering::Relaxed);
+        let keel_extension = cmd.ack.is_some() || cmd.renewal.is_some();
+        if let Some(ack) = cmd.ack {
+            self.pending.ack(ack.epoch, ack.seq);
+        }
+        let mut forward = Vec::new();
+        if let Some(r) = cmd.renewal {
+            forward.push(Inbound::Renewal(if r.error.is_empty() {
+                Ok(r.certificate_pem)
+            } else {
+                Err(r.error)
+            }));
+        }
+        if let Some(t) = cmd.task {
+            forward.push(Inbound::Task(TaskRequest {
+                data_type: t.data_type,
+                object_name: t.object_name,
+                data: t.data,
+                token: t.token,
+            }));
+        } else if !keel_extension {
+            // Elkeid semantics: a command without a task is the full desired config.
+            forward.push(Inbound::Configs(
+                cmd.configs
+                    .into_iter()
+                    .map(|c| (c.name, c.version))
+                    .collect(),
+            ));
+        }
+        for msg in forward {
+            if self.inbound.send(msg).await.is_err() {
+                debug!("dispatcher gone; command dropped during shutdown");
+            }
+        }
+    }
+}
+
+fn describe(status: &tonic::Status) -> String {
+    let mut s = format!("{:?}: {}", status.code(), status.message());
+    let mut source = std::error::Error::source(status);
+    while let Some(e) = source {
+        s.push_str(&format!(": {e}"));
+        source = e.source();
+    }
+    s
+}
