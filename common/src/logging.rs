@@ -1,5 +1,6 @@
 //! Logging setup: `tracing` to a rotating file and to stderr, filtered by `KEEL_LOG`.
 
+use std::io::IsTerminal;
 use std::path::PathBuf;
 
 use tracing_appender::non_blocking::WorkerGuard;
@@ -89,6 +90,7 @@ pub fn init(opts: &LogOptions, extra: Vec<BoxedLayer>) -> Result<LogGuard, LogEr
         layers.push(
             tracing_subscriber::fmt::layer()
                 .with_writer(std::io::stderr)
+                .with_ansi(std::io::stderr().is_terminal())
                 .with_filter(filter(&opts.default_filter))
                 .boxed(),
         );

@@ -31,7 +31,7 @@ pub fn ca_fingerprint(config: &ServerConfig) -> anyhow::Result<String> {
 }
 
 async fn store(config: &ServerConfig) -> anyhow::Result<Store> {
-    std::fs::create_dir_all(&config.data_dir)
+    keel_common::fsutil::create_dir(&config.data_dir, 0o700)
         .with_context(|| format!("cannot create data_dir {}", config.data_dir.display()))?;
     Store::open(&config.database_url())
         .await

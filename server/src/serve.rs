@@ -37,7 +37,7 @@ pub struct Bound {
 /// Opens the store, CA and sink that a server runs on.
 pub async fn open_state(config: ServerConfig) -> anyhow::Result<Arc<ServerState>> {
     keel_common::tls::install_crypto_provider();
-    std::fs::create_dir_all(&config.data_dir)
+    keel_common::fsutil::create_dir(&config.data_dir, 0o700)
         .with_context(|| format!("cannot create data_dir {}", config.data_dir.display()))?;
     let pki_dir = config.pki_dir();
     if !pki_dir.join(crate::pki::CA_KEY).exists() {

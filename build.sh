@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# Keel's one entry point for building, trying and testing.
+set -euo pipefail
+cd "$(dirname "$0")"
+
+usage() {
+    cat <<'USAGE'
+usage: ./build.sh <command>
+
+  quickstart   build in release mode, then run a server and one enrolled agent on
+               127.0.0.1 (state in ./.keel-quickstart/) until Ctrl-C
+  test         build and run every test, with formatting and lint checks
+  help         this text
+USAGE
+}
+
+cmd="${1:-help}"
+case "$cmd" in
+    quickstart)
+        cargo build --release --workspace --bins
+        exec target/release/keel-server quickstart --dir .keel-quickstart
+        ;;
+    test)
+        cargo fmt --all -- --check
+        cargo clippy --workspace --all-targets --quiet -- -D warnings
+        # The end-to-end tests run the real binaries.
+        cargo build --workspace --bins --quiet
+        cargo test --workspace
+        ;;
+    help | -h | --help)
+        usage
+        ;;
+    *)
+        echo "build.sh: unknown command: $cmd" >&2
+        usage >&2
+        exit 64
+        ;;
+esac

@@ -1,0 +1,68 @@
+//! The HTTP API: tokens, roles and bad input.
+
+use keel_tests::{Agent, Api, Server, ServerOptions};
+use serde_json::json;
+
+#[tokio::test]
+async fn every_api_call_needs_a_token_with_the_right_role() {
+    let server = Server::start(ServerOptions::default()).await;
+    let mut agent = Agent::enrolled(&server, "roles-1");
+    agent.start();
+    server.api().online("roles-1").await;
+    let base = server.base_url();
+    let task = json!({"data_type": 1051, "data": "{\"idc\":\"x\"}"});
+
+    let (status, body) = Api::new(&base, "").get("/api/v1/agents").await;
+    assert_eq!(status, 401, "{body}");
+    assert!(body["error"].as_str().unwrap().contains("missing bearer token"));
+    let (status, _) = Api::new(&base, "keel_a_wrong").get("/api/v1/agents").await;
+    assert_eq!(status, 401);
+    let (status, _) = Api::new(&base, "").get("/healthz").await;
+    assert_eq!(status, 200, "/healthz needs no token");
+
+    let viewer = Api::new(&base, &server.cli(&["token", "create", "--role", "viewer"]));
+    assert_eq!(viewer.get("/api/v1/agents").await.0, 200);
+    assert_eq!(viewer.get("/api/v1/agents/roles-1").await.0, 200);
+    let (status, body) = viewer.post("/api/v1/agents/roles-1/tasks", &task).await;
+    assert_eq!(status, 403, "{body}");
+    assert!(body["error"].as_str().unwrap().contains("needs the operator role"), "{body}");
+    assert_eq!(viewer.post("/api/v1/agents/roles-1/revoke", &json!({})).await.0, 403);
+
+    let operator = Api::new(&base, &server.cli(&["token", "create", "--role", "operator"]));
+    assert_eq!(operator.post("/api/v1/agents/roles-1/tasks", &task).await.0, 202);
+    assert_eq!(operator.post("/api/v1/agents/roles-1/revoke", &json!({})).await.0, 403);
+
+    // A revoked token stops working.
+    let listed = server.cli(&["token", "list"]);
+    let viewer_id = listed.lines().find(|l| l.contains(" viewer ")).and_then(|l| l.split_whitespace().next()).unwrap();
+    server.cli(&["token", "revoke", viewer_id]);
+    assert_eq!(viewer.get("/api/v1/agents").await.0, 401);
+}
+
+#[tokio::test]
+async fn bad_task_requests_get_precise_errors() {
+    let server = Server::start(ServerOptions::default()).await;
+    let mut agent = Agent::enrolled(&server, "bad-1");
+    let api = server.api();
+
+    let (status, body) = api.post("/api/v1/agents/nobody/tasks", &json!({"data_type": 1051})).await;
+    assert_eq!(status, 404, "{body}");
+    assert_eq!(body["error"], "no agent nobody");
+    let (status, body) = api.post("/api/v1/agents/bad-1/tasks", &json!({"data_type": 1051})).await;
+    assert_eq!(status, 409, "an offline agent: {body}");
+    assert_eq!(body["error"], "agent bad-1 is offline");
+
+    agent.start();
+    api.online("bad-1").await;
+    let (status, body) = api.post_raw("/api/v1/agents/bad-1/tasks", "{\"data_type\": ").await;
+    assert_eq!(status, 400);
+    assert!(body["error"].as_str().unwrap().starts_with("invalid request body"), "{body}");
+    let (status, body) = api.post("/api/v1/agents/bad-1/tasks", &json!({"data_type": "1051"})).await;
+    assert_eq!(status, 400);
+    assert!(body["error"].as_str().unwrap().contains("data_type"), "{body}");
+    let (status, body) = api.post("/api/v1/agents/bad-1/tasks", &json!({"data_type": 1, "colour": 2})).await;
+    assert_eq!(status, 400);
+    assert!(body["error"].as_str().unwrap().contains("colour"), "{body}");
+    let (status, body) = api.get("/api/v1/tasks/no-such-token").await;
+    assert_eq!(status, 404, "{body}");
+}

@@ -1,0 +1,6 @@
+//! End-to-end tests: real servers, agents and TLS on 127.0.0.1.
+
+mod agent;
+mod api;
+mod enrollment;
+mod stream;
