@@ -18,11 +18,7 @@ pub const ENV: &[EnvBinding] = &[
     ("KEEL_AGENT_ID", "agent.id", EnvKind::Str),
     ("KEEL_STATE_DIR", "agent.state_dir", EnvKind::Str),
     ("KEEL_LOG_DIR", "agent.log_dir", EnvKind::Str),
-    (
-        "KEEL_HEARTBEAT_INTERVAL",
-        "agent.heartbeat_interval",
-        EnvKind::Str,
-    ),
+    ("KEEL_HEARTBEAT_INTERVAL", "agent.heartbeat_interval", EnvKind::Str),
     ("KEEL_SERVER_PRIVATE", "server.private", EnvKind::List),
     ("KEEL_SERVER_PUBLIC", "server.public", EnvKind::List),
     ("KEEL_DISCOVERY_URL", "server.discovery_url", EnvKind::Str),
@@ -243,11 +239,7 @@ pub enum Purpose {
 impl AgentConfig {
     /// Loads the layers. `path` is `--config`; when `None`, the default path is read
     /// if it exists.
-    pub fn load(
-        path: Option<&Path>,
-        overrides: &Overrides,
-        purpose: Purpose,
-    ) -> Result<Self, ConfigError> {
+    pub fn load(path: Option<&Path>, overrides: &Overrides, purpose: Purpose) -> Result<Self, ConfigError> {
         let (file, required) = match path {
             Some(p) => (p.to_path_buf(), true),
             None => (PathBuf::from(DEFAULT_CONFIG_PATH), false),
@@ -258,18 +250,10 @@ impl AgentConfig {
 
     /// Parses TOML text alone (tests).
     pub fn from_toml(name: &str, text: &str, purpose: Purpose) -> Result<Self, ConfigError> {
-        Self::from_layers(
-            Layers::from_str(name, text)?,
-            &Overrides::default(),
-            purpose,
-        )
+        Self::from_layers(Layers::from_str(name, text)?, &Overrides::default(), purpose)
     }
 
-    fn from_layers(
-        mut layers: Layers,
-        o: &Overrides,
-        purpose: Purpose,
-    ) -> Result<Self, ConfigError> {
+    fn from_layers(mut layers: Layers, o: &Overrides, purpose: Purpose) -> Result<Self, ConfigError> {
         layers.set_opt("agent.id", o.id.clone(), "--id");
         layers.set_opt(
             "agent.state_dir",
@@ -282,11 +266,7 @@ impl AgentConfig {
             "--log-dir",
         );
         if !o.servers.is_empty() {
-            let list = o
-                .servers
-                .iter()
-                .map(|s| toml::Value::String(s.clone()))
-                .collect();
+            let list = o.servers.iter().map(|s| toml::Value::String(s.clone())).collect();
             layers.set("server.private", toml::Value::Array(list), "--server");
         }
         let source = layers.file_name().to_owned();
@@ -331,15 +311,11 @@ impl AgentConfig {
         {
             return Err(err(
                 "server.private".into(),
-                "no server address: set server.private, server.public or server.discovery_url"
-                    .into(),
+                "no server address: set server.private, server.public or server.discovery_url".into(),
             ));
         }
         if self.agent.heartbeat_interval < Duration::from_secs(1) {
-            return Err(err(
-                "agent.heartbeat_interval".into(),
-                "must be at least 1s".into(),
-            ));
+            return Err(err("agent.heartbeat_interval".into(), "must be at least 1s".into()));
         }
         if self.server.backoff_min.is_zero() || self.server.backoff_max < self.server.backoff_min {
             return Err(err(
@@ -348,10 +324,7 @@ impl AgentConfig {
             ));
         }
         if self.transfer.batch_max_records == 0 {
-            return Err(err(
-                "transfer.batch_max_records".into(),
-                "must be at least 1".into(),
-            ));
+            return Err(err("transfer.batch_max_records".into(), "must be at least 1".into()));
         }
         Ok(())
     }
@@ -366,9 +339,7 @@ fn check_host_port(addr: &str) -> Result<(), String> {
         return Err(format!("{addr:?} has no host"));
     }
     if host.contains(':') && !(host.starts_with('[') && host.ends_with(']')) {
-        return Err(format!(
-            "{addr:?}: put an IPv6 address in brackets, [addr]:port"
-        ));
+        return Err(format!("{addr:?}: put an IPv6 address in brackets, [addr]:port"));
     }
     match port.parse::<u16>() {
         Ok(p) if p > 0 => Ok(()),
@@ -382,12 +353,7 @@ mod tests {
 
     #[test]
     fn minimal_run_config() {
-        let c = AgentConfig::from_toml(
-            "a.toml",
-            "[server]\nprivate = [\"10.0.0.1:6751\"]\n",
-            Purpose::Run,
-        )
-        .unwrap();
+        let c = AgentConfig::from_toml("a.toml", "[server]\nprivate = [\"10.0.0.1:6751\"]\n", Purpose::Run).unwrap();
         assert_eq!(c.agent.heartbeat_interval, Duration::from_secs(60));
         assert_eq!(c.server.backoff_max, Duration::from_secs(60));
         assert_eq!(c.transfer.batch_interval, Duration::from_millis(100));
@@ -405,10 +371,7 @@ mod tests {
             ("", "server.private"),
             ("[server]\nprivate = [\"nohost\"]\n", "server.private[0]"),
             ("[server]\npublic = [\"::1:80\"]\n", "server.public[0]"),
-            (
-                "[agent]\nid = \"a/b\"\n[server]\nprivate = [\"a:1\"]\n",
-                "agent.id",
-            ),
+            ("[agent]\nid = \"a/b\"\n[server]\nprivate = [\"a:1\"]\n", "agent.id"),
         ];
         for (text, key) in cases {
             let e = AgentConfig::from_toml("a.toml", text, Purpose::Run).unwrap_err();
@@ -420,13 +383,6 @@ mod tests {
     #[test]
     fn no_server_needed_outside_run() {
         assert!(AgentConfig::from_toml("a.toml", "", Purpose::Other).is_ok());
-        assert!(
-            AgentConfig::from_toml(
-                "a.toml",
-                "[server]\nprivate = [\"[::1]:6751\"]\n",
-                Purpose::Run
-            )
-            .is_ok()
-        );
+        assert!(AgentConfig::from_toml("a.toml", "[server]\nprivate = [\"[::1]:6751\"]\n", Purpose::Run).is_ok());
     }
 }

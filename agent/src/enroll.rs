@@ -86,12 +86,7 @@ impl ServerCertVerifier for FetchOnly {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(
-            message,
-            cert,
-            dss,
-            &self.0.signature_verification_algorithms,
-        )
+        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.0.signature_verification_algorithms)
     }
 
     fn verify_tls13_signature(
@@ -100,12 +95,7 @@ impl ServerCertVerifier for FetchOnly {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(
-            message,
-            cert,
-            dss,
-            &self.0.signature_verification_algorithms,
-        )
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.0.signature_verification_algorithms)
     }
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
@@ -179,8 +169,7 @@ async fn fetch_ca(base: &reqwest::Url) -> anyhow::Result<String> {
 }
 
 fn ca_fingerprint(ca_pem: &str) -> anyhow::Result<String> {
-    let der = CertificateDer::from_pem_slice(ca_pem.as_bytes())
-        .context("the server's CA is not a PEM certificate")?;
+    let der = CertificateDer::from_pem_slice(ca_pem.as_bytes()).context("the server's CA is not a PEM certificate")?;
     Ok(fingerprint::sha256_hex(&der))
 }
 
@@ -194,8 +183,8 @@ fn hostname() -> String {
 /// Enrolls; returns the agent ID.
 pub async fn enroll(config: &AgentConfig, opts: &EnrollOptions) -> anyhow::Result<String> {
     keel_common::tls::install_crypto_provider();
-    let mut base = reqwest::Url::parse(&opts.server)
-        .with_context(|| format!("invalid --server URL {:?}", opts.server))?;
+    let mut base =
+        reqwest::Url::parse(&opts.server).with_context(|| format!("invalid --server URL {:?}", opts.server))?;
     if !base.path().ends_with('/') {
         base.set_path(&format!("{}/", base.path()));
     }
@@ -205,13 +194,10 @@ pub async fn enroll(config: &AgentConfig, opts: &EnrollOptions) -> anyhow::Resul
     let seen = ca_fingerprint(&ca_pem)?;
     match &opts.ca_fingerprint {
         Some(expected) => {
-            let expected = fingerprint::normalize(expected).with_context(|| {
-                format!("--ca-fingerprint {expected:?} is not a SHA-256 hex fingerprint")
-            })?;
+            let expected = fingerprint::normalize(expected)
+                .with_context(|| format!("--ca-fingerprint {expected:?} is not a SHA-256 hex fingerprint"))?;
             if expected != seen {
-                bail!(
-                    "CA fingerprint mismatch: the server presented {seen}, expected {expected}; refusing to enroll"
-                );
+                bail!("CA fingerprint mismatch: the server presented {seen}, expected {expected}; refusing to enroll");
             }
         }
         None if opts.trust_on_first_use => {
@@ -272,16 +258,9 @@ mod tests {
             "http://localhost:6752/",
             "https://keel.example/",
         ] {
-            assert!(
-                check_scheme(&reqwest::Url::parse(ok).unwrap()).is_ok(),
-                "{ok}"
-            );
+            assert!(check_scheme(&reqwest::Url::parse(ok).unwrap()).is_ok(), "{ok}");
         }
-        for bad in [
-            "http://10.0.0.1:6752/",
-            "http://keel.example/",
-            "ftp://127.0.0.1/",
-        ] {
+        for bad in ["http://10.0.0.1:6752/", "http://keel.example/", "ftp://127.0.0.1/"] {
             let e = check_scheme(&reqwest::Url::parse(bad).unwrap()).unwrap_err();
             assert!(
                 e.to_string().contains("refusing") || e.to_string().contains("scheme"),

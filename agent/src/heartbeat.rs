@@ -116,15 +116,9 @@ impl Heartbeat {
             ("tx_tps", per_sec(now.tx_records, prev.tx_records)),
             ("spool_bytes", pending.bytes.to_string()),
             ("spool_batches", pending.batches.to_string()),
-            (
-                "dropped",
-                (pending.dropped_records + self.outbox.dropped()).to_string(),
-            ),
+            ("dropped", (pending.dropped_records + self.outbox.dropped()).to_string()),
             ("resent", pending.resent_batches.to_string()),
-            (
-                "connects",
-                self.stats.connects.load(Ordering::Relaxed).to_string(),
-            ),
+            ("connects", self.stats.connects.load(Ordering::Relaxed).to_string()),
             ("load_1", f(f64::from(s.load.0))),
             ("load_5", f(f64::from(s.load.1))),
             ("load_15", f(f64::from(s.load.2))),

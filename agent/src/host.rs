@@ -45,9 +45,7 @@ pub fn addresses() -> Addresses {
             }
             IpAddr::V4(v4) if private_v4(v4) => &mut out.intranet_ipv4,
             IpAddr::V4(_) => &mut out.extranet_ipv4,
-            IpAddr::V6(v6)
-                if v6.is_loopback() || v6.is_unicast_link_local() || v6.is_unspecified() =>
-            {
+            IpAddr::V6(v6) if v6.is_loopback() || v6.is_unicast_link_local() || v6.is_unspecified() => {
                 continue;
             }
             IpAddr::V6(v6) if v6.is_unique_local() => &mut out.intranet_ipv6,
@@ -117,9 +115,7 @@ pub fn platform(host_root: &Path) -> Platform {
         platform: id,
         platform_version: os.get("VERSION_ID").cloned().unwrap_or_default(),
         boot_time: procfs::boot_time_secs().unwrap_or_default(),
-        nproc: std::thread::available_parallelism()
-            .map(usize::from)
-            .unwrap_or(1),
+        nproc: std::thread::available_parallelism().map(usize::from).unwrap_or(1),
     }
 }
 
@@ -170,13 +166,8 @@ impl CpuSampler {
         if let Ok(k) = procfs::KernelStats::current() {
             let t = &k.total;
             let idle = t.idle + t.iowait.unwrap_or(0);
-            let total = t.user
-                + t.nice
-                + t.system
-                + idle
-                + t.irq.unwrap_or(0)
-                + t.softirq.unwrap_or(0)
-                + t.steal.unwrap_or(0);
+            let total =
+                t.user + t.nice + t.system + idle + t.irq.unwrap_or(0) + t.softirq.unwrap_or(0) + t.steal.unwrap_or(0);
             if let Some((prev_total, prev_idle)) = self.host {
                 let dt = total.saturating_sub(prev_total);
                 if dt > 0 {
@@ -192,9 +183,7 @@ impl CpuSampler {
                 if let Some((prev, at)) = self.process {
                     let secs = now.duration_since(at).as_secs_f64();
                     if secs > 0.0 {
-                        s.cpu = ticks.saturating_sub(prev) as f64
-                            / procfs::ticks_per_second() as f64
-                            / secs;
+                        s.cpu = ticks.saturating_sub(prev) as f64 / procfs::ticks_per_second() as f64 / secs;
                     }
                 }
                 self.process = Some((ticks, now));

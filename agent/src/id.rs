@@ -25,13 +25,7 @@ const PLACEHOLDER_UUIDS: &[&str] = &[
     "02000100-0300-0400-0005-000600070008",
 ];
 /// Product names that say nothing.
-const PLACEHOLDER_NAMES: &[&str] = &[
-    "--",
-    "unknown",
-    "to be filled by o.e.m.",
-    "oem not specify",
-    "t.b.d",
-];
+const PLACEHOLDER_NAMES: &[&str] = &["--", "unknown", "to be filled by o.e.m.", "oem not specify", "t.b.d"];
 
 /// Where the ID came from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -78,10 +72,7 @@ fn from_hardware(root: &Path) -> Option<String> {
     if source.len() <= 8 {
         return None;
     }
-    if product_uuid
-        .as_deref()
-        .is_some_and(|u| PLACEHOLDER_UUIDS.contains(&u))
-    {
+    if product_uuid.as_deref().is_some_and(|u| PLACEHOLDER_UUIDS.contains(&u)) {
         return None;
     }
     let name = read_trimmed(&under(root, "/sys/class/dmi/id/product_name"))
@@ -112,11 +103,7 @@ fn from_file(state_dir: &Path) -> Option<String> {
 }
 
 /// Resolves the agent ID and stores it.
-pub fn resolve(
-    explicit: &str,
-    host_root: &Path,
-    state_dir: &Path,
-) -> Result<(String, Source), IdError> {
+pub fn resolve(explicit: &str, host_root: &Path, state_dir: &Path) -> Result<(String, Source), IdError> {
     let (id, source) = if !explicit.is_empty() {
         (explicit.to_owned(), Source::Explicit)
     } else if let Some(id) = from_hardware(host_root) {
@@ -188,10 +175,7 @@ mod tests {
     #[test]
     fn hardware_wins_unless_placeholder() {
         let files = [
-            (
-                "/sys/class/dmi/id/product_uuid",
-                "8e2b1a4c-1111-2222-3333-444455556666",
-            ),
+            ("/sys/class/dmi/id/product_uuid", "8e2b1a4c-1111-2222-3333-444455556666"),
             ("/sys/class/dmi/id/product_name", "PowerEdge R640"),
             ("/sys/class/net/eth0/address", "52:54:00:12:34:56"),
             ("/etc/machine-id", "4c4c4544004a3510804bb4c04f4d4e32"),

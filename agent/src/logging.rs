@@ -66,11 +66,7 @@ impl<S: Subscriber> Layer<S> for UpstreamErrors {
         for (k, v) in fields.0 {
             out.push((if k == "message" { "msg".to_owned() } else { k }, v));
         }
-        if self
-            .tx
-            .try_send(Record::new(data_type::AGENT_ERROR_LOG, out))
-            .is_err()
-        {
+        if self.tx.try_send(Record::new(data_type::AGENT_ERROR_LOG, out)).is_err() {
             self.dropped.fetch_add(1, Ordering::Relaxed);
         }
     }

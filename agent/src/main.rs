@@ -101,11 +101,7 @@ fn main() -> ExitCode {
         }
     };
     match cli.command {
-        Cmd::Id => match keel_agent::id::resolve(
-            &config.agent.id,
-            &config.agent.host_root,
-            &config.agent.state_dir,
-        ) {
+        Cmd::Id => match keel_agent::id::resolve(&config.agent.id, &config.agent.host_root, &config.agent.state_dir) {
             Ok((id, _)) => {
                 println!("{id}");
                 ExitCode::SUCCESS
@@ -127,9 +123,7 @@ fn main() -> ExitCode {
                     }
                 },
                 (None, None) => {
-                    eprintln!(
-                        "keel-agent: enroll needs a token: --token, KEEL_ENROLL_TOKEN or --token-file"
-                    );
+                    eprintln!("keel-agent: enroll needs a token: --token, KEEL_ENROLL_TOKEN or --token-file");
                     return ExitCode::from(EX_USAGE as u8);
                 }
             };

@@ -31,10 +31,7 @@ pub struct Record {
 
 impl Record {
     /// A record the agent produces itself, stamped now.
-    pub fn new<K: Into<String>, V: Into<String>>(
-        data_type: i32,
-        fields: impl IntoIterator<Item = (K, V)>,
-    ) -> Self {
+    pub fn new<K: Into<String>, V: Into<String>>(data_type: i32, fields: impl IntoIterator<Item = (K, V)>) -> Self {
         Self {
             data_type,
             timestamp: now_secs(),
@@ -169,11 +166,7 @@ impl Pending {
         let mut s = self.lock();
         let seq = s.next_seq;
         s.next_seq += 1;
-        s.queue.push_back(Arc::new(Batch {
-            seq,
-            records,
-            bytes,
-        }));
+        s.queue.push_back(Arc::new(Batch { seq, records, bytes }));
         s.bytes += bytes;
         while s.bytes > self.max_bytes && s.queue.len() > 1 {
             let Some(old) = s.queue.pop_front() else {

@@ -91,10 +91,8 @@ pub struct CertInfo {
 
 /// Reads a PEM certificate's subject, serial, validity and key.
 pub fn cert_info(pem: &str) -> Result<CertInfo, String> {
-    let der = CertificateDer::from_pem_slice(pem.as_bytes())
-        .map_err(|e| format!("not a PEM certificate: {e}"))?;
-    let (_, cert) =
-        X509Certificate::from_der(&der).map_err(|e| format!("not an X.509 certificate: {e}"))?;
+    let der = CertificateDer::from_pem_slice(pem.as_bytes()).map_err(|e| format!("not a PEM certificate: {e}"))?;
+    let (_, cert) = X509Certificate::from_der(&der).map_err(|e| format!("not an X.509 certificate: {e}"))?;
     let agent_id = cert
         .subject()
         .iter_common_name()
@@ -223,8 +221,7 @@ pub fn new_key_request(agent_id: &str) -> Result<KeyRequest, PkiError> {
 /// Checks that `cert_pem` certifies the key of `key_pem` for `agent_id`.
 pub fn check_issued(cert_pem: &str, key_pem: &Secret, agent_id: &str) -> Result<CertInfo, String> {
     let info = cert_info(cert_pem)?;
-    let key =
-        KeyPair::from_pem(key_pem.expose()).map_err(|e| format!("own key unreadable: {e}"))?;
+    let key = KeyPair::from_pem(key_pem.expose()).map_err(|e| format!("own key unreadable: {e}"))?;
     if key.public_key_raw() != info.public_key.as_slice() {
         return Err("the issued certificate is not for our key".into());
     }
@@ -238,12 +235,7 @@ pub fn check_issued(cert_pem: &str, key_pem: &Secret, agent_id: &str) -> Result<
 }
 
 /// Stores the result of an enrollment.
-pub fn store_enrollment(
-    state_dir: &Path,
-    key_pem: &Secret,
-    cert_pem: &str,
-    ca_pem: &str,
-) -> Result<(), PkiError> {
+pub fn store_enrollment(state_dir: &Path, key_pem: &Secret, cert_pem: &str, ca_pem: &str) -> Result<(), PkiError> {
     let p = Paths::new(state_dir);
     fsutil::create_dir(&p.dir, 0o700).map_err(io(&p.dir))?;
     fsutil::write_private(&p.key, key_pem.expose().as_bytes()).map_err(io(&p.key))?;

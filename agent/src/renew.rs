@@ -64,10 +64,7 @@ impl Renewer {
     }
 
     fn current(&self) -> Identity {
-        self.identity
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()
+        self.identity.read().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
     /// When the current certificate should be renewed, Unix ms.
@@ -85,8 +82,7 @@ impl Renewer {
     /// Checks often enough to renew before two thirds of the lifetime.
     pub async fn run(self: Arc<Self>, shutdown: CancellationToken) {
         loop {
-            let check =
-                (self.lifetime() / 50).clamp(Duration::from_millis(200), Duration::from_secs(60));
+            let check = (self.lifetime() / 50).clamp(Duration::from_millis(200), Duration::from_secs(60));
             tokio::select! {
                 _ = shutdown.cancelled() => return,
                 _ = tokio::time::sleep(check) => {}
@@ -113,8 +109,7 @@ impl Renewer {
             Ok(Err(e)) => return warn!(error = %e, "cannot make a renewal key"),
             Err(e) => return warn!(error = %e, "renewal key task failed"),
         };
-        *self.waiting.lock().unwrap_or_else(|p| p.into_inner()) =
-            Some((req.key_pem, Instant::now()));
+        *self.waiting.lock().unwrap_or_else(|p| p.into_inner()) = Some((req.key_pem, Instant::now()));
         info!("requesting certificate renewal");
         self.outbox
             .send(Record::new(data_type::CERT_RENEWAL, [("csr", req.csr_pem)]))
@@ -123,12 +118,7 @@ impl Renewer {
 
     /// Applies the server's answer.
     pub fn complete(&self, answer: Result<String, String>) {
-        let Some((key, _)) = self
-            .waiting
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .take()
-        else {
+        let Some((key, _)) = self.waiting.lock().unwrap_or_else(|p| p.into_inner()).take() else {
             warn!("renewal answer without a request; ignored");
             return;
         };

@@ -102,12 +102,7 @@ pub async fn run(
     // The batcher outlives `stop` so that records produced while stopping (the
     // restart's task result) still get batched; it ends when every producer is gone.
     let batch_stop = CancellationToken::new();
-    let batching = tokio::spawn(batcher(
-        records,
-        Arc::clone(&pending),
-        limits,
-        batch_stop.clone(),
-    ));
+    let batching = tokio::spawn(batcher(records, Arc::clone(&pending), limits, batch_stop.clone()));
 
     let forward_outbox = outbox.clone();
     let forward = tokio::spawn(async move {

@@ -59,7 +59,11 @@ impl MetadataStore {
         let path = state_dir.join("metadata.json");
         let current = std::fs::read(&path)
             .ok()
-            .and_then(|b| serde_json::from_slice(&b).map_err(|e| tracing::warn!(file = %path.display(), error = %e, "ignoring unreadable metadata")).ok())
+            .and_then(|b| {
+                serde_json::from_slice(&b)
+                    .map_err(|e| tracing::warn!(file = %path.display(), error = %e, "ignoring unreadable metadata"))
+                    .ok()
+            })
             .unwrap_or_default();
         Self {
             path,
@@ -69,10 +73,7 @@ impl MetadataStore {
 
     /// The current metadata.
     pub fn get(&self) -> Metadata {
-        self.current
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()
+        self.current.read().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
     fn set(&self, m: Metadata) -> std::io::Result<()> {
@@ -100,8 +101,7 @@ fn valid_label(s: &str) -> bool {
 }
 
 fn set_metadata(store: &MetadataStore, data: &str) -> Result<String, String> {
-    let update: Metadata =
-        serde_json::from_str(data).map_err(|e| format!("invalid 1051 data: {e}"))?;
+    let update: Metadata = serde_json::from_str(data).map_err(|e| format!("invalid 1051 data: {e}"))?;
     if update.idc.is_none() && update.region.is_none() {
         return Err("invalid 1051 data: give idc and/or region".into());
     }
@@ -109,9 +109,7 @@ fn set_metadata(store: &MetadataStore, data: &str) -> Result<String, String> {
         if let Some(v) = v
             && !valid_label(v)
         {
-            return Err(format!(
-                "invalid {name} {v:?}: 1-64 characters of [A-Za-z0-9._-]"
-            ));
+            return Err(format!("invalid {name} {v:?}: 1-64 characters of [A-Za-z0-9._-]"));
         }
     }
     let mut m = store.get();
@@ -180,16 +178,10 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = MetadataStore::load(dir.path());
         let (r, a) = handle(&task(1051, r#"{"idc":"lab-1"}"#), &store);
-        assert_eq!(
-            (fields(&r)["status"].as_str(), a),
-            ("succeeded", Action::None)
-        );
+        assert_eq!((fields(&r)["status"].as_str(), a), ("succeeded", Action::None));
         let (r, _) = handle(&task(1051, r#"{"region":"eu"}"#), &store);
         assert_eq!(fields(&r)["msg"], "idc=lab-1 region=eu");
-        assert_eq!(
-            MetadataStore::load(dir.path()).get().idc.as_deref(),
-            Some("lab-1")
-        );
+        assert_eq!(MetadataStore::load(dir.path()).get().idc.as_deref(), Some("lab-1"));
         for bad in [r#"{"idc":"a b"}"#, "{}", "not json", r#"{"colour":"red"}"#] {
             let (r, _) = handle(&task(1051, bad), &store);
             assert_eq!(fields(&r)["status"], "failed", "{bad}");
@@ -207,9 +199,6 @@ mod tests {
         let store = MetadataStore::load(dir.path());
         assert_eq!(handle(&task(1060, ""), &store).1, Action::Restart);
         let (r, _) = handle(&task(1050, "{}"), &store);
-        assert_eq!(
-            fields(&r)["msg"],
-            "unsupported data_type 1050 for keel-agent"
-        );
+        assert_eq!(fields(&r)["msg"], "unsupported data_type 1050 for keel-agent");
     }
 }

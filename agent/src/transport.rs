@@ -173,12 +173,7 @@ impl Transport {
     }
 
     async fn discover(&self) -> anyhow::Result<Vec<String>> {
-        let ca = self
-            .identity
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .ca_pem
-            .clone();
+        let ca = self.identity.read().unwrap_or_else(|p| p.into_inner()).ca_pem.clone();
         let client = reqwest::Client::builder()
             .tls_backend_preconfigured(crate::enroll::pinned_tls(&ca)?)
             .timeout(self.server.connect_timeout)
@@ -195,17 +190,10 @@ impl Transport {
     }
 
     async fn connect(&self, addr: &str) -> anyhow::Result<Channel> {
-        let identity = self
-            .identity
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone();
+        let identity = self.identity.read().unwrap_or_else(|p| p.into_inner()).clone();
         let mut tls = ClientTlsConfig::new()
             .ca_certificate(Certificate::from_pem(&identity.ca_pem))
-            .identity(TlsIdentity::from_pem(
-                &identity.cert_pem,
-                identity.key_pem.expose(),
-            ));
+            .identity(TlsIdentity::from_pem(&identity.cert_pem, identity.key_pem.expose()));
         if !self.server.server_name.is_empty() {
             tls = tls.domain_name(self.server.server_name.clone());
         }
@@ -220,11 +208,7 @@ impl Transport {
     }
 
     fn packaged(&self, batch: &Batch) -> PackagedData {
-        let header = self
-            .header
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone();
+        let header = self.header.read().unwrap_or_else(|p| p.into_inner()).clone();
         PackagedData {
             records: batch
                 .records
@@ -329,10 +313,7 @@ impl Transport {
         } else if !keel_extension {
             // Elkeid semantics: a command without a task is the full desired config.
             forward.push(Inbound::Configs(
-                cmd.configs
-                    .into_iter()
-                    .map(|c| (c.name, c.version))
-                    .collect(),
+                cmd.configs.into_iter().map(|c| (c.name, c.version)).collect(),
             ));
         }
         for msg in forward {

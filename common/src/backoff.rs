@@ -58,11 +58,7 @@ mod tests {
         for secs in expected {
             let d = b.next_delay();
             let hi = Duration::from_secs(secs);
-            assert!(
-                d <= hi && d >= hi / 2,
-                "delay {d:?} outside [{:?}, {hi:?}]",
-                hi / 2
-            );
+            assert!(d <= hi && d >= hi / 2, "delay {d:?} outside [{:?}, {hi:?}]", hi / 2);
         }
         assert_eq!(b.attempts(), 6);
         b.reset();

@@ -150,21 +150,13 @@ impl Layers {
 
     /// Deserialises the merged tree into `T`.
     pub fn build<T: DeserializeOwned>(self) -> Result<T, ConfigError> {
-        let Layers {
-            tree,
-            file,
-            overrides,
-        } = self;
+        let Layers { tree, file, overrides } = self;
         serde_path_to_error::deserialize(toml::Value::Table(tree)).map_err(|e| {
             let path = e.path().to_string();
             let key = if path == "." { String::new() } else { path };
             let message = e.into_inner().to_string().trim().to_owned();
             let source = overrides.get(&key).cloned().unwrap_or(file);
-            ConfigError {
-                source,
-                key,
-                message,
-            }
+            ConfigError { source, key, message }
         })
     }
 
@@ -230,12 +222,7 @@ mod tests {
     }
 
     fn lookup<'a>(pairs: &'a [(&'a str, &'a str)]) -> impl Fn(&str) -> Option<String> + 'a {
-        move |k| {
-            pairs
-                .iter()
-                .find(|(n, _)| *n == k)
-                .map(|(_, v)| (*v).to_owned())
-        }
+        move |k| pairs.iter().find(|(n, _)| *n == k).map(|(_, v)| (*v).to_owned())
     }
 
     const ENV: &[EnvBinding] = &[
@@ -247,10 +234,7 @@ mod tests {
     fn layers_override_in_order() {
         let mut l = Layers::from_str("a.toml", "name = \"file\"\n[server]\nport = 1\n")
             .unwrap()
-            .env_from(
-                ENV,
-                lookup(&[("KEEL_PORT", "2"), ("KEEL_HOSTS", "a:1, b:2,")]),
-            )
+            .env_from(ENV, lookup(&[("KEEL_PORT", "2"), ("KEEL_HOSTS", "a:1, b:2,")]))
             .unwrap();
         l.set("name", toml::Value::String("flag".into()), "--name");
         let c: Conf = l.build().unwrap();
@@ -268,8 +252,7 @@ mod tests {
         assert_eq!(e.source, "a.toml");
         assert_eq!(e.key, "server.prot");
         assert!(
-            e.to_string()
-                .starts_with("a.toml: server.prot: unknown field `prot`"),
+            e.to_string().starts_with("a.toml: server.prot: unknown field `prot`"),
             "{e}"
         );
     }
@@ -303,10 +286,7 @@ mod tests {
 
     #[test]
     fn missing_section_and_syntax_errors() {
-        let e = Layers::from_str("a.toml", "")
-            .unwrap()
-            .build::<Conf>()
-            .unwrap_err();
+        let e = Layers::from_str("a.toml", "").unwrap().build::<Conf>().unwrap_err();
         assert!(e.message.contains("missing field `server`"), "{e}");
         let e = Layers::from_str("a.toml", "[server\n").unwrap_err();
         assert_eq!(e.source, "a.toml");

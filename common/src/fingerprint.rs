@@ -15,11 +15,7 @@ pub fn normalize(input: &str) -> Option<String> {
         .strip_prefix("sha256:")
         .or_else(|| s.strip_prefix("SHA256:"))
         .unwrap_or(s);
-    let hex: String = s
-        .chars()
-        .filter(|c| *c != ':')
-        .collect::<String>()
-        .to_ascii_lowercase();
+    let hex: String = s.chars().filter(|c| *c != ':').collect::<String>().to_ascii_lowercase();
     (hex.len() == 64 && hex.chars().all(|c| c.is_ascii_hexdigit())).then_some(hex)
 }
 
@@ -37,10 +33,7 @@ mod tests {
             .collect::<Vec<_>>()
             .join(":");
         assert_eq!(normalize(&plain).as_deref(), Some(plain.as_str()));
-        assert_eq!(
-            normalize(&format!("SHA256:{colons}")).as_deref(),
-            Some(plain.as_str())
-        );
+        assert_eq!(normalize(&format!("SHA256:{colons}")).as_deref(), Some(plain.as_str()));
         assert_eq!(normalize("abc"), None);
         assert_eq!(normalize(&"g".repeat(64)), None);
     }

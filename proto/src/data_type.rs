@@ -50,11 +50,6 @@ pub const FILE_DELIVERY: RangeInclusive<i32> = 6200..=6299;
 pub fn is_keel_payload(data_type: i32) -> bool {
     matches!(
         data_type,
-        AGENT_HEARTBEAT
-            | PLUGIN_HEARTBEAT
-            | AGENT_ERROR_LOG
-            | PLUGIN_LOG
-            | CERT_RENEWAL
-            | TASK_RESULT
+        AGENT_HEARTBEAT | PLUGIN_HEARTBEAT | AGENT_ERROR_LOG | PLUGIN_LOG | CERT_RENEWAL | TASK_RESULT
     )
 }

@@ -19,10 +19,7 @@ where
     V: Into<String>,
 {
     let payload = Payload {
-        fields: fields
-            .into_iter()
-            .map(|(k, v)| (k.into(), v.into()))
-            .collect(),
+        fields: fields.into_iter().map(|(k, v)| (k.into(), v.into())).collect(),
     };
     Bytes::from(payload.encode_to_vec())
 }

@@ -48,11 +48,7 @@ pub enum RevokeTarget {
 }
 
 /// `ca revoke`: returns the serials revoked.
-pub async fn ca_revoke(
-    config: &ServerConfig,
-    target: &RevokeTarget,
-    reason: &str,
-) -> anyhow::Result<Vec<String>> {
+pub async fn ca_revoke(config: &ServerConfig, target: &RevokeTarget, reason: &str) -> anyhow::Result<Vec<String>> {
     let store = store(config).await?;
     let now = now_ms();
     Ok(match target {
@@ -80,9 +76,7 @@ pub async fn token_create(
         Some(role) => store.create_api_token(role, ttl, description).await?,
         None => {
             let ttl = ttl.unwrap_or(config.pki.enrollment_token_ttl);
-            store
-                .create_enrollment_token(ttl, uses, description)
-                .await?
+            store.create_enrollment_token(ttl, uses, description).await?
         }
     })
 }

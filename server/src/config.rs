@@ -309,16 +309,8 @@ impl ServerConfig {
             overrides.data_dir.as_ref().map(|p| p.display().to_string()),
             "--data-dir",
         );
-        layers.set_opt(
-            "grpc.listen",
-            overrides.grpc_listen.clone(),
-            "--grpc-listen",
-        );
-        layers.set_opt(
-            "http.listen",
-            overrides.http_listen.clone(),
-            "--http-listen",
-        );
+        layers.set_opt("grpc.listen", overrides.grpc_listen.clone(), "--grpc-listen");
+        layers.set_opt("http.listen", overrides.http_listen.clone(), "--http-listen");
         let source = layers.file_name().to_owned();
         let config: ServerConfig = layers.build()?;
         config.validate(&source)?;
@@ -348,10 +340,7 @@ impl ServerConfig {
             ));
         }
         if self.pki.allowed_key_types.is_empty() {
-            return Err(err(
-                "pki.allowed_key_types",
-                "must allow at least one key type".into(),
-            ));
+            return Err(err("pki.allowed_key_types", "must allow at least one key type".into()));
         }
         if self.pki.cert_lifetime < Duration::from_secs(5) {
             return Err(err("pki.cert_lifetime", "must be at least 5s".into()));
@@ -367,10 +356,7 @@ impl ServerConfig {
 
     /// The PKI directory.
     pub fn pki_dir(&self) -> PathBuf {
-        self.pki
-            .dir
-            .clone()
-            .unwrap_or_else(|| self.data_dir.join("pki"))
+        self.pki.dir.clone().unwrap_or_else(|| self.data_dir.join("pki"))
     }
 
     /// The database URL.
@@ -383,10 +369,7 @@ impl ServerConfig {
 
     /// The record directory of the file sink.
     pub fn sink_dir(&self) -> PathBuf {
-        self.sink
-            .dir
-            .clone()
-            .unwrap_or_else(|| self.data_dir.join("records"))
+        self.sink.dir.clone().unwrap_or_else(|| self.data_dir.join("records"))
     }
 }
 
@@ -407,8 +390,7 @@ mod tests {
     fn plain_http_only_on_loopback() {
         let e = ServerConfig::from_toml("t", "[http]\ntls = false\n").unwrap_err();
         assert_eq!(e.key, "http.tls");
-        let c = ServerConfig::from_toml("t", "[http]\ntls = false\nlisten = \"127.0.0.1:6752\"\n")
-            .unwrap();
+        let c = ServerConfig::from_toml("t", "[http]\ntls = false\nlisten = \"127.0.0.1:6752\"\n").unwrap();
         assert!(!c.http.tls);
     }
 

@@ -137,10 +137,7 @@ impl Connections {
     /// Removes a stream if it is still the agent's current one.
     pub fn unregister(&self, agent_id: &str, generation: u64) -> bool {
         let mut open = self.lock();
-        if open
-            .get(agent_id)
-            .is_some_and(|c| c.generation == generation)
-        {
+        if open.get(agent_id).is_some_and(|c| c.generation == generation) {
             open.remove(agent_id);
             true
         } else {
@@ -207,18 +204,12 @@ impl Revocations {
     /// Adds serials; returns those that were new.
     pub fn add(&self, serials: impl IntoIterator<Item = String>) -> HashSet<String> {
         let mut set = self.serials.write().unwrap_or_else(|p| p.into_inner());
-        serials
-            .into_iter()
-            .filter(|s| set.insert(s.clone()))
-            .collect()
+        serials.into_iter().filter(|s| set.insert(s.clone())).collect()
     }
 
     /// Whether a serial is revoked.
     pub fn contains(&self, serial: &str) -> bool {
-        self.serials
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .contains(serial)
+        self.serials.read().unwrap_or_else(|p| p.into_inner()).contains(serial)
     }
 }
 
@@ -240,10 +231,7 @@ mod tests {
         let (second, mut rx2) = conn("s2");
         let g2 = c.register("a", second);
         assert_eq!(watch.closed().await, Closing::Replaced);
-        assert!(
-            !c.unregister("a", g1),
-            "the old stream must not remove the new one"
-        );
+        assert!(!c.unregister("a", g1), "the old stream must not remove the new one");
         c.send("a", Outbound::Ack { epoch: 1, seq: 1 }).unwrap();
         assert_eq!(rx2.recv().await, Some(Outbound::Ack { epoch: 1, seq: 1 }));
         assert_eq!(c.send("a", Outbound::Ack { epoch: 1, seq: 2 }), Ok(()));

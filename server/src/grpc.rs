@@ -56,10 +56,7 @@ impl Transfer for TransferService {
         &self,
         request: Request<Streaming<PackagedData>>,
     ) -> Result<Response<Self::TransferStream>, Status> {
-        let info = request
-            .extensions()
-            .get::<TlsConnectInfo<TcpConnectInfo>>()
-            .cloned();
+        let info = request.extensions().get::<TlsConnectInfo<TcpConnectInfo>>().cloned();
         let peer = info.as_ref().and_then(|i| i.get_ref().remote_addr());
         let cert = info
             .and_then(|i| i.peer_certs())
@@ -209,17 +206,8 @@ impl StreamTask {
         if let Err(e) = self.state.flush_mark(agent_id).await {
             warn!(error = %e, "cannot store the stream mark");
         }
-        if self
-            .state
-            .connections
-            .unregister(agent_id, session.generation)
-        {
-            if let Err(e) = self
-                .state
-                .store
-                .agent_disconnected(agent_id, now_ms())
-                .await
-            {
+        if self.state.connections.unregister(agent_id, session.generation) {
+            if let Err(e) = self.state.store.agent_disconnected(agent_id, now_ms()).await {
                 warn!(error = %e, "cannot mark agent offline");
             }
             info!("agent offline");
@@ -240,16 +228,8 @@ impl StreamTask {
         let meta = meta(&pd);
         match &mut self.session {
             None => {
-                let generation = self
-                    .state
-                    .connections
-                    .register(&agent_id, self.conn.clone());
-                if let Err(e) = self
-                    .state
-                    .store
-                    .agent_connected(&agent_id, &meta, now)
-                    .await
-                {
+                let generation = self.state.connections.register(&agent_id, self.conn.clone());
+                if let Err(e) = self.state.store.agent_connected(&agent_id, &meta, now).await {
                     return unavailable("registry", e);
                 }
                 let mark = match self.state.mark(&agent_id).await {
@@ -257,11 +237,7 @@ impl StreamTask {
                     Err(e) => return unavailable("registry", e),
                 };
                 info!(version = %meta.version, hostname = %meta.hostname, "agent online");
-                self.session = Some(Session {
-                    generation,
-                    meta,
-                    mark,
-                });
+                self.session = Some(Session { generation, meta, mark });
             }
             Some(s) if s.meta != meta => {
                 if let Err(e) = self.state.store.agent_meta(&agent_id, &meta, now).await {
@@ -330,21 +306,14 @@ impl StreamTask {
         match r.data_type {
             data_type::AGENT_HEARTBEAT => {
                 if let Some(fields) = decode(r) {
-                    self.state
-                        .store
-                        .agent_heartbeat(agent_id, &fields, now)
-                        .await?;
+                    self.state.store.agent_heartbeat(agent_id, &fields, now).await?;
                 }
                 Ok(true)
             }
             data_type::TASK_RESULT => {
                 if let Some(fields) = decode(r)
                     && let Some(token) = fields.get("token").filter(|t| !t.is_empty())
-                    && !self
-                        .state
-                        .store
-                        .task_result(token, agent_id, &fields, now)
-                        .await?
+                    && !self.state.store.task_result(token, agent_id, &fields, now).await?
                 {
                     debug!(%token, "task result for an unknown task of this agent");
                 }
@@ -360,9 +329,7 @@ impl StreamTask {
 
     async fn renew(&self, r: &Record) {
         let agent_id = &self.cert.agent_id;
-        let csr = decode(r)
-            .and_then(|mut f| f.remove("csr"))
-            .unwrap_or_default();
+        let csr = decode(r).and_then(|mut f| f.remove("csr")).unwrap_or_default();
         let answer = match self.state.issue(agent_id, &csr, true).await {
             Ok(issued) => {
                 info!(serial = %issued.serial, "renewed the agent certificate");
@@ -373,13 +340,7 @@ impl StreamTask {
                 Err(e.to_string())
             }
         };
-        if self
-            .conn
-            .commands
-            .send(Outbound::Renewal(answer))
-            .await
-            .is_err()
-        {
+        if self.conn.commands.send(Outbound::Renewal(answer)).await.is_err() {
             debug!("stream gone before the renewal answer");
         }
     }

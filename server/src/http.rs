@@ -61,13 +61,7 @@ struct ErrorBody<'a> {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        (
-            self.status,
-            Json(ErrorBody {
-                error: &self.message,
-            }),
-        )
-            .into_response()
+        (self.status, Json(ErrorBody { error: &self.message })).into_response()
     }
 }
 
@@ -97,11 +91,7 @@ impl Principal {
     }
 }
 
-async fn authenticate(
-    State(state): State<Arc<ServerState>>,
-    mut req: Request,
-    next: Next,
-) -> Response {
+async fn authenticate(State(state): State<Arc<ServerState>>, mut req: Request, next: Next) -> Response {
     let presented = req
         .headers()
         .get(header::AUTHORIZATION)
@@ -123,11 +113,7 @@ async fn authenticate(
         }
         Ok(None) => {
             warn!(path = %req.uri().path(), "refused API call: unknown, expired or revoked token");
-            ApiError::new(
-                StatusCode::UNAUTHORIZED,
-                "unknown, expired or revoked token",
-            )
-            .into_response()
+            ApiError::new(StatusCode::UNAUTHORIZED, "unknown, expired or revoked token").into_response()
         }
         Err(e) => ApiError::from(e).into_response(),
     }
@@ -143,10 +129,7 @@ struct Discovery {
 }
 
 /// Where agents should dial: the advertised addresses, or this host at the gRPC port.
-async fn discovery(
-    State(state): State<Arc<ServerState>>,
-    headers: axum::http::HeaderMap,
-) -> Json<Discovery> {
+async fn discovery(State(state): State<Arc<ServerState>>, headers: axum::http::HeaderMap) -> Json<Discovery> {
     let grpc = if state.config.grpc.advertise.is_empty() {
         let port = state.config.grpc.listen.port();
         let host = headers
@@ -170,10 +153,7 @@ pub fn router(state: Arc<ServerState>) -> Router {
         .route("/agents/{id}/tasks", post(agents::create_task))
         .route("/agents/{id}/revoke", post(agents::revoke))
         .route("/tasks/{token}", get(agents::show_task))
-        .layer(middleware::from_fn_with_state(
-            Arc::clone(&state),
-            authenticate,
-        ));
+        .layer(middleware::from_fn_with_state(Arc::clone(&state), authenticate));
     Router::new()
         .nest("/api/v1", api)
         .route("/enroll", post(enroll::enroll))

@@ -165,10 +165,7 @@ fn main() -> ExitCode {
     }
 }
 
-fn init_logging(
-    config: Option<&ServerConfig>,
-    stderr_filter: &str,
-) -> anyhow::Result<logging::LogGuard> {
+fn init_logging(config: Option<&ServerConfig>, stderr_filter: &str) -> anyhow::Result<logging::LogGuard> {
     let opts = LogOptions {
         dir: config.and_then(|c| c.log.dir.clone()),
         file_prefix: "keel-server".into(),
@@ -222,11 +219,7 @@ async fn run(cli: Cli, config: Option<ServerConfig>) -> anyhow::Result<()> {
                     println!("fingerprint: {fp}");
                 }
                 CaCmd::Fingerprint => println!("{}", admin::ca_fingerprint(&config)?),
-                CaCmd::Revoke {
-                    agent,
-                    serial,
-                    reason,
-                } => {
+                CaCmd::Revoke { agent, serial, reason } => {
                     let target = match (agent, serial) {
                         (Some(a), _) => RevokeTarget::Agent(a),
                         (None, Some(s)) => RevokeTarget::Serial(s),

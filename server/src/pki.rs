@@ -11,8 +11,8 @@ use std::time::Duration;
 
 use keel_common::{fingerprint, fsutil};
 use rcgen::{
-    BasicConstraints, CertificateParams, CertificateSigningRequestParams, DistinguishedName,
-    DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose, SerialNumber,
+    BasicConstraints, CertificateParams, CertificateSigningRequestParams, DistinguishedName, DnType,
+    ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose, SerialNumber,
 };
 use ring::rand::{SecureRandom, SystemRandom};
 use rustls_pki_types::pem::PemObject;
@@ -193,8 +193,7 @@ impl Ca {
         let key_path = dir.join(CA_KEY);
         let cert_pem = std::fs::read_to_string(&cert_path).map_err(io_err(&cert_path))?;
         let key_pem = std::fs::read_to_string(&key_path).map_err(io_err(&key_path))?;
-        let key = KeyPair::from_pem(&key_pem)
-            .map_err(|e| invalid(&key_path, format!("not a private key: {e}")))?;
+        let key = KeyPair::from_pem(&key_pem).map_err(|e| invalid(&key_path, format!("not a private key: {e}")))?;
         let cert_der = CertificateDer::from_pem_slice(cert_pem.as_bytes())
             .map_err(|e| invalid(&cert_path, format!("not a PEM certificate: {e}")))?;
         let issuer = Issuer::from_ca_cert_der(&cert_der, key)
@@ -240,8 +239,7 @@ impl Ca {
         params.use_authority_key_identifier_extension = true;
         let cert = params.signed_by(&key, &self.issuer)?;
         let key_path = dir.join(SERVER_KEY);
-        fsutil::write_private(&key_path, key.serialize_pem().as_bytes())
-            .map_err(io_err(&key_path))?;
+        fsutil::write_private(&key_path, key.serialize_pem().as_bytes()).map_err(io_err(&key_path))?;
         let cert_path = dir.join(SERVER_CERT);
         let chain = format!("{}{}", cert.pem(), self.cert_pem);
         fsutil::write_public(&cert_path, chain.as_bytes()).map_err(io_err(&cert_path))?;
@@ -249,12 +247,7 @@ impl Ca {
     }
 
     /// Signs an agent certificate for `agent_id` over the key of a checked CSR.
-    pub fn issue_agent(
-        &self,
-        agent_id: &str,
-        csr: &CheckedCsr,
-        lifetime: Duration,
-    ) -> Result<IssuedCert, PkiError> {
+    pub fn issue_agent(&self, agent_id: &str, csr: &CheckedCsr, lifetime: Duration) -> Result<IssuedCert, PkiError> {
         let mut params = CertificateParams::default();
         let mut dn = DistinguishedName::new();
         dn.push(DnType::OrganizationName, "Keel");
@@ -276,8 +269,7 @@ impl Ca {
             public_key: csr.request.public_key.clone(),
         };
         let cert = request.signed_by(&self.issuer)?;
-        let not_after_ms =
-            i64::try_from(not_after.unix_timestamp_nanos() / 1_000_000).unwrap_or(i64::MAX);
+        let not_after_ms = i64::try_from(not_after.unix_timestamp_nanos() / 1_000_000).unwrap_or(i64::MAX);
         Ok(IssuedCert {
             pem: cert.pem(),
             serial: serial_hex,
@@ -315,13 +307,7 @@ pub fn check_csr(pem: &str, agent_id: &str, allowed: &[KeyType]) -> Result<Check
         (OID_ED25519, _) => Some(KeyType::Ed25519),
         _ => None,
     };
-    let allowed_names = || {
-        allowed
-            .iter()
-            .map(|k| k.name())
-            .collect::<Vec<_>>()
-            .join(", ")
-    };
+    let allowed_names = || allowed.iter().map(|k| k.name()).collect::<Vec<_>>().join(", ");
     let Some(key_type) = key_type.filter(|k| allowed.contains(k)) else {
         let found = match (spki_alg.as_str(), curve.as_deref(), key_type) {
             (_, _, Some(k)) => k.name().to_owned(),
@@ -334,8 +320,7 @@ pub fn check_csr(pem: &str, agent_id: &str, allowed: &[KeyType]) -> Result<Check
             allowed: allowed_names(),
         });
     };
-    let request =
-        CertificateSigningRequestParams::from_der(&der).map_err(|_| CsrError::Unparseable)?;
+    let request = CertificateSigningRequestParams::from_der(&der).map_err(|_| CsrError::Unparseable)?;
     let expected_alg = match key_type {
         KeyType::EcdsaP256 => &rcgen::PKCS_ECDSA_P256_SHA256,
         KeyType::EcdsaP384 => &rcgen::PKCS_ECDSA_P384_SHA384,
@@ -372,13 +357,7 @@ pub struct PeerCert {
 /// Reads the agent ID and serial from a DER certificate.
 pub fn peer_cert(der: &[u8]) -> Option<PeerCert> {
     let (_, cert) = X509Certificate::from_der(der).ok()?;
-    let agent_id = cert
-        .subject()
-        .iter_common_name()
-        .next()?
-        .as_str()
-        .ok()?
-        .to_owned();
+    let agent_id = cert.subject().iter_common_name().next()?.as_str().ok()?.to_owned();
     Some(PeerCert {
         agent_id,
         serial: hex::encode(cert.raw_serial()),
@@ -386,9 +365,7 @@ pub fn peer_cert(der: &[u8]) -> Option<PeerCert> {
 }
 
 /// Loads the server's certificate chain and key for TLS.
-pub fn server_identity(
-    dir: &Path,
-) -> Result<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>), PkiError> {
+pub fn server_identity(dir: &Path) -> Result<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>), PkiError> {
     let cert_path = dir.join(SERVER_CERT);
     let key_path = dir.join(SERVER_KEY);
     let chain_pem = std::fs::read(&cert_path).map_err(io_err(&cert_path))?;
@@ -399,8 +376,8 @@ pub fn server_identity(
         return Err(invalid(&cert_path, "holds no certificate"));
     }
     let key_pem = std::fs::read(&key_path).map_err(io_err(&key_path))?;
-    let key = PrivateKeyDer::from_pem_slice(&key_pem)
-        .map_err(|e| invalid(&key_path, format!("not a private key: {e}")))?;
+    let key =
+        PrivateKeyDer::from_pem_slice(&key_pem).map_err(|e| invalid(&key_path, format!("not a private key: {e}")))?;
     Ok((chain, key))
 }
 
@@ -424,11 +401,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let ca = init(dir.path(), &["localhost".into(), "127.0.0.1".into()]).unwrap();
         for f in [CA_KEY, SERVER_KEY] {
-            let mode = std::fs::metadata(dir.path().join(f))
-                .unwrap()
-                .permissions()
-                .mode()
-                & 0o777;
+            let mode = std::fs::metadata(dir.path().join(f)).unwrap().permissions().mode() & 0o777;
             assert_eq!(mode, 0o600, "{f}");
         }
         assert!(matches!(init(dir.path(), &[]), Err(PkiError::Exists(_))));
@@ -451,26 +424,14 @@ mod tests {
     fn issues_only_for_allowed_keys_and_matching_subject() {
         let dir = tempfile::tempdir().unwrap();
         let ca = init(dir.path(), &["localhost".into()]).unwrap();
-        let checked = check_csr(
-            &csr("agent-1", &rcgen::PKCS_ECDSA_P256_SHA256),
-            "agent-1",
-            ALL,
-        )
-        .unwrap();
-        let issued = ca
-            .issue_agent("agent-1", &checked, Duration::from_secs(3600))
-            .unwrap();
+        let checked = check_csr(&csr("agent-1", &rcgen::PKCS_ECDSA_P256_SHA256), "agent-1", ALL).unwrap();
+        let issued = ca.issue_agent("agent-1", &checked, Duration::from_secs(3600)).unwrap();
         let der = CertificateDer::from_pem_slice(issued.pem.as_bytes()).unwrap();
         let peer = peer_cert(&der).unwrap();
         assert_eq!(peer.agent_id, "agent-1");
         assert_eq!(peer.serial, issued.serial);
 
-        let e = check_csr(
-            &csr("agent-1", &rcgen::PKCS_ED25519),
-            "agent-1",
-            &[KeyType::EcdsaP256],
-        )
-        .unwrap_err();
+        let e = check_csr(&csr("agent-1", &rcgen::PKCS_ED25519), "agent-1", &[KeyType::EcdsaP256]).unwrap_err();
         assert_eq!(
             e,
             CsrError::KeyType {
@@ -478,16 +439,8 @@ mod tests {
                 allowed: "ecdsa-p256".into()
             }
         );
-        let e = check_csr(
-            &csr("other", &rcgen::PKCS_ECDSA_P384_SHA384),
-            "agent-1",
-            ALL,
-        )
-        .unwrap_err();
+        let e = check_csr(&csr("other", &rcgen::PKCS_ECDSA_P384_SHA384), "agent-1", ALL).unwrap_err();
         assert!(matches!(e, CsrError::Subject { .. }));
-        assert_eq!(
-            check_csr("garbage", "agent-1", ALL).unwrap_err(),
-            CsrError::Unparseable
-        );
+        assert_eq!(check_csr("garbage", "agent-1", ALL).unwrap_err(), CsrError::Unparseable);
     }
 }

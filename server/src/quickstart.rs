@@ -62,8 +62,7 @@ fn toml_str(p: &Path) -> String {
 /// Loads (creating on first run) the quickstart's server configuration.
 pub fn server_config(opts: &Options) -> anyhow::Result<ServerConfig> {
     let dir = &opts.dir;
-    keel_common::fsutil::create_dir(dir, 0o700)
-        .with_context(|| format!("cannot create {}", dir.display()))?;
+    keel_common::fsutil::create_dir(dir, 0o700).with_context(|| format!("cannot create {}", dir.display()))?;
     let layout = Layout::new(dir);
     write_if_missing(
         &layout.server_toml,
@@ -104,11 +103,7 @@ async fn agent_cmd(opts: &Options, args: &[&str]) -> Command {
     cmd
 }
 
-async fn agent_output(
-    opts: &Options,
-    args: &[&str],
-    env: &[(&str, &str)],
-) -> anyhow::Result<String> {
+async fn agent_output(opts: &Options, args: &[&str], env: &[(&str, &str)]) -> anyhow::Result<String> {
     let mut cmd = agent_cmd(opts, args).await;
     for (k, v) in env {
         cmd.env(k, v);
@@ -137,10 +132,7 @@ async fn wait_for(path: &Path, limit: Duration) -> anyhow::Result<()> {
 
 async fn stop_agent(child: &mut Child) {
     if let Some(pid) = child.id().and_then(|p| i32::try_from(p).ok()) {
-        let _ = nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(pid),
-            nix::sys::signal::Signal::SIGTERM,
-        );
+        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGTERM);
     }
     if tokio::time::timeout(Duration::from_secs(12), child.wait())
         .await
@@ -164,8 +156,7 @@ pub async fn run(opts: Options, shutdown: CancellationToken) -> anyhow::Result<(
         admin::ca_init(&config, &[])?;
     }
     if !layout.admin_token.exists() {
-        let token =
-            admin::token_create(&config, Some(Role::Admin), None, 1, "quickstart admin").await?;
+        let token = admin::token_create(&config, Some(Role::Admin), None, 1, "quickstart admin").await?;
         admin::write_token_file(&layout.admin_token, &token)?;
     }
     let _ = std::fs::remove_file(&layout.ready);
@@ -180,14 +171,7 @@ pub async fn run(opts: Options, shutdown: CancellationToken) -> anyhow::Result<(
     let http = format!("http://127.0.0.1:{}", config.http.listen.port());
 
     if !layout.agent_state.join("pki").join("agent.pem").exists() {
-        let token = admin::token_create(
-            &config,
-            None,
-            Some(Duration::from_secs(600)),
-            1,
-            "quickstart agent",
-        )
-        .await?;
+        let token = admin::token_create(&config, None, Some(Duration::from_secs(600)), 1, "quickstart agent").await?;
         let fp = state.ca.fingerprint().to_owned();
         agent_output(
             &opts,
@@ -237,9 +221,6 @@ pub async fn run(opts: Options, shutdown: CancellationToken) -> anyhow::Result<(
     stop_agent(&mut agent).await;
     server_stop.cancel();
     server.await.context("server task")??;
-    println!(
-        "Keel quickstart stopped. State is kept in {}.",
-        opts.dir.display()
-    );
+    println!("Keel quickstart stopped. State is kept in {}.", opts.dir.display());
     Ok(())
 }

@@ -41,10 +41,7 @@ pub async fn open_state(config: ServerConfig) -> anyhow::Result<Arc<ServerState>
         .with_context(|| format!("cannot create data_dir {}", config.data_dir.display()))?;
     let pki_dir = config.pki_dir();
     if !pki_dir.join(crate::pki::CA_KEY).exists() {
-        anyhow::bail!(
-            "no CA in {}: run `keel-server ca init` first",
-            pki_dir.display()
-        );
+        anyhow::bail!("no CA in {}: run `keel-server ca init` first", pki_dir.display());
     }
     let ca = Ca::load(&pki_dir)?;
     let store = Store::open(&config.database_url())
@@ -62,11 +59,7 @@ pub async fn open_state(config: ServerConfig) -> anyhow::Result<Arc<ServerState>
 
 /// Runs the server until `shutdown`, then drains. `ready` receives the bound
 /// addresses as JSON once both listeners accept.
-pub async fn run(
-    config: ServerConfig,
-    shutdown: CancellationToken,
-    ready: Option<PathBuf>,
-) -> anyhow::Result<()> {
+pub async fn run(config: ServerConfig, shutdown: CancellationToken, ready: Option<PathBuf>) -> anyhow::Result<()> {
     let state = open_state(config).await?;
     run_with_state(state, shutdown, ready).await
 }
@@ -106,9 +99,10 @@ pub async fn run_with_state(
         .http2_keepalive_timeout(Some(config.grpc.keepalive))
         .tcp_keepalive(Some(config.grpc.keepalive))
         .add_service(TransferService::server(Arc::clone(&state)))
-        .serve_with_incoming_shutdown(ReceiverStream::new(incoming), async move {
-            grpc_shutdown.cancelled().await
-        });
+        .serve_with_incoming_shutdown(
+            ReceiverStream::new(incoming),
+            async move { grpc_shutdown.cancelled().await },
+        );
 
     let app = http::router(Arc::clone(&state)).into_make_service_with_connect_info::<SocketAddr>();
     let http_tls = if config.http.tls {
@@ -166,8 +160,7 @@ pub async fn run_with_state(
 
 fn write_ready(path: &Path, bound: &Bound) -> anyhow::Result<()> {
     let json = serde_json::to_vec(bound)?;
-    keel_common::fsutil::write_public(path, &json)
-        .with_context(|| format!("cannot write {}", path.display()))
+    keel_common::fsutil::write_public(path, &json).with_context(|| format!("cannot write {}", path.display()))
 }
 
 async fn background(state: Arc<ServerState>, shutdown: CancellationToken, newest: &mut i64) {

@@ -65,12 +65,7 @@ impl ServerState {
     /// Checks a CSR and issues a certificate for `agent_id`. With `renewal`, a
     /// certificate issued less than a quarter lifetime ago refuses a new one, so a
     /// looping agent cannot make the CA sign without bound.
-    pub async fn issue(
-        &self,
-        agent_id: &str,
-        csr_pem: &str,
-        renewal: bool,
-    ) -> Result<IssuedCert, IssueError> {
+    pub async fn issue(&self, agent_id: &str, csr_pem: &str, renewal: bool) -> Result<IssuedCert, IssueError> {
         let checked = pki::check_csr(csr_pem, agent_id, &self.config.pki.allowed_key_types)?;
         let lifetime = self.config.pki.cert_lifetime;
         let now = now_ms();
@@ -95,10 +90,7 @@ impl ServerState {
         reason: &str,
         keep: Option<&str>,
     ) -> Result<Vec<String>, StoreError> {
-        let serials = self
-            .store
-            .revoke_agent_certs(agent_id, reason, keep, now_ms())
-            .await?;
+        let serials = self.store.revoke_agent_certs(agent_id, reason, keep, now_ms()).await?;
         self.apply_revocations(serials.iter().cloned());
         Ok(serials)
     }
@@ -146,11 +138,7 @@ impl ServerState {
 
     /// Writes every mark to the store.
     pub async fn flush_marks(&self) -> Result<(), StoreError> {
-        let marks: Vec<_> = self
-            .marks_lock()
-            .iter()
-            .map(|(a, m)| (a.clone(), *m))
-            .collect();
+        let marks: Vec<_> = self.marks_lock().iter().map(|(a, m)| (a.clone(), *m)).collect();
         for (agent, (epoch, seq)) in marks {
             self.store.save_stream_mark(&agent, epoch, seq).await?;
         }

@@ -54,25 +54,16 @@ impl Store {
             url.to_owned()
         };
         let options = AnyConnectOptions::from_str(&url)?.disable_statement_logging();
-        let mut pool_options =
-            AnyPoolOptions::new().max_connections(if is_sqlite { 4 } else { 16 });
+        let mut pool_options = AnyPoolOptions::new().max_connections(if is_sqlite { 4 } else { 16 });
         if is_sqlite {
             pool_options = pool_options.after_connect(|conn, _| {
                 Box::pin(async move {
                     // WAL lets readers and the one writer proceed together; NORMAL is
                     // durable across process crashes, which is what WAL promises.
-                    sqlx::query("PRAGMA journal_mode = WAL")
-                        .execute(&mut *conn)
-                        .await?;
-                    sqlx::query("PRAGMA synchronous = NORMAL")
-                        .execute(&mut *conn)
-                        .await?;
-                    sqlx::query("PRAGMA busy_timeout = 10000")
-                        .execute(&mut *conn)
-                        .await?;
-                    sqlx::query("PRAGMA foreign_keys = ON")
-                        .execute(&mut *conn)
-                        .await?;
+                    sqlx::query("PRAGMA journal_mode = WAL").execute(&mut *conn).await?;
+                    sqlx::query("PRAGMA synchronous = NORMAL").execute(&mut *conn).await?;
+                    sqlx::query("PRAGMA busy_timeout = 10000").execute(&mut *conn).await?;
+                    sqlx::query("PRAGMA foreign_keys = ON").execute(&mut *conn).await?;
                     Ok(())
                 })
             });

@@ -14,9 +14,7 @@ use rustls::client::danger::HandshakeSignatureValid;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, UnixTime};
 use rustls::server::WebPkiClientVerifier;
 use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
-use rustls::{
-    CertificateError, DigitallySignedStruct, DistinguishedName, RootCertStore, SignatureScheme,
-};
+use rustls::{CertificateError, DigitallySignedStruct, DistinguishedName, RootCertStore, SignatureScheme};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Semaphore, mpsc};
 use tokio_rustls::TlsAcceptor;
@@ -62,12 +60,9 @@ impl ClientCertVerifier for AgentVerifier {
         intermediates: &[CertificateDer<'_>],
         now: UnixTime,
     ) -> Result<ClientCertVerified, rustls::Error> {
-        self.inner
-            .verify_client_cert(end_entity, intermediates, now)?;
+        self.inner.verify_client_cert(end_entity, intermediates, now)?;
         let Some(peer) = pki::peer_cert(end_entity) else {
-            return Err(rustls::Error::InvalidCertificate(
-                CertificateError::BadEncoding,
-            ));
+            return Err(rustls::Error::InvalidCertificate(CertificateError::BadEncoding));
         };
         if self.state.revocations.contains(&peer.serial) {
             warn!(agent_id = %peer.agent_id, serial = %peer.serial, "refused a revoked client certificate");
@@ -144,10 +139,7 @@ pub fn http_config(state: &ServerState) -> Result<rustls::ServerConfig, TlsSetup
 
 /// A plain explanation of a failed handshake, for the log.
 pub fn describe_handshake_error(e: &std::io::Error) -> String {
-    let Some(tls) = e
-        .get_ref()
-        .and_then(|inner| inner.downcast_ref::<rustls::Error>())
-    else {
+    let Some(tls) = e.get_ref().and_then(|inner| inner.downcast_ref::<rustls::Error>()) else {
         return e.to_string();
     };
     match tls {
@@ -155,15 +147,13 @@ pub fn describe_handshake_error(e: &std::io::Error) -> String {
         rustls::Error::InvalidCertificate(CertificateError::UnknownIssuer) => {
             "client certificate is not issued by the Keel CA".into()
         }
-        rustls::Error::InvalidCertificate(
-            CertificateError::Expired | CertificateError::ExpiredContext { .. },
-        ) => "client certificate has expired".into(),
+        rustls::Error::InvalidCertificate(CertificateError::Expired | CertificateError::ExpiredContext { .. }) => {
+            "client certificate has expired".into()
+        }
         rustls::Error::InvalidCertificate(
             CertificateError::NotValidYet | CertificateError::NotValidYetContext { .. },
         ) => "client certificate is not valid yet".into(),
-        rustls::Error::InvalidCertificate(CertificateError::Revoked) => {
-            "client certificate is revoked".into()
-        }
+        rustls::Error::InvalidCertificate(CertificateError::Revoked) => "client certificate is revoked".into(),
         other => other.to_string(),
     }
 }

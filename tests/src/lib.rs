@@ -28,7 +28,11 @@ pub fn bin(name: &str) -> PathBuf {
     // target/debug/deps/e2e-… → target/debug/<name>
     let dir = exe.parent().and_then(Path::parent).expect("target directory");
     let path = dir.join(name);
-    assert!(path.exists(), "{} is missing: build the binaries first (`cargo build --bins`, or ./build.sh test)", path.display());
+    assert!(
+        path.exists(),
+        "{} is missing: build the binaries first (`cargo build --bins`, or ./build.sh test)",
+        path.display()
+    );
     path
 }
 
@@ -44,7 +48,10 @@ where
         if let Some(v) = check().await {
             return v;
         }
-        assert!(start.elapsed() < deadline, "timed out after {deadline:?} waiting for {what}");
+        assert!(
+            start.elapsed() < deadline,
+            "timed out after {deadline:?} waiting for {what}"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
@@ -163,11 +170,22 @@ impl Server {
     async fn spawn(&mut self, addrs: Option<(SocketAddr, SocketAddr)>) {
         let ready = self.dir.path().join("ready.json");
         let _ = std::fs::remove_file(&ready);
-        let log = std::fs::OpenOptions::new().create(true).append(true).open(self.log_path()).expect("log file");
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.log_path())
+            .expect("log file");
         let mut cmd = Command::new(bin("keel-server"));
-        cmd.arg("--config").arg(&self.config).arg("serve").arg("--ready-file").arg(&ready);
+        cmd.arg("--config")
+            .arg(&self.config)
+            .arg("serve")
+            .arg("--ready-file")
+            .arg(&ready);
         if let Some((grpc, http)) = addrs {
-            cmd.arg("--grpc-listen").arg(grpc.to_string()).arg("--http-listen").arg(http.to_string());
+            cmd.arg("--grpc-listen")
+                .arg(grpc.to_string())
+                .arg("--http-listen")
+                .arg(http.to_string());
         }
         let child = cmd
             .env("KEEL_LOG", "info,keel_server=debug")
@@ -181,8 +199,14 @@ impl Server {
             serde_json::from_str(&text).ok()
         })
         .await;
-        self.grpc = bound["grpc"].as_str().and_then(|s| s.parse().ok()).expect("grpc address");
-        self.http = bound["http"].as_str().and_then(|s| s.parse().ok()).expect("http address");
+        self.grpc = bound["grpc"]
+            .as_str()
+            .and_then(|s| s.parse().ok())
+            .expect("grpc address");
+        self.http = bound["http"]
+            .as_str()
+            .and_then(|s| s.parse().ok())
+            .expect("http address");
     }
 
     /// SIGKILLs the server.
@@ -259,7 +283,13 @@ impl Server {
         files.sort();
         files
             .iter()
-            .flat_map(|f| std::fs::read_to_string(f).unwrap_or_default().lines().map(str::to_owned).collect::<Vec<_>>())
+            .flat_map(|f| {
+                std::fs::read_to_string(f)
+                    .unwrap_or_default()
+                    .lines()
+                    .map(str::to_owned)
+                    .collect::<Vec<_>>()
+            })
             .filter_map(|l| serde_json::from_str(&l).ok())
             .collect()
     }
@@ -283,11 +313,19 @@ impl Api {
     /// A client for `base` with a bearer `token` (empty: none).
     pub fn new(base: &str, token: &str) -> Self {
         keel_common::tls::install_crypto_provider();
-        Self { client: reqwest::Client::new(), base: base.to_owned(), token: token.to_owned() }
+        Self {
+            client: reqwest::Client::new(),
+            base: base.to_owned(),
+            token: token.to_owned(),
+        }
     }
 
     async fn send(&self, req: reqwest::RequestBuilder) -> (u16, Value) {
-        let req = if self.token.is_empty() { req } else { req.bearer_auth(&self.token) };
+        let req = if self.token.is_empty() {
+            req
+        } else {
+            req.bearer_auth(&self.token)
+        };
         let resp = req.send().await.expect("HTTP request");
         let status = resp.status().as_u16();
         let text = resp.text().await.unwrap_or_default();
@@ -301,12 +339,16 @@ impl Api {
 
     /// POST JSON `body` to `path`.
     pub async fn post(&self, path: &str, body: &Value) -> (u16, Value) {
-        self.send(self.client.post(format!("{}{path}", self.base)).json(body)).await
+        self.send(self.client.post(format!("{}{path}", self.base)).json(body))
+            .await
     }
 
     /// POST raw text as JSON to `path`.
     pub async fn post_raw(&self, path: &str, body: &str) -> (u16, Value) {
-        let req = self.client.post(format!("{}{path}", self.base)).header("content-type", "application/json");
+        let req = self
+            .client
+            .post(format!("{}{path}", self.base))
+            .header("content-type", "application/json");
         self.send(req.body(body.to_owned())).await
     }
 
@@ -326,7 +368,9 @@ impl Api {
     /// Waits until the agent is online with a heartbeat, and returns it.
     pub async fn online(&self, id: &str) -> Value {
         eventually(&format!("agent {id} online with a heartbeat"), || async {
-            self.agent(id).await.filter(|a| a["online"] == true && !a["last_heartbeat"].is_null())
+            self.agent(id)
+                .await
+                .filter(|a| a["online"] == true && !a["last_heartbeat"].is_null())
         })
         .await
     }
@@ -358,7 +402,12 @@ impl Agent {
             server.grpc
         );
         std::fs::write(&config, text).expect("write agent.toml");
-        Agent { dir, config, id: id.to_owned(), child: None }
+        Agent {
+            dir,
+            config,
+            id: id.to_owned(),
+            child: None,
+        }
     }
 
     /// An enrolled agent, not yet running.
@@ -382,7 +431,9 @@ impl Agent {
         if let Some(fp) = fingerprint {
             cmd.arg("--ca-fingerprint").arg(fp);
         }
-        cmd.env("KEEL_ENROLL_TOKEN", token).output().expect("run keel-agent enroll")
+        cmd.env("KEEL_ENROLL_TOKEN", token)
+            .output()
+            .expect("run keel-agent enroll")
     }
 
     fn log_path(&self) -> PathBuf {
@@ -392,7 +443,11 @@ impl Agent {
     /// Starts `keel-agent run`.
     pub fn start(&mut self) {
         assert!(self.child.is_none(), "agent already running");
-        let log = std::fs::OpenOptions::new().create(true).append(true).open(self.log_path()).expect("log file");
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.log_path())
+            .expect("log file");
         let child = self
             .cmd(&["run"])
             .env("KEEL_LOG", "info,keel_agent=debug")
@@ -449,7 +504,11 @@ pub struct Pair {
     pub key: String,
 }
 
-fn client_params(agent_id: &str, not_before: time::OffsetDateTime, not_after: time::OffsetDateTime) -> rcgen::CertificateParams {
+fn client_params(
+    agent_id: &str,
+    not_before: time::OffsetDateTime,
+    not_after: time::OffsetDateTime,
+) -> rcgen::CertificateParams {
     let mut params = rcgen::CertificateParams::default();
     params.distinguished_name = rcgen::DistinguishedName::new();
     params.distinguished_name.push(rcgen::DnType::CommonName, agent_id);
@@ -461,13 +520,23 @@ fn client_params(agent_id: &str, not_before: time::OffsetDateTime, not_after: ti
 
 /// A client certificate for `agent_id` signed by the server's real CA key, with
 /// the given validity: for certificates the server would never issue.
-pub fn ca_signed(server: &Server, agent_id: &str, not_before: time::OffsetDateTime, not_after: time::OffsetDateTime) -> Pair {
+pub fn ca_signed(
+    server: &Server,
+    agent_id: &str,
+    not_before: time::OffsetDateTime,
+    not_after: time::OffsetDateTime,
+) -> Pair {
     let ca_key = rcgen::KeyPair::from_pem(&std::fs::read_to_string(server.pki_dir().join("ca.key")).expect("ca.key"))
         .expect("CA key");
     let issuer = rcgen::Issuer::from_ca_cert_pem(&server.ca_pem(), ca_key).expect("CA issuer");
     let key = rcgen::KeyPair::generate().expect("key");
-    let cert = client_params(agent_id, not_before, not_after).signed_by(&key, &issuer).expect("sign");
-    Pair { cert: cert.pem(), key: key.serialize_pem() }
+    let cert = client_params(agent_id, not_before, not_after)
+        .signed_by(&key, &issuer)
+        .expect("sign");
+    Pair {
+        cert: cert.pem(),
+        key: key.serialize_pem(),
+    }
 }
 
 /// A client certificate for `agent_id` from a CA the server does not know.
@@ -482,7 +551,10 @@ pub fn foreign_signed(agent_id: &str) -> Pair {
     let cert = client_params(agent_id, now - time::Duration::hours(1), now + time::Duration::days(1))
         .signed_by(&key, &issuer)
         .expect("sign");
-    Pair { cert: cert.pem(), key: key.serialize_pem() }
+    Pair {
+        cert: cert.pem(),
+        key: key.serialize_pem(),
+    }
 }
 
 /// The identity an enrolled agent stored.
@@ -519,13 +591,18 @@ pub struct RawStream {
 
 /// Opens a Transfer stream as `identity`, or returns why it failed.
 pub async fn raw_stream(server: &Server, identity: Option<&Pair>) -> Result<RawStream, String> {
-    let channel = raw_channel(server, identity).await.map_err(|e| format!("connect: {e:?}"))?;
+    let channel = raw_channel(server, identity)
+        .await
+        .map_err(|e| format!("connect: {e:?}"))?;
     let (tx, rx) = mpsc::channel(16);
     let response = TransferClient::new(channel)
         .transfer(ReceiverStream::new(rx))
         .await
         .map_err(|s| format!("transfer: {s:?}"))?;
-    Ok(RawStream { tx, rx: response.into_inner() })
+    Ok(RawStream {
+        tx,
+        rx: response.into_inner(),
+    })
 }
 
 /// A minimal valid batch for `agent_id`.

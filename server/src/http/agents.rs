@@ -152,10 +152,7 @@ pub async fn create_task(
         return Err(ApiError::not_found(format!("no agent {id}")));
     }
     if !state.connections.is_online(&id) {
-        return Err(ApiError::new(
-            StatusCode::CONFLICT,
-            format!("agent {id} is offline"),
-        ));
+        return Err(ApiError::new(StatusCode::CONFLICT, format!("agent {id} is offline")));
     }
     let token = uuid::Uuid::new_v4().to_string();
     let task = NewTask {
@@ -178,10 +175,7 @@ pub async fn create_task(
             ("status".to_owned(), "failed".to_owned()),
             ("msg".to_owned(), e.to_string()),
         ]);
-        state
-            .store
-            .task_result(&token, &id, &fields, now_ms())
-            .await?;
+        state.store.task_result(&token, &id, &fields, now_ms()).await?;
         let status = match e {
             SendError::Offline(_) => StatusCode::CONFLICT,
             SendError::Busy(_) => StatusCode::SERVICE_UNAVAILABLE,
@@ -246,9 +240,7 @@ pub async fn revoke(
     let reason = format!("revoked through the API by token {}", who.token_id);
     let revoked = state.revoke_agent(&id, &reason, None).await?;
     if revoked.is_empty() {
-        return Err(ApiError::not_found(format!(
-            "agent {id} has no unrevoked certificate"
-        )));
+        return Err(ApiError::not_found(format!("agent {id} has no unrevoked certificate")));
     }
     tracing::warn!(agent_id = %id, by = %who.token_id, count = revoked.len(), "agent certificates revoked");
     Ok(Json(Revoked { revoked }))

@@ -76,16 +76,10 @@ pub async fn enroll(
         ));
     }
     // Check the CSR before spending a token use on it.
-    if let Err(e) =
-        crate::pki::check_csr(&req.csr, &req.agent_id, &state.config.pki.allowed_key_types)
-    {
+    if let Err(e) = crate::pki::check_csr(&req.csr, &req.agent_id, &state.config.pki.allowed_key_types) {
         return Err(refuse(StatusCode::BAD_REQUEST, e.to_string()));
     }
-    let token_id = match state
-        .store
-        .consume_enrollment_token(req.token.expose())
-        .await?
-    {
+    let token_id = match state.store.consume_enrollment_token(req.token.expose()).await? {
         Ok(id) => id,
         Err(r @ TokenRefusal::Unknown) => {
             return Err(refuse(StatusCode::UNAUTHORIZED, r.to_string()));
@@ -98,9 +92,7 @@ pub async fn enroll(
         Err(e) => return Err(refuse(StatusCode::BAD_REQUEST, e.to_string())),
     };
     let reason = format!("re-enrolled with token {token_id}");
-    let older = state
-        .revoke_agent(&req.agent_id, &reason, Some(&issued.serial))
-        .await?;
+    let older = state.revoke_agent(&req.agent_id, &reason, Some(&issued.serial)).await?;
     if !older.is_empty() {
         warn!(agent_id = %req.agent_id, revoked = older.len(), "re-enrollment revoked earlier certificates");
     }

@@ -56,10 +56,7 @@ struct Line<'a> {
 }
 
 fn open_active(dir: &Path) -> std::io::Result<(File, u64)> {
-    let file = OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(dir.join(ACTIVE))?;
+    let file = OpenOptions::new().create(true).append(true).open(dir.join(ACTIVE))?;
     let size = file.metadata()?.len();
     Ok((file, size))
 }
@@ -135,10 +132,9 @@ impl Inner {
 
     fn rotate(&self, active: &mut Active, now_ms: i64) -> std::io::Result<()> {
         active.rotations += 1;
-        let rotated = self.dir.join(format!(
-            "records-{now_ms:013}-{:06}.jsonl",
-            active.rotations
-        ));
+        let rotated = self
+            .dir
+            .join(format!("records-{now_ms:013}-{:06}.jsonl", active.rotations));
         std::fs::rename(self.dir.join(ACTIVE), rotated)?;
         let (file, size) = open_active(&self.dir)?;
         active.file = file;
@@ -201,10 +197,7 @@ mod tests {
     use crate::sink::Record;
 
     fn lines(dir: &Path) -> Vec<serde_json::Value> {
-        let mut files: Vec<_> = std::fs::read_dir(dir)
-            .unwrap()
-            .map(|e| e.unwrap().path())
-            .collect();
+        let mut files: Vec<_> = std::fs::read_dir(dir).unwrap().map(|e| e.unwrap().path()).collect();
         files.sort();
         files
             .iter()

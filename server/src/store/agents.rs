@@ -111,12 +111,7 @@ fn from_row(row: &AnyRow) -> Result<AgentRow, StoreError> {
 
 impl Store {
     /// Records an enrollment: the agent exists from now on, offline until it connects.
-    pub async fn agent_enrolled(
-        &self,
-        id: &str,
-        hostname: &str,
-        now: i64,
-    ) -> Result<(), StoreError> {
+    pub async fn agent_enrolled(&self, id: &str, hostname: &str, now: i64) -> Result<(), StoreError> {
         sqlx::query(
             "INSERT INTO agents (id, hostname, first_seen, last_seen) VALUES ($1, $2, $3, $3) \
              ON CONFLICT (id) DO UPDATE SET hostname = excluded.hostname, last_seen = excluded.last_seen",
@@ -130,12 +125,7 @@ impl Store {
     }
 
     /// Marks the agent online with the header it sent first.
-    pub async fn agent_connected(
-        &self,
-        id: &str,
-        meta: &AgentMeta,
-        now: i64,
-    ) -> Result<(), StoreError> {
+    pub async fn agent_connected(&self, id: &str, meta: &AgentMeta, now: i64) -> Result<(), StoreError> {
         sqlx::query(
             "INSERT INTO agents (id, hostname, version, product, addresses, first_seen, last_seen, online, connected_at) \
              VALUES ($1, $2, $3, $4, $5, $6, $6, 1, $6) \
@@ -188,14 +178,12 @@ impl Store {
         now: i64,
     ) -> Result<(), StoreError> {
         let json = serde_json::to_string(fields).map_err(corrupt("heartbeat"))?;
-        sqlx::query(
-            "UPDATE agents SET heartbeat = $2, last_heartbeat = $3, last_seen = $3 WHERE id = $1",
-        )
-        .bind(id)
-        .bind(json)
-        .bind(now)
-        .execute(&self.pool)
-        .await?;
+        sqlx::query("UPDATE agents SET heartbeat = $2, last_heartbeat = $3, last_seen = $3 WHERE id = $1")
+            .bind(id)
+            .bind(json)
+            .bind(now)
+            .execute(&self.pool)
+            .await?;
         Ok(())
     }
 
@@ -238,11 +226,10 @@ impl Store {
             return Ok(None);
         };
         let mut agent = from_row(&row)?;
-        agent.tags =
-            sqlx::query_scalar("SELECT tag FROM agent_tags WHERE agent_id = $1 ORDER BY tag")
-                .bind(id)
-                .fetch_all(&self.pool)
-                .await?;
+        agent.tags = sqlx::query_scalar("SELECT tag FROM agent_tags WHERE agent_id = $1 ORDER BY tag")
+            .bind(id)
+            .fetch_all(&self.pool)
+            .await?;
         Ok(Some(agent))
     }
 }
@@ -267,11 +254,7 @@ mod tests {
         assert_eq!(a.meta, meta);
         assert_eq!(a.first_seen, 1000);
         store
-            .agent_heartbeat(
-                "a1",
-                &HashMap::from([("cpu".to_owned(), "0.1".to_owned())]),
-                2000,
-            )
+            .agent_heartbeat("a1", &HashMap::from([("cpu".to_owned(), "0.1".to_owned())]), 2000)
             .await
             .unwrap();
         store.agent_disconnected("a1", 3000).await.unwrap();

@@ -58,12 +58,7 @@ impl Store {
     }
 
     /// Revokes one certificate by serial. Returns its agent if it was unrevoked.
-    pub async fn revoke_serial(
-        &self,
-        serial: &str,
-        reason: &str,
-        now: i64,
-    ) -> Result<Option<String>, StoreError> {
+    pub async fn revoke_serial(&self, serial: &str, reason: &str, now: i64) -> Result<Option<String>, StoreError> {
         let row = sqlx::query(
             "UPDATE certificates SET revoked_at = $1, revoke_reason = $2 WHERE serial = $3 AND revoked_at IS NULL \
              RETURNING agent_id",
@@ -73,17 +68,17 @@ impl Store {
         .bind(serial)
         .fetch_optional(&self.pool)
         .await?;
-        row.map(|r| r.try_get("agent_id"))
-            .transpose()
-            .map_err(StoreError::from)
+        row.map(|r| r.try_get("agent_id")).transpose().map_err(StoreError::from)
     }
 
     /// Serials revoked at or after `since` (Unix ms), with their revocation time.
     pub async fn revoked_since(&self, since: i64) -> Result<Vec<(String, i64)>, StoreError> {
-        let rows = sqlx::query("SELECT serial, revoked_at FROM certificates WHERE revoked_at IS NOT NULL AND revoked_at >= $1")
-            .bind(since)
-            .fetch_all(&self.pool)
-            .await?;
+        let rows = sqlx::query(
+            "SELECT serial, revoked_at FROM certificates WHERE revoked_at IS NOT NULL AND revoked_at >= $1",
+        )
+        .bind(since)
+        .fetch_all(&self.pool)
+        .await?;
         rows.iter()
             .map(|r| Ok((r.try_get("serial")?, r.try_get("revoked_at")?)))
             .collect()
@@ -109,17 +104,10 @@ mod tests {
             vec!["01"]
         );
         assert_eq!(
-            store
-                .revoke_serial("03", "operator", 60)
-                .await
-                .unwrap()
-                .as_deref(),
+            store.revoke_serial("03", "operator", 60).await.unwrap().as_deref(),
             Some("a2")
         );
-        assert_eq!(
-            store.revoke_serial("03", "operator", 61).await.unwrap(),
-            None
-        );
+        assert_eq!(store.revoke_serial("03", "operator", 61).await.unwrap(), None);
         let mut revoked = store.revoked_since(0).await.unwrap();
         revoked.sort();
         assert_eq!(revoked, vec![("01".to_owned(), 50), ("03".to_owned(), 60)]);

@@ -135,12 +135,7 @@ impl Store {
     }
 
     /// Stores the highest persisted batch of an agent.
-    pub async fn save_stream_mark(
-        &self,
-        agent_id: &str,
-        epoch: u64,
-        seq: u64,
-    ) -> Result<(), StoreError> {
+    pub async fn save_stream_mark(&self, agent_id: &str, epoch: u64, seq: u64) -> Result<(), StoreError> {
         sqlx::query(
             "INSERT INTO stream_marks (agent_id, epoch, seq) VALUES ($1, $2, $3) \
              ON CONFLICT (agent_id) DO UPDATE SET epoch = excluded.epoch, seq = excluded.seq",

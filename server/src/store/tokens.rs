@@ -148,11 +148,7 @@ impl Store {
         .bind(expires_at)
         .execute(&self.pool)
         .await?;
-        Ok(NewToken {
-            id,
-            secret,
-            expires_at,
-        })
+        Ok(NewToken { id, secret, expires_at })
     }
 
     /// The token ID and role of a valid (known, unexpired, unrevoked) API token.
@@ -203,10 +199,7 @@ impl Store {
     }
 
     /// Spends one use of an enrollment token, atomically. Returns the token's ID.
-    pub async fn consume_enrollment_token(
-        &self,
-        secret: &str,
-    ) -> Result<Result<String, TokenRefusal>, StoreError> {
+    pub async fn consume_enrollment_token(&self, secret: &str) -> Result<Result<String, TokenRefusal>, StoreError> {
         let hash = hash_secret(secret);
         let now = now_ms();
         let spent = sqlx::query(
@@ -220,10 +213,11 @@ impl Store {
         if let Some(row) = spent {
             return Ok(Ok(row.try_get("id")?));
         }
-        let row = sqlx::query("SELECT id, expires_at, uses, max_uses, revoked_at FROM enrollment_tokens WHERE hash = $1")
-            .bind(&hash)
-            .fetch_optional(&self.pool)
-            .await?;
+        let row =
+            sqlx::query("SELECT id, expires_at, uses, max_uses, revoked_at FROM enrollment_tokens WHERE hash = $1")
+                .bind(&hash)
+                .fetch_optional(&self.pool)
+                .await?;
         let Some(row) = row else {
             return Ok(Err(TokenRefusal::Unknown));
         };
@@ -242,31 +236,25 @@ impl Store {
     /// Revokes a token of either kind by ID. Returns whether one was found.
     pub async fn revoke_token(&self, id: &str) -> Result<bool, StoreError> {
         let now = now_ms();
-        let a = sqlx::query(
-            "UPDATE api_tokens SET revoked_at = $1 WHERE id = $2 AND revoked_at IS NULL",
-        )
-        .bind(now)
-        .bind(id)
-        .execute(&self.pool)
-        .await?;
-        let e = sqlx::query(
-            "UPDATE enrollment_tokens SET revoked_at = $1 WHERE id = $2 AND revoked_at IS NULL",
-        )
-        .bind(now)
-        .bind(id)
-        .execute(&self.pool)
-        .await?;
+        let a = sqlx::query("UPDATE api_tokens SET revoked_at = $1 WHERE id = $2 AND revoked_at IS NULL")
+            .bind(now)
+            .bind(id)
+            .execute(&self.pool)
+            .await?;
+        let e = sqlx::query("UPDATE enrollment_tokens SET revoked_at = $1 WHERE id = $2 AND revoked_at IS NULL")
+            .bind(now)
+            .bind(id)
+            .execute(&self.pool)
+            .await?;
         Ok(a.rows_affected() + e.rows_affected() > 0)
     }
 
     /// Every token, newest first. Secrets are not stored, so none is shown.
     pub async fn list_tokens(&self) -> Result<Vec<TokenRow>, StoreError> {
         let mut out = Vec::new();
-        for row in sqlx::query(
-            "SELECT id, role, description, created_at, expires_at, revoked_at FROM api_tokens",
-        )
-        .fetch_all(&self.pool)
-        .await?
+        for row in sqlx::query("SELECT id, role, description, created_at, expires_at, revoked_at FROM api_tokens")
+            .fetch_all(&self.pool)
+            .await?
         {
             out.push(TokenRow {
                 id: row.try_get("id")?,
@@ -312,14 +300,8 @@ mod tests {
             .await
             .unwrap();
         let secret = t.secret.expose();
-        assert_eq!(
-            store.consume_enrollment_token(secret).await.unwrap(),
-            Ok(t.id.clone())
-        );
-        assert_eq!(
-            store.consume_enrollment_token(secret).await.unwrap(),
-            Ok(t.id.clone())
-        );
+        assert_eq!(store.consume_enrollment_token(secret).await.unwrap(), Ok(t.id.clone()));
+        assert_eq!(store.consume_enrollment_token(secret).await.unwrap(), Ok(t.id.clone()));
         assert_eq!(
             store.consume_enrollment_token(secret).await.unwrap(),
             Err(TokenRefusal::UsedUp(t.id.clone()))
@@ -329,15 +311,9 @@ mod tests {
             Err(TokenRefusal::Unknown)
         );
 
-        let old = store
-            .create_enrollment_token(Duration::ZERO, 5, "")
-            .await
-            .unwrap();
+        let old = store.create_enrollment_token(Duration::ZERO, 5, "").await.unwrap();
         assert_eq!(
-            store
-                .consume_enrollment_token(old.secret.expose())
-                .await
-                .unwrap(),
+            store.consume_enrollment_token(old.secret.expose()).await.unwrap(),
             Err(TokenRefusal::Expired(old.id.clone()))
         );
         let gone = store
@@ -346,10 +322,7 @@ mod tests {
             .unwrap();
         assert!(store.revoke_token(&gone.id).await.unwrap());
         assert_eq!(
-            store
-                .consume_enrollment_token(gone.secret.expose())
-                .await
-                .unwrap(),
+            store.consume_enrollment_token(gone.secret.expose()).await.unwrap(),
             Err(TokenRefusal::Revoked(gone.id.clone()))
         );
     }
@@ -357,10 +330,7 @@ mod tests {
     #[tokio::test]
     async fn api_tokens_authenticate_until_revoked() {
         let (store, _dir) = test_store().await;
-        let t = store
-            .create_api_token(Role::Operator, None, "ci")
-            .await
-            .unwrap();
+        let t = store.create_api_token(Role::Operator, None, "ci").await.unwrap();
         assert_eq!(
             store.authenticate(t.secret.expose()).await.unwrap(),
             Some((t.id.clone(), Role::Operator))
@@ -372,10 +342,7 @@ mod tests {
             .create_api_token(Role::Admin, Some(Duration::ZERO), "")
             .await
             .unwrap();
-        assert_eq!(
-            store.authenticate(expired.secret.expose()).await.unwrap(),
-            None
-        );
+        assert_eq!(store.authenticate(expired.secret.expose()).await.unwrap(), None);
         // Only hashes are stored.
         let hashes: Vec<String> = sqlx::query_scalar("SELECT hash FROM api_tokens")
             .fetch_all(store.pool())

@@ -3,17 +3,23 @@
 use std::os::unix::fs::PermissionsExt;
 use std::time::Duration;
 
+use keel_tests::{Agent, Server, ServerOptions, agent_pair, eventually, eventually_within};
 use rustls::pki_types::CertificateDer;
 use rustls::pki_types::pem::PemObject;
-use keel_tests::{Agent, Server, ServerOptions, agent_pair, eventually, eventually_within};
 use serde_json::json;
 
 #[tokio::test]
 async fn bad_agent_toml_exits_64_naming_the_key() {
     let dir = tempfile::tempdir().unwrap();
     let cases = [
-        ("[server]\nprivate = [\"127.0.0.1:6751\"]\nprivat = []\n", "server.privat"),
-        ("[agent]\nheartbeat_interval = 60\n[server]\nprivate = [\"127.0.0.1:6751\"]\n", "agent.heartbeat_interval"),
+        (
+            "[server]\nprivate = [\"127.0.0.1:6751\"]\nprivat = []\n",
+            "server.privat",
+        ),
+        (
+            "[agent]\nheartbeat_interval = 60\n[server]\nprivate = [\"127.0.0.1:6751\"]\n",
+            "agent.heartbeat_interval",
+        ),
         ("[agent]\nstate_dir = \"/tmp/x\"\n", "server.private"),
         ("[server]\nprivate = [\"127.0.0.1\"]\n", "server.private[0]"),
         ("[server\n", "agent.toml"),
@@ -54,12 +60,21 @@ async fn agent_id_is_stable_across_restarts_and_a_lost_id_file() {
     let write = |root: &std::path::Path| {
         std::fs::write(
             &config,
-            format!("[agent]\nhost_root = {:?}\nstate_dir = {:?}\n", root.display().to_string(), state.path().join("s").display().to_string()),
+            format!(
+                "[agent]\nhost_root = {:?}\nstate_dir = {:?}\n",
+                root.display().to_string(),
+                state.path().join("s").display().to_string()
+            ),
         )
         .unwrap()
     };
     let id = |config: &std::path::Path| {
-        let out = std::process::Command::new(keel_tests::bin("keel-agent")).arg("--config").arg(config).arg("id").output().unwrap();
+        let out = std::process::Command::new(keel_tests::bin("keel-agent"))
+            .arg("--config")
+            .arg(config)
+            .arg("id")
+            .output()
+            .unwrap();
         assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
         String::from_utf8_lossy(&out.stdout).trim().to_owned()
     };
@@ -70,12 +85,20 @@ async fn agent_id_is_stable_across_restarts_and_a_lost_id_file() {
     let id_file = state.path().join("s/agent_id");
     assert_eq!(std::fs::metadata(&id_file).unwrap().permissions().mode() & 0o777, 0o600);
     std::fs::remove_file(&id_file).unwrap();
-    assert_eq!(id(&config), first, "same ID after the ID file is deleted, from /etc/machine-id");
+    assert_eq!(
+        id(&config),
+        first,
+        "same ID after the ID file is deleted, from /etc/machine-id"
+    );
 
     // Without machine-id the stored ID carries it.
     let bare = tempfile::tempdir().unwrap();
     write(bare.path());
-    assert_eq!(id(&config), first, "the stored ID is used when the host has no better source");
+    assert_eq!(
+        id(&config),
+        first,
+        "the stored ID is used when the host has no better source"
+    );
 }
 
 #[tokio::test]
@@ -122,10 +145,16 @@ async fn tasks_round_trip_with_5100_results() {
     let t = run(1060, "keel-agent", "").await;
     assert_eq!(t["result"]["msg"], "restarting");
     eventually("the restarted agent to reconnect", || async {
-        api.agent("tasks-1").await.filter(|a| a["online"] == true && a["connected_at"] != before)
+        api.agent("tasks-1")
+            .await
+            .filter(|a| a["online"] == true && a["connected_at"] != before)
     })
     .await;
-    assert!(agent.log().matches("keel-agent starting").count() >= 2, "{}", agent.log());
+    assert!(
+        agent.log().matches("keel-agent starting").count() >= 2,
+        "{}",
+        agent.log()
+    );
 
     // SIGTERM stops it gracefully, well within its 5 s grace.
     let status = agent.stop_within(Duration::from_secs(10)).expect("stopped in time");
@@ -143,7 +172,10 @@ async fn agent_reconnects_after_the_server_is_killed() {
     let out = agent.enroll(&server, &server.enrollment_token(1, "10m"), Some(&server.fingerprint()));
     assert!(out.status.success());
     // Reconnect no sooner than 1.5 s, so the restarted server is seen with the agent offline.
-    let text = std::fs::read_to_string(&agent.config).unwrap().replace("backoff_min = \"200ms\"\nbackoff_max = \"1s\"", "backoff_min = \"3s\"\nbackoff_max = \"3s\"");
+    let text = std::fs::read_to_string(&agent.config).unwrap().replace(
+        "backoff_min = \"200ms\"\nbackoff_max = \"1s\"",
+        "backoff_min = \"3s\"\nbackoff_max = \"3s\"",
+    );
     std::fs::write(&agent.config, text).unwrap();
     agent.start();
     let api = server.api();
@@ -157,12 +189,18 @@ async fn agent_reconnects_after_the_server_is_killed() {
     })
     .await;
     assert_ne!(back["connected_at"], first);
-    assert!(agent.log().contains("reconnecting"), "every reconnect is logged with its reason");
+    assert!(
+        agent.log().contains("reconnecting"),
+        "every reconnect is logged with its reason"
+    );
 }
 
 #[tokio::test]
 async fn agent_renews_its_certificate_before_two_thirds_of_its_lifetime() {
-    let server = Server::start(ServerOptions { extra_toml: "[pki]\ncert_lifetime = \"12s\"".into() }).await;
+    let server = Server::start(ServerOptions {
+        extra_toml: "[pki]\ncert_lifetime = \"12s\"".into(),
+    })
+    .await;
     let mut agent = Agent::enrolled(&server, "renew-1");
     let before = agent_pair(&agent);
     agent.start();
@@ -185,10 +223,16 @@ async fn agent_renews_its_certificate_before_two_thirds_of_its_lifetime() {
     // X.509 times have whole seconds: allow one second of rounding.
     let total = (old_to - old_from) as f64;
     let fraction = (new_from as f64 + 1.2 - old_from as f64) / total;
-    assert!(fraction < 2.0 / 3.0 + 1.0 / total, "renewed at {fraction:.2} of the lifetime");
+    assert!(
+        fraction < 2.0 / 3.0 + 1.0 / total,
+        "renewed at {fraction:.2} of the lifetime"
+    );
     assert!(fraction > 0.4, "renewed too early, at {fraction:.2}");
     eventually("the agent online with its renewed certificate", || async {
-        agent.log().contains("reconnecting with the renewed certificate").then_some(())
+        agent
+            .log()
+            .contains("reconnecting with the renewed certificate")
+            .then_some(())
     })
     .await;
     api.online("renew-1").await;

@@ -25,7 +25,10 @@ async fn every_api_call_needs_a_token_with_the_right_role() {
     assert_eq!(viewer.get("/api/v1/agents/roles-1").await.0, 200);
     let (status, body) = viewer.post("/api/v1/agents/roles-1/tasks", &task).await;
     assert_eq!(status, 403, "{body}");
-    assert!(body["error"].as_str().unwrap().contains("needs the operator role"), "{body}");
+    assert!(
+        body["error"].as_str().unwrap().contains("needs the operator role"),
+        "{body}"
+    );
     assert_eq!(viewer.post("/api/v1/agents/roles-1/revoke", &json!({})).await.0, 403);
 
     let operator = Api::new(&base, &server.cli(&["token", "create", "--role", "operator"]));
@@ -34,7 +37,11 @@ async fn every_api_call_needs_a_token_with_the_right_role() {
 
     // A revoked token stops working.
     let listed = server.cli(&["token", "list"]);
-    let viewer_id = listed.lines().find(|l| l.contains(" viewer ")).and_then(|l| l.split_whitespace().next()).unwrap();
+    let viewer_id = listed
+        .lines()
+        .find(|l| l.contains(" viewer "))
+        .and_then(|l| l.split_whitespace().next())
+        .unwrap();
     server.cli(&["token", "revoke", viewer_id]);
     assert_eq!(viewer.get("/api/v1/agents").await.0, 401);
 }
@@ -45,10 +52,14 @@ async fn bad_task_requests_get_precise_errors() {
     let mut agent = Agent::enrolled(&server, "bad-1");
     let api = server.api();
 
-    let (status, body) = api.post("/api/v1/agents/nobody/tasks", &json!({"data_type": 1051})).await;
+    let (status, body) = api
+        .post("/api/v1/agents/nobody/tasks", &json!({"data_type": 1051}))
+        .await;
     assert_eq!(status, 404, "{body}");
     assert_eq!(body["error"], "no agent nobody");
-    let (status, body) = api.post("/api/v1/agents/bad-1/tasks", &json!({"data_type": 1051})).await;
+    let (status, body) = api
+        .post("/api/v1/agents/bad-1/tasks", &json!({"data_type": 1051}))
+        .await;
     assert_eq!(status, 409, "an offline agent: {body}");
     assert_eq!(body["error"], "agent bad-1 is offline");
 
@@ -56,11 +67,18 @@ async fn bad_task_requests_get_precise_errors() {
     api.online("bad-1").await;
     let (status, body) = api.post_raw("/api/v1/agents/bad-1/tasks", "{\"data_type\": ").await;
     assert_eq!(status, 400);
-    assert!(body["error"].as_str().unwrap().starts_with("invalid request body"), "{body}");
-    let (status, body) = api.post("/api/v1/agents/bad-1/tasks", &json!({"data_type": "1051"})).await;
+    assert!(
+        body["error"].as_str().unwrap().starts_with("invalid request body"),
+        "{body}"
+    );
+    let (status, body) = api
+        .post("/api/v1/agents/bad-1/tasks", &json!({"data_type": "1051"}))
+        .await;
     assert_eq!(status, 400);
     assert!(body["error"].as_str().unwrap().contains("data_type"), "{body}");
-    let (status, body) = api.post("/api/v1/agents/bad-1/tasks", &json!({"data_type": 1, "colour": 2})).await;
+    let (status, body) = api
+        .post("/api/v1/agents/bad-1/tasks", &json!({"data_type": 1, "colour": 2}))
+        .await;
     assert_eq!(status, 400);
     assert!(body["error"].as_str().unwrap().contains("colour"), "{body}");
     let (status, body) = api.get("/api/v1/tasks/no-such-token").await;

@@ -20,7 +20,20 @@ async fn enrolled_agent_comes_online_with_host_facts() {
 
     let api = server.api();
     let a = api.online("host-a").await;
-    for field in ["kernel_version", "arch", "platform", "boot_time", "total_mem", "load_1", "mem_usage", "cpu_usage", "rss", "nfd", "threads", "start_time"] {
+    for field in [
+        "kernel_version",
+        "arch",
+        "platform",
+        "boot_time",
+        "total_mem",
+        "load_1",
+        "mem_usage",
+        "cpu_usage",
+        "rss",
+        "nfd",
+        "threads",
+        "start_time",
+    ] {
         let v = a["heartbeat"][field].as_str().unwrap_or_default();
         assert!(!v.is_empty(), "heartbeat field {field} is empty: {a}");
     }
@@ -33,7 +46,10 @@ async fn enrolled_agent_comes_online_with_host_facts() {
 
     // The heartbeat reached the sink, decoded.
     let lines = server.sink_lines();
-    let hb = lines.iter().find(|l| l["data_type"] == 1000 && l["agent_id"] == "host-a").expect("heartbeat in the sink");
+    let hb = lines
+        .iter()
+        .find(|l| l["data_type"] == 1000 && l["agent_id"] == "host-a")
+        .expect("heartbeat in the sink");
     assert!(hb["fields"]["kernel_version"].is_string() && hb["server_time"].is_i64() && hb["timestamp"].is_i64());
 
     // The private key never left the host: it is nowhere under the server's directory.
@@ -41,7 +57,11 @@ async fn enrolled_agent_comes_online_with_host_facts() {
     let body: String = key.lines().filter(|l| !l.starts_with("-----")).collect();
     for entry in walk(server.dir.path()) {
         let bytes = std::fs::read(&entry).unwrap_or_default();
-        assert!(!String::from_utf8_lossy(&bytes).contains(&body), "agent key found in {}", entry.display());
+        assert!(
+            !String::from_utf8_lossy(&bytes).contains(&body),
+            "agent key found in {}",
+            entry.display()
+        );
     }
 }
 
@@ -69,7 +89,12 @@ async fn refused_enrollments_register_nothing() {
 
     // A token used beyond its uses.
     let once = server.enrollment_token(1, "10m");
-    assert!(Agent::new(&server, "first-1", "").enroll(&server, &once, Some(&fp)).status.success());
+    assert!(
+        Agent::new(&server, "first-1", "")
+            .enroll(&server, &once, Some(&fp))
+            .status
+            .success()
+    );
     let out = Agent::new(&server, "second-1", "").enroll(&server, &once, Some(&fp));
     assert!(stderr(&out).contains("no uses left"), "{}", stderr(&out));
 
@@ -85,13 +110,21 @@ async fn refused_enrollments_register_nothing() {
     // No fingerprint at all: refused, and the fingerprint to check is printed.
     let out = Agent::new(&server, "pinned-1", "").enroll(&server, &token, None);
     assert!(stderr(&out).contains(&fp), "{}", stderr(&out));
-    assert!(Agent::new(&server, "pinned-1", "").enroll(&server, &token, Some(&fp)).status.success());
+    assert!(
+        Agent::new(&server, "pinned-1", "")
+            .enroll(&server, &token, Some(&fp))
+            .status
+            .success()
+    );
 
     for id in ["expired-1", "second-1", "unknown-1"] {
         assert!(api.agent(id).await.is_none(), "{id} must not be registered");
     }
     let log = server.log();
-    assert!(log.contains("enrollment refused") && log.contains("has expired") && log.contains("no uses left"), "{log}");
+    assert!(
+        log.contains("enrollment refused") && log.contains("has expired") && log.contains("no uses left"),
+        "{log}"
+    );
 }
 
 fn rsa_csr(agent_id: &str) -> String {
@@ -113,18 +146,30 @@ async fn csr_with_a_disallowed_key_type_is_refused_without_spending_the_token() 
     let body = json!({"token": token, "agent_id": "rsa-1", "hostname": "h", "csr": rsa_csr("rsa-1")});
     let (status, answer) = anon.post("/enroll", &body).await;
     assert_eq!(status, 400, "{answer}");
-    assert!(answer["error"].as_str().unwrap().contains("key type rsa is not allowed"), "{answer}");
+    assert!(
+        answer["error"]
+            .as_str()
+            .unwrap()
+            .contains("key type rsa is not allowed"),
+        "{answer}"
+    );
     assert!(server.api().agent("rsa-1").await.is_none());
     assert!(server.log().contains("key type rsa is not allowed"));
 
     // Malformed input gets a precise error too.
     let (status, answer) = anon.post_raw("/enroll", "{\"token\": 5").await;
     assert_eq!(status, 400);
-    assert!(answer["error"].as_str().unwrap().contains("invalid request body"), "{answer}");
+    assert!(
+        answer["error"].as_str().unwrap().contains("invalid request body"),
+        "{answer}"
+    );
     let bad_id = json!({"token": token, "agent_id": "../etc", "csr": "x"});
     let (status, answer) = anon.post("/enroll", &bad_id).await;
     assert_eq!(status, 400);
-    assert!(answer["error"].as_str().unwrap().contains("invalid agent_id"), "{answer}");
+    assert!(
+        answer["error"].as_str().unwrap().contains("invalid agent_id"),
+        "{answer}"
+    );
 
     // The token was not spent on the refused requests.
     let agent = Agent::new(&server, "ec-1", "");

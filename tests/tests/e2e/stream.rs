@@ -1,7 +1,9 @@
 //! The transfer stream: who may open one, what the server does with batches.
 
 use keel_proto::grpc::EncodedRecord;
-use keel_tests::{Agent, Server, ServerOptions, agent_pair, batch, ca_signed, eventually, foreign_signed, raw_stream, stream_refusal};
+use keel_tests::{
+    Agent, Server, ServerOptions, agent_pair, batch, ca_signed, eventually, foreign_signed, raw_stream, stream_refusal,
+};
 use time::OffsetDateTime;
 
 #[tokio::test]
@@ -11,11 +13,20 @@ async fn certificates_the_server_did_not_issue_are_refused() {
 
     stream_refusal(&server, Some(&foreign_signed("intruder-1")), "intruder-1").await;
     stream_refusal(&server, None, "anonymous-1").await;
-    let expired = ca_signed(&server, "expired-1", now - time::Duration::days(2), now - time::Duration::days(1));
+    let expired = ca_signed(
+        &server,
+        "expired-1",
+        now - time::Duration::days(2),
+        now - time::Duration::days(1),
+    );
     stream_refusal(&server, Some(&expired), "expired-1").await;
 
     let log = server.log();
-    for reason in ["client certificate is not issued by the Keel CA", "no client certificate", "client certificate has expired"] {
+    for reason in [
+        "client certificate is not issued by the Keel CA",
+        "no client certificate",
+        "client certificate has expired",
+    ] {
         assert!(log.contains(reason), "server log lacks {reason:?}:\n{log}");
     }
     assert!(server.api().agents().await.is_empty(), "nothing may be registered");
@@ -25,18 +36,30 @@ async fn certificates_the_server_did_not_issue_are_refused() {
 async fn agent_id_must_match_the_certificate() {
     let server = Server::start(ServerOptions::default()).await;
     let now = OffsetDateTime::now_utc();
-    let pair = ca_signed(&server, "honest-1", now - time::Duration::minutes(1), now + time::Duration::hours(1));
+    let pair = ca_signed(
+        &server,
+        "honest-1",
+        now - time::Duration::minutes(1),
+        now + time::Duration::hours(1),
+    );
     let mut s = raw_stream(&server, Some(&pair)).await.expect("stream");
     s.tx.send(batch("victim-1", 1, 7, Vec::new())).await.unwrap();
     let status = s.rx.message().await.expect_err("mismatch must end the stream");
     assert_eq!(status.code(), tonic::Code::PermissionDenied, "{status:?}");
-    assert!(status.message().contains("does not match the client certificate"), "{status:?}");
+    assert!(
+        status.message().contains("does not match the client certificate"),
+        "{status:?}"
+    );
     assert!(server.log().contains("agent_id differs from the client certificate"));
     assert!(server.api().agents().await.is_empty(), "neither ID may be registered");
 }
 
 fn record(n: u8) -> EncodedRecord {
-    EncodedRecord { data_type: 6100, timestamp: 1_700_000_000, data: bytes::Bytes::from(vec![n; 4]) }
+    EncodedRecord {
+        data_type: 6100,
+        timestamp: 1_700_000_000,
+        data: bytes::Bytes::from(vec![n; 4]),
+    }
 }
 
 #[tokio::test]
@@ -47,7 +70,9 @@ async fn batches_are_acknowledged_and_resends_are_not_stored_twice() {
     let epoch = 0x5eed;
     let mut s = raw_stream(&server, Some(&pair)).await.unwrap();
     for _ in 0..2 {
-        s.tx.send(batch("raw-1", 1, epoch, vec![record(1), record(2)])).await.unwrap();
+        s.tx.send(batch("raw-1", 1, epoch, vec![record(1), record(2)]))
+            .await
+            .unwrap();
         let ack = s.rx.message().await.unwrap().unwrap().ack.expect("an ack");
         assert_eq!((ack.epoch, ack.seq), (epoch, 1));
     }
@@ -100,7 +125,9 @@ async fn revocation_closes_the_open_stream_and_refuses_reconnects() {
     api.online("revoke-api").await;
     api.online("revoke-cli").await;
 
-    let (status, body) = api.post("/api/v1/agents/revoke-api/revoke", &serde_json::json!({})).await;
+    let (status, body) = api
+        .post("/api/v1/agents/revoke-api/revoke", &serde_json::json!({}))
+        .await;
     assert_eq!(status, 200, "{body}");
     eventually("the revoked agent to go offline", || async {
         api.agent("revoke-api").await.filter(|a| a["online"] == false)
