@@ -4,6 +4,8 @@
 //!
 //! The binaries are the workspace's own debug builds; `./build.sh test` builds
 //! them before running the tests.
+// A harness reports failure by panicking, with a message saying what failed.
+#![allow(clippy::expect_used, clippy::unwrap_used)]
 
 use std::future::Future;
 use std::net::SocketAddr;

@@ -1,4 +1,5 @@
 //! End-to-end tests: real servers, agents and TLS on 127.0.0.1.
+#![allow(clippy::expect_used, clippy::unwrap_used)]
 
 mod agent;
 mod api;
