@@ -119,8 +119,9 @@ impl Transport {
                 let channel = match self.connect(&addr).await {
                     Ok(c) => c,
                     Err(e) => {
-                        warn!(server = %addr, error = %format!("{e:#}"), "cannot connect");
-                        reason = format!("cannot connect to {addr}: {e:#}");
+                        let why = keel_common::error_chain(e.as_ref());
+                        warn!(server = %addr, error = %why, "cannot connect");
+                        reason = format!("cannot connect to {addr}: {why}");
                         continue;
                     }
                 };
@@ -325,11 +326,13 @@ impl Transport {
 }
 
 fn describe(status: &tonic::Status) -> String {
-    let mut s = format!("{:?}: {}", status.code(), status.message());
-    let mut source = std::error::Error::source(status);
-    while let Some(e) = source {
-        s.push_str(&format!(": {e}"));
-        source = e.source();
+    match std::error::Error::source(status) {
+        Some(source) => format!(
+            "{:?}: {}: {}",
+            status.code(),
+            status.message(),
+            keel_common::error_chain(source)
+        ),
+        None => format!("{:?}: {}", status.code(), status.message()),
     }
-    s
 }

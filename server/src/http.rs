@@ -131,13 +131,13 @@ struct Discovery {
 /// Where agents should dial: the advertised addresses, or this host at the gRPC port.
 async fn discovery(State(state): State<Arc<ServerState>>, headers: axum::http::HeaderMap) -> Json<Discovery> {
     let grpc = if state.config.grpc.advertise.is_empty() {
-        let port = state.config.grpc.listen.port();
+        let port = state.grpc_addr().port();
         let host = headers
             .get(header::HOST)
             .and_then(|h| h.to_str().ok())
             .and_then(|h| h.parse::<axum::http::uri::Authority>().ok())
             .map(|a| a.host().to_owned())
-            .unwrap_or_else(|| state.config.grpc.listen.ip().to_string());
+            .unwrap_or_else(|| state.grpc_addr().ip().to_string());
         vec![format!("{host}:{port}")]
     } else {
         state.config.grpc.advertise.clone()

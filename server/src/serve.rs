@@ -84,6 +84,7 @@ pub async fn run_with_state(
         grpc: grpc_listener.local_addr()?,
         http: http_listener.local_addr()?,
     };
+    state.set_grpc_bound(bound.grpc);
 
     let grpc_tls = tls::grpc_config(&state)?;
     let incoming = tls::accept_loop(

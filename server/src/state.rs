@@ -1,7 +1,8 @@
 //! What every request handler and stream shares.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex, OnceLock};
 
 use keel_common::time::now_ms;
 
@@ -29,6 +30,8 @@ pub struct ServerState {
     /// Highest persisted batch per agent: (epoch, seq). Flushed to the store when a
     /// stream ends and periodically.
     marks: Mutex<HashMap<String, (u64, u64)>>,
+    /// The gRPC address actually bound (the configured port may be 0).
+    grpc_bound: OnceLock<SocketAddr>,
 }
 
 /// Why a certificate could not be issued.
@@ -59,7 +62,18 @@ impl ServerState {
             connections: Connections::default(),
             revocations: Revocations::default(),
             marks: Mutex::new(HashMap::new()),
+            grpc_bound: OnceLock::new(),
         }
+    }
+
+    /// Records the bound gRPC address once the listener is up.
+    pub fn set_grpc_bound(&self, addr: SocketAddr) {
+        let _ = self.grpc_bound.set(addr);
+    }
+
+    /// The bound gRPC address, or the configured one before binding.
+    pub fn grpc_addr(&self) -> SocketAddr {
+        self.grpc_bound.get().copied().unwrap_or(self.config.grpc.listen)
     }
 
     /// Checks a CSR and issues a certificate for `agent_id`. With `renewal`, a

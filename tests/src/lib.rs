@@ -15,6 +15,7 @@ use std::time::{Duration, Instant};
 
 use keel_proto::grpc::transfer_client::TransferClient;
 use keel_proto::grpc::{Command as GrpcCommand, PackagedData};
+use rustls::pki_types::pem::PemObject;
 use serde_json::Value;
 use tempfile::TempDir;
 use tokio::sync::mpsc;
@@ -105,6 +106,8 @@ fn output_ok(out: Output, what: &str) -> String {
 pub struct ServerOptions {
     /// Extra TOML appended to the generated `server.toml` (sections allowed).
     pub extra_toml: String,
+    /// Serve HTTPS on the HTTP port instead of plain HTTP.
+    pub https: bool,
 }
 
 /// A running `keel-server serve`.
@@ -120,6 +123,7 @@ pub struct Server {
     pub http: SocketAddr,
     /// An admin API token.
     pub admin_token: String,
+    https: bool,
     child: Option<Child>,
 }
 
@@ -130,9 +134,10 @@ impl Server {
         let dir = tempfile::tempdir().expect("tempdir");
         let config = dir.path().join("server.toml");
         let text = format!(
-            "data_dir = {}\n{}\n[grpc]\nlisten = \"127.0.0.1:0\"\n[http]\nlisten = \"127.0.0.1:0\"\ntls = false\n",
+            "data_dir = {}\n{}\n[grpc]\nlisten = \"127.0.0.1:0\"\n[http]\nlisten = \"127.0.0.1:0\"\ntls = {}\n",
             toml_path(&dir.path().join("data")),
-            opts.extra_toml
+            opts.extra_toml,
+            opts.https
         );
         std::fs::write(&config, text).expect("write server.toml");
         let mut server = Server {
@@ -141,6 +146,7 @@ impl Server {
             grpc: SocketAddr::from(([127, 0, 0, 1], 0)),
             http: SocketAddr::from(([127, 0, 0, 1], 0)),
             admin_token: String::new(),
+            https: opts.https,
             child: None,
         };
         server.cli(&["ca", "init"]);
@@ -266,14 +272,35 @@ impl Server {
         self.cli(&["token", "create", "--uses", &uses.to_string(), "--ttl", ttl])
     }
 
-    /// `http://127.0.0.1:port`
+    /// `http://127.0.0.1:port`, or `https://…` for an HTTPS server.
     pub fn base_url(&self) -> String {
-        format!("http://{}", self.http)
+        let scheme = if self.https { "https" } else { "http" };
+        format!("{scheme}://{}", self.http)
+    }
+
+    /// An API client with `token`, trusting only this server's CA.
+    pub fn api_with(&self, token: &str) -> Api {
+        let mut roots = rustls::RootCertStore::empty();
+        for cert in rustls::pki_types::CertificateDer::pem_slice_iter(self.ca_pem().as_bytes()) {
+            roots.add(cert.expect("CA PEM")).expect("CA certificate");
+        }
+        let tls = rustls::ClientConfig::builder()
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        let client = reqwest::Client::builder()
+            .tls_backend_preconfigured(tls)
+            .build()
+            .expect("HTTP client");
+        Api {
+            client,
+            base: self.base_url(),
+            token: token.to_owned(),
+        }
     }
 
     /// An API client with the admin token.
     pub fn api(&self) -> Api {
-        Api::new(&self.base_url(), &self.admin_token)
+        self.api_with(&self.admin_token)
     }
 
     /// All record lines the file sink wrote.
@@ -297,9 +324,18 @@ impl Server {
     }
 }
 
+/// The last `n` lines of a log, for failure reports.
+fn tail(log: &str, n: usize) -> String {
+    let lines: Vec<&str> = log.lines().collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
+}
+
 impl Drop for Server {
     fn drop(&mut self) {
         self.kill();
+        if std::thread::panicking() {
+            eprintln!("---- keel-server log (last 40 lines) ----\n{}", tail(&self.log(), 40));
+        }
     }
 }
 
@@ -493,6 +529,13 @@ impl Drop for Agent {
         if let Some(mut child) = self.child.take() {
             let _ = child.kill();
             let _ = child.wait();
+        }
+        if std::thread::panicking() {
+            eprintln!(
+                "---- keel-agent {} log (last 40 lines) ----\n{}",
+                self.id,
+                tail(&self.log(), 40)
+            );
         }
     }
 }

@@ -198,7 +198,10 @@ async fn agent_reconnects_after_the_server_is_killed() {
 #[tokio::test]
 async fn agent_renews_its_certificate_before_two_thirds_of_its_lifetime() {
     let server = Server::start(ServerOptions {
-        extra_toml: "[pki]\ncert_lifetime = \"12s\"".into(),
+        extra_toml: "[pki]
+cert_lifetime = \"12s\""
+            .into(),
+        ..Default::default()
     })
     .await;
     let mut agent = Agent::enrolled(&server, "renew-1");

@@ -188,3 +188,35 @@ async fn reenrolling_an_id_revokes_its_older_certificate() {
     assert!(log.contains("re-enrollment revoked earlier certificates"), "{log}");
     assert!(log.contains("client certificate is revoked"), "{log}");
 }
+
+#[tokio::test]
+async fn https_enrollment_pins_the_ca_and_discovery_finds_the_stream() {
+    let server = Server::start(ServerOptions {
+        https: true,
+        ..Default::default()
+    })
+    .await;
+    let api = server.api();
+    assert!(
+        api.agents().await.is_empty(),
+        "the API answers over HTTPS verified against the Keel CA"
+    );
+
+    // An agent that knows only the discovery URL.
+    let mut agent = Agent::new(&server, "disc-1", "");
+    let text = std::fs::read_to_string(&agent.config).unwrap();
+    let private = format!("private = [\"{}\"]", server.grpc);
+    let discovery = format!("discovery_url = \"{}/discovery\"", server.base_url());
+    std::fs::write(&agent.config, text.replace(&private, &discovery)).unwrap();
+    let out = agent.enroll(&server, &server.enrollment_token(1, "10m"), Some(&server.fingerprint()));
+    assert!(out.status.success(), "{}", stderr(&out));
+    agent.start();
+    api.online("disc-1").await;
+
+    // Plain HTTP to the HTTPS listener gets nowhere.
+    let plain = reqwest::Client::new()
+        .get(format!("http://{}/healthz", server.http))
+        .send()
+        .await;
+    assert!(plain.is_err(), "plain HTTP must not be served: {plain:?}");
+}
