@@ -1,12 +1,55 @@
 //! The Keel plugin SDK.
 //!
-//! A Keel plugin is a separate executable that the agent starts with two extra
-//! pipes: it reads `Task` frames from fd 3 and writes `Record` frames to fd 4. Each
-//! frame is a 4-byte little-endian length followed by protobuf bytes. The message
-//! types are re-exported from [`keel_proto::grpc`].
+//! A Keel plugin is an executable that `keel-agent` starts as a child process. The
+//! agent passes it two pipes: the plugin **reads tasks from fd 3** and **writes
+//! records to fd 4**. Each frame is a 4-byte little-endian length followed by a
+//! protobuf message ([`Task`] in, [`Record`] out). The same protocol is Elkeid's,
+//! so a plugin built with this SDK also runs under an Elkeid agent, and an Elkeid
+//! plugin runs under `keel-agent`. `PROTOCOL.md` in this crate describes the
+//! protocol for other languages.
 //!
-//! This crate is an API boundary. The `Client`, the logging bridge and the debug mode
-//! arrive with the plugin runtime; until then it exposes the wire types only.
-#![forbid(unsafe_code)]
+//! ```no_run
+//! use keel_plugin_sdk::{Client, Error};
+//!
+//! fn main() -> Result<(), Error> {
+//!     let client = Client::new()?;
+//!     // Records are buffered and flushed every 100 ms and whenever 64 KiB are waiting.
+//!     client.send(6100, [("event", "started")])?;
+//!     loop {
+//!         match client.receive_task() {
+//!             Ok(task) => {
+//!                 client.send(6101, [("echo", task.data.as_str())])?;
+//!                 client.task_result(&task.token, true, "done")?;
+//!             }
+//!             // The agent closed the pipes: it is stopping this plugin.
+//!             Err(Error::Closed) => return Ok(()),
+//!             Err(e) => return Err(e),
+//!         }
+//!     }
+//! }
+//! ```
+//!
+//! - [`Client::new`] attaches to fds 3 and 4, or, with `KEEL_PLUGIN_DEBUG=1`, to
+//!   stdin and stdout as JSON lines, so a plugin can be run and tried by hand.
+//! - [`detail`] returns the plugin's configuration string (`DETAIL`).
+//! - [`logging::AgentLogLayer`] sends `tracing` events upstream as plugin logs
+//!   (data_type 1011).
+#![deny(unsafe_code)]
 
+mod client;
+mod fds;
+pub mod logging;
+
+pub use client::{Client, ClientOptions, Error};
+pub use keel_proto::data_type;
 pub use keel_proto::grpc::{Payload, Record, Task};
+
+/// The environment variable that switches on the debug mode.
+pub const DEBUG_ENV: &str = "KEEL_PLUGIN_DEBUG";
+/// The environment variable carrying the plugin's configuration (`Config.detail`).
+pub const DETAIL_ENV: &str = "DETAIL";
+
+/// The plugin's configuration string from `DETAIL`, if set.
+pub fn detail() -> Option<String> {
+    std::env::var(DETAIL_ENV).ok()
+}

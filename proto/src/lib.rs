@@ -16,4 +16,5 @@ pub mod grpc {
 }
 
 pub mod data_type;
+pub mod frame;
 pub mod payload;

@@ -1,0 +1,344 @@
+//! The [`Client`]: buffered records out, tasks in.
+
+use std::collections::HashMap;
+use std::io::{BufRead, BufReader, BufWriter, ErrorKind, Read, Write};
+use std::sync::{Arc, Mutex, Weak};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use keel_proto::data_type::TASK_RESULT;
+use keel_proto::frame::{self, DEFAULT_MAX_FRAME};
+use keel_proto::grpc::{Payload, Record, Task};
+use prost::Message;
+use serde::{Deserialize, Serialize};
+
+use crate::{DEBUG_ENV, fds};
+
+/// What can go wrong talking to the agent.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The agent closed the pipe: it is stopping this plugin (or has gone away).
+    /// Finish up and exit.
+    #[error("the agent closed the pipe")]
+    Closed,
+    /// Reading or writing failed.
+    #[error("pipe I/O: {0}")]
+    Io(#[from] std::io::Error),
+    /// A task frame could not be read.
+    #[error("invalid task frame: {0}")]
+    Frame(String),
+}
+
+fn io(e: std::io::Error) -> Error {
+    match e.kind() {
+        ErrorKind::BrokenPipe | ErrorKind::UnexpectedEof => Error::Closed,
+        _ => Error::Io(e),
+    }
+}
+
+/// Tuning for a [`Client`].
+#[derive(Debug, Clone)]
+pub struct ClientOptions {
+    /// Buffered records are written at least this often.
+    pub flush_interval: Duration,
+    /// Records are written once this many bytes are buffered.
+    pub buffer_bytes: usize,
+    /// Largest task frame accepted.
+    pub max_task_bytes: usize,
+    /// JSON lines on stdin/stdout instead of the pipes. `None`: from `KEEL_PLUGIN_DEBUG`.
+    pub debug: Option<bool>,
+}
+
+impl Default for ClientOptions {
+    fn default() -> Self {
+        Self { flush_interval: Duration::from_millis(100), buffer_bytes: 64 << 10, max_task_bytes: DEFAULT_MAX_FRAME, debug: None }
+    }
+}
+
+struct Out {
+    writer: BufWriter<Box<dyn Write + Send>>,
+    scratch: Vec<u8>,
+    closed: bool,
+}
+
+struct Inner {
+    out: Mutex<Out>,
+    input: Mutex<BufReader<Box<dyn Read + Send>>>,
+    debug: bool,
+    max_task_bytes: usize,
+}
+
+/// The plugin's connection to the agent. Cheap to clone; clones share the pipes, so
+/// one thread can wait for tasks while others send records.
+#[derive(Clone)]
+pub struct Client {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for Client {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Client").field("debug", &self.inner.debug).finish_non_exhaustive()
+    }
+}
+
+/// A task as JSON in debug mode: the `Task` field names, each optional.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct JsonTask {
+    #[serde(default)]
+    data_type: i32,
+    #[serde(default)]
+    object_name: String,
+    #[serde(default)]
+    data: String,
+    #[serde(default)]
+    token: String,
+}
+
+/// A record as JSON in debug mode.
+#[derive(Serialize)]
+struct JsonRecord<'a> {
+    data_type: i32,
+    timestamp: i64,
+    fields: &'a HashMap<String, String>,
+}
+
+fn now_secs() -> i64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or(0)
+}
+
+impl Client {
+    /// Attaches to the agent with default options.
+    pub fn new() -> Result<Self, Error> {
+        Self::with_options(ClientOptions::default())
+    }
+
+    /// Attaches to the agent: fds 3 and 4, or stdin/stdout in debug mode.
+    pub fn with_options(opts: ClientOptions) -> Result<Self, Error> {
+        let debug = opts.debug.unwrap_or_else(|| std::env::var(DEBUG_ENV).is_ok_and(|v| v == "1" || v == "true"));
+        let (input, output): (Box<dyn Read + Send>, Box<dyn Write + Send>) = if debug {
+            (Box::new(std::io::stdin()), Box::new(std::io::stdout()))
+        } else {
+            let (tasks, records) = fds::take()?;
+            (Box::new(tasks), Box::new(records))
+        };
+        Ok(Self::from_parts(input, output, debug, &opts))
+    }
+
+    /// A client over any reader and writer, for tests of plugin code.
+    pub fn from_io(input: impl Read + Send + 'static, output: impl Write + Send + 'static, opts: ClientOptions) -> Self {
+        let debug = opts.debug.unwrap_or(false);
+        Self::from_parts(Box::new(input), Box::new(output), debug, &opts)
+    }
+
+    fn from_parts(input: Box<dyn Read + Send>, output: Box<dyn Write + Send>, debug: bool, opts: &ClientOptions) -> Self {
+        let inner = Arc::new(Inner {
+            out: Mutex::new(Out {
+                writer: BufWriter::with_capacity(opts.buffer_bytes.max(4096), output),
+                scratch: Vec::new(),
+                closed: false,
+            }),
+            input: Mutex::new(BufReader::with_capacity(64 << 10, input)),
+            debug,
+            max_task_bytes: opts.max_task_bytes,
+        });
+        spawn_flusher(Arc::downgrade(&inner), opts.flush_interval);
+        Self { inner }
+    }
+
+    /// Whether the client speaks JSON lines on stdin/stdout.
+    pub fn is_debug(&self) -> bool {
+        self.inner.debug
+    }
+
+    fn out(&self) -> std::sync::MutexGuard<'_, Out> {
+        self.inner.out.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Queues a record. It is written when the buffer fills or at the next flush.
+    pub fn send_record(&self, record: &Record) -> Result<(), Error> {
+        let mut out = self.out();
+        if out.closed {
+            return Err(Error::Closed);
+        }
+        let result = if self.inner.debug {
+            let empty = HashMap::new();
+            let fields = record.data.as_ref().map_or(&empty, |p| &p.fields);
+            let line = JsonRecord { data_type: record.data_type, timestamp: record.timestamp, fields };
+            serde_json::to_writer(&mut out.writer, &line).map_err(std::io::Error::from).and_then(|()| out.writer.write_all(b"\n"))
+        } else {
+            let Out { writer, scratch, .. } = &mut *out;
+            scratch.clear();
+            scratch.extend_from_slice(&(record.encoded_len() as u32).to_le_bytes());
+            // Encoding into a Vec grows it as needed and cannot fail.
+            let _ = record.encode(scratch);
+            writer.write_all(scratch)
+        };
+        result.map_err(|e| {
+            let e = io(e);
+            if matches!(e, Error::Closed) {
+                out.closed = true;
+            }
+            e
+        })
+    }
+
+    /// Queues a record of `data_type` with `fields`, stamped now.
+    pub fn send<K: Into<String>, V: Into<String>>(
+        &self,
+        data_type: i32,
+        fields: impl IntoIterator<Item = (K, V)>,
+    ) -> Result<(), Error> {
+        let fields = fields.into_iter().map(|(k, v)| (k.into(), v.into())).collect();
+        self.send_record(&Record { data_type, timestamp: now_secs(), data: Some(Payload { fields }) })
+    }
+
+    /// Reports a task's outcome (data_type 5100) and flushes it.
+    pub fn task_result(&self, token: &str, ok: bool, msg: &str) -> Result<(), Error> {
+        let status = if ok { "succeeded" } else { "failed" };
+        self.send(TASK_RESULT, [("token", token), ("status", status), ("msg", msg)])?;
+        self.flush()
+    }
+
+    /// Writes every buffered record now.
+    pub fn flush(&self) -> Result<(), Error> {
+        let mut out = self.out();
+        out.writer.flush().map_err(|e| {
+            let e = io(e);
+            if matches!(e, Error::Closed) {
+                out.closed = true;
+            }
+            e
+        })
+    }
+
+    /// Waits for the next task. [`Error::Closed`] means the agent is stopping
+    /// the plugin: flush and exit.
+    pub fn receive_task(&self) -> Result<Task, Error> {
+        let mut input = self.inner.input.lock().unwrap_or_else(|p| p.into_inner());
+        if self.inner.debug {
+            return loop {
+                let mut line = String::new();
+                if input.read_line(&mut line).map_err(io)? == 0 {
+                    break Err(Error::Closed);
+                }
+                if line.trim().is_empty() {
+                    continue;
+                }
+                let t: JsonTask = serde_json::from_str(&line).map_err(|e| Error::Frame(format!("task JSON: {e}")))?;
+                break Ok(Task { data_type: t.data_type, object_name: t.object_name, data: t.data, token: t.token });
+            };
+        }
+        let mut header = [0u8; 4];
+        input.read_exact(&mut header).map_err(io)?;
+        let len = frame::frame_len(header, self.inner.max_task_bytes).map_err(|e| Error::Frame(e.to_string()))?;
+        let mut body = vec![0u8; len];
+        input.read_exact(&mut body).map_err(|e| match e.kind() {
+            ErrorKind::UnexpectedEof => Error::Frame(format!("pipe closed inside a {len}-byte task frame")),
+            _ => Error::Io(e),
+        })?;
+        Task::decode(&body[..]).map_err(|e| Error::Frame(e.to_string()))
+    }
+}
+
+fn spawn_flusher(inner: Weak<Inner>, every: Duration) {
+    let spawned = std::thread::Builder::new().name("keel-sdk-flush".into()).spawn(move || {
+        loop {
+            std::thread::sleep(every);
+            let Some(inner) = inner.upgrade() else { return };
+            let mut out = inner.out.lock().unwrap_or_else(|p| p.into_inner());
+            if out.closed || out.writer.flush().is_err() {
+                return;
+            }
+        }
+    });
+    if let Err(e) = spawned {
+        // Without the thread, records still go out when the buffer fills or on flush().
+        eprintln!("keel-plugin-sdk: cannot start the flush thread: {e}");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::{Arc, Mutex};
+
+    use bytes::Bytes;
+
+    use super::*;
+
+    #[derive(Clone, Default)]
+    struct Shared(Arc<Mutex<Vec<u8>>>);
+    impl Write for Shared {
+        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(b);
+            Ok(b.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    fn opts(debug: bool) -> ClientOptions {
+        ClientOptions { debug: Some(debug), flush_interval: Duration::from_secs(3600), ..Default::default() }
+    }
+
+    #[test]
+    fn frames_records_and_reads_tasks() {
+        let task = Task { data_type: 6000, object_name: "p".into(), data: "{}".into(), token: "t".into() };
+        let input = frame::encode_task(&task).to_vec();
+        let out = Shared::default();
+        let c = Client::from_io(std::io::Cursor::new(input), out.clone(), opts(false));
+        assert_eq!(c.receive_task().unwrap(), task);
+        assert!(matches!(c.receive_task(), Err(Error::Closed)));
+        c.send(6001, [("k", "v")]).unwrap();
+        c.flush().unwrap();
+        let bytes = out.0.lock().unwrap().clone();
+        let len = u32::from_le_bytes(bytes[..4].try_into().unwrap()) as usize;
+        assert_eq!(len, bytes.len() - 4);
+        let raw = frame::parse_record(Bytes::from(bytes[4..].to_vec())).unwrap();
+        assert_eq!(raw.data_type, 6001);
+        assert_eq!(keel_proto::payload::decode(&raw.payload).unwrap()["k"], "v");
+    }
+
+    #[test]
+    fn oversized_and_truncated_tasks_are_errors() {
+        let c = Client::from_io(std::io::Cursor::new(u32::MAX.to_le_bytes().to_vec()), Shared::default(), opts(false));
+        assert!(matches!(c.receive_task(), Err(Error::Frame(m)) if m.contains("exceeds")));
+        let mut half = 10u32.to_le_bytes().to_vec();
+        half.extend_from_slice(&[1, 2]);
+        let c = Client::from_io(std::io::Cursor::new(half), Shared::default(), opts(false));
+        assert!(matches!(c.receive_task(), Err(Error::Frame(m)) if m.contains("inside")));
+    }
+
+    #[test]
+    fn debug_mode_speaks_json_lines() {
+        let input = "{\"data_type\":6000,\"data\":\"x\",\"token\":\"t1\"}\n\n";
+        let out = Shared::default();
+        let c = Client::from_io(std::io::Cursor::new(input.as_bytes().to_vec()), out.clone(), opts(true));
+        let t = c.receive_task().unwrap();
+        assert_eq!((t.data_type, t.data.as_str(), t.token.as_str()), (6000, "x", "t1"));
+        assert!(matches!(c.receive_task(), Err(Error::Closed)));
+        c.task_result("t1", true, "ok").unwrap();
+        let text = String::from_utf8(out.0.lock().unwrap().clone()).unwrap();
+        let v: serde_json::Value = serde_json::from_str(text.trim()).unwrap();
+        assert_eq!(v["data_type"], 5100);
+        assert_eq!(v["fields"]["status"], "succeeded");
+        assert!(v["timestamp"].as_i64().unwrap() > 0);
+    }
+
+    #[test]
+    fn a_closed_pipe_is_closed() {
+        struct Broken;
+        impl Write for Broken {
+            fn write(&mut self, _: &[u8]) -> std::io::Result<usize> {
+                Err(std::io::Error::from(ErrorKind::BrokenPipe))
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Err(std::io::Error::from(ErrorKind::BrokenPipe))
+            }
+        }
+        let c = Client::from_io(std::io::empty(), Broken, opts(false));
+        c.send(1, [("a", "b")]).unwrap();
+        assert!(matches!(c.flush(), Err(Error::Closed)));
+        assert!(matches!(c.send(1, [("a", "b")]), Err(Error::Closed)));
+    }
+}
