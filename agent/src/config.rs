@@ -37,6 +37,9 @@ pub struct AgentConfig {
     /// Batching and buffering of records.
     #[serde(default)]
     pub transfer: TransferSection,
+    /// The plugin runtime.
+    #[serde(default)]
+    pub plugins: PluginsSection,
     /// Logging.
     #[serde(default)]
     pub log: LogSection,
@@ -108,10 +111,78 @@ pub struct TransferSection {
     /// A batch is sent once it holds this many payload bytes.
     #[serde(default = "default_batch_bytes")]
     pub batch_max_bytes: usize,
-    /// Unacknowledged batches kept for resending. Beyond it the oldest are dropped
-    /// and counted in the heartbeat.
-    #[serde(default = "default_pending_bytes")]
-    pub pending_max_bytes: usize,
+    /// Bound on the disk spool of unacknowledged batches. While connected a full
+    /// spool holds producers back; while disconnected the oldest data is evicted and
+    /// counted in the heartbeat.
+    #[serde(default = "default_spool_bytes")]
+    pub spool_max_bytes: u64,
+    /// Spool segment size; eviction and deletion work a segment at a time.
+    #[serde(default = "default_segment_bytes")]
+    pub spool_segment_bytes: u64,
+    /// Recent batches also kept in memory, so sending rarely reads the disk.
+    #[serde(default = "default_spool_cache")]
+    pub spool_cache_bytes: u64,
+    /// How often the spool is flushed to stable storage.
+    #[serde(default = "default_spool_sync", with = "humantime_serde")]
+    pub spool_sync_interval: Duration,
+}
+
+/// Resource limits of one plugin.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PluginLimits {
+    /// Memory limit, bytes (cgroup memory.max / memory.limit_in_bytes).
+    #[serde(default = "default_plugin_memory")]
+    pub memory_max_bytes: u64,
+    /// CPU limit in percent of one CPU (cgroup cpu.max / cfs quota).
+    #[serde(default = "default_plugin_cpu")]
+    pub cpu_max_percent: u32,
+    /// Process limit, against fork bombs (cgroup pids.max).
+    #[serde(default = "default_plugin_pids")]
+    pub pids_max: u64,
+}
+
+/// The plugin runtime.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PluginsSection {
+    /// Where plugins are installed. Default `<state_dir>/plugins`.
+    #[serde(default)]
+    pub dir: Option<PathBuf>,
+    /// Hex Ed25519 public key that every plugin package must be signed with.
+    /// Without it nothing is installed.
+    #[serde(default)]
+    pub release_public_key: String,
+    /// Largest record frame a plugin may write.
+    #[serde(default = "default_max_frame")]
+    pub max_frame_bytes: usize,
+    /// Tasks queued per plugin; beyond it a task is refused as busy.
+    #[serde(default = "default_task_queue")]
+    pub task_queue: usize,
+    /// Between SIGTERM and SIGKILL when stopping a plugin.
+    #[serde(default = "default_grace", with = "humantime_serde")]
+    pub stop_grace: Duration,
+    /// First restart delay after a crash.
+    #[serde(default = "default_restart_min", with = "humantime_serde")]
+    pub restart_backoff_min: Duration,
+    /// Longest restart delay.
+    #[serde(default = "default_backoff_max", with = "humantime_serde")]
+    pub restart_backoff_max: Duration,
+    /// Per-URL download limit.
+    #[serde(default = "default_download_timeout", with = "humantime_serde")]
+    pub download_timeout: Duration,
+    /// Largest package accepted, and largest unpacked tar.gz.
+    #[serde(default = "default_max_package")]
+    pub max_package_bytes: u64,
+    /// Put each plugin in its own cgroup with its limits, where cgroups are writable.
+    #[serde(default = "default_true")]
+    pub cgroups: bool,
+    /// Limits for every plugin without its own entry in `limits`.
+    #[serde(default)]
+    pub default_limits: PluginLimits,
+    /// Limits by plugin name.
+    #[serde(default)]
+    pub limits: std::collections::BTreeMap<String, PluginLimits>,
 }
 
 /// Logging.
@@ -159,8 +230,44 @@ fn default_batch_records() -> usize {
 fn default_batch_bytes() -> usize {
     1 << 20
 }
-fn default_pending_bytes() -> usize {
-    64 << 20
+fn default_spool_bytes() -> u64 {
+    256 << 20
+}
+fn default_segment_bytes() -> u64 {
+    16 << 20
+}
+fn default_spool_cache() -> u64 {
+    32 << 20
+}
+fn default_spool_sync() -> Duration {
+    Duration::from_secs(1)
+}
+fn default_plugin_memory() -> u64 {
+    256 << 20
+}
+fn default_plugin_cpu() -> u32 {
+    100
+}
+fn default_plugin_pids() -> u64 {
+    256
+}
+fn default_max_frame() -> usize {
+    keel_proto::frame::DEFAULT_MAX_FRAME
+}
+fn default_task_queue() -> usize {
+    64
+}
+fn default_restart_min() -> Duration {
+    Duration::from_millis(500)
+}
+fn default_download_timeout() -> Duration {
+    Duration::from_secs(300)
+}
+fn default_max_package() -> u64 {
+    256 << 20
+}
+fn default_true() -> bool {
+    true
 }
 fn default_level() -> String {
     "info".into()
@@ -200,7 +307,37 @@ impl Default for TransferSection {
             batch_interval: default_batch_interval(),
             batch_max_records: default_batch_records(),
             batch_max_bytes: default_batch_bytes(),
-            pending_max_bytes: default_pending_bytes(),
+            spool_max_bytes: default_spool_bytes(),
+            spool_segment_bytes: default_segment_bytes(),
+            spool_cache_bytes: default_spool_cache(),
+            spool_sync_interval: default_spool_sync(),
+        }
+    }
+}
+impl Default for PluginLimits {
+    fn default() -> Self {
+        Self {
+            memory_max_bytes: default_plugin_memory(),
+            cpu_max_percent: default_plugin_cpu(),
+            pids_max: default_plugin_pids(),
+        }
+    }
+}
+impl Default for PluginsSection {
+    fn default() -> Self {
+        Self {
+            dir: None,
+            release_public_key: String::new(),
+            max_frame_bytes: default_max_frame(),
+            task_queue: default_task_queue(),
+            stop_grace: default_grace(),
+            restart_backoff_min: default_restart_min(),
+            restart_backoff_max: default_backoff_max(),
+            download_timeout: default_download_timeout(),
+            max_package_bytes: default_max_package(),
+            cgroups: true,
+            default_limits: PluginLimits::default(),
+            limits: Default::default(),
         }
     }
 }
@@ -237,6 +374,14 @@ pub enum Purpose {
 }
 
 impl AgentConfig {
+    /// The plugin directory.
+    pub fn plugin_dir(&self) -> PathBuf {
+        self.plugins
+            .dir
+            .clone()
+            .unwrap_or_else(|| self.agent.state_dir.join("plugins"))
+    }
+
     /// Loads the layers. `path` is `--config`; when `None`, the default path is read
     /// if it exists.
     pub fn load(path: Option<&Path>, overrides: &Overrides, purpose: Purpose) -> Result<Self, ConfigError> {
@@ -325,6 +470,35 @@ impl AgentConfig {
         }
         if self.transfer.batch_max_records == 0 {
             return Err(err("transfer.batch_max_records".into(), "must be at least 1".into()));
+        }
+        if self.transfer.spool_max_bytes < 4 * self.transfer.batch_max_bytes as u64 {
+            return Err(err(
+                "transfer.spool_max_bytes".into(),
+                "must hold at least four maximal batches".into(),
+            ));
+        }
+        let key = &self.plugins.release_public_key;
+        if !key.is_empty() && !(key.len() == 64 && key.bytes().all(|b| b.is_ascii_hexdigit())) {
+            return Err(err(
+                "plugins.release_public_key".into(),
+                "must be 64 hex digits (an Ed25519 public key)".into(),
+            ));
+        }
+        if self.plugins.max_frame_bytes < 64 {
+            return Err(err("plugins.max_frame_bytes".into(), "must be at least 64".into()));
+        }
+        if self.plugins.task_queue == 0 {
+            return Err(err("plugins.task_queue".into(), "must be at least 1".into()));
+        }
+        for (name, limits) in std::iter::once(("default_limits".to_owned(), &self.plugins.default_limits))
+            .chain(self.plugins.limits.iter().map(|(n, l)| (format!("limits.{n}"), l)))
+        {
+            if limits.memory_max_bytes < (4 << 20) || limits.cpu_max_percent == 0 || limits.pids_max == 0 {
+                return Err(err(
+                    format!("plugins.{name}"),
+                    "memory_max_bytes must be >= 4 MiB, cpu_max_percent and pids_max >= 1".into(),
+                ));
+            }
         }
         Ok(())
     }

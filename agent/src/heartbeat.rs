@@ -13,7 +13,9 @@ use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 use crate::host::{self, CpuSampler, Platform};
-use crate::outbox::{Outbox, Pending, Record};
+use crate::outbox::{Outbox, Record};
+use crate::plugin::Runtime;
+use crate::spool::Spool;
 use crate::tasks::MetadataStore;
 use crate::transport::{Header, TransferStats};
 
@@ -26,8 +28,8 @@ pub struct Heartbeat {
     pub interval: Duration,
     /// Where heartbeats go.
     pub outbox: Outbox,
-    /// Pending counters.
-    pub pending: Arc<Pending>,
+    /// Spool counters.
+    pub spool: Arc<Spool>,
     /// Transfer counters.
     pub stats: Arc<TransferStats>,
     /// idc/region.
@@ -36,6 +38,8 @@ pub struct Heartbeat {
     pub header: Arc<RwLock<Header>>,
     /// Notified when a stream opens.
     pub connected: Arc<Notify>,
+    /// The plugins, for their heartbeats (1001).
+    pub plugins: Runtime,
 }
 
 struct Rates {
@@ -59,13 +63,16 @@ impl Heartbeat {
         let mut ticker = tokio::time::interval(self.interval);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
-            tokio::select! {
+            let tick = tokio::select! {
                 _ = shutdown.cancelled() => return,
-                _ = ticker.tick() => {}
-                _ = self.connected.notified() => {}
+                _ = ticker.tick() => true,
+                _ = self.connected.notified() => false,
+            };
+            let mut records = vec![self.beat(&platform, &mut sampler, &mut rates)];
+            if tick {
+                records.extend(self.plugins.heartbeats(self.interval));
             }
-            let record = self.beat(&platform, &mut sampler, &mut rates);
-            if !self.outbox.send(record).await {
+            if !self.outbox.send_all(records).await {
                 return;
             }
         }
@@ -92,7 +99,7 @@ impl Heartbeat {
         let now = self.rates();
         let secs = now.at.duration_since(prev.at).as_secs_f64().max(0.001);
         let per_sec = |a: u64, b: u64| f(a.saturating_sub(b) as f64 / secs);
-        let pending = self.pending.stats();
+        let spool = self.spool.stats();
         let meta = self.metadata.get();
         let fields: Vec<(&str, String)> = vec![
             ("hostname", hostname),
@@ -114,11 +121,12 @@ impl Heartbeat {
             ("tx_speed", per_sec(now.tx_bytes, prev.tx_bytes)),
             ("rx_speed", per_sec(now.rx_bytes, prev.rx_bytes)),
             ("tx_tps", per_sec(now.tx_records, prev.tx_records)),
-            ("spool_bytes", pending.bytes.to_string()),
-            ("spool_batches", pending.batches.to_string()),
-            ("dropped", (pending.dropped_records + self.outbox.dropped()).to_string()),
-            ("resent", pending.resent_batches.to_string()),
+            ("spool_bytes", spool.bytes.to_string()),
+            ("spool_batches", spool.batches.to_string()),
+            ("dropped", (spool.dropped_records + self.outbox.dropped()).to_string()),
+            ("resent", spool.resent_batches.to_string()),
             ("connects", self.stats.connects.load(Ordering::Relaxed).to_string()),
+            ("plugins", self.plugins.names().join(",")),
             ("load_1", f(f64::from(s.load.0))),
             ("load_5", f(f64::from(s.load.1))),
             ("load_15", f(f64::from(s.load.2))),

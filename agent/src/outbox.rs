@@ -1,22 +1,26 @@
-//! The agent's outbound data path: producers → batcher → pending batches → stream.
+//! The agent's outbound data path: producers → outbox → batcher → spool → stream.
 //!
-//! Producers (heartbeat, logs, task results, plugins) put records into a bounded
-//! channel. The batcher cuts them into numbered batches (by count, size, or every
-//! `batch_interval`). Batches stay in [`Pending`] until the server acknowledges
-//! them, and are sent again after a reconnect. Pending is bounded in bytes; when
-//! the bound is hit the oldest batch is dropped and counted, the only way a record
-//! is lost, and always reported in the heartbeat.
+//! Producers (heartbeat, logs, task results, plugin pipes) put records into a
+//! bounded channel and wait when it is full: that wait is the backpressure that
+//! stops the agent reading a plugin's pipe. The batcher cuts records into batches
+//! (by count, size, or every `batch_interval`), encodes each straight into the
+//! bytes of a `PackagedData`, and appends it to the [`Spool`], which waits while
+//! it is full and connected.
 
-use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use keel_common::time::now_secs;
 use keel_proto::payload;
-use tokio::sync::{Notify, mpsc};
+use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
+use tracing::error;
+
+use crate::spool::Spool;
+use crate::transport::Header;
+use crate::wire;
 
 /// A record on its way up; `data` is an encoded `Payload`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -40,16 +44,17 @@ impl Record {
     }
 }
 
-/// The producers' end: cheap to clone.
+/// The producers' end: cheap to clone. Items are chunks of records, so a plugin
+/// pipe read of many frames costs one channel operation.
 #[derive(Debug, Clone)]
 pub struct Outbox {
-    tx: mpsc::Sender<Record>,
+    tx: mpsc::Sender<Vec<Record>>,
     dropped: Arc<AtomicU64>,
 }
 
 impl Outbox {
-    /// A channel of `capacity` records; the receiver goes to [`batcher`].
-    pub fn channel(capacity: usize) -> (Self, mpsc::Receiver<Record>) {
+    /// A channel of `capacity` chunks; the receiver goes to [`batcher`].
+    pub fn channel(capacity: usize) -> (Self, mpsc::Receiver<Vec<Record>>) {
         let (tx, rx) = mpsc::channel(capacity.max(1));
         (
             Self {
@@ -62,13 +67,18 @@ impl Outbox {
 
     /// Queues a record, waiting while the queue is full. Returns false after shutdown.
     pub async fn send(&self, record: Record) -> bool {
-        self.tx.send(record).await.is_ok()
+        self.tx.send(vec![record]).await.is_ok()
+    }
+
+    /// Queues records, waiting while the queue is full. Returns false after shutdown.
+    pub async fn send_all(&self, records: Vec<Record>) -> bool {
+        records.is_empty() || self.tx.send(records).await.is_ok()
     }
 
     /// Queues a record if there is room; otherwise drops and counts it. For
     /// producers that must never block, such as logging.
     pub fn try_send(&self, record: Record) -> bool {
-        match self.tx.try_send(record) {
+        match self.tx.try_send(vec![record]) {
             Ok(()) => true,
             Err(_) => {
                 self.dropped.fetch_add(1, Ordering::Relaxed);
@@ -83,195 +93,6 @@ impl Outbox {
     }
 }
 
-/// A numbered batch.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Batch {
-    /// Position in the epoch, from 1.
-    pub seq: u64,
-    /// The records.
-    pub records: Vec<Record>,
-    /// Payload bytes, for the bound.
-    pub bytes: usize,
-}
-
-/// Counters for the heartbeat.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct PendingStats {
-    /// Bytes waiting for an acknowledgement.
-    pub bytes: usize,
-    /// Batches waiting.
-    pub batches: usize,
-    /// Records dropped because the bound was hit.
-    pub dropped_records: u64,
-    /// Batches sent more than once.
-    pub resent_batches: u64,
-}
-
-#[derive(Debug)]
-struct State {
-    epoch: u64,
-    next_seq: u64,
-    queue: VecDeque<Arc<Batch>>,
-    bytes: usize,
-    /// Next seq to hand to the sender.
-    cursor: u64,
-    highest_sent: u64,
-    dropped_records: u64,
-    resent_batches: u64,
-}
-
-/// Batches waiting for their acknowledgement.
-#[derive(Debug)]
-pub struct Pending {
-    state: Mutex<State>,
-    wake: Notify,
-    max_bytes: usize,
-}
-
-impl Pending {
-    /// An empty store bounded by `max_bytes`, in a new random epoch.
-    pub fn new(max_bytes: usize) -> Self {
-        let epoch = rand::random::<u64>().max(1);
-        Self {
-            state: Mutex::new(State {
-                epoch,
-                next_seq: 1,
-                queue: VecDeque::new(),
-                bytes: 0,
-                cursor: 1,
-                highest_sent: 0,
-                dropped_records: 0,
-                resent_batches: 0,
-            }),
-            wake: Notify::new(),
-            max_bytes,
-        }
-    }
-
-    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
-        self.state.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    /// The sequence space of these batches.
-    pub fn epoch(&self) -> u64 {
-        self.lock().epoch
-    }
-
-    /// Adds a batch, evicting the oldest beyond the bound.
-    pub fn push(&self, records: Vec<Record>) {
-        if records.is_empty() {
-            return;
-        }
-        let bytes = records.iter().map(|r| r.data.len() + 16).sum();
-        let mut s = self.lock();
-        let seq = s.next_seq;
-        s.next_seq += 1;
-        s.queue.push_back(Arc::new(Batch { seq, records, bytes }));
-        s.bytes += bytes;
-        while s.bytes > self.max_bytes && s.queue.len() > 1 {
-            let Some(old) = s.queue.pop_front() else {
-                break;
-            };
-            s.bytes -= old.bytes;
-            s.dropped_records += old.records.len() as u64;
-            tracing::warn!(
-                seq = old.seq,
-                records = old.records.len(),
-                "pending bound reached: oldest batch dropped"
-            );
-            if s.cursor <= old.seq {
-                s.cursor = old.seq + 1;
-            }
-        }
-        drop(s);
-        self.wake.notify_waiters();
-    }
-
-    /// Starts over from the oldest unacknowledged batch, for a new stream.
-    pub fn rewind(&self) {
-        let mut s = self.lock();
-        s.cursor = s.queue.front().map_or(s.next_seq, |b| b.seq);
-    }
-
-    fn take(&self) -> Option<Arc<Batch>> {
-        let mut s = self.lock();
-        let front = s.queue.front()?.seq;
-        let idx = usize::try_from(s.cursor.checked_sub(front)?).ok()?;
-        let batch = Arc::clone(s.queue.get(idx)?);
-        s.cursor = batch.seq + 1;
-        if batch.seq <= s.highest_sent {
-            s.resent_batches += 1;
-        } else {
-            s.highest_sent = batch.seq;
-        }
-        Some(batch)
-    }
-
-    /// The next batch to send, waiting for one.
-    pub async fn next(&self) -> Arc<Batch> {
-        loop {
-            let notified = self.wake.notified();
-            tokio::pin!(notified);
-            notified.as_mut().enable();
-            if let Some(b) = self.take() {
-                return b;
-            }
-            notified.await;
-        }
-    }
-
-    /// Drops every batch of `epoch` up to `seq`.
-    pub fn ack(&self, epoch: u64, seq: u64) {
-        let mut s = self.lock();
-        if epoch != s.epoch {
-            tracing::warn!(epoch, "acknowledgement for another epoch ignored");
-            return;
-        }
-        while s.queue.front().is_some_and(|b| b.seq <= seq) {
-            if let Some(b) = s.queue.pop_front() {
-                s.bytes -= b.bytes;
-            }
-        }
-        if s.cursor <= seq {
-            s.cursor = seq + 1;
-        }
-        drop(s);
-        self.wake.notify_waiters();
-    }
-
-    /// Whether everything was acknowledged.
-    pub fn is_empty(&self) -> bool {
-        self.lock().queue.is_empty()
-    }
-
-    /// Counters for the heartbeat.
-    pub fn stats(&self) -> PendingStats {
-        let s = self.lock();
-        PendingStats {
-            bytes: s.bytes,
-            batches: s.queue.len(),
-            dropped_records: s.dropped_records,
-            resent_batches: s.resent_batches,
-        }
-    }
-
-    /// Waits until everything is acknowledged or `limit` passes.
-    pub async fn drained(&self, limit: Duration) -> bool {
-        let wait = async {
-            loop {
-                let notified = self.wake.notified();
-                tokio::pin!(notified);
-                notified.as_mut().enable();
-                if self.is_empty() {
-                    return;
-                }
-                notified.await;
-            }
-        };
-        tokio::time::timeout(limit, wait).await.is_ok()
-    }
-}
-
 /// Limits of one batch.
 #[derive(Debug, Clone, Copy)]
 pub struct BatchLimits {
@@ -279,54 +100,108 @@ pub struct BatchLimits {
     pub interval: Duration,
     /// Cut at this many records.
     pub max_records: usize,
-    /// Cut at this many payload bytes.
+    /// Cut at this many encoded bytes.
     pub max_bytes: usize,
 }
 
-/// Cuts the record channel into batches until `shutdown`, then flushes.
+struct Building {
+    buf: BytesMut,
+    records: usize,
+}
+
+impl Building {
+    fn new() -> Self {
+        // Grows as records arrive; a fixed large capacity would stay pinned in the
+        // spool's cache even for a one-record batch.
+        Self {
+            buf: BytesMut::with_capacity(8192),
+            records: 0,
+        }
+    }
+
+    fn add(&mut self, records: Vec<Record>) {
+        for r in &records {
+            wire::put_record(&mut self.buf, r);
+        }
+        self.records += records.len();
+    }
+
+    fn full(&self, limits: &BatchLimits) -> bool {
+        self.records >= limits.max_records || self.buf.len() >= limits.max_bytes
+    }
+}
+
+/// Cuts the record channel into batches until `shutdown` and the channel is
+/// drained, appending each to `spool`. Returns when the spool fails or every
+/// producer is gone.
 pub async fn batcher(
-    mut rx: mpsc::Receiver<Record>,
-    pending: Arc<Pending>,
+    mut rx: mpsc::Receiver<Vec<Record>>,
+    spool: Arc<Spool>,
+    header: Arc<RwLock<Header>>,
     limits: BatchLimits,
     shutdown: CancellationToken,
 ) {
+    let mut stopping = false;
     loop {
-        let first = tokio::select! {
-            r = rx.recv() => r,
-            _ = shutdown.cancelled() => None,
+        let first = if stopping {
+            rx.try_recv().ok()
+        } else {
+            tokio::select! {
+                r = rx.recv() => r,
+                _ = shutdown.cancelled() => {
+                    // Whatever producers queued before shutdown still goes to the spool.
+                    stopping = true;
+                    rx.close();
+                    continue;
+                }
+            }
         };
         let Some(first) = first else { break };
-        let mut bytes = first.data.len();
-        let mut batch = vec![first];
+        let mut batch = Building::new();
+        batch.add(first);
         let deadline = tokio::time::sleep(limits.interval);
         tokio::pin!(deadline);
-        while batch.len() < limits.max_records && bytes < limits.max_bytes {
-            tokio::select! {
-                r = rx.recv() => match r {
-                    Some(r) => {
-                        bytes += r.data.len();
-                        batch.push(r);
-                    }
-                    None => break,
-                },
-                _ = &mut deadline => break,
-                _ = shutdown.cancelled() => break,
+        while !batch.full(&limits) {
+            let more = if stopping {
+                rx.try_recv().ok()
+            } else {
+                tokio::select! {
+                    r = rx.recv() => r,
+                    _ = &mut deadline => None,
+                    _ = shutdown.cancelled() => None,
+                }
+            };
+            let Some(more) = more else { break };
+            batch.add(more);
+        }
+        {
+            let h = header.read().unwrap_or_else(|p| p.into_inner());
+            wire::put_header(&mut batch.buf, &h);
+        }
+        let spool = Arc::clone(&spool);
+        let records = u32::try_from(batch.records).unwrap_or(u32::MAX);
+        let appended = tokio::task::spawn_blocking(move || spool.append(batch.buf, records)).await;
+        match appended {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                error!(error = %e, "cannot write to the spool; records are held back");
+                return;
+            }
+            Err(e) => {
+                error!(error = %e, "spool task failed");
+                return;
             }
         }
-        pending.push(batch);
     }
-    // Whatever producers queued before shutdown still gets a seq.
-    rx.close();
-    let mut rest = Vec::new();
-    while let Ok(r) = rx.try_recv() {
-        rest.push(r);
-    }
-    pending.push(rest);
 }
 
 #[cfg(test)]
 mod tests {
+    use keel_proto::grpc::PackagedData;
+    use prost::Message;
+
     use super::*;
+    use crate::spool::SpoolOptions;
 
     fn rec(n: u8) -> Record {
         Record {
@@ -337,56 +212,42 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn resends_unacked_after_rewind() {
-        let p = Pending::new(1 << 20);
-        p.push(vec![rec(1)]);
-        p.push(vec![rec(2)]);
-        p.push(vec![rec(3)]);
-        assert_eq!(p.next().await.seq, 1);
-        assert_eq!(p.next().await.seq, 2);
-        p.ack(p.epoch(), 1);
-        p.rewind();
-        assert_eq!(p.next().await.seq, 2, "unacked batch 2 is resent first");
-        assert_eq!(p.next().await.seq, 3);
-        assert_eq!(p.stats().resent_batches, 1);
-        p.ack(p.epoch() ^ 1, 3);
-        assert_eq!(p.stats().batches, 2, "ack of another epoch is ignored");
-        p.ack(p.epoch(), 3);
-        assert!(p.is_empty());
-        assert!(p.drained(Duration::from_millis(1)).await);
-    }
-
-    #[tokio::test]
-    async fn bound_drops_oldest_and_counts() {
-        let p = Pending::new(60);
-        for i in 0..5 {
-            p.push(vec![rec(i), rec(i)]);
-        }
-        let s = p.stats();
-        assert!(s.bytes <= 60);
-        assert_eq!(s.dropped_records, 2 * (5 - s.batches as u64));
-        assert_eq!(p.next().await.seq, 6 - s.batches as u64);
-    }
-
-    #[tokio::test]
-    async fn batcher_cuts_by_count_and_flushes_on_shutdown() {
+    async fn batches_by_count_and_flushes_on_shutdown() {
+        let dir = tempfile::tempdir().unwrap();
+        let spool = Arc::new(
+            Spool::open(SpoolOptions {
+                dir: dir.path().into(),
+                max_bytes: 1 << 20,
+                segment_bytes: 1 << 20,
+                cache_bytes: 1 << 20,
+            })
+            .unwrap(),
+        );
         let (outbox, rx) = Outbox::channel(100);
-        let pending = Arc::new(Pending::new(1 << 20));
         let stop = CancellationToken::new();
+        let header = Arc::new(RwLock::new(Header {
+            agent_id: "a".into(),
+            ..Default::default()
+        }));
         let limits = BatchLimits {
             interval: Duration::from_secs(3600),
             max_records: 3,
             max_bytes: 1 << 20,
         };
-        let task = tokio::spawn(batcher(rx, Arc::clone(&pending), limits, stop.clone()));
+        let task = tokio::spawn(batcher(rx, Arc::clone(&spool), header, limits, stop.clone()));
         for i in 0..4 {
             assert!(outbox.send(rec(i)).await);
         }
-        let first = pending.next().await;
-        assert_eq!(first.records.len(), 3);
+        let (first, n) = spool.next().await.unwrap();
+        assert_eq!(n, 3);
+        let pd = PackagedData::decode(first).unwrap();
+        assert_eq!((pd.records.len(), pd.seq, pd.agent_id.as_str()), (3, 1, "a"));
+        assert_eq!(pd.epoch, spool.epoch());
         stop.cancel();
         task.await.unwrap();
-        let second = pending.next().await;
-        assert_eq!(second.records, vec![rec(3)]);
+        let (second, _) = spool.next().await.unwrap();
+        let pd = PackagedData::decode(second).unwrap();
+        assert_eq!(pd.records[0].data, rec(3).data);
+        assert_eq!(pd.seq, 2);
     }
 }

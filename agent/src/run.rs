@@ -1,26 +1,28 @@
-//! `keel-agent run`: wires the data path, the stream, the heartbeat, renewal and
-//! the task dispatcher together, and stops them within the grace period.
+//! `keel-agent run`: wires the data path, the stream, the heartbeat, renewal, the
+//! plugin runtime and the task dispatcher together, and stops them in order.
 
 use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use anyhow::Context;
-use tokio::sync::{Notify, mpsc};
+use tokio::sync::{Notify, mpsc, watch};
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
 use crate::config::AgentConfig;
 use crate::heartbeat::Heartbeat;
-use crate::outbox::{BatchLimits, Outbox, Pending, Record, batcher};
+use crate::outbox::{BatchLimits, Outbox, Record, batcher};
 use crate::pki::{self, PkiError};
+use crate::plugin::{PluginConfig, Runtime};
 use crate::renew::Renewer;
+use crate::spool::{Spool, SpoolOptions};
 use crate::tasks::{self, Action, MetadataStore, PRODUCT};
 use crate::transport::{Header, Inbound, TransferStats, Transport};
 use crate::{host, id};
 
-/// Records the producers may queue before they wait.
-const OUTBOX_RECORDS: usize = 8192;
+/// Record chunks the producers may queue before they wait.
+const OUTBOX_CHUNKS: usize = 256;
 /// How often an unenrolled agent looks for its certificate.
 const ENROLL_POLL: Duration = Duration::from_secs(5);
 
@@ -56,6 +58,28 @@ async fn wait_for_enrollment(
     }
 }
 
+/// Applies the newest desired plugin set, one at a time; a set that arrives while
+/// one is being applied replaces any set still waiting.
+async fn reconciler(
+    runtime: Runtime,
+    mut desired: watch::Receiver<Option<Vec<PluginConfig>>>,
+    stop: CancellationToken,
+) {
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            changed = desired.changed() => if changed.is_err() { return },
+        }
+        let set = desired.borrow_and_update().clone();
+        if let Some(set) = set {
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                () = runtime.reconcile(set, true) => {}
+            }
+        }
+    }
+}
+
 /// Runs the agent until `shutdown` or a restart task. `upstream_logs` carries error
 /// records from the logging layer.
 pub async fn run(
@@ -78,15 +102,26 @@ pub async fn run(
     }
     info!(%agent_id, version = keel_common::VERSION, "keel-agent starting");
 
+    let spool = Arc::new(Spool::open(SpoolOptions {
+        dir: state_dir.join("spool"),
+        max_bytes: config.transfer.spool_max_bytes,
+        segment_bytes: config
+            .transfer
+            .spool_segment_bytes
+            .min(config.transfer.spool_max_bytes / 8)
+            .max(1 << 16),
+        cache_bytes: config.transfer.spool_cache_bytes,
+    })?);
+
     let stop = shutdown.child_token();
-    let (outbox, records) = Outbox::channel(OUTBOX_RECORDS);
-    let pending = Arc::new(Pending::new(config.transfer.pending_max_bytes));
-    let identity = Arc::new(RwLock::new(identity));
+    let (outbox, records) = Outbox::channel(OUTBOX_CHUNKS);
     let header = Arc::new(RwLock::new(Header {
         agent_id: agent_id.clone(),
         hostname: host::hostname(),
         addresses: host::addresses(),
     }));
+    let plugins = Runtime::new(&config, outbox.clone(), &identity.ca_pem)?;
+    let identity = Arc::new(RwLock::new(identity));
     let stats = Arc::new(TransferStats::default());
     let connected = Arc::new(AtomicBool::new(false));
     let connected_signal = Arc::new(Notify::new());
@@ -99,10 +134,31 @@ pub async fn run(
         max_records: config.transfer.batch_max_records,
         max_bytes: config.transfer.batch_max_bytes,
     };
-    // The batcher outlives `stop` so that records produced while stopping (the
-    // restart's task result) still get batched; it ends when every producer is gone.
+    // The batcher outlives `stop`: records produced while stopping (the plugins' last
+    // words, a restart's task result) still reach the spool.
     let batch_stop = CancellationToken::new();
-    let batching = tokio::spawn(batcher(records, Arc::clone(&pending), limits, batch_stop.clone()));
+    let batching = tokio::spawn(batcher(
+        records,
+        Arc::clone(&spool),
+        Arc::clone(&header),
+        limits,
+        batch_stop.clone(),
+    ));
+
+    let sync_spool = Arc::clone(&spool);
+    let sync_every = config.transfer.spool_sync_interval;
+    let sync_stop = stop.clone();
+    let syncing = tokio::spawn(async move {
+        let mut tick = tokio::time::interval(sync_every);
+        loop {
+            tokio::select! {
+                _ = sync_stop.cancelled() => break,
+                _ = tick.tick() => {}
+            }
+            let s = Arc::clone(&sync_spool);
+            let _ = tokio::task::spawn_blocking(move || s.sync()).await;
+        }
+    });
 
     let forward_outbox = outbox.clone();
     let forward = tokio::spawn(async move {
@@ -115,7 +171,7 @@ pub async fn run(
         server: config.server.clone(),
         identity: Arc::clone(&identity),
         header: Arc::clone(&header),
-        pending: Arc::clone(&pending),
+        spool: Arc::clone(&spool),
         inbound: inbound_tx,
         stats: Arc::clone(&stats),
         connected_signal: Arc::clone(&connected_signal),
@@ -126,15 +182,25 @@ pub async fn run(
     let transport_stop = CancellationToken::new();
     let transport_task = tokio::spawn(transport.run(transport_stop.clone()));
 
+    // Plugins come back from the stored set before the server is reachable.
+    let stored = plugins.stored();
+    let (desired_tx, desired_rx) = watch::channel(None);
+    if !stored.is_empty() {
+        info!(plugins = stored.len(), "starting the stored plugin set");
+        plugins.reconcile(stored, false).await;
+    }
+    let reconciling = tokio::spawn(reconciler(plugins.clone(), desired_rx, stop.clone()));
+
     let heartbeat = Heartbeat {
         host_root: config.agent.host_root.clone(),
         interval: config.agent.heartbeat_interval,
         outbox: outbox.clone(),
-        pending: Arc::clone(&pending),
+        spool: Arc::clone(&spool),
         stats,
         metadata: metadata.clone(),
         header,
         connected: connected_signal,
+        plugins: plugins.clone(),
     };
     let heartbeat_task = tokio::spawn(heartbeat.run(stop.clone()));
     let renewer = Arc::new(Renewer::new(
@@ -164,20 +230,29 @@ pub async fn run(
                 }
             }
             Inbound::Task(task) => {
-                let msg = format!("no such plugin: {}", task.object_name);
-                warn!(token = %task.token, %msg, "task refused");
-                outbox.send(tasks::result(&task.token, false, &msg)).await;
+                let token = task.token.clone();
+                if let Err(msg) = plugins.send_task(task) {
+                    warn!(%token, %msg, "task refused");
+                    outbox.send(tasks::result(&token, false, &msg)).await;
+                }
             }
             Inbound::Renewal(answer) => renewer.complete(answer),
             Inbound::Configs(configs) => {
-                info!(plugins = ?configs, "desired plugin set received; this agent build runs no plugins");
+                info!(plugins = configs.len(), "desired plugin set received");
+                desired_tx.send_replace(Some(configs));
             }
         }
     }
 
-    // Stop producers, let the batcher flush, let the transport drain what it can.
+    // Stop producers and plugins, let the batcher flush, let the transport drain.
     stop.cancel();
-    for (name, task) in [("heartbeat", heartbeat_task), ("renewal", renew_task)] {
+    let _ = reconciling.await;
+    plugins.shutdown().await;
+    for (name, task) in [
+        ("heartbeat", heartbeat_task),
+        ("renewal", renew_task),
+        ("spool sync", syncing),
+    ] {
         if let Err(e) = task.await {
             error!(task = name, error = %e, "task failed");
         }
@@ -185,10 +260,12 @@ pub async fn run(
     forward.abort();
     drop(outbox);
     drop(renewer);
+    drop(plugins);
     batch_stop.cancel();
     let _ = batching.await;
     transport_stop.cancel();
     let _ = transport_task.await;
-    info!(?exit, pending = ?pending.stats(), "keel-agent stopped");
+    spool.sync();
+    info!(?exit, spool = ?spool.stats(), "keel-agent stopped");
     Ok(exit)
 }

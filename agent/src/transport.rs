@@ -9,22 +9,25 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
+use bytes::{BufMut, Bytes};
 use keel_common::backoff::Backoff;
-use keel_proto::grpc::transfer_client::TransferClient;
-use keel_proto::grpc::{Command, EncodedRecord, PackagedData};
+use keel_proto::grpc::Command;
 use prost::Message;
 use serde::Deserialize;
 use tokio::sync::{Notify, mpsc};
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
+use tonic::codec::{Codec, EncodeBuf, Encoder};
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity as TlsIdentity};
+use tonic_prost::ProstDecoder;
 use tracing::{debug, info, warn};
 
 use crate::config::ServerSection;
 use crate::host::Addresses;
-use crate::outbox::{Batch, Pending};
 use crate::pki::Identity;
-use crate::tasks::{PRODUCT, TaskRequest};
+use crate::plugin::PluginConfig;
+use crate::spool::Spool;
+use crate::tasks::TaskRequest;
 
 /// Largest command accepted from the server.
 const MAX_COMMAND_BYTES: usize = 16 << 20;
@@ -38,8 +41,8 @@ pub enum Inbound {
     Task(TaskRequest),
     /// The answer to a renewal request: a certificate PEM or an error.
     Renewal(Result<String, String>),
-    /// The desired plugin set (names and versions).
-    Configs(Vec<(String, String)>),
+    /// The desired plugin set.
+    Configs(Vec<PluginConfig>),
 }
 
 /// The `PackagedData` header: who this agent is.
@@ -77,8 +80,8 @@ pub struct Transport {
     pub identity: Arc<RwLock<Identity>>,
     /// Header fields, refreshed by the heartbeat.
     pub header: Arc<RwLock<Header>>,
-    /// Batches to send.
-    pub pending: Arc<Pending>,
+    /// Batches to send, already encoded.
+    pub spool: Arc<Spool>,
     /// Where commands go.
     pub inbound: mpsc::Sender<Inbound>,
     /// Counters.
@@ -129,6 +132,7 @@ impl Transport {
                 info!(server = %addr, "connected");
                 let end = self.stream(channel, &shutdown).await;
                 self.connected.store(false, Ordering::Relaxed);
+                self.spool.set_connected(false);
                 if started.elapsed() >= STABLE {
                     backoff.reset();
                 }
@@ -208,54 +212,27 @@ impl Transport {
         Ok(endpoint.connect().await?)
     }
 
-    fn packaged(&self, batch: &Batch) -> PackagedData {
-        let header = self.header.read().unwrap_or_else(|p| p.into_inner()).clone();
-        PackagedData {
-            records: batch
-                .records
-                .iter()
-                .map(|r| EncodedRecord {
-                    data_type: r.data_type,
-                    timestamp: r.timestamp,
-                    data: r.data.clone(),
-                })
-                .collect(),
-            agent_id: header.agent_id,
-            intranet_ipv4: header.addresses.intranet_ipv4,
-            extranet_ipv4: header.addresses.extranet_ipv4,
-            intranet_ipv6: header.addresses.intranet_ipv6,
-            extranet_ipv6: header.addresses.extranet_ipv6,
-            hostname: header.hostname,
-            version: keel_common::VERSION.to_owned(),
-            product: PRODUCT.to_owned(),
-            seq: batch.seq,
-            epoch: self.pending.epoch(),
-        }
-    }
-
     async fn stream(&self, channel: Channel, shutdown: &CancellationToken) -> End {
-        let mut client = TransferClient::new(channel).max_decoding_message_size(MAX_COMMAND_BYTES);
-        let (tx, rx) = mpsc::channel::<PackagedData>(2);
-        self.pending.rewind();
-        let mut inbound = match client.transfer(ReceiverStream::new(rx)).await {
-            Ok(r) => r.into_inner(),
+        let (tx, rx) = mpsc::channel::<Bytes>(2);
+        self.spool.rewind();
+        let mut inbound = match open_stream(channel, rx).await {
+            Ok(s) => s,
             Err(status) => return End::Server(describe(&status)),
         };
         self.connected.store(true, Ordering::Relaxed);
+        self.spool.set_connected(true);
         self.stats.connects.fetch_add(1, Ordering::Relaxed);
         self.connected_signal.notify_one();
 
         let send = async {
             loop {
-                let batch = self.pending.next().await;
-                let pd = self.packaged(&batch);
-                self.stats
-                    .tx_bytes
-                    .fetch_add(pd.encoded_len() as u64, Ordering::Relaxed);
-                self.stats
-                    .tx_records
-                    .fetch_add(batch.records.len() as u64, Ordering::Relaxed);
-                if tx.send(pd).await.is_err() {
+                let (batch, records) = match self.spool.next().await {
+                    Ok(b) => b,
+                    Err(e) => return End::Server(format!("cannot read the spool: {e}")),
+                };
+                self.stats.tx_bytes.fetch_add(batch.len() as u64, Ordering::Relaxed);
+                self.stats.tx_records.fetch_add(u64::from(records), Ordering::Relaxed);
+                if tx.send(batch).await.is_err() {
                     return End::Server("send side closed".into());
                 }
             }
@@ -277,7 +254,7 @@ impl Transport {
             _ = shutdown.cancelled() => {
                 // Keep the stream up briefly so queued records and their acks go through.
                 let drained = tokio::select! {
-                    d = self.pending.drained(self.drain) => d,
+                    d = self.spool.drained(self.drain) => d,
                     _ = &mut receive => false,
                     _ = &mut send => false,
                 };
@@ -294,7 +271,7 @@ impl Transport {
         self.stats.rx_commands.fetch_add(1, Ordering::Relaxed);
         let keel_extension = cmd.ack.is_some() || cmd.renewal.is_some();
         if let Some(ack) = cmd.ack {
-            self.pending.ack(ack.epoch, ack.seq);
+            self.spool.ack(ack.epoch, ack.seq);
         }
         let mut forward = Vec::new();
         if let Some(r) = cmd.renewal {
@@ -313,9 +290,20 @@ impl Transport {
             }));
         } else if !keel_extension {
             // Elkeid semantics: a command without a task is the full desired config.
-            forward.push(Inbound::Configs(
-                cmd.configs.into_iter().map(|c| (c.name, c.version)).collect(),
-            ));
+            let configs = cmd
+                .configs
+                .into_iter()
+                .map(|c| PluginConfig {
+                    kind: crate::plugin::parse_kind(&c.r#type),
+                    name: c.name,
+                    version: c.version,
+                    sha256: c.sha256,
+                    signature: c.signature,
+                    download_urls: c.download_urls,
+                    detail: c.detail,
+                })
+                .collect();
+            forward.push(Inbound::Configs(configs));
         }
         for msg in forward {
             if self.inbound.send(msg).await.is_err() {
@@ -335,4 +323,50 @@ fn describe(status: &tonic::Status) -> String {
         ),
         None => format!("{:?}: {}", status.code(), status.message()),
     }
+}
+
+/// Sends already-encoded `PackagedData` bytes from the spool as they are, and
+/// decodes `Command`s with prost.
+#[derive(Debug, Clone, Copy, Default)]
+struct RawCodec;
+
+#[derive(Debug, Clone, Copy, Default)]
+struct RawEncoder;
+
+impl Encoder for RawEncoder {
+    type Item = Bytes;
+    type Error = tonic::Status;
+
+    fn encode(&mut self, item: Bytes, dst: &mut EncodeBuf<'_>) -> Result<(), Self::Error> {
+        dst.put_slice(&item);
+        Ok(())
+    }
+}
+
+impl Codec for RawCodec {
+    type Encode = Bytes;
+    type Decode = Command;
+    type Encoder = RawEncoder;
+    type Decoder = ProstDecoder<Command>;
+
+    fn encoder(&mut self) -> Self::Encoder {
+        RawEncoder
+    }
+
+    fn decoder(&mut self) -> Self::Decoder {
+        ProstDecoder::default()
+    }
+}
+
+/// Opens `grpc.Transfer/Transfer` with the raw codec.
+async fn open_stream(channel: Channel, rx: mpsc::Receiver<Bytes>) -> Result<tonic::Streaming<Command>, tonic::Status> {
+    let mut grpc = tonic::client::Grpc::new(channel).max_decoding_message_size(MAX_COMMAND_BYTES);
+    grpc.ready()
+        .await
+        .map_err(|e| tonic::Status::unavailable(format!("channel not ready: {e}")))?;
+    let path = tonic::codegen::http::uri::PathAndQuery::from_static("/grpc.Transfer/Transfer");
+    let response = grpc
+        .streaming(tonic::Request::new(ReceiverStream::new(rx)), path, RawCodec)
+        .await?;
+    Ok(response.into_inner())
 }

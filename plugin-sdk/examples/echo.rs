@@ -18,14 +18,22 @@ const ECHO: i32 = 6901;
 
 fn main() -> Result<(), Error> {
     let client = Client::new()?;
-    tracing_subscriber::registry().with(AgentLogLayer::new(client.clone(), tracing::Level::INFO)).init();
+    tracing_subscriber::registry()
+        .with(AgentLogLayer::new(client.clone(), tracing::Level::INFO))
+        .init();
     let detail = detail().unwrap_or_default();
-    client.send(HELLO, [("detail", detail.as_str()), ("pid", &std::process::id().to_string())])?;
+    client.send(
+        HELLO,
+        [("detail", detail.as_str()), ("pid", &std::process::id().to_string())],
+    )?;
     tracing::info!("echo plugin started");
     loop {
         match client.receive_task() {
             Ok(task) => {
-                client.send(ECHO, [("data", task.data.as_str()), ("object_name", task.object_name.as_str())])?;
+                client.send(
+                    ECHO,
+                    [("data", task.data.as_str()), ("object_name", task.object_name.as_str())],
+                )?;
                 client.task_result(&task.token, true, "echoed")?;
             }
             Err(Error::Closed) => {

@@ -50,7 +50,12 @@ pub struct ClientOptions {
 
 impl Default for ClientOptions {
     fn default() -> Self {
-        Self { flush_interval: Duration::from_millis(100), buffer_bytes: 64 << 10, max_task_bytes: DEFAULT_MAX_FRAME, debug: None }
+        Self {
+            flush_interval: Duration::from_millis(100),
+            buffer_bytes: 64 << 10,
+            max_task_bytes: DEFAULT_MAX_FRAME,
+            debug: None,
+        }
     }
 }
 
@@ -76,7 +81,9 @@ pub struct Client {
 
 impl std::fmt::Debug for Client {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Client").field("debug", &self.inner.debug).finish_non_exhaustive()
+        f.debug_struct("Client")
+            .field("debug", &self.inner.debug)
+            .finish_non_exhaustive()
     }
 }
 
@@ -103,7 +110,10 @@ struct JsonRecord<'a> {
 }
 
 fn now_secs() -> i64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or(0)
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0)
 }
 
 impl Client {
@@ -114,7 +124,9 @@ impl Client {
 
     /// Attaches to the agent: fds 3 and 4, or stdin/stdout in debug mode.
     pub fn with_options(opts: ClientOptions) -> Result<Self, Error> {
-        let debug = opts.debug.unwrap_or_else(|| std::env::var(DEBUG_ENV).is_ok_and(|v| v == "1" || v == "true"));
+        let debug = opts
+            .debug
+            .unwrap_or_else(|| std::env::var(DEBUG_ENV).is_ok_and(|v| v == "1" || v == "true"));
         let (input, output): (Box<dyn Read + Send>, Box<dyn Write + Send>) = if debug {
             (Box::new(std::io::stdin()), Box::new(std::io::stdout()))
         } else {
@@ -125,12 +137,21 @@ impl Client {
     }
 
     /// A client over any reader and writer, for tests of plugin code.
-    pub fn from_io(input: impl Read + Send + 'static, output: impl Write + Send + 'static, opts: ClientOptions) -> Self {
+    pub fn from_io(
+        input: impl Read + Send + 'static,
+        output: impl Write + Send + 'static,
+        opts: ClientOptions,
+    ) -> Self {
         let debug = opts.debug.unwrap_or(false);
         Self::from_parts(Box::new(input), Box::new(output), debug, &opts)
     }
 
-    fn from_parts(input: Box<dyn Read + Send>, output: Box<dyn Write + Send>, debug: bool, opts: &ClientOptions) -> Self {
+    fn from_parts(
+        input: Box<dyn Read + Send>,
+        output: Box<dyn Write + Send>,
+        debug: bool,
+        opts: &ClientOptions,
+    ) -> Self {
         let inner = Arc::new(Inner {
             out: Mutex::new(Out {
                 writer: BufWriter::with_capacity(opts.buffer_bytes.max(4096), output),
@@ -163,8 +184,14 @@ impl Client {
         let result = if self.inner.debug {
             let empty = HashMap::new();
             let fields = record.data.as_ref().map_or(&empty, |p| &p.fields);
-            let line = JsonRecord { data_type: record.data_type, timestamp: record.timestamp, fields };
-            serde_json::to_writer(&mut out.writer, &line).map_err(std::io::Error::from).and_then(|()| out.writer.write_all(b"\n"))
+            let line = JsonRecord {
+                data_type: record.data_type,
+                timestamp: record.timestamp,
+                fields,
+            };
+            serde_json::to_writer(&mut out.writer, &line)
+                .map_err(std::io::Error::from)
+                .and_then(|()| out.writer.write_all(b"\n"))
         } else {
             let Out { writer, scratch, .. } = &mut *out;
             scratch.clear();
@@ -189,7 +216,11 @@ impl Client {
         fields: impl IntoIterator<Item = (K, V)>,
     ) -> Result<(), Error> {
         let fields = fields.into_iter().map(|(k, v)| (k.into(), v.into())).collect();
-        self.send_record(&Record { data_type, timestamp: now_secs(), data: Some(Payload { fields }) })
+        self.send_record(&Record {
+            data_type,
+            timestamp: now_secs(),
+            data: Some(Payload { fields }),
+        })
     }
 
     /// Reports a task's outcome (data_type 5100) and flushes it.
@@ -225,7 +256,12 @@ impl Client {
                     continue;
                 }
                 let t: JsonTask = serde_json::from_str(&line).map_err(|e| Error::Frame(format!("task JSON: {e}")))?;
-                break Ok(Task { data_type: t.data_type, object_name: t.object_name, data: t.data, token: t.token });
+                break Ok(Task {
+                    data_type: t.data_type,
+                    object_name: t.object_name,
+                    data: t.data,
+                    token: t.token,
+                });
             };
         }
         let mut header = [0u8; 4];
@@ -241,16 +277,18 @@ impl Client {
 }
 
 fn spawn_flusher(inner: Weak<Inner>, every: Duration) {
-    let spawned = std::thread::Builder::new().name("keel-sdk-flush".into()).spawn(move || {
-        loop {
-            std::thread::sleep(every);
-            let Some(inner) = inner.upgrade() else { return };
-            let mut out = inner.out.lock().unwrap_or_else(|p| p.into_inner());
-            if out.closed || out.writer.flush().is_err() {
-                return;
+    let spawned = std::thread::Builder::new()
+        .name("keel-sdk-flush".into())
+        .spawn(move || {
+            loop {
+                std::thread::sleep(every);
+                let Some(inner) = inner.upgrade() else { return };
+                let mut out = inner.out.lock().unwrap_or_else(|p| p.into_inner());
+                if out.closed || out.writer.flush().is_err() {
+                    return;
+                }
             }
-        }
-    });
+        });
     if let Err(e) = spawned {
         // Without the thread, records still go out when the buffer fills or on flush().
         eprintln!("keel-plugin-sdk: cannot start the flush thread: {e}");
@@ -278,12 +316,21 @@ mod tests {
     }
 
     fn opts(debug: bool) -> ClientOptions {
-        ClientOptions { debug: Some(debug), flush_interval: Duration::from_secs(3600), ..Default::default() }
+        ClientOptions {
+            debug: Some(debug),
+            flush_interval: Duration::from_secs(3600),
+            ..Default::default()
+        }
     }
 
     #[test]
     fn frames_records_and_reads_tasks() {
-        let task = Task { data_type: 6000, object_name: "p".into(), data: "{}".into(), token: "t".into() };
+        let task = Task {
+            data_type: 6000,
+            object_name: "p".into(),
+            data: "{}".into(),
+            token: "t".into(),
+        };
         let input = frame::encode_task(&task).to_vec();
         let out = Shared::default();
         let c = Client::from_io(std::io::Cursor::new(input), out.clone(), opts(false));
@@ -301,7 +348,11 @@ mod tests {
 
     #[test]
     fn oversized_and_truncated_tasks_are_errors() {
-        let c = Client::from_io(std::io::Cursor::new(u32::MAX.to_le_bytes().to_vec()), Shared::default(), opts(false));
+        let c = Client::from_io(
+            std::io::Cursor::new(u32::MAX.to_le_bytes().to_vec()),
+            Shared::default(),
+            opts(false),
+        );
         assert!(matches!(c.receive_task(), Err(Error::Frame(m)) if m.contains("exceeds")));
         let mut half = 10u32.to_le_bytes().to_vec();
         half.extend_from_slice(&[1, 2]);

@@ -19,7 +19,9 @@ static TAKEN: AtomicBool = AtomicBool::new(false);
 /// Opens fds 3 and 4, once per process.
 pub fn take() -> std::io::Result<(File, File)> {
     if TAKEN.swap(true, Ordering::SeqCst) {
-        return Err(std::io::Error::other("the plugin pipes are already owned by another Client"));
+        return Err(std::io::Error::other(
+            "the plugin pipes are already owned by another Client",
+        ));
     }
     for fd in [TASK_FD, RECORD_FD] {
         if std::fs::symlink_metadata(format!("/proc/self/fd/{fd}")).is_err() {

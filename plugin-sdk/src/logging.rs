@@ -45,7 +45,10 @@ impl<S: Subscriber> Layer<S> for AgentLogLayer {
         }
         let mut fields = Fields::default();
         event.record(&mut fields);
-        let mut out = vec![("level".to_owned(), meta.level().as_str().to_ascii_lowercase()), ("source".to_owned(), meta.target().to_owned())];
+        let mut out = vec![
+            ("level".to_owned(), meta.level().as_str().to_ascii_lowercase()),
+            ("source".to_owned(), meta.target().to_owned()),
+        ];
         for (k, v) in fields.0 {
             out.push((if k == "message" { "msg".to_owned() } else { k }, v));
         }

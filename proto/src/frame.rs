@@ -64,7 +64,9 @@ fn varint(buf: &[u8], pos: &mut usize) -> Result<u64, FrameError> {
     let start = *pos;
     let mut value: u64 = 0;
     for shift in (0..64).step_by(7) {
-        let Some(&b) = buf.get(*pos) else { return Err(malformed(start, "truncated varint")) };
+        let Some(&b) = buf.get(*pos) else {
+            return Err(malformed(start, "truncated varint"));
+        };
         *pos += 1;
         value |= u64::from(b & 0x7f) << shift;
         if b < 0x80 {
@@ -100,12 +102,18 @@ pub fn parse_record(frame: Bytes) -> Result<RawRecord, FrameError> {
                 }
             }
             1 => {
-                pos = pos.checked_add(8).filter(|p| *p <= buf.len()).ok_or(malformed(key_at, "truncated fixed64"))?;
+                pos = pos
+                    .checked_add(8)
+                    .filter(|p| *p <= buf.len())
+                    .ok_or(malformed(key_at, "truncated fixed64"))?;
             }
             2 => {
                 let len = varint(buf, &mut pos)?;
                 let len = usize::try_from(len).map_err(|_| malformed(key_at, "length overflow"))?;
-                let end = pos.checked_add(len).filter(|e| *e <= buf.len()).ok_or(malformed(key_at, "length past the frame"))?;
+                let end = pos
+                    .checked_add(len)
+                    .filter(|e| *e <= buf.len())
+                    .ok_or(malformed(key_at, "length past the frame"))?;
                 if field == 3 {
                     // Repeated occurrences of an embedded message merge; keep them all.
                     match payload {
@@ -116,7 +124,10 @@ pub fn parse_record(frame: Bytes) -> Result<RawRecord, FrameError> {
                 pos = end;
             }
             5 => {
-                pos = pos.checked_add(4).filter(|p| *p <= buf.len()).ok_or(malformed(key_at, "truncated fixed32"))?;
+                pos = pos
+                    .checked_add(4)
+                    .filter(|p| *p <= buf.len())
+                    .ok_or(malformed(key_at, "truncated fixed32"))?;
             }
             _ => return Err(malformed(key_at, "invalid or group wire type")),
         }
@@ -132,7 +143,11 @@ pub fn parse_record(frame: Bytes) -> Result<RawRecord, FrameError> {
             merged.freeze()
         }
     };
-    Ok(RawRecord { data_type, timestamp, payload })
+    Ok(RawRecord {
+        data_type,
+        timestamp,
+        payload,
+    })
 }
 
 /// Encodes a frame: length prefix and message.
@@ -173,7 +188,11 @@ mod tests {
 
     fn record(data_type: i32, timestamp: i64, fields: &[(&str, &str)]) -> Record {
         let fields: HashMap<String, String> = fields.iter().map(|(k, v)| ((*k).into(), (*v).into())).collect();
-        Record { data_type, timestamp, data: Some(Payload { fields }) }
+        Record {
+            data_type,
+            timestamp,
+            data: Some(Payload { fields }),
+        }
     }
 
     #[test]
@@ -203,20 +222,43 @@ mod tests {
 
     #[test]
     fn garbage_is_refused() {
-        for bad in [&[0x08][..], &[0x1a, 0x05, 1, 2], &[0x0b, 0x00], &[0x00, 0x01], &[0xff; 11], &[0x09, 1, 2]] {
-            assert!(matches!(parse_record(Bytes::copy_from_slice(bad)), Err(FrameError::Malformed { .. })), "{bad:?}");
+        for bad in [
+            &[0x08][..],
+            &[0x1a, 0x05, 1, 2],
+            &[0x0b, 0x00],
+            &[0x00, 0x01],
+            &[0xff; 11],
+            &[0x09, 1, 2],
+        ] {
+            assert!(
+                matches!(
+                    parse_record(Bytes::copy_from_slice(bad)),
+                    Err(FrameError::Malformed { .. })
+                ),
+                "{bad:?}"
+            );
         }
     }
 
     #[test]
     fn length_limit() {
         assert_eq!(frame_len(16u32.to_le_bytes(), 16), Ok(16));
-        assert_eq!(frame_len(u32::MAX.to_le_bytes(), 16), Err(FrameError::TooLarge { len: u32::MAX as usize, max: 16 }));
+        assert_eq!(
+            frame_len(u32::MAX.to_le_bytes(), 16),
+            Err(FrameError::TooLarge {
+                len: u32::MAX as usize,
+                max: 16
+            })
+        );
     }
 
     #[test]
     fn negative_data_type_decodes_like_protobuf() {
-        let r = Record { data_type: -5, timestamp: -1, data: None };
+        let r = Record {
+            data_type: -5,
+            timestamp: -1,
+            data: None,
+        };
         let raw = parse_record(encode_record(&r).slice(4..)).unwrap();
         assert_eq!((raw.data_type, raw.timestamp), (-5, -1));
         assert!(raw.payload.is_empty());

@@ -1,0 +1,107 @@
+//! Starting a plugin process with its two pipes on fds 3 and 4.
+//!
+//! This is the agent's only `unsafe`: the `pre_exec` hook that moves the pipe ends
+//! onto fds 3 and 4 and puts the child into its cgroup before `exec`.
+//!
+//! Why it is sound: the hook runs in the forked child before `exec`, where only
+//! async-signal-safe calls are allowed. It calls only `dup2(2)` and `write(2)` on
+//! descriptors opened before the fork, allocates nothing, takes no lock, and
+//! reports failure with `io::Error::last_os_error()`, which does not allocate.
+//! The source descriptors were moved to numbers ≥ 10 in the parent first, so a
+//! `dup2` onto 3 or 4 can never clobber the other source.
+
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::path::Path;
+use std::process::Stdio;
+
+use nix::fcntl::{FcntlArg, OFlag, fcntl};
+use tokio::net::unix::pipe;
+use tokio::process::{Child, ChildStderr, ChildStdout, Command};
+
+/// A running plugin process and the agent's ends of its pipes.
+#[derive(Debug)]
+pub struct Spawned {
+    /// The process; it leads its own process group.
+    pub child: Child,
+    /// Its PID (and process group ID).
+    pub pid: u32,
+    /// Tasks go in here (the plugin reads them on fd 3).
+    pub tasks: pipe::Sender,
+    /// Records come out here (the plugin writes them on fd 4).
+    pub records: pipe::Receiver,
+    /// The plugin's stdout.
+    pub stdout: Option<ChildStdout>,
+    /// The plugin's stderr.
+    pub stderr: Option<ChildStderr>,
+}
+
+fn high(fd: OwnedFd) -> std::io::Result<OwnedFd> {
+    let raw = fcntl(&fd, FcntlArg::F_DUPFD_CLOEXEC(10)).map_err(std::io::Error::from)?;
+    #[allow(unsafe_code)]
+    // SAFETY: `raw` is a descriptor fcntl just created and nothing else owns.
+    Ok(unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(raw) })
+}
+
+/// Starts `exe` in `dir` with only `env`, its own process group, the pipes on fds 3
+/// and 4, and (if given) the cgroup `procs` files it writes itself into.
+pub fn spawn(exe: &Path, dir: &Path, env: &[(String, String)], cgroup_procs: Vec<OwnedFd>) -> std::io::Result<Spawned> {
+    let (task_read, task_write) = nix::unistd::pipe2(OFlag::O_CLOEXEC).map_err(std::io::Error::from)?;
+    let (record_read, record_write) = nix::unistd::pipe2(OFlag::O_CLOEXEC).map_err(std::io::Error::from)?;
+    let child_tasks = high(task_read)?;
+    let child_records = high(record_write)?;
+    let (t, r) = (child_tasks.as_raw_fd(), child_records.as_raw_fd());
+    let procs: Vec<i32> = cgroup_procs.iter().map(AsRawFd::as_raw_fd).collect();
+
+    let mut cmd = Command::new(exe);
+    cmd.current_dir(dir)
+        .env_clear()
+        .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .process_group(0)
+        .kill_on_drop(false);
+    #[allow(unsafe_code)]
+    // SAFETY: see the module documentation; the closure only calls dup2 and write.
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc_dup2(t, 3) < 0 || libc_dup2(r, 4) < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            for fd in &procs {
+                // "0" moves the writing process itself into the cgroup.
+                if libc_write(*fd, b"0") < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+            }
+            Ok(())
+        });
+    }
+    let mut child = cmd.spawn()?;
+    drop((child_tasks, child_records, cgroup_procs));
+    let pid = child.id().unwrap_or_default();
+    Ok(Spawned {
+        pid,
+        tasks: pipe::Sender::from_owned_fd(task_write)?,
+        records: pipe::Receiver::from_owned_fd(record_read)?,
+        stdout: child.stdout.take(),
+        stderr: child.stderr.take(),
+        child,
+    })
+}
+
+fn libc_dup2(from: i32, to: i32) -> i32 {
+    #[allow(unsafe_code)]
+    // SAFETY: dup2 on integer descriptors has no memory-safety preconditions.
+    unsafe {
+        nix::libc::dup2(from, to)
+    }
+}
+
+fn libc_write(fd: i32, bytes: &[u8]) -> isize {
+    #[allow(unsafe_code)]
+    // SAFETY: `bytes` is a live slice for the duration of the call.
+    unsafe {
+        nix::libc::write(fd, bytes.as_ptr().cast(), bytes.len())
+    }
+}
