@@ -478,7 +478,7 @@ impl AgentConfig {
             ));
         }
         let key = &self.plugins.release_public_key;
-        if !key.is_empty() && !(key.len() == 64 && key.bytes().all(|b| b.is_ascii_hexdigit())) {
+        if !key.is_empty() && !keel_common::fingerprint::is_hex(key, 32) {
             return Err(err(
                 "plugins.release_public_key".into(),
                 "must be 64 hex digits (an Ed25519 public key)".into(),

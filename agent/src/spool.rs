@@ -382,10 +382,10 @@ impl Spool {
         // Keep memory bounded: older batches are read back from disk when needed.
         let mut i = 0;
         while st.cached > self.opts.cache_bytes && i < st.entries.len() {
-            if let Some(e) = st.entries.get_mut(i) {
-                if let Some(d) = e.data.take() {
-                    st.cached -= d.len() as u64;
-                }
+            if let Some(e) = st.entries.get_mut(i)
+                && let Some(d) = e.data.take()
+            {
+                st.cached -= d.len() as u64;
             }
             i += 1;
         }
@@ -463,10 +463,10 @@ impl Spool {
             return;
         }
         while st.entries.front().is_some_and(|e| e.seq <= seq) {
-            if let Some(e) = st.entries.pop_front() {
-                if e.data.is_some() {
-                    st.cached -= u64::from(e.len);
-                }
+            if let Some(e) = st.entries.pop_front()
+                && e.data.is_some()
+            {
+                st.cached -= u64::from(e.len);
             }
         }
         st.acked = st.acked.max(seq);
@@ -496,10 +496,10 @@ impl Spool {
     /// Flushes the segment being written to disk.
     pub fn sync(&self) {
         let st = self.lock();
-        if let Some(f) = &st.active {
-            if let Err(e) = f.sync_data() {
-                warn!(error = %e, "cannot sync the spool");
-            }
+        if let Some(f) = &st.active
+            && let Err(e) = f.sync_data()
+        {
+            warn!(error = %e, "cannot sync the spool");
         }
     }
 

@@ -19,6 +19,11 @@ pub fn normalize(input: &str) -> Option<String> {
     (hex.len() == 64 && hex.chars().all(|c| c.is_ascii_hexdigit())).then_some(hex)
 }
 
+/// Whether `s` is exactly `bytes` bytes of lowercase or uppercase hex.
+pub fn is_hex(s: &str, bytes: usize) -> bool {
+    s.len() == bytes * 2 && s.bytes().all(|b| b.is_ascii_hexdigit())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

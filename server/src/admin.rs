@@ -25,6 +25,12 @@ pub fn ca_init(config: &ServerConfig, extra_sans: &[String]) -> anyhow::Result<S
     Ok(ca.fingerprint().to_owned())
 }
 
+/// `ca release-key`: creates the Ed25519 release key. Returns the public key (hex)
+/// that agents pin as `plugins.release_public_key`.
+pub fn release_key(config: &ServerConfig) -> anyhow::Result<String> {
+    Ok(crate::release::generate(&config.pki_dir())?)
+}
+
 /// `ca fingerprint`: the SHA-256 fingerprint agents pin.
 pub fn ca_fingerprint(config: &ServerConfig) -> anyhow::Result<String> {
     Ok(Ca::load(&config.pki_dir())?.fingerprint().to_owned())

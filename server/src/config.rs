@@ -46,9 +46,43 @@ pub struct ServerConfig {
     /// Where records go.
     #[serde(default)]
     pub sink: SinkConfig,
+    /// Signing of plugin and agent packages.
+    #[serde(default)]
+    pub release: ReleaseConfig,
+    /// The component store.
+    #[serde(default)]
+    pub components: ComponentsConfig,
     /// Logging.
     #[serde(default)]
     pub log: LogConfig,
+}
+
+/// Signing of packages. Agents pin the matching public key.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReleaseConfig {
+    /// Ed25519 signing key file (`keel-server ca release-key` makes one). Default
+    /// `<pki dir>/release.key` when it exists. Uploads without a signature are
+    /// signed with it.
+    #[serde(default)]
+    pub signing_key: Option<PathBuf>,
+    /// Hex Ed25519 public key that uploaded signatures must verify against, when the
+    /// server holds no signing key.
+    #[serde(default)]
+    pub public_key: String,
+}
+
+/// The component store.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ComponentsConfig {
+    /// Largest package accepted by an upload.
+    #[serde(default = "default_package_bytes")]
+    pub max_package_bytes: u64,
+    /// Base URLs that also serve packages by SHA-256 (`<base>/<sha256>`), tried by
+    /// agents before this server's own `/packages`.
+    #[serde(default)]
+    pub mirrors: Vec<String>,
 }
 
 /// gRPC transfer listener (mTLS).
@@ -85,6 +119,11 @@ pub struct HttpConfig {
     /// Serve HTTPS with the server certificate. `false` is allowed only on a loopback address.
     #[serde(default = "default_true")]
     pub tls: bool,
+    /// How agents reach this endpoint, for package download URLs, e.g.
+    /// `https://keel.example.com:6752`. Default: the listen address (the host name
+    /// when listening on all addresses).
+    #[serde(default)]
+    pub public_url: Option<String>,
 }
 
 /// Key types an agent may enroll with.
@@ -226,6 +265,9 @@ fn default_sink_file_bytes() -> u64 {
 fn default_sink_files() -> usize {
     16
 }
+fn default_package_bytes() -> u64 {
+    256 << 20
+}
 fn default_log_level() -> String {
     "info".into()
 }
@@ -250,6 +292,7 @@ impl Default for HttpConfig {
         Self {
             listen: default_http_listen(),
             tls: true,
+            public_url: None,
         }
     }
 }
@@ -271,6 +314,14 @@ impl Default for SinkConfig {
             dir: None,
             max_file_bytes: default_sink_file_bytes(),
             max_files: default_sink_files(),
+        }
+    }
+}
+impl Default for ComponentsConfig {
+    fn default() -> Self {
+        Self {
+            max_package_bytes: default_package_bytes(),
+            mirrors: Vec::new(),
         }
     }
 }
@@ -347,6 +398,18 @@ impl ServerConfig {
         }
         if self.grpc.max_handshakes == 0 {
             return Err(err("grpc.max_handshakes", "must be at least 1".into()));
+        }
+        if let Some(u) = &self.http.public_url
+            && !(u.starts_with("http://") || u.starts_with("https://"))
+        {
+            return Err(err("http.public_url", format!("{u:?} is not an http(s) URL")));
+        }
+        let key = &self.release.public_key;
+        if !key.is_empty() && !keel_common::fingerprint::is_hex(key, 32) {
+            return Err(err(
+                "release.public_key",
+                "must be 64 hex digits (an Ed25519 public key)".into(),
+            ));
         }
         if self.sink.max_files == 0 {
             return Err(err("sink.max_files", "must be at least 1".into()));

@@ -25,6 +25,25 @@ pub struct TaskCommand {
     pub token: String,
 }
 
+/// One plugin of a desired set, as sent to an agent (`grpc.Config`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PluginCommand {
+    /// Plugin name.
+    pub name: String,
+    /// `exec` or `tar.gz`.
+    pub kind: String,
+    /// Version.
+    pub version: String,
+    /// Hex SHA-256 of the package.
+    pub sha256: String,
+    /// Hex Ed25519 signature of the package.
+    pub signature: String,
+    /// Where to download it.
+    pub download_urls: Vec<String>,
+    /// Passed as `DETAIL`.
+    pub detail: String,
+}
+
 /// What the server sends an agent. Converted to `grpc.Command` at the gRPC edge.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Outbound {
@@ -39,6 +58,8 @@ pub enum Outbound {
     },
     /// Answer to a certificate renewal request.
     Renewal(Result<String, String>),
+    /// The complete desired plugin set.
+    Configs(Vec<PluginCommand>),
     /// End the stream with this reason.
     Close(Closing),
 }

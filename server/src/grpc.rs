@@ -15,7 +15,7 @@ use futures::{Stream, StreamExt};
 use keel_common::time::now_ms;
 use keel_proto::data_type;
 use keel_proto::grpc::transfer_server::{Transfer, TransferServer};
-use keel_proto::grpc::{Ack, CertificateRenewal, Command, PackagedData, Task};
+use keel_proto::grpc::{Ack, CertificateRenewal, Command, Config, PackagedData, Task};
 use keel_proto::payload;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
@@ -112,6 +112,21 @@ fn to_command(o: Outbound) -> Result<Command, Status> {
         },
         Outbound::Ack { epoch, seq } => Command {
             ack: Some(Ack { epoch, seq }),
+            ..Default::default()
+        },
+        Outbound::Configs(configs) => Command {
+            configs: configs
+                .into_iter()
+                .map(|c| Config {
+                    name: c.name,
+                    r#type: c.kind,
+                    version: c.version,
+                    sha256: c.sha256,
+                    signature: c.signature,
+                    download_urls: c.download_urls,
+                    detail: c.detail,
+                })
+                .collect(),
             ..Default::default()
         },
         Outbound::Renewal(r) => Command {
@@ -237,7 +252,12 @@ impl StreamTask {
                     Err(e) => return unavailable("registry", e),
                 };
                 info!(version = %meta.version, hostname = %meta.hostname, "agent online");
+                let keel_agent = meta.product == "keel-agent";
                 self.session = Some(Session { generation, meta, mark });
+                // Every (re)connect gets the desired plugin set, if the server manages it.
+                if keel_agent && let Err(e) = self.state.push_plugins(&agent_id).await {
+                    warn!(error = %e, "cannot send the desired plugin set");
+                }
             }
             Some(s) if s.meta != meta => {
                 if let Err(e) = self.state.store.agent_meta(&agent_id, &meta, now).await {
@@ -275,6 +295,8 @@ impl StreamTask {
                 agent_id: &agent_id,
                 server_time: now,
                 records: &data,
+                epoch: pd.epoch,
+                seq: pd.seq,
             };
             if let Err(e) = self.state.sink.write(batch).await {
                 return unavailable("sink", e);
@@ -307,6 +329,16 @@ impl StreamTask {
             data_type::AGENT_HEARTBEAT => {
                 if let Some(fields) = decode(r) {
                     self.state.store.agent_heartbeat(agent_id, &fields, now).await?;
+                    if let Some(list) = fields.get("plugins") {
+                        let names = list.split(',').filter(|n| !n.is_empty()).map(str::to_owned).collect();
+                        self.state.store.plugins_present(agent_id, &names).await?;
+                    }
+                }
+                Ok(true)
+            }
+            data_type::PLUGIN_HEARTBEAT => {
+                if let Some(fields) = decode(r) {
+                    self.state.store.plugin_heartbeat(agent_id, &fields, now).await?;
                 }
                 Ok(true)
             }

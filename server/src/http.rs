@@ -2,6 +2,7 @@
 //! under `/enroll`, service discovery, and `/healthz`.
 
 mod agents;
+mod components;
 mod enroll;
 
 use std::net::SocketAddr;
@@ -44,6 +45,12 @@ impl ApiError {
 
     fn not_found(message: impl Into<String>) -> Self {
         Self::new(StatusCode::NOT_FOUND, message)
+    }
+
+    fn internal(message: impl Into<String>) -> Self {
+        let message = message.into();
+        tracing::error!(%message, "request failed");
+        Self::new(StatusCode::INTERNAL_SERVER_ERROR, message)
     }
 }
 
@@ -152,13 +159,24 @@ pub fn router(state: Arc<ServerState>) -> Router {
         .route("/agents/{id}", get(agents::show))
         .route("/agents/{id}/tasks", post(agents::create_task))
         .route("/agents/{id}/revoke", post(agents::revoke))
+        .route(
+            "/agents/{id}/plugins",
+            get(components::get_plugins).put(components::put_plugins),
+        )
         .route("/tasks/{token}", get(agents::show_task))
+        .route("/components", get(components::list))
+        .route("/components/{name}", get(components::list))
+        .route(
+            "/components/{name}/versions",
+            post(components::upload).layer(axum::extract::DefaultBodyLimit::disable()),
+        )
         .layer(middleware::from_fn_with_state(Arc::clone(&state), authenticate));
     Router::new()
         .nest("/api/v1", api)
         .route("/enroll", post(enroll::enroll))
         .route("/enroll/ca.pem", get(enroll::ca_pem))
         .route("/discovery", get(discovery))
+        .route("/packages/{sha256}", get(components::download))
         .route("/healthz", get(healthz))
         .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY_BYTES))
         .with_state(state)

@@ -12,6 +12,7 @@ pub mod grpc;
 pub mod http;
 pub mod pki;
 pub mod quickstart;
+pub mod release;
 pub mod serve;
 pub mod sink;
 pub mod state;

@@ -79,6 +79,9 @@ enum CaCmd {
     },
     /// Print the CA fingerprint that agents pin.
     Fingerprint,
+    /// Create the Ed25519 release key that signs plugin and agent packages; prints
+    /// the public key agents pin.
+    ReleaseKey,
     /// Revoke an agent's certificates, or one certificate.
     Revoke {
         /// Every certificate of this agent.
@@ -219,6 +222,14 @@ async fn run(cli: Cli, config: Option<ServerConfig>) -> anyhow::Result<()> {
                     println!("fingerprint: {fp}");
                 }
                 CaCmd::Fingerprint => println!("{}", admin::ca_fingerprint(&config)?),
+                CaCmd::ReleaseKey => {
+                    let public = admin::release_key(&config)?;
+                    eprintln!(
+                        "release key created in {}; pin this public key in agent.toml:",
+                        config.pki_dir().display()
+                    );
+                    println!("{public}");
+                }
                 CaCmd::Revoke { agent, serial, reason } => {
                     let target = match (agent, serial) {
                         (Some(a), _) => RevokeTarget::Agent(a),

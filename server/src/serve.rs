@@ -15,6 +15,7 @@ use tracing::{error, info, warn};
 use crate::config::{ServerConfig, SinkKind};
 use crate::grpc::TransferService;
 use crate::pki::Ca;
+use crate::release::Release;
 use crate::sink::{FileSink, Sink};
 use crate::state::ServerState;
 use crate::store::Store;
@@ -54,7 +55,8 @@ pub async fn open_state(config: ServerConfig) -> anyhow::Result<Arc<ServerState>
             config.sink.max_files,
         )?),
     };
-    Ok(Arc::new(ServerState::new(config, store, ca, sink)))
+    let release = Release::load(&config)?;
+    Ok(Arc::new(ServerState::new(config, store, ca, sink, release)))
 }
 
 /// Runs the server until `shutdown`, then drains. `ready` receives the bound
@@ -85,6 +87,7 @@ pub async fn run_with_state(
         http: http_listener.local_addr()?,
     };
     state.set_grpc_bound(bound.grpc);
+    state.set_http_bound(bound.http);
 
     let grpc_tls = tls::grpc_config(&state)?;
     let incoming = tls::accept_loop(

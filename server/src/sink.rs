@@ -6,6 +6,7 @@
 
 mod file;
 
+use std::collections::HashMap;
 use std::fmt::Debug;
 
 use bytes::Bytes;
@@ -34,6 +35,10 @@ pub struct Batch<'a> {
     pub server_time: i64,
     /// The records, in the agent's order.
     pub records: &'a [Record],
+    /// The batch's sequence space; with `seq`, identifies a numbered batch.
+    pub epoch: u64,
+    /// The batch number; 0 for an unnumbered batch.
+    pub seq: u64,
 }
 
 /// A sink could not persist a batch; the batch is not acknowledged.
@@ -49,8 +54,16 @@ pub enum SinkError {
     },
 }
 
+/// The highest persisted batch per agent: `(epoch, seq)`.
+pub type Marks = HashMap<String, (u64, u64)>;
+
 /// A destination for records.
 pub trait Sink: Send + Sync + Debug {
     /// Persists a batch. `Ok` means it will survive a server crash.
     fn write<'a>(&'a self, batch: Batch<'a>) -> BoxFuture<'a, Result<(), SinkError>>;
+
+    /// What the sink knew it had persisted when it was opened, read back from its
+    /// own data, so a resend after a crash is recognised even if the server died
+    /// between a write and noting it elsewhere.
+    fn recovered_marks(&self) -> Marks;
 }

@@ -7,8 +7,9 @@ use std::sync::{Arc, Mutex, OnceLock};
 use keel_common::time::now_ms;
 
 use crate::config::ServerConfig;
-use crate::connections::{Connections, Revocations};
+use crate::connections::{Connections, Outbound, PluginCommand, Revocations};
 use crate::pki::{self, Ca, CsrError, IssuedCert, PkiError};
+use crate::release::Release;
 use crate::sink::Sink;
 use crate::store::{Store, StoreError};
 
@@ -32,6 +33,31 @@ pub struct ServerState {
     marks: Mutex<HashMap<String, (u64, u64)>>,
     /// The gRPC address actually bound (the configured port may be 0).
     grpc_bound: OnceLock<SocketAddr>,
+    /// The HTTP address actually bound.
+    http_bound: OnceLock<SocketAddr>,
+    /// The release key for signing packages.
+    pub release: Release,
+}
+
+/// Why a desired plugin set cannot be sent.
+#[derive(Debug, thiserror::Error)]
+pub enum PushError {
+    /// A version has no package for the agent.
+    #[error("component {name} version {version} has no package for {arch}")]
+    NoPackage {
+        /// Component.
+        name: String,
+        /// Version.
+        version: String,
+        /// The agent's architecture.
+        arch: String,
+    },
+    /// The registry failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// The stream would not take it.
+    #[error(transparent)]
+    Send(#[from] crate::connections::SendError),
 }
 
 /// Why a certificate could not be issued.
@@ -53,7 +79,9 @@ pub enum IssueError {
 
 impl ServerState {
     /// Builds the state from its parts.
-    pub fn new(config: ServerConfig, store: Store, ca: Ca, sink: Arc<dyn Sink>) -> Self {
+    pub fn new(config: ServerConfig, store: Store, ca: Ca, sink: Arc<dyn Sink>, release: Release) -> Self {
+        // What the sink itself knows it persisted is the newest truth after a crash.
+        let marks = Mutex::new(sink.recovered_marks());
         Self {
             config,
             store,
@@ -61,9 +89,95 @@ impl ServerState {
             sink,
             connections: Connections::default(),
             revocations: Revocations::default(),
-            marks: Mutex::new(HashMap::new()),
+            marks,
             grpc_bound: OnceLock::new(),
+            http_bound: OnceLock::new(),
+            release,
         }
+    }
+
+    /// Records the bound HTTP address once the listener is up.
+    pub fn set_http_bound(&self, addr: SocketAddr) {
+        let _ = self.http_bound.set(addr);
+    }
+
+    /// How agents reach the HTTP endpoint: `http.public_url`, or the bound address.
+    pub fn public_url(&self) -> String {
+        if let Some(u) = &self.config.http.public_url {
+            return u.trim_end_matches('/').to_owned();
+        }
+        let addr = self.http_bound.get().copied().unwrap_or(self.config.http.listen);
+        let scheme = if self.config.http.tls { "https" } else { "http" };
+        let host = if addr.ip().is_unspecified() {
+            nix::unistd::gethostname()
+                .ok()
+                .and_then(|h| h.into_string().ok())
+                .unwrap_or_else(|| "localhost".into())
+        } else {
+            match addr.ip() {
+                std::net::IpAddr::V6(ip) => format!("[{ip}]"),
+                ip => ip.to_string(),
+            }
+        };
+        format!("{scheme}://{host}:{}", addr.port())
+    }
+
+    /// Resolves an agent's desired plugin set into packages for its architecture.
+    pub async fn resolve_plugins(
+        &self,
+        agent_id: &str,
+        set: &[crate::store::DesiredPlugin],
+    ) -> Result<Vec<PluginCommand>, PushError> {
+        let arch = self
+            .store
+            .get_agent(agent_id)
+            .await?
+            .and_then(|a| a.heartbeat.get("arch").and_then(|v| v.as_str()).map(str::to_owned))
+            .unwrap_or_else(|| std::env::consts::ARCH.to_owned());
+        let base = self.public_url();
+        let mut out = Vec::with_capacity(set.len());
+        for p in set {
+            let pkg = self
+                .store
+                .package_for(&p.name, &p.version, &arch)
+                .await?
+                .ok_or_else(|| PushError::NoPackage {
+                    name: p.name.clone(),
+                    version: p.version.clone(),
+                    arch: arch.clone(),
+                })?;
+            out.push(PluginCommand {
+                name: p.name.clone(),
+                kind: pkg.kind,
+                version: p.version.clone(),
+                download_urls: self
+                    .config
+                    .components
+                    .mirrors
+                    .iter()
+                    .map(|m| format!("{}/{}", m.trim_end_matches('/'), pkg.sha256))
+                    .chain(std::iter::once(format!("{base}/packages/{}", pkg.sha256)))
+                    .collect(),
+                sha256: pkg.sha256,
+                signature: pkg.signature,
+                detail: p.detail.clone(),
+            });
+        }
+        Ok(out)
+    }
+
+    /// Sends the agent its desired plugin set if the server manages it and the agent
+    /// is online. Returns whether something was sent.
+    pub async fn push_plugins(&self, agent_id: &str) -> Result<bool, PushError> {
+        let Some(set) = self.store.desired(agent_id).await? else {
+            return Ok(false);
+        };
+        if !self.connections.is_online(agent_id) {
+            return Ok(false);
+        }
+        let configs = self.resolve_plugins(agent_id, &set).await?;
+        self.connections.send(agent_id, Outbound::Configs(configs))?;
+        Ok(true)
     }
 
     /// Records the bound gRPC address once the listener is up.

@@ -4,6 +4,7 @@
 
 mod agents;
 mod certs;
+mod plugins;
 mod tasks;
 mod tokens;
 
@@ -13,6 +14,7 @@ use sqlx::any::{AnyConnectOptions, AnyPoolOptions};
 use sqlx::{AnyPool, ConnectOptions};
 
 pub use agents::{AgentMeta, AgentRow};
+pub use plugins::{DesiredPlugin, PackageRow, ReportedPlugin};
 pub use tasks::{NewTask, TaskRow};
 pub use tokens::{NewToken, Role, TokenRefusal, TokenRow};
 

@@ -108,6 +108,8 @@ pub struct ServerOptions {
     pub extra_toml: String,
     /// Serve HTTPS on the HTTP port instead of plain HTTP.
     pub https: bool,
+    /// Create a release key (agents then pin it).
+    pub release_key: bool,
 }
 
 /// A running `keel-server serve`.
@@ -123,6 +125,8 @@ pub struct Server {
     pub http: SocketAddr,
     /// An admin API token.
     pub admin_token: String,
+    /// The release public key agents pin, if the server has one.
+    pub release_public: Option<String>,
     https: bool,
     child: Option<Child>,
 }
@@ -146,10 +150,14 @@ impl Server {
             grpc: SocketAddr::from(([127, 0, 0, 1], 0)),
             http: SocketAddr::from(([127, 0, 0, 1], 0)),
             admin_token: String::new(),
+            release_public: None,
             https: opts.https,
             child: None,
         };
         server.cli(&["ca", "init"]);
+        if opts.release_key {
+            server.release_public = Some(server.cli(&["ca", "release-key"]));
+        }
         server.admin_token = server.cli(&["token", "create", "--admin"]);
         server.spawn(None).await;
         server
@@ -303,6 +311,26 @@ impl Server {
         self.api_with(&self.admin_token)
     }
 
+    /// Uploads a package through the API.
+    pub async fn upload(&self, name: &str, version: &str, kind: &str, bytes: Vec<u8>) -> (u16, Value) {
+        let url = format!("{}/api/v1/components/{name}/versions", self.base_url());
+        let req = self
+            .api()
+            .client
+            .post(url)
+            .query(&[("version", version), ("type", kind)])
+            .body(bytes);
+        self.api().send(req).await
+    }
+
+    /// Replaces an agent's desired plugin set through the API.
+    pub async fn put_plugins(&self, agent: &str, set: &Value) -> (u16, Value) {
+        let url = format!("{}/api/v1/agents/{agent}/plugins", self.base_url());
+        let api = self.api();
+        let req = api.client.put(url).json(set);
+        api.send(req).await
+    }
+
     /// All record lines the file sink wrote.
     pub fn sink_lines(&self) -> Vec<Value> {
         let dir = self.data_dir().join("records");
@@ -427,14 +455,21 @@ pub struct Agent {
 }
 
 impl Agent {
-    /// An agent configured for `server` with an explicit ID. `extra` is appended to
-    /// the `[agent]` section.
+    /// An agent configured for `server` with an explicit ID. `extra` is TOML
+    /// appended at the end (it may open sections other than the ones written here).
     pub fn new(server: &Server, id: &str, extra: &str) -> Agent {
+        Agent::with(server, id, "", extra)
+    }
+
+    /// Like [`Agent::new`], with `plugins` added to the `[plugins]` section.
+    pub fn with(server: &Server, id: &str, plugins: &str, extra: &str) -> Agent {
         let dir = tempfile::tempdir().expect("tempdir");
         let config = dir.path().join("agent.toml");
+        let key = server.release_public.as_deref().unwrap_or_default();
         let text = format!(
-            "[agent]\nid = {id:?}\nstate_dir = {}\nlog_dir = {}\nheartbeat_interval = \"2s\"\nshutdown_grace = \"5s\"\n{extra}\n\
-             [server]\nprivate = [\"{}\"]\nbackoff_min = \"200ms\"\nbackoff_max = \"1s\"\n",
+            "[agent]\nid = {id:?}\nstate_dir = {}\nlog_dir = {}\nheartbeat_interval = \"2s\"\nshutdown_grace = \"5s\"\n\
+             [server]\nprivate = [\"{}\"]\nbackoff_min = \"200ms\"\nbackoff_max = \"1s\"\n\
+             [plugins]\nrelease_public_key = {key:?}\nstop_grace = \"2s\"\nrestart_backoff_min = \"200ms\"\nrestart_backoff_max = \"2s\"\n{plugins}\n{extra}\n",
             toml_path(&dir.path().join("state")),
             toml_path(&dir.path().join("log")),
             server.grpc
@@ -450,7 +485,12 @@ impl Agent {
 
     /// An enrolled agent, not yet running.
     pub fn enrolled(server: &Server, id: &str) -> Agent {
-        let agent = Agent::new(server, id, "");
+        Agent::enrolled_with(server, id, "")
+    }
+
+    /// An enrolled agent with extra `[plugins]` settings, not yet running.
+    pub fn enrolled_with(server: &Server, id: &str, plugins: &str) -> Agent {
+        let agent = Agent::with(server, id, plugins, "");
         let out = agent.enroll(server, &server.enrollment_token(1, "10m"), Some(&server.fingerprint()));
         assert_eq!(output_ok(out, "keel-agent enroll"), id);
         agent
@@ -682,4 +722,18 @@ pub async fn stream_refusal(server: &Server, identity: Option<&Pair>, agent_id: 
         Ok(Ok(Some(cmd))) => panic!("the server accepted the stream and answered {cmd:?}"),
         Err(_) => panic!("the server neither refused nor answered the stream"),
     }
+}
+
+/// The bytes of the test plugin executable, to upload as an `exec` package.
+pub fn test_plugin() -> Vec<u8> {
+    std::fs::read(bin("keel-test-plugin")).expect("keel-test-plugin binary")
+}
+
+/// The sink's records of one data_type.
+pub fn sink_records(server: &Server, data_type: i64) -> Vec<Value> {
+    server
+        .sink_lines()
+        .into_iter()
+        .filter(|l| l["data_type"].as_i64() == Some(data_type))
+        .collect()
 }

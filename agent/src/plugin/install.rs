@@ -262,10 +262,10 @@ impl Installer {
     /// Deletes a plugin's directory.
     pub fn remove(&self, name: &str) {
         let dir = self.dir(name);
-        if let Err(e) = std::fs::remove_dir_all(&dir) {
-            if e.kind() != std::io::ErrorKind::NotFound {
-                tracing::warn!(plugin = name, error = %e, "cannot delete the plugin directory");
-            }
+        if let Err(e) = std::fs::remove_dir_all(&dir)
+            && e.kind() != std::io::ErrorKind::NotFound
+        {
+            tracing::warn!(plugin = name, error = %e, "cannot delete the plugin directory");
         }
     }
 

@@ -49,10 +49,10 @@ impl RotatingLog {
         if self.size + bytes.len() as u64 > MAX_BYTES && self.size > 0 {
             self.rotate();
         }
-        if let Some(f) = &mut self.file {
-            if f.write_all(bytes).is_ok() {
-                self.size += bytes.len() as u64;
-            }
+        if let Some(f) = &mut self.file
+            && f.write_all(bytes).is_ok()
+        {
+            self.size += bytes.len() as u64;
         }
     }
 }

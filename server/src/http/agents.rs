@@ -13,15 +13,30 @@ use serde::{Deserialize, Serialize};
 use super::{ApiError, Principal};
 use crate::connections::{Outbound, SendError, TaskCommand};
 use crate::state::ServerState;
-use crate::store::{AgentRow, NewTask, Role};
+use crate::store::{AgentRow, NewTask, ReportedPlugin, Role};
 
-/// A plugin as the API shows it.
+/// A plugin as the API shows it, from its last heartbeat.
 #[derive(Debug, Serialize)]
 pub struct PluginView {
     name: String,
     version: String,
     state: String,
-    pid: Option<u32>,
+    pid: Option<i64>,
+    updated_at: String,
+    heartbeat: serde_json::Map<String, serde_json::Value>,
+}
+
+impl From<ReportedPlugin> for PluginView {
+    fn from(p: ReportedPlugin) -> Self {
+        Self {
+            name: p.name,
+            version: p.version,
+            state: p.state,
+            pid: p.pid,
+            updated_at: rfc3339_ms(p.updated_at),
+            heartbeat: p.heartbeat,
+        }
+    }
 }
 
 /// An agent as the API shows it; the shape DESIGN.md fixes.
@@ -46,7 +61,7 @@ pub struct AgentView {
 }
 
 impl AgentView {
-    fn new(a: AgentRow, online: bool) -> Self {
+    fn new(a: AgentRow, online: bool, plugins: Vec<ReportedPlugin>) -> Self {
         Self {
             id: a.id,
             hostname: a.meta.hostname,
@@ -61,7 +76,7 @@ impl AgentView {
             extranet_ipv4: a.meta.extranet_ipv4,
             intranet_ipv6: a.meta.intranet_ipv6,
             extranet_ipv6: a.meta.extranet_ipv6,
-            plugins: Vec::new(),
+            plugins: plugins.into_iter().map(PluginView::from).collect(),
             tags: a.tags,
             heartbeat: a.heartbeat,
         }
@@ -75,12 +90,14 @@ pub async fn list(
 ) -> Result<Json<Vec<AgentView>>, ApiError> {
     who.require(Role::Viewer)?;
     let agents = state.store.list_agents().await?;
+    let mut plugins = state.store.reported_plugins(None).await?;
     Ok(Json(
         agents
             .into_iter()
             .map(|a| {
                 let online = state.connections.is_online(&a.id);
-                AgentView::new(a, online)
+                let p = plugins.remove(&a.id).unwrap_or_default();
+                AgentView::new(a, online, p)
             })
             .collect(),
     ))
@@ -99,7 +116,13 @@ pub async fn show(
         .await?
         .ok_or_else(|| ApiError::not_found(format!("no agent {id}")))?;
     let online = state.connections.is_online(&id);
-    Ok(Json(AgentView::new(agent, online)))
+    let plugins = state
+        .store
+        .reported_plugins(Some(&id))
+        .await?
+        .remove(&id)
+        .unwrap_or_default();
+    Ok(Json(AgentView::new(agent, online, plugins)))
 }
 
 /// Body of `POST /api/v1/agents/{id}/tasks`.

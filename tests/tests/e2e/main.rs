@@ -4,4 +4,5 @@
 mod agent;
 mod api;
 mod enrollment;
+mod plugins;
 mod stream;

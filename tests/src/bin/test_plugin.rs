@@ -1,0 +1,123 @@
+//! A plugin for the end-to-end tests and the benchmarks, built with the SDK. Its
+//! behaviour comes from `DETAIL` (JSON): `{"mode": …}`.
+//!
+//! - `echo` (default): answers each task with a 6901 record and a 5100 result.
+//! - `emit`: sends `count` records of data_type `data_type` with ~`payload_bytes`
+//!   each as fast as it can, once (a `emitted` file in its directory remembers),
+//!   then behaves like `echo`; `delay_ms` waits first.
+//! - `raw`: writes the bytes of `hex` to fd 4 verbatim (hand-built frames), then idles.
+//! - `crash`: sends one record and exits with status 3.
+//! - `deaf`: never reads its tasks.
+//! - `memhog`: allocates and touches memory until something stops it.
+#![forbid(unsafe_code)]
+
+use std::io::Write;
+use std::time::Duration;
+
+use keel_plugin_sdk::{Client, Error, Payload, Record};
+use serde_json::Value;
+
+fn main() {
+    let detail: Value = keel_plugin_sdk::detail()
+        .and_then(|d| serde_json::from_str(&d).ok())
+        .unwrap_or(Value::Null);
+    let mode = detail["mode"].as_str().unwrap_or("echo");
+    let result = match mode {
+        "raw" => raw(&detail),
+        "crash" => crash(),
+        "deaf" => idle(),
+        "memhog" => memhog(),
+        "emit" => emit(&detail).and_then(|c| echo(&c)),
+        _ => Client::new().and_then(|c| echo(&c)),
+    };
+    if let Err(e) = result {
+        eprintln!("test plugin ({mode}): {e}");
+        std::process::exit(1);
+    }
+}
+
+fn echo(client: &Client) -> Result<(), Error> {
+    client.send(6900, [("pid", std::process::id().to_string())])?;
+    client.flush()?;
+    loop {
+        match client.receive_task() {
+            Ok(task) => {
+                client.send(6901, [("data", task.data.as_str())])?;
+                client.task_result(&task.token, true, &format!("echo {}", task.data))?;
+            }
+            Err(Error::Closed) => return client.flush().or(Ok(())),
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+fn emit(detail: &Value) -> Result<Client, Error> {
+    let client = Client::new()?;
+    let marker = std::path::Path::new("emitted");
+    if marker.exists() {
+        return Ok(client);
+    }
+    if let Some(ms) = detail["delay_ms"].as_u64() {
+        std::thread::sleep(Duration::from_millis(ms));
+    }
+    let count = detail["count"].as_u64().unwrap_or(1000);
+    let data_type = detail["data_type"].as_i64().unwrap_or(6100) as i32;
+    let payload_bytes = detail["payload_bytes"].as_u64().unwrap_or(100) as usize;
+    // Two fields; the padding brings the encoded Payload to about payload_bytes.
+    let pad = "p".repeat(payload_bytes.saturating_sub(30).max(1));
+    let mut record = Record {
+        data_type,
+        timestamp: 1_700_000_000,
+        data: Some(Payload::default()),
+    };
+    for i in 0..count {
+        let fields = &mut record.data.get_or_insert_with(Payload::default).fields;
+        fields.insert("i".to_owned(), i.to_string());
+        fields.insert("pad".to_owned(), pad.clone());
+        client.send_record(&record)?;
+    }
+    client.flush()?;
+    std::fs::write(marker, count.to_string()).map_err(Error::Io)?;
+    Ok(client)
+}
+
+fn raw(detail: &Value) -> Result<(), Error> {
+    let bytes = hex_decode(detail["hex"].as_str().unwrap_or_default());
+    // The pipe reopened through /proc: the same pipe, without taking fd 4 unsafely.
+    let mut pipe = std::fs::OpenOptions::new()
+        .write(true)
+        .open("/proc/self/fd/4")
+        .map_err(Error::Io)?;
+    pipe.write_all(&bytes).map_err(Error::Io)?;
+    idle()
+}
+
+fn hex_decode(s: &str) -> Vec<u8> {
+    (0..s.len() / 2)
+        .filter_map(|i| u8::from_str_radix(&s[2 * i..2 * i + 2], 16).ok())
+        .collect()
+}
+
+fn crash() -> Result<(), Error> {
+    let client = Client::new()?;
+    client.send(6902, [("about_to", "crash")])?;
+    client.flush()?;
+    std::process::exit(3);
+}
+
+fn idle() -> Result<(), Error> {
+    loop {
+        std::thread::sleep(Duration::from_secs(3600));
+    }
+}
+
+fn memhog() -> Result<(), Error> {
+    let mut hoard: Vec<Vec<u8>> = Vec::new();
+    for _ in 0..256 {
+        // Touch every page so the memory is really used.
+        hoard.push(vec![1u8; 16 << 20]);
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    eprintln!("memhog: holding {} MiB", hoard.len() * 16);
+    idle()
+}

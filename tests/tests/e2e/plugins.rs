@@ -1,0 +1,599 @@
+//! The plugin runtime end to end: the pipe protocol byte for byte, install,
+//! upgrade and removal through the server, refusals, faults, limits, no loss.
+
+use std::collections::HashSet;
+use std::time::Duration;
+
+use base64::Engine;
+use keel_tests::{Agent, Api, Server, ServerOptions, eventually, eventually_within, sink_records, test_plugin};
+use serde_json::{Value, json};
+
+fn server_opts(extra: &str) -> ServerOptions {
+    ServerOptions {
+        release_key: true,
+        extra_toml: extra.into(),
+        ..Default::default()
+    }
+}
+
+async fn plugin(api: &Api, agent: &str, name: &str) -> Option<Value> {
+    let a = api.agent(agent).await?;
+    a["plugins"].as_array()?.iter().find(|p| p["name"] == name).cloned()
+}
+
+/// Waits for a plugin heartbeat that satisfies `ok`.
+async fn plugin_where(api: &Api, agent: &str, name: &str, what: &str, ok: impl Fn(&Value) -> bool) -> Value {
+    eventually(&format!("plugin {name}: {what}"), || async {
+        plugin(api, agent, name).await.filter(|p| ok(p))
+    })
+    .await
+}
+
+async fn install(server: &Server, name: &str, version: &str) {
+    let (status, body) = server.upload(name, version, "exec", test_plugin()).await;
+    assert_eq!(status, 201, "upload {name} {version}: {body}");
+}
+
+/// 5100 results the runtime reported for `plugin`.
+fn runtime_results(server: &Server, plugin: &str) -> Vec<Value> {
+    sink_records(server, 5100)
+        .into_iter()
+        .filter(|l| l["fields"]["plugin"] == plugin)
+        .map(|l| l["fields"].clone())
+        .collect()
+}
+
+async fn runtime_result(server: &Server, plugin: &str, contains: &str) -> Value {
+    eventually(&format!("a 5100 result for {plugin} saying {contains:?}"), || async {
+        runtime_results(server, plugin)
+            .into_iter()
+            .find(|f| f["msg"].as_str().is_some_and(|m| m.contains(contains)))
+    })
+    .await
+}
+
+async fn task(api: &Api, agent: &str, object: &str, data: &str) -> Value {
+    let (status, body) = api
+        .post(
+            &format!("/api/v1/agents/{agent}/tasks"),
+            &json!({"data_type": 6900, "object_name": object, "data": data}),
+        )
+        .await;
+    assert_eq!(status, 202, "{body}");
+    let token = body["token"].as_str().unwrap().to_owned();
+    eventually("the task result", || async {
+        let (_, t) = api.get(&format!("/api/v1/tasks/{token}")).await;
+        (t["status"] != "sent").then_some(t)
+    })
+    .await
+}
+
+// Hand-built protobuf, as Elkeid's Go (gogo) and Rust (rust-protobuf) libraries emit it.
+fn varint(mut v: u64) -> Vec<u8> {
+    let mut out = Vec::new();
+    loop {
+        let b = (v & 0x7f) as u8;
+        v >>= 7;
+        if v == 0 {
+            out.push(b);
+            return out;
+        }
+        out.push(b | 0x80);
+    }
+}
+fn field_varint(n: u64, v: u64) -> Vec<u8> {
+    [varint(n << 3), varint(v)].concat()
+}
+fn field_bytes(n: u64, b: &[u8]) -> Vec<u8> {
+    [varint((n << 3) | 2), varint(b.len() as u64), b.to_vec()].concat()
+}
+fn payload(pairs: &[(&str, &str)]) -> Vec<u8> {
+    pairs
+        .iter()
+        .flat_map(|(k, v)| {
+            field_bytes(
+                1,
+                &[field_bytes(1, k.as_bytes()), field_bytes(2, v.as_bytes())].concat(),
+            )
+        })
+        .collect()
+}
+fn frame(body: &[u8]) -> Vec<u8> {
+    [(body.len() as u32).to_le_bytes().to_vec(), body.to_vec()].concat()
+}
+
+#[tokio::test]
+async fn elkeid_frames_pass_through_byte_for_byte() {
+    let server = Server::start(server_opts("")).await;
+    let mut agent = Agent::enrolled(&server, "pipe-1");
+    agent.start();
+    let api = server.api();
+    api.online("pipe-1").await;
+
+    let p1 = payload(&[("a", "b"), ("c", "d")]);
+    let p2 = payload(&[("x", "y")]);
+    let p3 = payload(&[("ünï", "cödé"), ("k", "")]);
+    let frames = [
+        // Fields in order, as gogo's marshaller writes them.
+        [
+            field_varint(1, 6101),
+            field_varint(2, 1_700_000_001),
+            field_bytes(3, &p1),
+        ]
+        .concat(),
+        // A zero timestamp is omitted by proto3 encoders.
+        [field_varint(1, 6102), field_bytes(3, &p2)].concat(),
+        // Another order, with unknown varint and fixed64 fields.
+        [
+            field_bytes(3, &p3),
+            field_varint(15, 150),
+            field_varint(2, 1_700_000_003),
+            vec![0x49, 1, 2, 3, 4, 5, 6, 7, 8],
+            field_varint(1, 6103),
+        ]
+        .concat(),
+        // An empty payload.
+        [field_varint(1, 6104), field_varint(2, 1_700_000_004)].concat(),
+    ];
+    let bytes: Vec<u8> = frames.iter().flat_map(|f| frame(f)).collect();
+    let hex: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+    install(&server, "elkeid", "1").await;
+    let detail = json!({"mode": "raw", "hex": hex}).to_string();
+    let (status, body) = server
+        .put_plugins("pipe-1", &json!([{"name": "elkeid", "version": "1", "detail": detail}]))
+        .await;
+    assert_eq!(status, 200, "{body}");
+
+    let expect = [
+        (6101, p1, Some(1_700_000_001)),
+        (6102, p2, None),
+        (6103, p3, Some(1_700_000_003)),
+        (6104, vec![], Some(1_700_000_004)),
+    ];
+    for (dt, payload, ts) in expect {
+        let line = eventually(&format!("record {dt} in the sink"), || async {
+            sink_records(&server, dt).into_iter().next()
+        })
+        .await;
+        let data = base64::engine::general_purpose::STANDARD
+            .decode(line["data"].as_str().unwrap())
+            .unwrap();
+        assert_eq!(data, payload, "payload of {dt} must arrive byte for byte");
+        match ts {
+            Some(ts) => assert_eq!(line["timestamp"], ts),
+            None => assert!(
+                line["timestamp"].as_i64().unwrap() > 1_700_000_000,
+                "a missing timestamp is filled in"
+            ),
+        }
+    }
+    let p = plugin_where(&api, "pipe-1", "elkeid", "running", |p| p["state"] == "running").await;
+    assert_eq!(
+        p["heartbeat"]["restarts"], "0",
+        "well-formed frames cause no fault: {p}"
+    );
+}
+
+fn targz(files: &[(&str, &[u8], u32)]) -> Vec<u8> {
+    let gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+    let mut b = tar::Builder::new(gz);
+    for (path, data, mode) in files {
+        let mut h = tar::Header::new_gnu();
+        let name = path.as_bytes();
+        h.as_old_mut().name[..name.len()].copy_from_slice(name);
+        h.set_size(data.len() as u64);
+        h.set_mode(*mode);
+        h.set_entry_type(tar::EntryType::Regular);
+        h.set_cksum();
+        b.append(&h, *data).unwrap();
+    }
+    b.into_inner().unwrap().finish().unwrap()
+}
+
+#[tokio::test]
+async fn install_upgrade_noop_and_remove_through_the_server() {
+    let server = Server::start(server_opts("")).await;
+    let mut agent = Agent::enrolled(&server, "life-1");
+    agent.start();
+    let api = server.api();
+    api.online("life-1").await;
+
+    install(&server, "p1", "1").await;
+    let (status, body) = server
+        .put_plugins("life-1", &json!([{"name": "p1", "version": "1"}]))
+        .await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["sent"], true);
+    let v1 = plugin_where(&api, "life-1", "p1", "running v1", |p| {
+        p["state"] == "running" && p["version"] == "1"
+    })
+    .await;
+    let pid = v1["pid"].as_i64().unwrap();
+    assert!(
+        std::path::Path::new(&format!("/proc/{pid}")).exists(),
+        "the reported pid is a live process"
+    );
+    runtime_result(&server, "p1", "installed").await;
+    let t = task(&api, "life-1", "p1", "hello").await;
+    assert_eq!(t["status"], "succeeded", "{t}");
+    assert_eq!(t["result"]["msg"], "echo hello");
+
+    // The same set again changes nothing: same process.
+    let received = agent.log().matches("desired plugin set received").count();
+    server
+        .put_plugins("life-1", &json!([{"name": "p1", "version": "1"}]))
+        .await;
+    eventually("the agent to receive the set again", || async {
+        (agent.log().matches("desired plugin set received").count() > received).then_some(())
+    })
+    .await;
+    let again = plugin_where(&api, "life-1", "p1", "a fresh heartbeat", |p| {
+        p["updated_at"] != v1["updated_at"]
+    })
+    .await;
+    assert_eq!(again["pid"], v1["pid"], "an unchanged plugin is left alone");
+
+    // Upgrade to a tar.gz package.
+    let pkg = targz(&[("p1", &test_plugin(), 0o755), ("README", b"p1 v2", 0o644)]);
+    let (status, body) = server.upload("p1", "2", "tar.gz", pkg).await;
+    assert_eq!(status, 201, "{body}");
+    server
+        .put_plugins("life-1", &json!([{"name": "p1", "version": "2"}]))
+        .await;
+    let v2 = plugin_where(&api, "life-1", "p1", "running v2", |p| {
+        p["version"] == "2" && p["state"] == "running"
+    })
+    .await;
+    assert_ne!(v2["pid"], v1["pid"]);
+    runtime_result(&server, "p1", "upgraded 1 -> 2").await;
+    let plugin_dir = agent.state_dir().join("plugins");
+    assert_eq!(std::fs::read_to_string(plugin_dir.join("p1/README")).unwrap(), "p1 v2");
+    assert!(
+        !std::path::Path::new(&format!("/proc/{pid}")).exists(),
+        "the old process is gone"
+    );
+
+    // Removal.
+    server.put_plugins("life-1", &json!([])).await;
+    eventually("p1 to be removed", || async {
+        plugin(&api, "life-1", "p1").await.is_none().then_some(())
+    })
+    .await;
+    assert!(!plugin_dir.join("p1").exists(), "the plugin directory is deleted");
+    assert_eq!(api.get("/api/v1/agents/life-1/plugins").await.1["managed"], true);
+}
+
+#[tokio::test]
+async fn bad_packages_are_refused_with_the_failed_check_and_nothing_starts() {
+    let server = Server::start(server_opts(
+        "[components]\nmirrors = [\"http://127.0.0.1:9/packages\"]\n",
+    ))
+    .await;
+    let mut agent = Agent::enrolled(&server, "refuse-1");
+    // An invalid name can only come from a corrupted stored set; the server refuses to send one.
+    let stored = json!([{"name": "bad/name", "kind": "exec", "version": "1", "sha256": "00", "signature": "00", "download_urls": [], "detail": ""}]);
+    std::fs::create_dir_all(agent.state_dir()).unwrap();
+    std::fs::write(agent.state_dir().join("plugins.json"), stored.to_string()).unwrap();
+    agent.start();
+    let api = server.api();
+    api.online("refuse-1").await;
+    runtime_result(&server, "bad/name", "invalid plugin name").await;
+
+    // The first URL (a mirror) is unreachable; the server's own URL then works.
+    install(&server, "good", "1").await;
+    // A package whose stored bytes no longer match their hash. (Its own bytes: the
+    // store is content-addressed, and "good" must stay intact.)
+    let mut distinct = test_plugin();
+    distinct.extend_from_slice(b"\0tampered");
+    assert_eq!(server.upload("tampered", "1", "exec", distinct).await.0, 201);
+    let (_, pkgs) = api.get("/api/v1/components/tampered").await;
+    let sha = pkgs[0]["sha256"].as_str().unwrap().to_owned();
+    std::fs::write(server.data_dir().join("packages").join(&sha), b"not the package").unwrap();
+    // Archives that would escape the plugin directory.
+    let escape = targz(&[("../escape", b"#!/bin/sh\n", 0o755), ("escape", b"#!/bin/sh\n", 0o755)]);
+    assert_eq!(server.upload("escape", "1", "tar.gz", escape).await.0, 201);
+    let absolute = targz(&[("/tmp/keel-absolute", b"x", 0o644), ("absolute", b"#!/bin/sh\n", 0o755)]);
+    assert_eq!(server.upload("absolute", "1", "tar.gz", absolute).await.0, 201);
+
+    let set = json!([
+        {"name": "good", "version": "1"},
+        {"name": "tampered", "version": "1"},
+        {"name": "escape", "version": "1"},
+        {"name": "absolute", "version": "1"},
+    ]);
+    let (status, body) = server.put_plugins("refuse-1", &set).await;
+    assert_eq!(status, 200, "{body}");
+    plugin_where(&api, "refuse-1", "good", "running after the mirror failed", |p| {
+        p["state"] == "running"
+    })
+    .await;
+    assert!(agent.log().contains("download failed; trying the next URL"));
+    runtime_result(&server, "tampered", "sha256 mismatch").await;
+    runtime_result(&server, "escape", "contains '..'").await;
+    runtime_result(&server, "absolute", "absolute path").await;
+    assert!(!std::path::Path::new("/tmp/keel-absolute").exists());
+    for name in ["tampered", "escape", "absolute", "bad/name"] {
+        assert!(plugin(&api, "refuse-1", name).await.is_none(), "{name} must not start");
+    }
+
+    // An agent that pins another release key refuses the server's signatures.
+    let mut other = Agent::enrolled(&server, "refuse-2");
+    let text = std::fs::read_to_string(&other.config).unwrap();
+    let key = server.release_public.clone().unwrap();
+    // The public key of RFC 8032's first test vector: valid, and not the server's.
+    let foreign = "d75a980182b10ab7d54bfed3c964073a0ee172f3daa62325af021a68f707511a";
+    std::fs::write(&other.config, text.replace(&key, foreign)).unwrap();
+    other.start();
+    api.online("refuse-2").await;
+    server
+        .put_plugins("refuse-2", &json!([{"name": "good", "version": "1"}]))
+        .await;
+    runtime_result(&server, "good", "signature check failed").await;
+    assert!(plugin(&api, "refuse-2", "good").await.is_none());
+
+    // The server refuses a set naming a version it has no package for.
+    let (status, body) = server
+        .put_plugins("refuse-1", &json!([{"name": "good", "version": "9"}]))
+        .await;
+    assert_eq!(status, 400);
+    assert!(body["error"].as_str().unwrap().contains("has no package"), "{body}");
+}
+
+#[tokio::test]
+async fn misbehaving_plugins_fault_alone_and_the_agent_carries_on() {
+    let server = Server::start(server_opts("")).await;
+    let mut agent = Agent::enrolled_with(&server, "faults-1", "task_queue = 4\n");
+    agent.start();
+    let api = server.api();
+    api.online("faults-1").await;
+    for name in ["good", "crashy", "garbled", "huge", "deaf"] {
+        install(&server, name, "1").await;
+    }
+    let garbage = "04000000ffffffff";
+    let huge = "ffffff7f";
+    let set = json!([
+        {"name": "good", "version": "1"},
+        {"name": "crashy", "version": "1", "detail": json!({"mode": "crash"}).to_string()},
+        {"name": "garbled", "version": "1", "detail": json!({"mode": "raw", "hex": garbage}).to_string()},
+        {"name": "huge", "version": "1", "detail": json!({"mode": "raw", "hex": huge}).to_string()},
+        {"name": "deaf", "version": "1", "detail": json!({"mode": "deaf"}).to_string()},
+    ]);
+    assert_eq!(server.put_plugins("faults-1", &set).await.0, 200);
+
+    let crashy = plugin_where(&api, "faults-1", "crashy", "restarted twice", |p| {
+        p["heartbeat"]["restarts"]
+            .as_str()
+            .and_then(|r| r.parse::<u32>().ok())
+            .is_some_and(|r| r >= 2)
+    })
+    .await;
+    assert_eq!(crashy["heartbeat"]["last_exit"], "exited with status 3");
+    let garbled = plugin_where(&api, "faults-1", "garbled", "a fault", |p| {
+        p["heartbeat"]["last_fault"].as_str().is_some_and(|f| !f.is_empty())
+    })
+    .await;
+    assert!(
+        garbled["heartbeat"]["last_fault"]
+            .as_str()
+            .unwrap()
+            .contains("malformed record"),
+        "{garbled}"
+    );
+    let huge = plugin_where(&api, "faults-1", "huge", "a fault", |p| {
+        p["heartbeat"]["last_fault"].as_str().is_some_and(|f| !f.is_empty())
+    })
+    .await;
+    assert!(
+        huge["heartbeat"]["last_fault"]
+            .as_str()
+            .unwrap()
+            .contains("exceeds the 4194304-byte limit"),
+        "{huge}"
+    );
+    runtime_result(&server, "garbled", "stopped for a fault").await;
+
+    // A plugin that never reads its tasks: its queue fills, then tasks are refused as busy.
+    plugin_where(&api, "faults-1", "deaf", "running", |p| p["state"] == "running").await;
+    let mut tokens = Vec::new();
+    for i in 0..600 {
+        let body = json!({"data_type": 6900, "object_name": "deaf", "data": format!("{i}:{}", "x".repeat(1000))});
+        let (status, answer) = api.post("/api/v1/agents/faults-1/tasks", &body).await;
+        assert_eq!(status, 202, "{answer}");
+        tokens.push(answer["token"].as_str().unwrap().to_owned());
+    }
+    let last = tokens.last().unwrap().clone();
+    let busy = eventually("the last task to be refused as busy", || async {
+        let (_, t) = api.get(&format!("/api/v1/tasks/{last}")).await;
+        (t["status"] == "failed").then_some(t)
+    })
+    .await;
+    assert!(
+        busy["result"]["msg"].as_str().unwrap().starts_with("busy: plugin deaf"),
+        "{busy}"
+    );
+
+    // The agent and the well-behaved plugin are unaffected.
+    let t = task(&api, "faults-1", "good", "still here").await;
+    assert_eq!(t["status"], "succeeded");
+    let before = api.agent("faults-1").await.unwrap()["last_heartbeat"].clone();
+    eventually("another agent heartbeat", || async {
+        api.agent("faults-1")
+            .await
+            .filter(|a| a["last_heartbeat"] != before && a["online"] == true)
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_plugin_that_ignores_sigterm_is_killed_after_the_grace_period() {
+    let server = Server::start(server_opts("")).await;
+    let mut agent = Agent::enrolled(&server, "stubborn-1");
+    agent.start();
+    let api = server.api();
+    api.online("stubborn-1").await;
+    let script = b"#!/bin/sh\ntrap '' TERM\necho started\nwhile :; do sleep 1; done\n".to_vec();
+    assert_eq!(server.upload("stubborn", "1", "exec", script).await.0, 201);
+    server
+        .put_plugins("stubborn-1", &json!([{"name": "stubborn", "version": "1"}]))
+        .await;
+    let p = plugin_where(&api, "stubborn-1", "stubborn", "running", |p| p["state"] == "running").await;
+    let pid = p["pid"].as_i64().unwrap();
+    server.put_plugins("stubborn-1", &json!([])).await;
+    eventually("the stubborn plugin to be killed", || async {
+        (!std::path::Path::new(&format!("/proc/{pid}")).exists()).then_some(())
+    })
+    .await;
+    assert!(
+        agent
+            .log()
+            .contains("plugin ignored SIGTERM; killing its process group"),
+        "{}",
+        agent.log()
+    );
+}
+
+#[tokio::test]
+async fn a_memory_hog_is_stopped_by_its_cgroup_limit() {
+    let server = Server::start(server_opts("")).await;
+    let mut agent = Agent::enrolled_with(&server, "hog-1", "[plugins.limits.hog]\nmemory_max_bytes = 67108864\n");
+    agent.start();
+    let api = server.api();
+    api.online("hog-1").await;
+    if agent.log().contains("cgroups unavailable") {
+        eprintln!("SKIPPED a_memory_hog_is_stopped_by_its_cgroup_limit: no writable cgroup hierarchy on this machine");
+        return;
+    }
+    install(&server, "hog", "1").await;
+    let detail = json!({"mode": "memhog"}).to_string();
+    server
+        .put_plugins("hog-1", &json!([{"name": "hog", "version": "1", "detail": detail}]))
+        .await;
+    let p = plugin_where(&api, "hog-1", "hog", "killed by its memory limit", |p| {
+        p["heartbeat"]["last_exit"]
+            .as_str()
+            .is_some_and(|e| e.contains("out of memory"))
+    })
+    .await;
+    assert_eq!(p["heartbeat"]["limited"], "true");
+    assert!(
+        p["heartbeat"]["oom_kills"].as_str().unwrap().parse::<u64>().unwrap() >= 1,
+        "{p}"
+    );
+    runtime_result(&server, "hog", "out of memory").await;
+}
+
+/// The `i` fields of the emitted records in the sink.
+fn emitted(server: &Server) -> Vec<u64> {
+    sink_records(server, 6100)
+        .iter()
+        .map(|l| {
+            let data = base64::engine::general_purpose::STANDARD
+                .decode(l["data"].as_str().unwrap())
+                .unwrap();
+            keel_proto::payload::decode(&data).unwrap()["i"].parse().unwrap()
+        })
+        .collect()
+}
+
+fn exactly_once(got: &[u64], k: u64) {
+    let unique: HashSet<u64> = got.iter().copied().collect();
+    assert_eq!(unique.len() as u64, k, "every record arrived");
+    assert_eq!(got.len() as u64, k, "no record arrived twice");
+}
+
+fn records_file_len(server: &Server) -> u64 {
+    std::fs::metadata(server.data_dir().join("records/records.jsonl"))
+        .map(|m| m.len())
+        .unwrap_or(0)
+}
+
+#[tokio::test]
+async fn nothing_is_lost_or_doubled_when_the_server_is_killed_mid_stream() {
+    let mut server = Server::start(server_opts("")).await;
+    let mut agent = Agent::enrolled(&server, "loss-1");
+    agent.start();
+    let api = server.api();
+    api.online("loss-1").await;
+    install(&server, "emitter", "1").await;
+    const K: u64 = 150_000;
+    let detail = json!({"mode": "emit", "count": K, "delay_ms": 2000}).to_string();
+    server
+        .put_plugins(
+            "loss-1",
+            &json!([{"name": "emitter", "version": "1", "detail": detail}]),
+        )
+        .await;
+    plugin_where(&api, "loss-1", "emitter", "running", |p| p["state"] == "running").await;
+    let before = records_file_len(&server);
+    // Kill the server once the emitted records have started to arrive.
+    eventually_within(Duration::from_secs(60), "records to start arriving", || async {
+        (records_file_len(&server) > before + 200_000).then_some(())
+    })
+    .await;
+    server.kill();
+    let at_kill = emitted(&server).len() as u64;
+    server.restart().await;
+    let got = eventually_within(Duration::from_secs(90), "every record in the sink", || async {
+        let got = emitted(&server);
+        (got.len() as u64 >= K).then_some(got)
+    })
+    .await;
+    assert!(at_kill < K, "the kill must come mid-stream ({at_kill} of {K} stored)");
+    exactly_once(&got, K);
+}
+
+#[tokio::test]
+async fn the_spool_keeps_records_across_an_agent_restart_while_the_server_is_down() {
+    let mut server = Server::start(server_opts("")).await;
+    let mut agent = Agent::enrolled(&server, "spool-1");
+    agent.start();
+    let api = server.api();
+    api.online("spool-1").await;
+    install(&server, "emitter", "1").await;
+    const K: u64 = 20_000;
+    let detail = json!({"mode": "emit", "count": K, "delay_ms": 3000}).to_string();
+    server
+        .put_plugins(
+            "spool-1",
+            &json!([{"name": "emitter", "version": "1", "detail": detail}]),
+        )
+        .await;
+    plugin_where(&api, "spool-1", "emitter", "running", |p| p["state"] == "running").await;
+    server.stop();
+    let marker = agent.state_dir().join("plugins/emitter/emitted");
+    eventually("the plugin to emit everything while the server is down", || async {
+        marker.exists().then_some(())
+    })
+    .await;
+    let status = agent.stop_within(Duration::from_secs(15)).expect("graceful stop");
+    assert!(status.success());
+    let spooled: u64 = std::fs::read_dir(agent.state_dir().join("spool"))
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .filter(|e| e.path().extension().is_some_and(|x| x == "seg"))
+        .map(|e| e.metadata().unwrap().len())
+        .sum();
+    assert!(
+        spooled > K * 100,
+        "the records wait in the spool on disk ({spooled} bytes)"
+    );
+
+    // The agent comes back with the server still down; its plugin comes back from the
+    // stored set without the server.
+    agent.start();
+    let plugin_dir = agent.state_dir().join("plugins/emitter");
+    eventually("the stored plugin to run again before the server is back", || async {
+        std::fs::read_dir("/proc")
+            .ok()?
+            .filter_map(|e| e.ok())
+            .find(|e| std::fs::read_link(e.path().join("cwd")).is_ok_and(|cwd| cwd == plugin_dir))
+    })
+    .await;
+    server.restart().await;
+    let got = eventually_within(Duration::from_secs(60), "every spooled record in the sink", || async {
+        let got = emitted(&server);
+        (got.len() as u64 >= K).then_some(got)
+    })
+    .await;
+    exactly_once(&got, K);
+}
