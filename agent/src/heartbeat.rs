@@ -60,17 +60,20 @@ impl Heartbeat {
         let mut sampler = CpuSampler::default();
         sampler.sample(platform.boot_time);
         let mut rates = self.rates();
+        let mut plugin_rates_since = rates.at;
         let mut ticker = tokio::time::interval(self.interval);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
-            let tick = tokio::select! {
+            let with_plugins = tokio::select! {
                 _ = shutdown.cancelled() => return,
                 _ = ticker.tick() => true,
                 _ = self.connected.notified() => false,
+                () = self.plugins.changed() => true,
             };
             let mut records = vec![self.beat(&platform, &mut sampler, &mut rates)];
-            if tick {
-                records.extend(self.plugins.heartbeats(self.interval));
+            if with_plugins {
+                records.extend(self.plugins.heartbeats(rates.at.duration_since(plugin_rates_since)));
+                plugin_rates_since = rates.at;
             }
             if !self.outbox.send_all(records).await {
                 return;

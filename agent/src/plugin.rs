@@ -23,7 +23,7 @@ use std::time::{Duration, Instant};
 use keel_common::backoff::Backoff;
 use keel_proto::data_type;
 use serde::{Deserialize, Serialize};
-use tokio::sync::mpsc;
+use tokio::sync::{Notify, mpsc};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
@@ -132,6 +132,7 @@ struct Shared {
     running: Mutex<BTreeMap<String, Running>>,
     reconciling: tokio::sync::Mutex<()>,
     cpu: Mutex<BTreeMap<u32, (u64, Instant)>>,
+    changed: Arc<Notify>,
 }
 
 /// The plugin runtime; cheap to clone.
@@ -211,6 +212,7 @@ impl Runtime {
                 running: Mutex::new(BTreeMap::new()),
                 reconciling: tokio::sync::Mutex::new(()),
                 cpu: Mutex::new(BTreeMap::new()),
+                changed: Arc::new(Notify::new()),
             }),
         })
     }
@@ -268,6 +270,7 @@ impl Runtime {
             self.stop(&name).await;
             self.shared.installer.remove(&name);
             info!(plugin = %name, "plugin removed");
+            self.shared.changed.notify_one();
         }
         for cfg in wanted.into_values() {
             self.apply(cfg).await;
@@ -418,6 +421,7 @@ impl Runtime {
             status: Arc::clone(&status),
             tasks: rx,
             stop: stop.clone(),
+            changed: Arc::clone(&self.shared.changed),
         };
         let join = tokio::spawn(sup.run());
         self.running().insert(
@@ -456,6 +460,11 @@ impl Runtime {
             }
             mpsc::error::TrySendError::Closed(t) => format!("plugin {} is not running", t.object_name),
         })
+    }
+
+    /// Resolves when a plugin started, stopped, crashed or was removed.
+    pub async fn changed(&self) {
+        self.shared.changed.notified().await;
     }
 
     /// Names of the plugins in the desired set.

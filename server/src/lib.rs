@@ -6,6 +6,7 @@
 #![forbid(unsafe_code)]
 
 pub mod admin;
+pub mod components;
 pub mod config;
 pub mod connections;
 pub mod grpc;

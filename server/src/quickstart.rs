@@ -79,17 +79,6 @@ pub fn server_config(opts: &Options) -> anyhow::Result<ServerConfig> {
             http = opts.http_port,
         ),
     )?;
-    write_if_missing(
-        &layout.agent_toml,
-        &format!(
-            "# keel-agent configuration written by the quickstart.\n\
-             [agent]\nstate_dir = {state}\nlog_dir = {log}\n\n\
-             [server]\nprivate = [\"127.0.0.1:{grpc}\"]\n",
-            state = toml_str(&layout.agent_state),
-            log = toml_str(&layout.agent_state.join("log")),
-            grpc = opts.grpc_port,
-        ),
-    )?;
     ServerConfig::load(Some(&layout.server_toml), &Default::default()).map_err(anyhow::Error::from)
 }
 
@@ -142,6 +131,53 @@ async fn stop_agent(child: &mut Child) {
     }
 }
 
+/// The feature plugins the repository builds, installed when found next to the binaries.
+const PLUGINS: &[&str] = &["key-request", "proxy", "file-delivery"];
+
+/// Uploads every plugin built next to `keel-agent` (as this build's version) and
+/// makes them the agent's desired set, through the same path the API uses.
+async fn install_plugins(
+    state: &std::sync::Arc<crate::state::ServerState>,
+    opts: &Options,
+    agent_id: &str,
+) -> anyhow::Result<Vec<String>> {
+    let bin_dir = opts.agent_bin.parent().map(Path::to_path_buf).unwrap_or_default();
+    let version = keel_common::VERSION;
+    let mut desired = Vec::new();
+    for name in PLUGINS {
+        let path = bin_dir.join(name);
+        if !path.is_file() {
+            continue;
+        }
+        let meta = crate::components::PackageMeta {
+            name: (*name).to_owned(),
+            version: version.to_owned(),
+            kind: "exec".into(),
+            arch: "any".into(),
+            signature: None,
+            by: "quickstart".into(),
+        };
+        match crate::components::store_file(state, &path, &meta).await {
+            Ok(_) | Err(crate::components::ComponentError::Exists { .. }) => {}
+            Err(e) => return Err(e.into()),
+        }
+        desired.push(crate::store::DesiredPlugin {
+            name: (*name).to_owned(),
+            version: version.to_owned(),
+            detail: String::new(),
+        });
+    }
+    if desired.is_empty() {
+        return Ok(Vec::new());
+    }
+    state
+        .store
+        .set_desired(agent_id, &desired, "quickstart", keel_common::time::now_ms())
+        .await?;
+    state.push_plugins(agent_id).await?;
+    Ok(desired.into_iter().map(|d| d.name).collect())
+}
+
 /// Runs the quickstart until `shutdown`.
 pub async fn run(opts: Options, shutdown: CancellationToken) -> anyhow::Result<()> {
     if !opts.agent_bin.exists() {
@@ -159,6 +195,24 @@ pub async fn run(opts: Options, shutdown: CancellationToken) -> anyhow::Result<(
         let token = admin::token_create(&config, Some(Role::Admin), None, 1, "quickstart admin").await?;
         admin::write_token_file(&layout.admin_token, &token)?;
     }
+    if !config.pki_dir().join(crate::release::KEY_FILE).exists() {
+        admin::release_key(&config)?;
+    }
+    let release = crate::release::Release::load(&config)?;
+    write_if_missing(
+        &layout.agent_toml,
+        &format!(
+            "# keel-agent configuration written by the quickstart.\n\
+             [agent]\nstate_dir = {state}\nlog_dir = {log}\n\n\
+             [server]\nprivate = [\"127.0.0.1:{grpc}\"]\n\n\
+             # Plugin packages must be signed with this server's release key.\n\
+             [plugins]\nrelease_public_key = \"{key}\"\n",
+            state = toml_str(&layout.agent_state),
+            log = toml_str(&layout.agent_state.join("log")),
+            grpc = opts.grpc_port,
+            key = release.public_hex().unwrap_or_default(),
+        ),
+    )?;
     let _ = std::fs::remove_file(&layout.ready);
     let state = serve::open_state(config.clone()).await?;
     let server_stop = shutdown.child_token();
@@ -197,12 +251,18 @@ pub async fn run(opts: Options, shutdown: CancellationToken) -> anyhow::Result<(
     } else {
         "not online yet; see its log"
     };
+    let plugins = match install_plugins(&state, &opts, &agent_id).await {
+        Ok(names) if names.is_empty() => "none built yet".to_owned(),
+        Ok(names) => names.join(", "),
+        Err(e) => format!("not installed: {e:#}"),
+    };
     let token_path = layout.admin_token.display();
     println!(
         "\nKeel quickstart is running.\n\
          \n  API:          {http}/api/v1/agents\
          \n  admin token:  {token_path}\
          \n  agent:        {agent_id} ({online}; logs in {agent_log})\
+         \n  plugins:      {plugins}\
          \n  server logs:  {server_log}\
          \n\nTry:\
          \n  curl -s -H \"Authorization: Bearer $(cat {token_path})\" {http}/api/v1/agents\

@@ -18,7 +18,7 @@ use nix::sys::signal::{Signal, killpg};
 use nix::unistd::Pid;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::unix::pipe;
-use tokio::sync::mpsc;
+use tokio::sync::{Notify, mpsc};
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
@@ -109,6 +109,8 @@ pub struct Supervisor {
     pub tasks: mpsc::Receiver<TaskRequest>,
     /// Cancelled to stop the plugin for good.
     pub stop: CancellationToken,
+    /// Notified on every state change, so the heartbeat reports it at once.
+    pub changed: Arc<Notify>,
 }
 
 /// How one process run ended.
@@ -281,6 +283,7 @@ impl Supervisor {
                 None => format!("plugin {} {how}", self.name),
             };
             warn!(plugin = %self.name, restart_in = ?delay, crashloop, "{msg}");
+            self.changed.notify_one();
             let mut report = tasks::result("", false, &msg);
             report.data = keel_proto::payload::encode([
                 ("token", ""),
@@ -299,6 +302,7 @@ impl Supervisor {
             s.state = "stopped";
             s.pid = None;
         });
+        self.changed.notify_one();
     }
 
     async fn run_once(&mut self, cgroup: Option<&PluginCgroup>) -> Ended {
@@ -341,6 +345,7 @@ impl Supervisor {
             s.started_at = now_secs();
             s.limited = limited;
         });
+        self.changed.notify_one();
         let log = Arc::new(Mutex::new(RotatingLog::open(&self.dir, &self.name)));
         let mut pumps = Vec::new();
         if let Some(out) = spawned.stdout {

@@ -2,7 +2,6 @@
 //! and `/api/v1/agents/{id}/plugins`: an agent's desired plugin set.
 
 use std::collections::HashSet;
-use std::io::Write;
 use std::sync::Arc;
 
 use axum::body::Body;
@@ -14,23 +13,12 @@ use axum::{Extension, Json};
 use futures::StreamExt;
 use keel_common::time::{now_ms, rfc3339_ms};
 use serde::{Deserialize, Serialize};
-use sha2::{Digest, Sha256};
 
 use super::agents::json_body;
 use super::{ApiError, Principal};
+use crate::components::{ComponentError, PackageMeta, Upload};
 use crate::state::{PushError, ServerState};
 use crate::store::{DesiredPlugin, PackageRow, Role};
-
-fn valid_name(s: &str) -> bool {
-    !s.is_empty() && s.len() <= 64 && s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
-}
-
-fn valid_version(s: &str) -> bool {
-    !s.is_empty()
-        && s.len() <= 64
-        && s.bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-' | b'+'))
-}
 
 /// Query of an upload.
 #[derive(Debug, Deserialize)]
@@ -80,8 +68,16 @@ impl From<PackageRow> for PackageView {
     }
 }
 
-fn packages_dir(state: &ServerState) -> std::path::PathBuf {
-    state.config.data_dir.join("packages")
+impl From<ComponentError> for ApiError {
+    fn from(e: ComponentError) -> Self {
+        match e {
+            ComponentError::TooLarge(_) => ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, e.to_string()),
+            ComponentError::Exists { .. } => ApiError::new(StatusCode::CONFLICT, e.to_string()),
+            ComponentError::Invalid(_) | ComponentError::Signature(_) => ApiError::bad_request(e.to_string()),
+            ComponentError::Store(e) => e.into(),
+            ComponentError::Io(_) => ApiError::internal(e.to_string()),
+        }
+    }
 }
 
 /// `POST /api/v1/components/{name}/versions?version=V&type=exec|tar.gz[&arch=A][&signature=HEX]`:
@@ -95,89 +91,30 @@ pub async fn upload(
 ) -> Result<(StatusCode, Json<PackageView>), ApiError> {
     who.require(Role::Operator)?;
     let Query(q) = query.map_err(|e| ApiError::bad_request(format!("invalid query: {}", e.body_text())))?;
-    if !valid_name(&name) {
-        return Err(ApiError::bad_request(format!(
-            "invalid component name {name:?}: must match ^[A-Za-z0-9_-]+$"
-        )));
-    }
-    if !valid_version(&q.version) {
-        return Err(ApiError::bad_request(format!(
-            "invalid version {:?}: 1-64 characters of [A-Za-z0-9._+-]",
-            q.version
-        )));
-    }
-    if !matches!(q.kind.as_str(), "exec" | "tar.gz") {
-        return Err(ApiError::bad_request(format!(
-            "invalid type {:?}: expected exec or tar.gz",
-            q.kind
-        )));
-    }
-    if !matches!(q.arch.as_str(), "any" | "x86_64" | "aarch64") {
-        return Err(ApiError::bad_request(format!(
-            "invalid arch {:?}: expected any, x86_64 or aarch64",
-            q.arch
-        )));
-    }
-    let cap = state.config.components.max_package_bytes;
-    let dir = packages_dir(&state);
-    keel_common::fsutil::create_dir(&dir, 0o700).map_err(|e| ApiError::internal(format!("package store: {e}")))?;
-    let tmp = dir.join(format!(".upload-{:016x}", rand_u64()));
-    let cleanup = |e: ApiError| {
-        let _ = std::fs::remove_file(&tmp);
-        e
+    let meta = PackageMeta {
+        name,
+        version: q.version,
+        kind: q.kind,
+        arch: q.arch,
+        signature: q.signature,
+        by: who.token_id,
     };
-    let mut file = std::fs::File::create(&tmp).map_err(|e| ApiError::internal(format!("package store: {e}")))?;
-    let mut hasher = Sha256::new();
-    let mut size = 0u64;
+    // Refuse bad metadata before reading a byte of the body.
+    meta.validate()?;
+    let mut up = Upload::start(&state)?;
     let mut stream = body.into_data_stream();
     while let Some(chunk) = stream.next().await {
-        let chunk = chunk.map_err(|e| cleanup(ApiError::bad_request(format!("upload interrupted: {e}"))))?;
-        size += chunk.len() as u64;
-        if size > cap {
-            return Err(cleanup(ApiError::new(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                format!("package larger than {cap} bytes"),
-            )));
+        let written = match chunk {
+            Ok(c) => up.write(&c),
+            Err(e) => Err(ComponentError::Invalid(format!("upload interrupted: {e}"))),
+        };
+        if let Err(e) = written {
+            up.abort();
+            return Err(e.into());
         }
-        hasher.update(&chunk);
-        file.write_all(&chunk)
-            .map_err(|e| cleanup(ApiError::internal(format!("package store: {e}"))))?;
     }
-    if size == 0 {
-        return Err(cleanup(ApiError::bad_request("empty package")));
-    }
-    file.sync_all()
-        .map_err(|e| cleanup(ApiError::internal(format!("package store: {e}"))))?;
-    let sha256 = hex::encode(hasher.finalize());
-    let bytes = std::fs::read(&tmp).map_err(|e| cleanup(ApiError::internal(format!("package store: {e}"))))?;
-    let signature = state
-        .release
-        .signature_for(&bytes, q.signature.as_deref())
-        .map_err(|e| cleanup(ApiError::bad_request(e.to_string())))?;
-    let row = PackageRow {
-        name: name.clone(),
-        version: q.version.clone(),
-        arch: q.arch.clone(),
-        kind: q.kind.clone(),
-        sha256: sha256.clone(),
-        signature,
-        size: i64::try_from(size).unwrap_or(i64::MAX),
-        created_at: now_ms(),
-        created_by: who.token_id.clone(),
-    };
-    std::fs::rename(&tmp, dir.join(&sha256)).map_err(|e| cleanup(ApiError::internal(format!("package store: {e}"))))?;
-    if !state.store.package_add(&row).await? {
-        return Err(ApiError::new(
-            StatusCode::CONFLICT,
-            format!("{name} {} already has a {} package for {}", q.version, q.kind, q.arch),
-        ));
-    }
-    tracing::info!(component = %name, version = %q.version, %sha256, size, by = %who.token_id, "package uploaded");
+    let row = up.finish(&state, &meta).await?;
     Ok((StatusCode::CREATED, Json(row.into())))
-}
-
-fn rand_u64() -> u64 {
-    uuid::Uuid::new_v4().as_u64_pair().0
 }
 
 /// `GET /api/v1/components` and `GET /api/v1/components/{name}`.
@@ -200,7 +137,7 @@ pub async fn download(State(state): State<Arc<ServerState>>, Path(sha256): Path<
     if !state.store.package_sha_known(&sha256).await? {
         return Err(ApiError::not_found("no such package"));
     }
-    let path = packages_dir(&state).join(&sha256);
+    let path = crate::components::dir(&state).join(&sha256);
     let file = tokio::fs::File::open(&path)
         .await
         .map_err(|_| ApiError::not_found("no such package"))?;
@@ -253,7 +190,7 @@ pub async fn put_plugins(
     }
     let mut seen = HashSet::new();
     for p in &set {
-        if !valid_name(&p.name) {
+        if !crate::components::valid_name(&p.name) {
             return Err(ApiError::bad_request(format!(
                 "invalid plugin name {:?}: must match ^[A-Za-z0-9_-]+$",
                 p.name
