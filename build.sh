@@ -10,6 +10,9 @@ usage: ./build.sh <command>
   quickstart   build in release mode, then run a server and one enrolled agent on
                127.0.0.1 (state in ./.keel-quickstart/) until Ctrl-C
   test         build and run every test, with formatting and lint checks
+  bench NAME   build in release mode and run a benchmark; NAME is one of:
+                 dataflow   plugin -> agent -> mTLS -> server -> sink throughput,
+                            against raw tonic streaming (optional: record count)
   help         this text
 USAGE
 }
@@ -26,6 +29,18 @@ case "$cmd" in
         # The end-to-end tests run the real binaries.
         cargo build --workspace --bins --quiet
         cargo test --workspace
+        ;;
+    bench)
+        name="${2:-}"
+        case "$name" in
+            dataflow) ;;
+            *)
+                echo "build.sh: bench needs a benchmark name: dataflow" >&2
+                exit 64
+                ;;
+        esac
+        cargo build --release --workspace --bins --quiet
+        exec target/release/keel-bench "$name" "${@:3}"
         ;;
     help | -h | --help)
         usage

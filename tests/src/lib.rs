@@ -25,18 +25,16 @@ use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity
 /// How long [`eventually`] waits by default.
 pub const DEADLINE: Duration = Duration::from_secs(30);
 
-/// Path of a workspace binary next to the test executable's target directory.
+/// Path of a workspace binary of the same build as the running executable: next to
+/// it (a binary such as `keel-bench`) or one level up (a test in `deps/`).
 pub fn bin(name: &str) -> PathBuf {
     let exe = std::env::current_exe().expect("test executable path");
-    // target/debug/deps/e2e-… → target/debug/<name>
-    let dir = exe.parent().and_then(Path::parent).expect("target directory");
-    let path = dir.join(name);
-    assert!(
-        path.exists(),
-        "{} is missing: build the binaries first (`cargo build --bins`, or ./build.sh test)",
-        path.display()
-    );
-    path
+    let dir = exe.parent().expect("executable directory");
+    let candidates = [dir.join(name), dir.parent().map(|p| p.join(name)).unwrap_or_default()];
+    let found = candidates.iter().find(|p| p.is_file()).cloned();
+    found.unwrap_or_else(|| {
+        panic!("{name} is missing next to {}: build the binaries first (`cargo build --bins`, or ./build.sh test)", exe.display())
+    })
 }
 
 /// Polls `check` every 50 ms until it returns `Some`, or panics naming `what`
