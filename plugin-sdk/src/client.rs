@@ -176,7 +176,12 @@ impl Client {
     }
 
     /// Queues a record. It is written when the buffer fills or at the next flush.
+    /// A `timestamp` of 0 is replaced with the current time, so that the fields are
+    /// always all present (Elkeid's agent reads them at fixed positions).
     pub fn send_record(&self, record: &Record) -> Result<(), Error> {
+        if record.timestamp == 0 {
+            return self.send_record(&Record { timestamp: now_secs(), ..record.clone() });
+        }
         let mut out = self.out();
         if out.closed {
             return Err(Error::Closed);
@@ -344,6 +349,60 @@ mod tests {
         let raw = frame::parse_record(Bytes::from(bytes[4..].to_vec())).unwrap();
         assert_eq!(raw.data_type, 6001);
         assert_eq!(keel_proto::payload::decode(&raw.payload).unwrap()["k"], "v");
+    }
+
+    /// The example in PROTOCOL.md, byte for byte.
+    #[test]
+    fn protocol_page_example_bytes() {
+        let out = Shared::default();
+        let c = Client::from_io(std::io::empty(), out.clone(), opts(false));
+        let record = Record {
+            data_type: 6001,
+            timestamp: 1_700_000_000,
+            data: Some(Payload { fields: [("k".to_owned(), "v".to_owned())].into() }),
+        };
+        c.send_record(&record).unwrap();
+        c.flush().unwrap();
+        let hex: Vec<String> = out.0.lock().unwrap().iter().map(|b| format!("{b:02x}")).collect();
+        assert_eq!(hex.join(" "), "13 00 00 00 08 f1 2e 10 80 e2 cf aa 06 1a 08 0a 06 0a 01 6b 12 01 76");
+    }
+
+    /// Elkeid's agent reads a record at fixed positions: one key byte, data_type,
+    /// one key byte, timestamp, one key byte, the payload length, the payload. The
+    /// SDK's frames must parse that way too, including a record sent with timestamp 0.
+    #[test]
+    fn frames_parse_with_elkeids_fixed_order_reader() {
+        fn varint(b: &[u8], pos: &mut usize) -> u64 {
+            let mut v = 0;
+            for shift in (0..64).step_by(7) {
+                let byte = b[*pos];
+                *pos += 1;
+                v |= u64::from(byte & 0x7f) << shift;
+                if byte < 0x80 {
+                    break;
+                }
+            }
+            v
+        }
+        let out = Shared::default();
+        let c = Client::from_io(std::io::empty(), out.clone(), opts(false));
+        c.send_record(&Record { data_type: 6002, timestamp: 0, data: Some(Payload::default()) }).unwrap();
+        c.send(6003, [("a", "b")]).unwrap();
+        c.flush().unwrap();
+        let bytes = out.0.lock().unwrap().clone();
+        let mut pos = 0;
+        for expect in [6002u64, 6003] {
+            let len = u32::from_le_bytes(bytes[pos..pos + 4].try_into().unwrap()) as usize;
+            let end = pos + 4 + len;
+            pos += 5;
+            assert_eq!(varint(&bytes, &mut pos), expect);
+            pos += 1;
+            assert!(varint(&bytes, &mut pos) > 1_600_000_000, "a timestamp is always present");
+            pos += 1;
+            let payload_len = varint(&bytes, &mut pos) as usize;
+            assert_eq!(pos + payload_len, end, "the payload fills the rest of the frame");
+            pos = end;
+        }
     }
 
     #[test]

@@ -35,6 +35,7 @@
 //! - [`logging::AgentLogLayer`] sends `tracing` events upstream as plugin logs
 //!   (data_type 1011).
 #![deny(unsafe_code)]
+#![warn(missing_docs)]
 
 mod client;
 mod fds;

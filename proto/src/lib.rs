@@ -8,9 +8,10 @@
 //!   agent and server produce or read themselves. Plugin payloads are never decoded
 //!   on the data path.
 #![forbid(unsafe_code)]
+#![warn(missing_docs)]
 
-/// Generated from `proto/grpc.proto`.
-#[allow(missing_debug_implementations, clippy::all)]
+/// Generated from `proto/grpc.proto`; the comments there are the field docs.
+#[allow(missing_debug_implementations, missing_docs, clippy::all)]
 pub mod grpc {
     include!(concat!(env!("OUT_DIR"), "/grpc.rs"));
 }

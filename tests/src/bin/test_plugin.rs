@@ -5,7 +5,8 @@
 //! - `emit`: sends `count` records of data_type `data_type` with ~`payload_bytes`
 //!   each as fast as it can, once (a `emitted` file in its directory remembers),
 //!   then behaves like `echo`; `delay_ms` waits first.
-//! - `raw`: writes the bytes of `hex` to fd 4 verbatim (hand-built frames), then idles.
+//! - `raw`: writes the bytes of `hex` to fd 4 verbatim (hand-built frames), then idles
+//!   (or exits, with `"exit": true`).
 //! - `crash`: sends one record and exits with status 3.
 //! - `deaf`: never reads its tasks.
 //! - `memhog`: allocates and touches memory until something stops it.
@@ -89,6 +90,9 @@ fn raw(detail: &Value) -> Result<(), Error> {
         .open("/proc/self/fd/4")
         .map_err(Error::Io)?;
     pipe.write_all(&bytes).map_err(Error::Io)?;
+    if detail["exit"].as_bool() == Some(true) {
+        std::process::exit(0);
+    }
     idle()
 }
 

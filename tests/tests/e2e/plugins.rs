@@ -346,16 +346,19 @@ async fn misbehaving_plugins_fault_alone_and_the_agent_carries_on() {
     agent.start();
     let api = server.api();
     api.online("faults-1").await;
-    for name in ["good", "crashy", "garbled", "huge", "deaf"] {
+    for name in ["good", "crashy", "garbled", "huge", "cut", "deaf"] {
         install(&server, name, "1").await;
     }
     let garbage = "04000000ffffffff";
     let huge = "ffffff7f";
+    // A 100-byte frame announced, 4 bytes written, then the plugin exits.
+    let cut = "6400000008e80710";
     let set = json!([
         {"name": "good", "version": "1"},
         {"name": "crashy", "version": "1", "detail": json!({"mode": "crash"}).to_string()},
         {"name": "garbled", "version": "1", "detail": json!({"mode": "raw", "hex": garbage}).to_string()},
         {"name": "huge", "version": "1", "detail": json!({"mode": "raw", "hex": huge}).to_string()},
+        {"name": "cut", "version": "1", "detail": json!({"mode": "raw", "hex": cut, "exit": true}).to_string()},
         {"name": "deaf", "version": "1", "detail": json!({"mode": "deaf"}).to_string()},
     ]);
     assert_eq!(server.put_plugins("faults-1", &set).await.0, 200);
@@ -390,6 +393,9 @@ async fn misbehaving_plugins_fault_alone_and_the_agent_carries_on() {
             .contains("exceeds the 4194304-byte limit"),
         "{huge}"
     );
+    let cut =
+        plugin_where(&api, "faults-1", "cut", "a fault", |p| p["heartbeat"]["last_fault"].as_str().is_some_and(|f| !f.is_empty())).await;
+    assert!(cut["heartbeat"]["last_fault"].as_str().unwrap().contains("stream ended 96 bytes short"), "{cut}");
     runtime_result(&server, "garbled", "stopped for a fault").await;
 
     // A plugin that never reads its tasks: its queue fills, then tasks are refused as busy.
