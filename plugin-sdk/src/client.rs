@@ -180,7 +180,10 @@ impl Client {
     /// always all present (Elkeid's agent reads them at fixed positions).
     pub fn send_record(&self, record: &Record) -> Result<(), Error> {
         if record.timestamp == 0 {
-            return self.send_record(&Record { timestamp: now_secs(), ..record.clone() });
+            return self.send_record(&Record {
+                timestamp: now_secs(),
+                ..record.clone()
+            });
         }
         let mut out = self.out();
         if out.closed {
@@ -359,12 +362,17 @@ mod tests {
         let record = Record {
             data_type: 6001,
             timestamp: 1_700_000_000,
-            data: Some(Payload { fields: [("k".to_owned(), "v".to_owned())].into() }),
+            data: Some(Payload {
+                fields: [("k".to_owned(), "v".to_owned())].into(),
+            }),
         };
         c.send_record(&record).unwrap();
         c.flush().unwrap();
         let hex: Vec<String> = out.0.lock().unwrap().iter().map(|b| format!("{b:02x}")).collect();
-        assert_eq!(hex.join(" "), "13 00 00 00 08 f1 2e 10 80 e2 cf aa 06 1a 08 0a 06 0a 01 6b 12 01 76");
+        assert_eq!(
+            hex.join(" "),
+            "13 00 00 00 08 f1 2e 10 80 e2 cf aa 06 1a 08 0a 06 0a 01 6b 12 01 76"
+        );
     }
 
     /// Elkeid's agent reads a record at fixed positions: one key byte, data_type,
@@ -386,7 +394,12 @@ mod tests {
         }
         let out = Shared::default();
         let c = Client::from_io(std::io::empty(), out.clone(), opts(false));
-        c.send_record(&Record { data_type: 6002, timestamp: 0, data: Some(Payload::default()) }).unwrap();
+        c.send_record(&Record {
+            data_type: 6002,
+            timestamp: 0,
+            data: Some(Payload::default()),
+        })
+        .unwrap();
         c.send(6003, [("a", "b")]).unwrap();
         c.flush().unwrap();
         let bytes = out.0.lock().unwrap().clone();
@@ -397,7 +410,10 @@ mod tests {
             pos += 5;
             assert_eq!(varint(&bytes, &mut pos), expect);
             pos += 1;
-            assert!(varint(&bytes, &mut pos) > 1_600_000_000, "a timestamp is always present");
+            assert!(
+                varint(&bytes, &mut pos) > 1_600_000_000,
+                "a timestamp is always present"
+            );
             pos += 1;
             let payload_len = varint(&bytes, &mut pos) as usize;
             assert_eq!(pos + payload_len, end, "the payload fills the rest of the frame");

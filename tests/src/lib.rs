@@ -33,7 +33,10 @@ pub fn bin(name: &str) -> PathBuf {
     let candidates = [dir.join(name), dir.parent().map(|p| p.join(name)).unwrap_or_default()];
     let found = candidates.iter().find(|p| p.is_file()).cloned();
     found.unwrap_or_else(|| {
-        panic!("{name} is missing next to {}: build the binaries first (`cargo build --bins`, or ./build.sh test)", exe.display())
+        panic!(
+            "{name} is missing next to {}: build the binaries first (`cargo build --bins`, or ./build.sh test)",
+            exe.display()
+        )
     })
 }
 

@@ -48,7 +48,9 @@ fn main() {
 /// A payload of about `PAYLOAD_BYTES`, encoded as the SDK would.
 fn payload(i: u64) -> Bytes {
     let pad = "p".repeat(PAYLOAD_BYTES - 30);
-    let p = Payload { fields: [("i".to_owned(), i.to_string()), ("pad".to_owned(), pad)].into() };
+    let p = Payload {
+        fields: [("i".to_owned(), i.to_string()), ("pad".to_owned(), pad)].into(),
+    };
     Bytes::from(p.encode_to_vec())
 }
 
@@ -96,9 +98,15 @@ async fn baseline(n: u64) -> f64 {
     let ca_cert = ca.self_signed(&ca_key).unwrap();
     let issuer = rcgen::Issuer::new(ca, ca_key);
     let server_key = rcgen::KeyPair::generate().unwrap();
-    let server_cert = rcgen::CertificateParams::new(vec!["localhost".into()]).unwrap().signed_by(&server_key, &issuer).unwrap();
+    let server_cert = rcgen::CertificateParams::new(vec!["localhost".into()])
+        .unwrap()
+        .signed_by(&server_key, &issuer)
+        .unwrap();
     let client_key = rcgen::KeyPair::generate().unwrap();
-    let client_cert = rcgen::CertificateParams::new(vec!["client".into()]).unwrap().signed_by(&client_key, &issuer).unwrap();
+    let client_cert = rcgen::CertificateParams::new(vec!["client".into()])
+        .unwrap()
+        .signed_by(&client_key, &issuer)
+        .unwrap();
 
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
@@ -125,13 +133,31 @@ async fn baseline(n: u64) -> f64 {
         .connect()
         .await
         .unwrap();
-    let records: Vec<EncodedRecord> =
-        (0..BATCH as u64).map(|i| EncodedRecord { data_type: 6100, timestamp: 1_700_000_000, data: payload(i) }).collect();
-    let batch = PackagedData { records, agent_id: "bench".into(), hostname: "bench".into(), ..Default::default() };
+    let records: Vec<EncodedRecord> = (0..BATCH as u64)
+        .map(|i| EncodedRecord {
+            data_type: 6100,
+            timestamp: 1_700_000_000,
+            data: payload(i),
+        })
+        .collect();
+    let batch = PackagedData {
+        records,
+        agent_id: "bench".into(),
+        hostname: "bench".into(),
+        ..Default::default()
+    };
     let batches = n.div_ceil(BATCH as u64);
-    let outbound = tokio_stream::iter((0..batches).map(move |seq| PackagedData { seq: seq + 1, ..batch.clone() }));
+    let outbound = tokio_stream::iter((0..batches).map(move |seq| PackagedData {
+        seq: seq + 1,
+        ..batch.clone()
+    }));
     let start = Instant::now();
-    let mut inbound = TransferClient::new(channel).max_decoding_message_size(64 << 20).transfer(outbound).await.unwrap().into_inner();
+    let mut inbound = TransferClient::new(channel)
+        .max_decoding_message_size(64 << 20)
+        .transfer(outbound)
+        .await
+        .unwrap()
+        .into_inner();
     let mut acked = 0;
     while acked < batches {
         if inbound.next().await.is_none() {
@@ -148,7 +174,8 @@ fn cpu_secs(pid: u32) -> f64 {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
     let after = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or_default();
     let f: Vec<&str> = after.split_whitespace().collect();
-    let ticks: f64 = f.get(11).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0) + f.get(12).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+    let ticks: f64 = f.get(11).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0)
+        + f.get(12).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
     ticks / 100.0
 }
 
@@ -157,7 +184,10 @@ fn peak_rss_kb(pid: u32) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
         .unwrap_or_default()
         .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:").map(|v| v.trim().trim_end_matches(" kB").trim().parse().unwrap_or(0)))
+        .find_map(|l| {
+            l.strip_prefix("VmHWM:")
+                .map(|v| v.trim().trim_end_matches(" kB").trim().parse().unwrap_or(0))
+        })
         .unwrap_or(0)
 }
 
@@ -198,7 +228,16 @@ async fn dataflow(n: u64) {
     count_new_lines(&records, &mut offset, &mut lines);
     let before_lines = lines;
     let detail = json!({"mode": "emit", "count": n, "payload_bytes": PAYLOAD_BYTES, "delay_ms": 500}).to_string();
-    assert_eq!(server.put_plugins("bench-1", &json!([{"name": "emitter", "version": "1", "detail": detail}])).await.0, 200);
+    assert_eq!(
+        server
+            .put_plugins(
+                "bench-1",
+                &json!([{"name": "emitter", "version": "1", "detail": detail}])
+            )
+            .await
+            .0,
+        200
+    );
 
     // Wait for the first emitted record, then measure until the last one is stored.
     eventually_within(Duration::from_secs(60), "the first emitted record", || {
@@ -225,7 +264,9 @@ async fn dataflow(n: u64) {
     let mb = rate * PAYLOAD_BYTES as f64 / 1e6;
     let ratio = rate / base;
     let cpu_per_m = cpu / (measured.max(1) as f64 / 1e6);
-    println!("  keel end to end (plugin -> agent -> mTLS -> server -> file sink): {rate:.0} records/s, {mb:.1} MB/s payload");
+    println!(
+        "  keel end to end (plugin -> agent -> mTLS -> server -> file sink): {rate:.0} records/s, {mb:.1} MB/s payload"
+    );
     println!("  ratio to baseline: {ratio:.3}");
     println!("  agent CPU: {cpu_per_m:.2} s per million records; peak agent RSS: {rss} KiB");
     println!("  stored {stored} of {n}; lost {lost}");

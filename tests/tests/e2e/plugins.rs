@@ -393,9 +393,17 @@ async fn misbehaving_plugins_fault_alone_and_the_agent_carries_on() {
             .contains("exceeds the 4194304-byte limit"),
         "{huge}"
     );
-    let cut =
-        plugin_where(&api, "faults-1", "cut", "a fault", |p| p["heartbeat"]["last_fault"].as_str().is_some_and(|f| !f.is_empty())).await;
-    assert!(cut["heartbeat"]["last_fault"].as_str().unwrap().contains("stream ended 96 bytes short"), "{cut}");
+    let cut = plugin_where(&api, "faults-1", "cut", "a fault", |p| {
+        p["heartbeat"]["last_fault"].as_str().is_some_and(|f| !f.is_empty())
+    })
+    .await;
+    assert!(
+        cut["heartbeat"]["last_fault"]
+            .as_str()
+            .unwrap()
+            .contains("stream ended 96 bytes short"),
+        "{cut}"
+    );
     runtime_result(&server, "garbled", "stopped for a fault").await;
 
     // A plugin that never reads its tasks: its queue fills, then tasks are refused as busy.
