@@ -10,6 +10,8 @@ usage: ./build.sh <command>
   quickstart   build in release mode, then run a server and one enrolled agent on
                127.0.0.1 (state in ./.keel-quickstart/) until Ctrl-C
   test         build and run every test, with formatting and lint checks
+  package      BUILD_VERSION=1.2.3 ./build.sh package: deb and rpm packages of
+               keel-agent and keel-server in output/
   bench NAME   build in release mode and run a benchmark; NAME is one of:
                  dataflow   plugin -> agent -> mTLS -> server -> sink throughput,
                             against raw tonic streaming (optional: record count)
@@ -26,9 +28,18 @@ case "$cmd" in
     test)
         cargo fmt --all -- --check
         cargo clippy --workspace --all-targets --quiet -- -D warnings
+        # Two versions of the deb and rpm packages for the packaging tests; debug
+        # builds are quick, and what is under test is the packaging.
+        rm -rf target/test-packages
+        for version in 1.0.0 1.0.1; do
+            BUILD_VERSION="$version" CARGO_PROFILE=dev OUTPUT_DIR=target/test-packages packaging/package.sh >/dev/null
+        done
         # The end-to-end tests run the real binaries.
         cargo build --workspace --bins --quiet
-        cargo test --workspace
+        KEEL_TEST_PACKAGES="$PWD/target/test-packages" cargo test --workspace
+        ;;
+    package)
+        exec packaging/package.sh
         ;;
     bench)
         name="${2:-}"

@@ -452,6 +452,8 @@ pub struct Agent {
     pub config: PathBuf,
     /// Its ID.
     pub id: String,
+    /// The `keel-agent` executable it runs: the workspace build unless replaced.
+    pub exe: PathBuf,
     child: Option<Child>,
 }
 
@@ -480,6 +482,7 @@ impl Agent {
             dir,
             config,
             id: id.to_owned(),
+            exe: bin("keel-agent"),
             child: None,
         }
     }
@@ -499,7 +502,7 @@ impl Agent {
 
     /// `keel-agent --config … <args>`.
     pub fn cmd(&self, args: &[&str]) -> Command {
-        let mut cmd = Command::new(bin("keel-agent"));
+        let mut cmd = Command::new(&self.exe);
         cmd.arg("--config").arg(&self.config).args(args).env_remove("KEEL_LOG");
         cmd
     }

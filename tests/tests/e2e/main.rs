@@ -4,5 +4,6 @@
 mod agent;
 mod api;
 mod enrollment;
+mod packaging;
 mod plugins;
 mod stream;

@@ -1,0 +1,270 @@
+//! The deb and rpm packages: metadata, file lists, a real dpkg install, upgrade,
+//! removal and purge in a throwaway root, the systemd units, and the packaged agent
+//! talking to a server. `./build.sh test` builds versions 1.0.0 and 1.0.1 of the
+//! packages and names their directory in `KEEL_TEST_PACKAGES`.
+
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use keel_tests::{Agent, Server, ServerOptions};
+
+fn packages() -> Option<PathBuf> {
+    match std::env::var_os("KEEL_TEST_PACKAGES") {
+        Some(dir) => Some(PathBuf::from(dir)),
+        None => {
+            eprintln!("SKIPPED: KEEL_TEST_PACKAGES is not set (./build.sh test builds the packages and sets it)");
+            None
+        }
+    }
+}
+
+fn run(cmd: &mut Command) -> String {
+    let out = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn deb(dir: &Path, name: &str, version: &str) -> PathBuf {
+    dir.join(format!("{name}_{version}_amd64.deb"))
+}
+
+fn rpm(dir: &Path, name: &str, version: &str) -> PathBuf {
+    dir.join(format!("{name}-{version}-1.x86_64.rpm"))
+}
+
+fn mode(p: &Path) -> u32 {
+    std::fs::metadata(p)
+        .unwrap_or_else(|e| panic!("{}: {e}", p.display()))
+        .permissions()
+        .mode()
+        & 0o7777
+}
+
+#[test]
+fn packages_carry_the_right_metadata_and_files() {
+    let Some(dir) = packages() else { return };
+    for name in ["keel-agent", "keel-server"] {
+        let info = run(Command::new("dpkg-deb").arg("-I").arg(deb(&dir, name, "1.0.0")));
+        assert!(info.contains(&format!("Package: {name}")), "{info}");
+        assert!(
+            info.contains("Version: 1.0.0") && info.contains("Architecture: amd64"),
+            "{info}"
+        );
+        assert!(info.contains("Depends: libc6 (>= 2."), "states its C library: {info}");
+        let conffiles = run(Command::new("dpkg-deb")
+            .arg("-I")
+            .arg(deb(&dir, name, "1.0.0"))
+            .arg("conffiles"));
+        let config = if name == "keel-agent" {
+            "/etc/keel/agent.toml"
+        } else {
+            "/etc/keel/server.toml"
+        };
+        assert!(conffiles.contains(config), "{conffiles}");
+        let files = run(Command::new("dpkg-deb").arg("-c").arg(deb(&dir, name, "1.0.0")));
+        assert!(
+            files.contains("-rwxr-xr-x root/root") && files.contains(&format!("./usr/bin/{name}")),
+            "{files}"
+        );
+        assert!(
+            files.contains(&format!("./usr/lib/systemd/system/{name}.service")),
+            "{files}"
+        );
+        assert!(
+            files.contains("-rw-r----- root/root"),
+            "the configuration is not world-readable: {files}"
+        );
+
+        let rpm_path = rpm(&dir, name, "1.0.0");
+        let info = run(Command::new("rpm").arg("-qip").arg(&rpm_path));
+        assert!(
+            info.contains(&format!("Name        : {name}")) && info.contains("Version     : 1.0.0"),
+            "{info}"
+        );
+        assert!(info.contains("Architecture: x86_64"), "{info}");
+        let list = run(Command::new("rpm").arg("-qlp").arg(&rpm_path));
+        assert!(
+            list.contains(&format!("/usr/bin/{name}"))
+                && list.contains(&format!("/usr/lib/systemd/system/{name}.service")),
+            "{list}"
+        );
+        let configs = run(Command::new("rpm").arg("-qcp").arg(&rpm_path));
+        assert!(configs.contains(config), "{configs}");
+        let requires = run(Command::new("rpm").arg("-qRp").arg(&rpm_path));
+        assert!(requires.contains("glibc >= 2."), "{requires}");
+        let scripts = run(Command::new("rpm").arg("-qp").arg("--scripts").arg(&rpm_path));
+        assert!(scripts.contains("postinstall scriptlet"), "{scripts}");
+    }
+}
+
+/// An empty root for dpkg: its database and the account files useradd edits.
+fn throwaway_root() -> tempfile::TempDir {
+    let root = tempfile::tempdir().unwrap();
+    let r = root.path();
+    std::fs::create_dir_all(r.join("var/lib/dpkg/info")).unwrap();
+    std::fs::create_dir_all(r.join("var/lib/dpkg/updates")).unwrap();
+    std::fs::create_dir_all(r.join("etc")).unwrap();
+    for (f, text) in [
+        ("var/lib/dpkg/status", ""),
+        ("var/lib/dpkg/available", ""),
+        ("etc/passwd", "root:x:0:0:root:/root:/bin/sh\n"),
+        ("etc/group", "root:x:0:\n"),
+        ("etc/shadow", "root:*:19000:0:99999:7:::\n"),
+        ("etc/gshadow", "root:*::\n"),
+    ] {
+        std::fs::write(r.join(f), text).unwrap();
+    }
+    root
+}
+
+fn dpkg(root: &Path, args: &[&str], pkgs: &[PathBuf]) -> String {
+    let mut cmd = Command::new("dpkg");
+    cmd.arg(format!("--root={}", root.display()))
+        .arg(format!("--admindir={}", root.join("var/lib/dpkg").display()))
+        // Maintainer scripts run outside the root with DPKG_ROOT set, as on a
+        // machine without systemd; libc6 and passwd are not in this empty root.
+        .args(["--force-script-chrootless", "--force-depends"])
+        .args(args)
+        .args(pkgs);
+    run(&mut cmd)
+}
+
+fn version_of(binary: &Path) -> String {
+    run(Command::new(binary).arg("--version")).trim().to_owned()
+}
+
+#[test]
+fn deb_install_upgrade_remove_and_purge_in_a_throwaway_root() {
+    let Some(dir) = packages() else { return };
+    let root = throwaway_root();
+    let r = root.path();
+    dpkg(
+        r,
+        &["-i"],
+        &[deb(&dir, "keel-server", "1.0.0"), deb(&dir, "keel-agent", "1.0.0")],
+    );
+    assert_eq!(version_of(&r.join("usr/bin/keel-agent")), "keel-agent 1.0.0");
+    assert_eq!(version_of(&r.join("usr/bin/keel-server")), "keel-server 1.0.0");
+    assert_eq!(mode(&r.join("usr/bin/keel-agent")), 0o755);
+    assert_eq!(mode(&r.join("etc/keel/agent.toml")), 0o640);
+    assert_eq!(mode(&r.join("etc/keel/server.toml")), 0o640);
+    assert_eq!(mode(&r.join("var/lib/keel-agent")), 0o700);
+    assert_eq!(mode(&r.join("var/log/keel-agent")), 0o750);
+    assert_eq!(mode(&r.join("var/lib/keel-server")), 0o700);
+    let passwd = std::fs::read_to_string(r.join("etc/passwd")).unwrap();
+    let keel = passwd
+        .lines()
+        .find(|l| l.starts_with("keel:"))
+        .expect("the keel system user");
+    let uid: u32 = keel.split(':').nth(2).unwrap().parse().unwrap();
+    assert!(uid < 1000, "a system user: {keel}");
+    assert_eq!(
+        std::fs::metadata(r.join("var/lib/keel-server")).unwrap().uid(),
+        uid,
+        "the server's state is its own"
+    );
+
+    // A local edit of the configuration survives the upgrade.
+    let config = r.join("etc/keel/agent.toml");
+    let mut edited = std::fs::read_to_string(&config).unwrap();
+    edited.push_str("\n# edited by the operator\n");
+    std::fs::write(&config, &edited).unwrap();
+    std::fs::write(r.join("var/lib/keel-agent/agent_id"), "kept-across-upgrades\n").unwrap();
+    dpkg(
+        r,
+        &["-i"],
+        &[deb(&dir, "keel-server", "1.0.1"), deb(&dir, "keel-agent", "1.0.1")],
+    );
+    assert_eq!(version_of(&r.join("usr/bin/keel-agent")), "keel-agent 1.0.1");
+    assert_eq!(std::fs::read_to_string(&config).unwrap(), edited);
+    assert!(
+        r.join("var/lib/keel-agent/agent_id").exists(),
+        "state survives an upgrade"
+    );
+
+    // Remove keeps configuration and state; purge deletes them.
+    dpkg(r, &["-r"], &[PathBuf::from("keel-agent")]);
+    assert!(!r.join("usr/bin/keel-agent").exists());
+    assert!(config.exists() && r.join("var/lib/keel-agent/agent_id").exists());
+    dpkg(r, &["-P"], &[PathBuf::from("keel-agent"), PathBuf::from("keel-server")]);
+    for gone in [
+        "etc/keel/agent.toml",
+        "etc/keel/server.toml",
+        "var/lib/keel-agent",
+        "var/lib/keel-server",
+        "var/log/keel-agent",
+    ] {
+        assert!(!r.join(gone).exists(), "{gone} must be purged");
+    }
+}
+
+#[test]
+fn units_verify_and_the_server_unit_is_hardened() {
+    let Some(dir) = packages() else { return };
+    let root = throwaway_root();
+    let r = root.path();
+    dpkg(
+        r,
+        &["-i"],
+        &[deb(&dir, "keel-server", "1.0.0"), deb(&dir, "keel-agent", "1.0.0")],
+    );
+    // The targets and units the ones under test refer to.
+    let units = r.join("usr/lib/systemd/system");
+    for entry in std::fs::read_dir("/lib/systemd/system").unwrap().flatten() {
+        let to = units.join(entry.file_name());
+        if !to.exists() && entry.path().is_file() {
+            let _ = std::fs::copy(entry.path(), to);
+        }
+    }
+    for unit in ["keel-agent.service", "keel-server.service"] {
+        run(Command::new("systemd-analyze")
+            .arg(format!("--root={}", r.display()))
+            .arg("verify")
+            .arg(unit));
+        let out = Command::new("systemd-analyze")
+            .args(["security", "--offline=yes", "--no-pager"])
+            .arg(format!("--root={}", r.display()))
+            .arg(unit)
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout);
+        let line = text
+            .lines()
+            .find(|l| l.contains("Overall exposure level"))
+            .expect("an exposure score");
+        println!("{line}");
+        let score: f64 = line
+            .split(':')
+            .nth(1)
+            .unwrap()
+            .split_whitespace()
+            .next()
+            .unwrap()
+            .parse()
+            .unwrap();
+        if unit == "keel-server.service" {
+            assert!(score <= 2.0, "the server unit is hardened: {line}");
+        }
+    }
+}
+
+#[tokio::test]
+async fn the_packaged_agent_connects_to_a_server() {
+    let Some(dir) = packages() else { return };
+    let root = throwaway_root();
+    dpkg(root.path(), &["-i"], &[deb(&dir, "keel-agent", "1.0.1")]);
+    let server = Server::start(ServerOptions::default()).await;
+    let mut agent = Agent::new(&server, "packaged-1", "");
+    agent.exe = root.path().join("usr/bin/keel-agent");
+    let out = agent.enroll(&server, &server.enrollment_token(1, "10m"), Some(&server.fingerprint()));
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    agent.start();
+    let a = server.api().online("packaged-1").await;
+    assert_eq!(a["version"], "1.0.1", "the version built into the package");
+}
