@@ -22,6 +22,19 @@ pub enum ComponentError {
     /// The signature is refused.
     #[error(transparent)]
     Signature(#[from] crate::release::SignatureError),
+    /// The version is used by a policy and may not change.
+    #[error("{name} {version} is used by policy {policies}; upload a new version instead")]
+    InUse {
+        /// Component.
+        name: String,
+        /// Version.
+        version: String,
+        /// The policies using it.
+        policies: String,
+    },
+    /// The bytes are not what the type says, or not what the caller said.
+    #[error("{0}")]
+    Content(String),
     /// That package exists already.
     #[error("{name} {version} already has a {kind} package for {arch}")]
     Exists {
@@ -55,6 +68,8 @@ pub struct PackageMeta {
     pub arch: String,
     /// A signature to check instead of signing.
     pub signature: Option<String>,
+    /// A SHA-256 the upload must have, if the caller knows it.
+    pub sha256: Option<String>,
     /// Token ID of the uploader.
     pub by: String,
 }
@@ -87,8 +102,23 @@ impl PackageMeta {
                 self.version
             ));
         }
-        if !matches!(self.kind.as_str(), "exec" | "tar.gz") {
-            return bad(format!("invalid type {:?}: expected exec or tar.gz", self.kind));
+        let kinds: &[&str] = if self.name == crate::state::AGENT_COMPONENT {
+            &["deb", "rpm"]
+        } else {
+            &["exec", "tar.gz"]
+        };
+        if !kinds.contains(&self.kind.as_str()) {
+            return bad(format!(
+                "invalid type {:?} for {}: expected {}",
+                self.kind,
+                self.name,
+                kinds.join(" or ")
+            ));
+        }
+        if let Some(sha) = &self.sha256 {
+            if !keel_common::fingerprint::is_hex(sha, 32) {
+                return bad(format!("invalid sha256 {sha:?}: 64 hex digits"));
+            }
         }
         if !matches!(self.arch.as_str(), "any" | "x86_64" | "aarch64") {
             return bad(format!("invalid arch {:?}: expected any, x86_64 or aarch64", self.arch));
@@ -156,7 +186,17 @@ impl Upload {
             }
             file.sync_all()?;
             let sha256 = hex::encode(hasher.finalize());
+            if let Some(expected) = &meta.sha256 {
+                if !expected.eq_ignore_ascii_case(&sha256) {
+                    return Err(ComponentError::Content(format!("sha256 mismatch: the upload has {sha256}, expected {expected}")));
+                }
+            }
+            let in_use = state.store.policies_using(&meta.name, &meta.version).await?;
+            if !in_use.is_empty() {
+                return Err(ComponentError::InUse { name: meta.name.clone(), version: meta.version.clone(), policies: in_use.join(", ") });
+            }
             let bytes = std::fs::read(&path)?;
+            check_content(&meta.kind, &bytes)?;
             let signature = state.release.signature_for(&bytes, meta.signature.as_deref())?;
             let row = PackageRow {
                 name: meta.name.clone(),
@@ -190,6 +230,41 @@ impl Upload {
     pub fn abort(self) {
         let _ = std::fs::remove_file(&self.path);
     }
+}
+
+/// Checks that the bytes are what the package type says.
+fn check_content(kind: &str, bytes: &[u8]) -> Result<(), ComponentError> {
+    let ok = match kind {
+        "deb" => bytes.starts_with(b"!<arch>\n"),
+        "rpm" => bytes.starts_with(&[0xed, 0xab, 0xee, 0xdb]),
+        "tar.gz" => bytes.starts_with(&[0x1f, 0x8b]),
+        "exec" => bytes.starts_with(b"\x7fELF") || bytes.starts_with(b"#!"),
+        _ => false,
+    };
+    if ok {
+        Ok(())
+    } else {
+        Err(ComponentError::Content(format!("the upload is not a {kind} package")))
+    }
+}
+
+/// Deletes every package of a version, unless a policy uses it.
+pub async fn delete_version(state: &ServerState, name: &str, version: &str) -> Result<usize, ComponentError> {
+    let in_use = state.store.policies_using(name, version).await?;
+    if !in_use.is_empty() {
+        return Err(ComponentError::InUse {
+            name: name.into(),
+            version: version.into(),
+            policies: in_use.join(", "),
+        });
+    }
+    let hashes = state.store.version_delete(name, version).await?;
+    for sha in &hashes {
+        if !state.store.package_sha_known(sha).await? {
+            let _ = std::fs::remove_file(dir(state).join(sha));
+        }
+    }
+    Ok(hashes.len())
 }
 
 /// Stores a package from a file on this machine (the quickstart's plugins).

@@ -58,8 +58,8 @@ pub enum Outbound {
     },
     /// Answer to a certificate renewal request.
     Renewal(Result<String, String>),
-    /// The complete desired plugin set.
-    Configs(Vec<PluginCommand>),
+    /// The complete desired configuration, and the token of the task sending it.
+    Configs(Vec<PluginCommand>, Option<String>),
     /// End the stream with this reason.
     Close(Closing),
 }

@@ -114,7 +114,8 @@ fn to_command(o: Outbound) -> Result<Command, Status> {
             ack: Some(Ack { epoch, seq }),
             ..Default::default()
         },
-        Outbound::Configs(configs) => Command {
+        Outbound::Configs(configs, token) => Command {
+            config_token: token.unwrap_or_default(),
             configs: configs
                 .into_iter()
                 .map(|c| Config {
@@ -255,7 +256,7 @@ impl StreamTask {
                 let keel_agent = meta.product == "keel-agent";
                 self.session = Some(Session { generation, meta, mark });
                 // Every (re)connect gets the desired plugin set, if the server manages it.
-                if keel_agent && let Err(e) = self.state.push_plugins(&agent_id).await {
+                if keel_agent && let Err(e) = self.state.push_config(&agent_id, None).await {
                     warn!(error = %e, "cannot send the desired plugin set");
                 }
             }
@@ -345,9 +346,12 @@ impl StreamTask {
             data_type::TASK_RESULT => {
                 if let Some(fields) = decode(r)
                     && let Some(token) = fields.get("token").filter(|t| !t.is_empty())
-                    && !self.state.store.task_result(token, agent_id, &fields, now).await?
                 {
-                    debug!(%token, "task result for an unknown task of this agent");
+                    if self.state.store.task_result(token, agent_id, &fields, now).await? {
+                        self.state.rollout_wake.notify_one();
+                    } else {
+                        debug!(%token, "task result for an unknown or finished task of this agent");
+                    }
                 }
                 Ok(true)
             }

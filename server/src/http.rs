@@ -1,26 +1,38 @@
-//! The HTTP(S) listener: console API under `/api/v1/` (bearer tokens), enrollment
-//! under `/enroll`, service discovery, and `/healthz`.
+//! The HTTP(S) listener: the console API under `/api/v1/` (bearer tokens with
+//! roles, every change written to the audit log, an OpenAPI document at
+//! `/api/v1/openapi.json`), enrollment under `/enroll`, package downloads, service
+//! discovery and `/healthz`.
 
 mod agents;
+mod audit;
 mod components;
 mod enroll;
+mod policies;
+mod tasks;
+mod tokens;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use axum::extract::{Request, State};
-use axum::http::{StatusCode, header};
+use axum::extract::{MatchedPath, Request, State};
+use axum::http::{Method, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
+use keel_common::time::now_ms;
 use serde::Serialize;
 use tracing::warn;
+use utoipa::OpenApi;
+use utoipa::openapi::security::{Http, HttpAuthScheme, SecurityScheme};
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
 use crate::state::ServerState;
-use crate::store::{Role, StoreError};
+use crate::store::{AuditEntry, Role, StoreError};
 
-/// Largest request body accepted by the API and enrollment.
+/// Largest request body accepted by the API and enrollment (package uploads have
+/// their own cap).
 pub const MAX_BODY_BYTES: usize = 256 << 10;
 
 /// An API error: a status and a message that says what was wrong.
@@ -29,6 +41,10 @@ pub struct ApiError {
     status: StatusCode,
     message: String,
 }
+
+/// The message of an error response, for the audit log.
+#[derive(Debug, Clone)]
+struct ErrorMessage(String);
 
 impl ApiError {
     /// An error with `status`.
@@ -47,6 +63,10 @@ impl ApiError {
         Self::new(StatusCode::NOT_FOUND, message)
     }
 
+    fn conflict(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::CONFLICT, message)
+    }
+
     fn internal(message: impl Into<String>) -> Self {
         let message = message.into();
         tracing::error!(%message, "request failed");
@@ -61,14 +81,24 @@ impl From<StoreError> for ApiError {
     }
 }
 
-#[derive(Serialize)]
-struct ErrorBody<'a> {
-    error: &'a str,
+/// The body of every error answer.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct ErrorBody {
+    /// What was wrong.
+    error: String,
 }
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        (self.status, Json(ErrorBody { error: &self.message })).into_response()
+        let mut resp = (
+            self.status,
+            Json(ErrorBody {
+                error: self.message.clone(),
+            }),
+        )
+            .into_response();
+        resp.extensions_mut().insert(ErrorMessage(self.message));
+        resp
     }
 }
 
@@ -115,14 +145,82 @@ async fn authenticate(State(state): State<Arc<ServerState>>, mut req: Request, n
     };
     match state.store.authenticate(secret).await {
         Ok(Some((token_id, role))) => {
-            req.extensions_mut().insert(Principal { token_id, role });
-            next.run(req).await
+            let who = Principal { token_id, role };
+            req.extensions_mut().insert(who.clone());
+            let mut resp = next.run(req).await;
+            resp.extensions_mut().insert(who);
+            resp
         }
         Ok(None) => {
             warn!(path = %req.uri().path(), "refused API call: unknown, expired or revoked token");
             ApiError::new(StatusCode::UNAUTHORIZED, "unknown, expired or revoked token").into_response()
         }
         Err(e) => ApiError::from(e).into_response(),
+    }
+}
+
+/// Appends every change (a non-GET call) to the audit log: who, what, the target
+/// and the outcome, including refusals.
+async fn audit_changes(State(state): State<Arc<ServerState>>, req: Request, next: Next) -> Response {
+    if matches!(*req.method(), Method::GET | Method::HEAD | Method::OPTIONS) {
+        return next.run(req).await;
+    }
+    let route = req
+        .extensions()
+        .get::<MatchedPath>()
+        .map(|p| p.as_str().to_owned())
+        .unwrap_or_default();
+    let action = format!(
+        "{} {}",
+        req.method(),
+        if route.is_empty() { req.uri().path() } else { &route }
+    );
+    let target = req.uri().path().to_owned();
+    let resp = next.run(req).await;
+    let actor = resp
+        .extensions()
+        .get::<Principal>()
+        .map_or_else(|| "anonymous".to_owned(), |p| p.token_id.clone());
+    let outcome = match resp.extensions().get::<ErrorMessage>() {
+        Some(ErrorMessage(m)) => m.clone(),
+        None if resp.status().is_success() => "ok".to_owned(),
+        None => resp.status().to_string(),
+    };
+    let entry = AuditEntry {
+        id: uuid::Uuid::new_v4().to_string(),
+        at: now_ms(),
+        actor,
+        action,
+        target,
+        status: i64::from(resp.status().as_u16()),
+        outcome,
+    };
+    if let Err(e) = state.store.audit(&entry).await {
+        tracing::error!(error = %e, action = %entry.action, "cannot write the audit log");
+    }
+    resp
+}
+
+/// Writes an audit entry for a change made outside `/api/v1` (enrollment).
+pub(crate) async fn audit_event(
+    state: &ServerState,
+    actor: &str,
+    action: &str,
+    target: &str,
+    status: StatusCode,
+    outcome: &str,
+) {
+    let entry = AuditEntry {
+        id: uuid::Uuid::new_v4().to_string(),
+        at: now_ms(),
+        actor: actor.to_owned(),
+        action: action.to_owned(),
+        target: target.to_owned(),
+        status: i64::from(status.as_u16()),
+        outcome: outcome.to_owned(),
+    };
+    if let Err(e) = state.store.audit(&entry).await {
+        tracing::error!(error = %e, action, "cannot write the audit log");
     }
 }
 
@@ -152,25 +250,70 @@ async fn discovery(State(state): State<Arc<ServerState>>, headers: axum::http::H
     Json(Discovery { grpc })
 }
 
+#[derive(OpenApi)]
+#[openapi(
+    info(title = "Keel API", description = "The Keel console API. Every call needs `Authorization: Bearer <token>`."),
+    modifiers(&BearerAuth),
+    security(("bearer" = []))
+)]
+struct ApiDoc;
+
+struct BearerAuth;
+
+impl utoipa::Modify for BearerAuth {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        let components = openapi.components.get_or_insert_with(Default::default);
+        components.add_security_scheme("bearer", SecurityScheme::Http(Http::new(HttpAuthScheme::Bearer)));
+    }
+}
+
+/// The `/api/v1` routes and their OpenAPI document.
+fn api() -> (Router<Arc<ServerState>>, utoipa::openapi::OpenApi) {
+    let (router, mut doc) = OpenApiRouter::with_openapi(ApiDoc::openapi())
+        .routes(routes!(agents::list))
+        .routes(routes!(agents::show, agents::delete))
+        .routes(routes!(agents::create_task))
+        .routes(routes!(agents::revoke))
+        .routes(routes!(agents::set_tags))
+        .routes(routes!(agents::add_tag, agents::remove_tag))
+        .routes(routes!(agents::config))
+        .routes(routes!(components::get_plugins, components::put_plugins))
+        .routes(routes!(components::list))
+        .routes(routes!(components::show))
+        .routes(routes!(components::delete_version))
+        .routes(routes!(policies::list, policies::create))
+        .routes(routes!(policies::update, policies::delete))
+        .routes(routes!(tasks::list, tasks::create))
+        .routes(routes!(tasks::show))
+        .routes(routes!(tasks::pause))
+        .routes(routes!(tasks::resume))
+        .routes(routes!(tasks::cancel))
+        .routes(routes!(tokens::list, tokens::create))
+        .routes(routes!(tokens::revoke))
+        .routes(routes!(audit::list))
+        // Uploads are streamed and capped by the component store itself.
+        .merge(
+            OpenApiRouter::new()
+                .routes(routes!(components::upload))
+                .layer(axum::extract::DefaultBodyLimit::disable()),
+        )
+        .split_for_parts();
+    let mut prefixed = utoipa::openapi::path::Paths::new();
+    for (path, item) in std::mem::take(&mut doc.paths.paths) {
+        prefixed.paths.insert(format!("/api/v1{path}"), item);
+    }
+    doc.paths = prefixed;
+    (router, doc)
+}
+
 /// The whole HTTP application.
 pub fn router(state: Arc<ServerState>) -> Router {
-    let api = Router::new()
-        .route("/agents", get(agents::list))
-        .route("/agents/{id}", get(agents::show))
-        .route("/agents/{id}/tasks", post(agents::create_task))
-        .route("/agents/{id}/revoke", post(agents::revoke))
-        .route(
-            "/agents/{id}/plugins",
-            get(components::get_plugins).put(components::put_plugins),
-        )
-        .route("/tasks/{token}", get(agents::show_task))
-        .route("/components", get(components::list))
-        .route("/components/{name}", get(components::list))
-        .route(
-            "/components/{name}/versions",
-            post(components::upload).layer(axum::extract::DefaultBodyLimit::disable()),
-        )
-        .layer(middleware::from_fn_with_state(Arc::clone(&state), authenticate));
+    let (api, doc) = api();
+    let doc = Arc::new(doc);
+    let api = api
+        .route("/openapi.json", get(move || std::future::ready(Json((*doc).clone()))))
+        .layer(middleware::from_fn_with_state(Arc::clone(&state), authenticate))
+        .layer(middleware::from_fn_with_state(Arc::clone(&state), audit_changes));
     Router::new()
         .nest("/api/v1", api)
         .route("/enroll", post(enroll::enroll))

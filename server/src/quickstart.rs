@@ -155,6 +155,7 @@ async fn install_plugins(
             kind: "exec".into(),
             arch: "any".into(),
             signature: None,
+            sha256: None,
             by: "quickstart".into(),
         };
         match crate::components::store_file(state, &path, &meta).await {
@@ -174,7 +175,7 @@ async fn install_plugins(
         .store
         .set_desired(agent_id, &desired, "quickstart", keel_common::time::now_ms())
         .await?;
-    state.push_plugins(agent_id).await?;
+    state.push_config(agent_id, None).await?;
     Ok(desired.into_iter().map(|d| d.name).collect())
 }
 

@@ -74,6 +74,7 @@ pub async fn run_with_state(
 ) -> anyhow::Result<()> {
     let config = state.config.clone();
     state.store.mark_all_offline().await?;
+    state.reload_policies().await?;
     let mut newest_revocation = state.sync_revocations(0).await?;
 
     let grpc_listener = TcpListener::bind(config.grpc.listen)
@@ -144,12 +145,14 @@ pub async fn run_with_state(
     }
 
     let background = background(Arc::clone(&state), shutdown.clone(), &mut newest_revocation);
+    let rollouts = tokio::spawn(crate::rollout::run(Arc::clone(&state), shutdown.clone()));
     let drain_state = Arc::clone(&state);
     let drain = async move {
         shutdown.cancelled().await;
         drain_state.connections.close_all();
     };
     let (grpc_result, http_result, (), ()) = tokio::join!(grpc, http, background, drain);
+    let _ = rollouts.await;
     if let Err(e) = state.flush_marks().await {
         warn!(error = %e, "cannot store stream marks at shutdown");
     }

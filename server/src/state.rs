@@ -1,14 +1,16 @@
 //! What every request handler and stream shares.
 
+use std::collections::BTreeMap;
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock, RwLock};
 
 use keel_common::time::now_ms;
 
 use crate::config::ServerConfig;
 use crate::connections::{Connections, Outbound, PluginCommand, Revocations};
 use crate::pki::{self, Ca, CsrError, IssuedCert, PkiError};
+use crate::policy::{self, AgentFacts, Effective, Policy};
 use crate::release::Release;
 use crate::sink::Sink;
 use crate::store::{Store, StoreError};
@@ -37,7 +39,14 @@ pub struct ServerState {
     http_bound: OnceLock<SocketAddr>,
     /// The release key for signing packages.
     pub release: Release,
+    /// The policies, cached; reloaded on every change.
+    policies: RwLock<Arc<Vec<Policy>>>,
+    /// Woken when a task may be able to move on.
+    pub rollout_wake: tokio::sync::Notify,
 }
+
+/// The component name of the agent itself.
+pub const AGENT_COMPONENT: &str = "keel-agent";
 
 /// Why a desired plugin set cannot be sent.
 #[derive(Debug, thiserror::Error)]
@@ -58,6 +67,9 @@ pub enum PushError {
     /// The stream would not take it.
     #[error(transparent)]
     Send(#[from] crate::connections::SendError),
+    /// The agent did not say which package manager it has.
+    #[error("agent {0} reports no package manager (deb or rpm); it cannot be upgraded")]
+    NoPackageManager(String),
 }
 
 /// Why a certificate could not be issued.
@@ -93,6 +105,8 @@ impl ServerState {
             grpc_bound: OnceLock::new(),
             http_bound: OnceLock::new(),
             release,
+            policies: RwLock::new(Arc::new(Vec::new())),
+            rollout_wake: tokio::sync::Notify::new(),
         }
     }
 
@@ -122,64 +136,6 @@ impl ServerState {
         format!("{scheme}://{host}:{}", addr.port())
     }
 
-    /// Resolves an agent's desired plugin set into packages for its architecture.
-    pub async fn resolve_plugins(
-        &self,
-        agent_id: &str,
-        set: &[crate::store::DesiredPlugin],
-    ) -> Result<Vec<PluginCommand>, PushError> {
-        let arch = self
-            .store
-            .get_agent(agent_id)
-            .await?
-            .and_then(|a| a.heartbeat.get("arch").and_then(|v| v.as_str()).map(str::to_owned))
-            .unwrap_or_else(|| std::env::consts::ARCH.to_owned());
-        let base = self.public_url();
-        let mut out = Vec::with_capacity(set.len());
-        for p in set {
-            let pkg = self
-                .store
-                .package_for(&p.name, &p.version, &arch)
-                .await?
-                .ok_or_else(|| PushError::NoPackage {
-                    name: p.name.clone(),
-                    version: p.version.clone(),
-                    arch: arch.clone(),
-                })?;
-            out.push(PluginCommand {
-                name: p.name.clone(),
-                kind: pkg.kind,
-                version: p.version.clone(),
-                download_urls: self
-                    .config
-                    .components
-                    .mirrors
-                    .iter()
-                    .map(|m| format!("{}/{}", m.trim_end_matches('/'), pkg.sha256))
-                    .chain(std::iter::once(format!("{base}/packages/{}", pkg.sha256)))
-                    .collect(),
-                sha256: pkg.sha256,
-                signature: pkg.signature,
-                detail: p.detail.clone(),
-            });
-        }
-        Ok(out)
-    }
-
-    /// Sends the agent its desired plugin set if the server manages it and the agent
-    /// is online. Returns whether something was sent.
-    pub async fn push_plugins(&self, agent_id: &str) -> Result<bool, PushError> {
-        let Some(set) = self.store.desired(agent_id).await? else {
-            return Ok(false);
-        };
-        if !self.connections.is_online(agent_id) {
-            return Ok(false);
-        }
-        let configs = self.resolve_plugins(agent_id, &set).await?;
-        self.connections.send(agent_id, Outbound::Configs(configs))?;
-        Ok(true)
-    }
-
     /// Records the bound gRPC address once the listener is up.
     pub fn set_grpc_bound(&self, addr: SocketAddr) {
         let _ = self.grpc_bound.set(addr);
@@ -188,6 +144,141 @@ impl ServerState {
     /// The bound gRPC address, or the configured one before binding.
     pub fn grpc_addr(&self) -> SocketAddr {
         self.grpc_bound.get().copied().unwrap_or(self.config.grpc.listen)
+    }
+
+    /// The policies, as last loaded.
+    pub fn policies(&self) -> Arc<Vec<Policy>> {
+        Arc::clone(&self.policies.read().unwrap_or_else(|p| p.into_inner()))
+    }
+
+    /// Reloads the policies after a change.
+    pub async fn reload_policies(&self) -> Result<(), StoreError> {
+        let p = self.store.policies().await?;
+        *self.policies.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(p);
+        Ok(())
+    }
+
+    /// What policy selection needs to know about an agent, from the registry.
+    pub fn facts(agent: &crate::store::AgentRow) -> AgentFacts {
+        let hb = |k: &str| {
+            agent
+                .heartbeat
+                .get(k)
+                .and_then(|v| v.as_str())
+                .unwrap_or_default()
+                .to_owned()
+        };
+        AgentFacts {
+            id: agent.id.clone(),
+            tags: agent.tags.clone(),
+            platform: hb("platform"),
+            platform_family: hb("platform_family"),
+            arch: hb("arch"),
+        }
+    }
+
+    /// The effective configuration of an agent, or `None` if the server manages
+    /// neither its plugins nor its version.
+    pub async fn effective(&self, agent_id: &str) -> Result<Option<BTreeMap<String, Effective>>, StoreError> {
+        let Some(agent) = self.store.get_agent(agent_id).await? else {
+            return Ok(None);
+        };
+        let own = self.store.desired(agent_id).await?;
+        let entries = policy::effective(&Self::facts(&agent), &self.policies(), own.as_deref());
+        Ok((own.is_some() || !entries.is_empty()).then_some(entries))
+    }
+
+    /// Resolves an effective configuration into packages for the agent's
+    /// architecture (and, for `keel-agent`, its package manager).
+    pub async fn resolve(
+        &self,
+        agent_id: &str,
+        entries: &BTreeMap<String, Effective>,
+    ) -> Result<Vec<PluginCommand>, PushError> {
+        let agent = self.store.get_agent(agent_id).await?;
+        let hb = |k: &str| {
+            agent
+                .as_ref()
+                .and_then(|a| a.heartbeat.get(k).and_then(|v| v.as_str()).map(str::to_owned))
+                .unwrap_or_default()
+        };
+        let arch = Some(hb("arch"))
+            .filter(|a| !a.is_empty())
+            .unwrap_or_else(|| std::env::consts::ARCH.to_owned());
+        let package_type = hb("package_type");
+        let running = agent.as_ref().map(|a| a.meta.version.clone()).unwrap_or_default();
+        let base = self.public_url();
+        let urls = |sha: &str| -> Vec<String> {
+            self.config
+                .components
+                .mirrors
+                .iter()
+                .map(|m| format!("{}/{sha}", m.trim_end_matches('/')))
+                .chain(std::iter::once(format!("{base}/packages/{sha}")))
+                .collect()
+        };
+        let mut out = Vec::with_capacity(entries.len());
+        for e in entries.values() {
+            let missing = |arch: &str| PushError::NoPackage {
+                name: e.component.clone(),
+                version: e.version.clone(),
+                arch: arch.to_owned(),
+            };
+            let (pkg, detail) = if e.component == AGENT_COMPONENT {
+                if package_type.is_empty() {
+                    return Err(PushError::NoPackageManager(agent_id.to_owned()));
+                }
+                let pkg = self
+                    .store
+                    .package_for_kind(&e.component, &e.version, &arch, &package_type)
+                    .await?
+                    .ok_or_else(|| missing(&format!("{arch} ({package_type})")))?;
+                // The package of the version running now, for the upgrade watchdog to go back to.
+                let rollback = self
+                    .store
+                    .package_for_kind(&e.component, &running, &arch, &package_type)
+                    .await?;
+                let detail = match rollback {
+                    Some(r) if r.version != e.version => serde_json::json!({"rollback": {
+                        "version": r.version, "sha256": r.sha256, "signature": r.signature, "download_urls": urls(&r.sha256)
+                    }})
+                    .to_string(),
+                    _ => String::new(),
+                };
+                (pkg, detail)
+            } else {
+                let pkg = self
+                    .store
+                    .package_for(&e.component, &e.version, &arch)
+                    .await?
+                    .ok_or_else(|| missing(&arch))?;
+                (pkg, e.detail.clone())
+            };
+            out.push(PluginCommand {
+                name: e.component.clone(),
+                kind: pkg.kind,
+                version: e.version.clone(),
+                download_urls: urls(&pkg.sha256),
+                sha256: pkg.sha256,
+                signature: pkg.signature,
+                detail,
+            });
+        }
+        Ok(out)
+    }
+
+    /// Sends the agent its effective configuration if the server manages it and the
+    /// agent is online; `token` asks for a 5100 answer. Returns whether it was sent.
+    pub async fn push_config(&self, agent_id: &str, token: Option<String>) -> Result<bool, PushError> {
+        let Some(entries) = self.effective(agent_id).await? else {
+            return Ok(false);
+        };
+        if !self.connections.is_online(agent_id) {
+            return Ok(false);
+        }
+        let configs = self.resolve(agent_id, &entries).await?;
+        self.connections.send(agent_id, Outbound::Configs(configs, token))?;
+        Ok(true)
     }
 
     /// Checks a CSR and issues a certificate for `agent_id`. With `renewal`, a

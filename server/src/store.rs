@@ -3,8 +3,11 @@
 //! `Any` driver with `$N` placeholders.
 
 mod agents;
+mod audit;
 mod certs;
+mod jobs;
 mod plugins;
+mod policies;
 mod tasks;
 mod tokens;
 
@@ -14,6 +17,8 @@ use sqlx::any::{AnyConnectOptions, AnyPoolOptions};
 use sqlx::{AnyPool, ConnectOptions};
 
 pub use agents::{AgentMeta, AgentRow};
+pub use audit::{AuditEntry, AuditFilter};
+pub use jobs::{JobRow, PendingSubtask, SubtaskCounts};
 pub use plugins::{DesiredPlugin, PackageRow, ReportedPlugin};
 pub use tasks::{NewTask, TaskRow};
 pub use tokens::{NewToken, Role, TokenRefusal, TokenRow};

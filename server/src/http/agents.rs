@@ -1,28 +1,31 @@
-//! `/api/v1/agents…` and `/api/v1/tasks…`.
+//! `/api/v1/agents…`: the registry, tags, direct tasks, revocation, effective config.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
 use axum::extract::rejection::JsonRejection;
-use axum::extract::{Path, State};
+use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
 use axum::{Extension, Json};
 use keel_common::time::{now_ms, rfc3339_ms};
 use serde::{Deserialize, Serialize};
+use utoipa::{IntoParams, ToSchema};
 
-use super::{ApiError, Principal};
-use crate::connections::{Outbound, SendError, TaskCommand};
+use super::{ApiError, ErrorBody, Principal};
+use crate::connections::{Closing, Outbound, SendError, TaskCommand};
+use crate::policy::Effective;
 use crate::state::ServerState;
 use crate::store::{AgentRow, NewTask, ReportedPlugin, Role};
 
 /// A plugin as the API shows it, from its last heartbeat.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, ToSchema)]
 pub struct PluginView {
     name: String,
     version: String,
     state: String,
     pid: Option<i64>,
     updated_at: String,
+    #[schema(value_type = Object)]
     heartbeat: serde_json::Map<String, serde_json::Value>,
 }
 
@@ -39,8 +42,8 @@ impl From<ReportedPlugin> for PluginView {
     }
 }
 
-/// An agent as the API shows it; the shape DESIGN.md fixes.
-#[derive(Debug, Serialize)]
+/// An agent as the API shows it; the shape the design fixes.
+#[derive(Debug, Serialize, ToSchema)]
 pub struct AgentView {
     id: String,
     hostname: String,
@@ -57,6 +60,8 @@ pub struct AgentView {
     extranet_ipv6: Vec<String>,
     plugins: Vec<PluginView>,
     tags: Vec<String>,
+    /// Fields of the last heartbeat.
+    #[schema(value_type = Object)]
     heartbeat: serde_json::Map<String, serde_json::Value>,
 }
 
@@ -83,38 +88,78 @@ impl AgentView {
     }
 }
 
-/// `GET /api/v1/agents`
+/// Filters of the agent list; all given must hold.
+#[derive(Debug, Default, Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+pub struct AgentFilter {
+    /// Only agents that are (not) online.
+    online: Option<bool>,
+    /// Only agents of this version.
+    version: Option<String>,
+    /// Only agents with this tag.
+    tag: Option<String>,
+    /// Only agents whose host name contains this.
+    hostname: Option<String>,
+    /// Only agents running this plugin.
+    plugin: Option<String>,
+}
+
+pub(super) fn json_body<T>(body: Result<Json<T>, JsonRejection>) -> Result<T, ApiError> {
+    body.map(|Json(t)| t)
+        .map_err(|e| ApiError::bad_request(format!("invalid request body: {}", e.body_text())))
+}
+
+fn query<T>(q: Result<Query<T>, axum::extract::rejection::QueryRejection>) -> Result<T, ApiError> {
+    q.map(|Query(t)| t)
+        .map_err(|e| ApiError::bad_request(format!("invalid query: {}", e.body_text())))
+}
+
+/// Every agent, filtered.
+#[utoipa::path(get, path = "/agents", tag = "agents", params(AgentFilter),
+    responses((status = 200, body = [AgentView]), (status = 400, body = ErrorBody)))]
 pub async fn list(
     State(state): State<Arc<ServerState>>,
     Extension(who): Extension<Principal>,
+    filter: Result<Query<AgentFilter>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Json<Vec<AgentView>>, ApiError> {
     who.require(Role::Viewer)?;
+    let f = query(filter)?;
     let agents = state.store.list_agents().await?;
     let mut plugins = state.store.reported_plugins(None).await?;
-    Ok(Json(
-        agents
-            .into_iter()
-            .map(|a| {
-                let online = state.connections.is_online(&a.id);
-                let p = plugins.remove(&a.id).unwrap_or_default();
-                AgentView::new(a, online, p)
-            })
-            .collect(),
-    ))
+    let mut out = Vec::new();
+    for a in agents {
+        let online = state.connections.is_online(&a.id);
+        let p = plugins.remove(&a.id).unwrap_or_default();
+        let keep = f.online.is_none_or(|o| o == online)
+            && f.version.as_ref().is_none_or(|v| *v == a.meta.version)
+            && f.tag.as_ref().is_none_or(|t| a.tags.contains(t))
+            && f.hostname.as_ref().is_none_or(|h| a.meta.hostname.contains(h.as_str()))
+            && f.plugin.as_ref().is_none_or(|n| p.iter().any(|x| x.name == *n));
+        if keep {
+            out.push(AgentView::new(a, online, p));
+        }
+    }
+    Ok(Json(out))
 }
 
-/// `GET /api/v1/agents/{id}`
+async fn agent_or_404(state: &ServerState, id: &str) -> Result<AgentRow, ApiError> {
+    state
+        .store
+        .get_agent(id)
+        .await?
+        .ok_or_else(|| ApiError::not_found(format!("no agent {id}")))
+}
+
+/// One agent, with its last heartbeat and its plugins' heartbeats.
+#[utoipa::path(get, path = "/agents/{id}", tag = "agents", params(("id" = String, Path)),
+    responses((status = 200, body = AgentView), (status = 404, body = ErrorBody)))]
 pub async fn show(
     State(state): State<Arc<ServerState>>,
     Extension(who): Extension<Principal>,
     Path(id): Path<String>,
 ) -> Result<Json<AgentView>, ApiError> {
     who.require(Role::Viewer)?;
-    let agent = state
-        .store
-        .get_agent(&id)
-        .await?
-        .ok_or_else(|| ApiError::not_found(format!("no agent {id}")))?;
+    let agent = agent_or_404(&state, &id).await?;
     let online = state.connections.is_online(&id);
     let plugins = state
         .store
@@ -125,8 +170,125 @@ pub async fn show(
     Ok(Json(AgentView::new(agent, online, plugins)))
 }
 
+/// Decommissions an agent: revokes its certificates, closes its stream, forgets it.
+#[utoipa::path(delete, path = "/agents/{id}", tag = "agents", params(("id" = String, Path)),
+    responses((status = 204), (status = 404, body = ErrorBody)))]
+pub async fn delete(
+    State(state): State<Arc<ServerState>>,
+    Extension(who): Extension<Principal>,
+    Path(id): Path<String>,
+) -> Result<StatusCode, ApiError> {
+    who.require(Role::Operator)?;
+    agent_or_404(&state, &id).await?;
+    let reason = format!("agent deleted by token {}", who.token_id);
+    state.revoke_agent(&id, &reason, None).await?;
+    if let Err(SendError::Busy(_)) = state.connections.send(&id, Outbound::Close(Closing::Revoked)) {
+        tracing::warn!(agent_id = %id, "stream of a deleted agent was busy; revocation closes it");
+    }
+    state.store.agent_delete(&id).await?;
+    tracing::warn!(agent_id = %id, by = %who.token_id, "agent deleted");
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// Replaces an agent's tags.
+#[utoipa::path(put, path = "/agents/{id}/tags", tag = "agents", params(("id" = String, Path)), request_body = Vec<String>,
+    responses((status = 200, body = [String]), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody)))]
+pub async fn set_tags(
+    State(state): State<Arc<ServerState>>,
+    Extension(who): Extension<Principal>,
+    Path(id): Path<String>,
+    body: Result<Json<Vec<String>>, JsonRejection>,
+) -> Result<Json<Vec<String>>, ApiError> {
+    who.require(Role::Operator)?;
+    let tags = json_body(body)?;
+    for t in &tags {
+        check_tag(t)?;
+    }
+    agent_or_404(&state, &id).await?;
+    state.store.set_tags(&id, &tags).await?;
+    Ok(Json(agent_or_404(&state, &id).await?.tags))
+}
+
+fn check_tag(t: &str) -> Result<(), ApiError> {
+    let ok = !t.is_empty()
+        && t.len() <= 64
+        && t.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-' | b':'));
+    if ok {
+        Ok(())
+    } else {
+        Err(ApiError::bad_request(format!(
+            "invalid tag {t:?}: 1-64 characters of [A-Za-z0-9._:-]"
+        )))
+    }
+}
+
+/// Adds one tag.
+#[utoipa::path(put, path = "/agents/{id}/tags/{tag}", tag = "agents", params(("id" = String, Path), ("tag" = String, Path)),
+    responses((status = 200, body = [String]), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody)))]
+pub async fn add_tag(
+    State(state): State<Arc<ServerState>>,
+    Extension(who): Extension<Principal>,
+    Path((id, tag)): Path<(String, String)>,
+) -> Result<Json<Vec<String>>, ApiError> {
+    who.require(Role::Operator)?;
+    check_tag(&tag)?;
+    let mut tags = agent_or_404(&state, &id).await?.tags;
+    if !tags.contains(&tag) {
+        tags.push(tag);
+        state.store.set_tags(&id, &tags).await?;
+    }
+    Ok(Json(agent_or_404(&state, &id).await?.tags))
+}
+
+/// Removes one tag.
+#[utoipa::path(delete, path = "/agents/{id}/tags/{tag}", tag = "agents", params(("id" = String, Path), ("tag" = String, Path)),
+    responses((status = 200, body = [String]), (status = 404, body = ErrorBody)))]
+pub async fn remove_tag(
+    State(state): State<Arc<ServerState>>,
+    Extension(who): Extension<Principal>,
+    Path((id, tag)): Path<(String, String)>,
+) -> Result<Json<Vec<String>>, ApiError> {
+    who.require(Role::Operator)?;
+    let tags: Vec<String> = agent_or_404(&state, &id)
+        .await?
+        .tags
+        .into_iter()
+        .filter(|t| *t != tag)
+        .collect();
+    state.store.set_tags(&id, &tags).await?;
+    Ok(Json(tags))
+}
+
+/// An agent's effective configuration and what chose each entry.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ConfigView {
+    agent_id: String,
+    /// Whether the server manages this agent's plugins and version.
+    managed: bool,
+    components: Vec<Effective>,
+}
+
+/// The effective configuration of an agent, computed from the policies and its own set.
+#[utoipa::path(get, path = "/agents/{id}/config", tag = "agents", params(("id" = String, Path)),
+    responses((status = 200, body = ConfigView), (status = 404, body = ErrorBody)))]
+pub async fn config(
+    State(state): State<Arc<ServerState>>,
+    Extension(who): Extension<Principal>,
+    Path(id): Path<String>,
+) -> Result<Json<ConfigView>, ApiError> {
+    who.require(Role::Viewer)?;
+    agent_or_404(&state, &id).await?;
+    let effective: Option<BTreeMap<String, Effective>> = state.effective(&id).await?;
+    Ok(Json(ConfigView {
+        agent_id: id,
+        managed: effective.is_some(),
+        components: effective.unwrap_or_default().into_values().collect(),
+    }))
+}
+
 /// Body of `POST /api/v1/agents/{id}/tasks`.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct TaskRequest {
     data_type: i32,
@@ -141,20 +303,18 @@ fn default_object() -> String {
 }
 
 /// Largest task data accepted.
-const MAX_TASK_DATA: usize = 64 << 10;
+pub(super) const MAX_TASK_DATA: usize = 64 << 10;
 
 /// Answer to a task creation.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, ToSchema)]
 pub struct TaskCreated {
     token: String,
 }
 
-pub(super) fn json_body<T>(body: Result<Json<T>, JsonRejection>) -> Result<T, ApiError> {
-    body.map(|Json(t)| t)
-        .map_err(|e| ApiError::bad_request(format!("invalid request body: {}", e.body_text())))
-}
-
-/// `POST /api/v1/agents/{id}/tasks`: sends a task down the agent's stream.
+/// Sends one task down an agent's stream; its 5100 result is at `/api/v1/tasks/{token}`.
+#[utoipa::path(post, path = "/agents/{id}/tasks", tag = "agents", params(("id" = String, Path)), request_body = TaskRequest,
+    responses((status = 202, body = TaskCreated), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody),
+        (status = 409, body = ErrorBody, description = "the agent is offline")))]
 pub async fn create_task(
     State(state): State<Arc<ServerState>>,
     Extension(who): Extension<Principal>,
@@ -171,11 +331,9 @@ pub async fn create_task(
             "data is larger than {MAX_TASK_DATA} bytes"
         )));
     }
-    if state.store.get_agent(&id).await?.is_none() {
-        return Err(ApiError::not_found(format!("no agent {id}")));
-    }
+    agent_or_404(&state, &id).await?;
     if !state.connections.is_online(&id) {
-        return Err(ApiError::new(StatusCode::CONFLICT, format!("agent {id} is offline")));
+        return Err(ApiError::conflict(format!("agent {id} is offline")));
     }
     let token = uuid::Uuid::new_v4().to_string();
     let task = NewTask {
@@ -209,51 +367,15 @@ pub async fn create_task(
     Ok((StatusCode::ACCEPTED, Json(TaskCreated { token })))
 }
 
-/// A task and its result.
-#[derive(Debug, Serialize)]
-pub struct TaskView {
-    token: String,
-    agent_id: String,
-    data_type: i32,
-    object_name: String,
-    status: String,
-    created_at: String,
-    finished_at: Option<String>,
-    result: Option<HashMap<String, String>>,
-}
-
-/// `GET /api/v1/tasks/{token}`
-pub async fn show_task(
-    State(state): State<Arc<ServerState>>,
-    Extension(who): Extension<Principal>,
-    Path(token): Path<String>,
-) -> Result<Json<TaskView>, ApiError> {
-    who.require(Role::Viewer)?;
-    let t = state
-        .store
-        .get_task(&token)
-        .await?
-        .ok_or_else(|| ApiError::not_found(format!("no task {token}")))?;
-    Ok(Json(TaskView {
-        token: t.token,
-        agent_id: t.agent_id,
-        data_type: t.data_type,
-        object_name: t.object_name,
-        status: t.status,
-        created_at: rfc3339_ms(t.created_at),
-        finished_at: t.finished_at.map(rfc3339_ms),
-        result: t.result,
-    }))
-}
-
 /// Answer to a revocation.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, ToSchema)]
 pub struct Revoked {
     revoked: Vec<String>,
 }
 
-/// `POST /api/v1/agents/{id}/revoke`: revokes every certificate of the agent and
-/// closes its stream at once.
+/// Revokes every certificate of the agent and closes its stream at once.
+#[utoipa::path(post, path = "/agents/{id}/revoke", tag = "agents", params(("id" = String, Path)),
+    responses((status = 200, body = Revoked), (status = 404, body = ErrorBody)))]
 pub async fn revoke(
     State(state): State<Arc<ServerState>>,
     Extension(who): Extension<Principal>,

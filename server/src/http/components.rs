@@ -1,5 +1,5 @@
-//! `/api/v1/components…`: the component store, `/packages/{sha256}`: downloads,
-//! and `/api/v1/agents/{id}/plugins`: an agent's desired plugin set.
+//! `/api/v1/components…`: the component store; `/packages/{sha256}`: downloads;
+//! `/api/v1/agents/{id}/plugins`: an agent's own plugin set.
 
 use std::collections::HashSet;
 use std::sync::Arc;
@@ -13,24 +13,33 @@ use axum::{Extension, Json};
 use futures::StreamExt;
 use keel_common::time::{now_ms, rfc3339_ms};
 use serde::{Deserialize, Serialize};
+use utoipa::{IntoParams, ToSchema};
 
 use super::agents::json_body;
-use super::{ApiError, Principal};
+use super::{ApiError, ErrorBody, Principal};
 use crate::components::{ComponentError, PackageMeta, Upload};
 use crate::state::{PushError, ServerState};
 use crate::store::{DesiredPlugin, PackageRow, Role};
 
 /// Query of an upload.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, IntoParams)]
 #[serde(deny_unknown_fields)]
 pub struct UploadQuery {
+    /// Version, 1-64 characters of `[A-Za-z0-9._+-]`.
     version: String,
+    /// `exec` or `tar.gz` for plugins; `deb` or `rpm` for keel-agent.
     #[serde(rename = "type")]
+    #[param(rename = "type")]
     kind: String,
+    /// `any` (default), `x86_64` or `aarch64`.
     #[serde(default = "any")]
     arch: String,
+    /// Hex Ed25519 signature to check; without it the server signs.
     #[serde(default)]
     signature: Option<String>,
+    /// Hex SHA-256 the upload must have.
+    #[serde(default)]
+    sha256: Option<String>,
 }
 
 fn any() -> String {
@@ -38,7 +47,7 @@ fn any() -> String {
 }
 
 /// A package as the API shows it.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, ToSchema)]
 pub struct PackageView {
     name: String,
     version: String,
@@ -72,16 +81,22 @@ impl From<ComponentError> for ApiError {
     fn from(e: ComponentError) -> Self {
         match e {
             ComponentError::TooLarge(_) => ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, e.to_string()),
-            ComponentError::Exists { .. } => ApiError::new(StatusCode::CONFLICT, e.to_string()),
-            ComponentError::Invalid(_) | ComponentError::Signature(_) => ApiError::bad_request(e.to_string()),
+            ComponentError::Exists { .. } | ComponentError::InUse { .. } => ApiError::conflict(e.to_string()),
+            ComponentError::Invalid(_) | ComponentError::Signature(_) | ComponentError::Content(_) => {
+                ApiError::bad_request(e.to_string())
+            }
             ComponentError::Store(e) => e.into(),
             ComponentError::Io(_) => ApiError::internal(e.to_string()),
         }
     }
 }
 
-/// `POST /api/v1/components/{name}/versions?version=V&type=exec|tar.gz[&arch=A][&signature=HEX]`:
-/// the raw package is the body, streamed to disk while hashed and size-capped.
+/// Uploads a package of a component version; the raw package is the body, streamed
+/// to disk while hashed and size-capped.
+#[utoipa::path(post, path = "/components/{name}/versions", tag = "components", params(("name" = String, Path), UploadQuery),
+    request_body(content = Vec<u8>, content_type = "application/octet-stream"),
+    responses((status = 201, body = PackageView), (status = 400, body = ErrorBody), (status = 409, body = ErrorBody),
+        (status = 413, body = ErrorBody)))]
 pub async fn upload(
     State(state): State<Arc<ServerState>>,
     Extension(who): Extension<Principal>,
@@ -97,6 +112,7 @@ pub async fn upload(
         kind: q.kind,
         arch: q.arch,
         signature: q.signature,
+        sha256: q.sha256,
         by: who.token_id,
     };
     // Refuse bad metadata before reading a byte of the body.
@@ -117,15 +133,58 @@ pub async fn upload(
     Ok((StatusCode::CREATED, Json(row.into())))
 }
 
-/// `GET /api/v1/components` and `GET /api/v1/components/{name}`.
+/// Every package in the store.
+#[utoipa::path(get, path = "/components", tag = "components", responses((status = 200, body = [PackageView])))]
 pub async fn list(
     State(state): State<Arc<ServerState>>,
     Extension(who): Extension<Principal>,
-    name: Option<Path<String>>,
 ) -> Result<Json<Vec<PackageView>>, ApiError> {
     who.require(Role::Viewer)?;
-    let rows = state.store.packages(name.as_ref().map(|n| n.0.as_str())).await?;
-    Ok(Json(rows.into_iter().map(PackageView::from).collect()))
+    Ok(Json(
+        state
+            .store
+            .packages(None)
+            .await?
+            .into_iter()
+            .map(PackageView::from)
+            .collect(),
+    ))
+}
+
+/// The packages of one component.
+#[utoipa::path(get, path = "/components/{name}", tag = "components", params(("name" = String, Path)),
+    responses((status = 200, body = [PackageView])))]
+pub async fn show(
+    State(state): State<Arc<ServerState>>,
+    Extension(who): Extension<Principal>,
+    Path(name): Path<String>,
+) -> Result<Json<Vec<PackageView>>, ApiError> {
+    who.require(Role::Viewer)?;
+    Ok(Json(
+        state
+            .store
+            .packages(Some(&name))
+            .await?
+            .into_iter()
+            .map(PackageView::from)
+            .collect(),
+    ))
+}
+
+/// Deletes a version (all its packages); refused while a policy uses it.
+#[utoipa::path(delete, path = "/components/{name}/versions/{version}", tag = "components",
+    params(("name" = String, Path), ("version" = String, Path)),
+    responses((status = 204), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
+pub async fn delete_version(
+    State(state): State<Arc<ServerState>>,
+    Extension(who): Extension<Principal>,
+    Path((name, version)): Path<(String, String)>,
+) -> Result<StatusCode, ApiError> {
+    who.require(Role::Operator)?;
+    match crate::components::delete_version(&state, &name, &version).await? {
+        0 => Err(ApiError::not_found(format!("no version {version} of {name}"))),
+        _ => Ok(StatusCode::NO_CONTENT),
+    }
 }
 
 /// `GET /packages/{sha256}`: a package by content. Packages are signed, so they
@@ -153,8 +212,8 @@ pub async fn download(State(state): State<Arc<ServerState>>, Path(sha256): Path<
         .into_response())
 }
 
-/// One entry of `PUT /api/v1/agents/{id}/plugins`.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+/// One entry of an agent's own plugin set.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct DesiredView {
     name: String,
@@ -163,20 +222,24 @@ pub struct DesiredView {
     detail: String,
 }
 
-/// Answer of the plugin set calls.
-#[derive(Debug, Serialize)]
+/// An agent's own plugin set.
+#[derive(Debug, Serialize, ToSchema)]
 pub struct PluginSet {
     agent_id: String,
+    /// Whether the server manages this agent's plugins.
     managed: bool,
     plugins: Vec<DesiredView>,
+    /// Whether the configuration went out to the agent now.
     sent: bool,
 }
 
 /// Largest `detail` accepted.
 const MAX_DETAIL: usize = 64 << 10;
 
-/// `PUT /api/v1/agents/{id}/plugins`: replaces the agent's desired plugin set and
-/// sends it at once if the agent is online (and on every connect).
+/// Replaces an agent's own plugin set (it takes precedence over policies) and sends
+/// the agent its effective configuration at once if it is online.
+#[utoipa::path(put, path = "/agents/{id}/plugins", tag = "agents", params(("id" = String, Path)), request_body = Vec<DesiredView>,
+    responses((status = 200, body = PluginSet), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody)))]
 pub async fn put_plugins(
     State(state): State<Arc<ServerState>>,
     Extension(who): Extension<Principal>,
@@ -185,9 +248,6 @@ pub async fn put_plugins(
 ) -> Result<Json<PluginSet>, ApiError> {
     who.require(Role::Operator)?;
     let set = json_body(body)?;
-    if state.store.get_agent(&id).await?.is_none() {
-        return Err(ApiError::not_found(format!("no agent {id}")));
-    }
     let mut seen = HashSet::new();
     for p in &set {
         if !crate::components::valid_name(&p.name) {
@@ -215,19 +275,25 @@ pub async fn put_plugins(
         })
         .collect();
     // Refuse a set that names a version without a package, before storing anything.
-    state.resolve_plugins(&id, &desired).await.map_err(|e| match e {
-        PushError::NoPackage { .. } => ApiError::bad_request(e.to_string()),
+    let agent = state
+        .store
+        .get_agent(&id)
+        .await?
+        .ok_or_else(|| ApiError::not_found(format!("no agent {id}")))?;
+    let entries = crate::policy::effective(&ServerState::facts(&agent), &state.policies(), Some(&desired));
+    state.resolve(&id, &entries).await.map_err(|e| match e {
+        PushError::NoPackage { .. } | PushError::NoPackageManager(_) => ApiError::bad_request(e.to_string()),
         other => ApiError::internal(other.to_string()),
     })?;
     state.store.set_desired(&id, &desired, &who.token_id, now_ms()).await?;
-    let sent = match state.push_plugins(&id).await {
+    let sent = match state.push_config(&id, None).await {
         Ok(sent) => sent,
         Err(e) => {
-            tracing::warn!(agent_id = %id, error = %e, "desired plugin set stored but not sent; it goes out on the next connect");
+            tracing::warn!(agent_id = %id, error = %e, "plugin set stored but not sent; it goes out on the next connect");
             false
         }
     };
-    tracing::info!(agent_id = %id, plugins = set.len(), sent, by = %who.token_id, "desired plugin set changed");
+    tracing::info!(agent_id = %id, plugins = set.len(), sent, by = %who.token_id, "agent plugin set changed");
     Ok(Json(PluginSet {
         agent_id: id,
         managed: true,
@@ -236,7 +302,9 @@ pub async fn put_plugins(
     }))
 }
 
-/// `GET /api/v1/agents/{id}/plugins`: the desired set.
+/// An agent's own plugin set.
+#[utoipa::path(get, path = "/agents/{id}/plugins", tag = "agents", params(("id" = String, Path)),
+    responses((status = 200, body = PluginSet), (status = 404, body = ErrorBody)))]
 pub async fn get_plugins(
     State(state): State<Arc<ServerState>>,
     Extension(who): Extension<Principal>,

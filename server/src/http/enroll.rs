@@ -59,10 +59,34 @@ pub async fn enroll(
 ) -> Result<Json<EnrollResponse>, ApiError> {
     let peer = peer.0.to_string();
     let req = json_body(body)?;
+    let target = format!("/enroll/{}", req.agent_id);
     let refuse = |status: StatusCode, reason: String| {
         warn!(%peer, agent_id = %req.agent_id, %reason, "enrollment refused");
         ApiError::new(status, reason)
     };
+    let result = enroll_checked(&state, &req, &peer, refuse).await;
+    let (status, outcome) = match &result {
+        Ok(_) => (StatusCode::OK, "ok".to_owned()),
+        Err(e) => (e.status, e.message.clone()),
+    };
+    super::audit_event(
+        &state,
+        &format!("enrollment from {peer}"),
+        "POST /enroll",
+        &target,
+        status,
+        &outcome,
+    )
+    .await;
+    result
+}
+
+async fn enroll_checked(
+    state: &Arc<ServerState>,
+    req: &EnrollRequest,
+    peer: &str,
+    refuse: impl Fn(StatusCode, String) -> ApiError,
+) -> Result<Json<EnrollResponse>, ApiError> {
     if !valid_agent_id(&req.agent_id) {
         return Err(refuse(
             StatusCode::BAD_REQUEST,
@@ -102,7 +126,7 @@ pub async fn enroll(
         .await?;
     info!(%peer, agent_id = %req.agent_id, token = %token_id, serial = %issued.serial, "agent enrolled");
     Ok(Json(EnrollResponse {
-        agent_id: req.agent_id,
+        agent_id: req.agent_id.clone(),
         certificate: issued.pem,
         ca: state.ca.cert_pem().to_owned(),
         not_after: rfc3339_ms(issued.not_after_ms),

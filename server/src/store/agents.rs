@@ -216,6 +216,46 @@ impl Store {
         Ok(agents)
     }
 
+    /// Replaces an agent's tags.
+    pub async fn set_tags(&self, id: &str, tags: &[String]) -> Result<(), StoreError> {
+        let mut tx = self.pool.begin().await?;
+        sqlx::query("DELETE FROM agent_tags WHERE agent_id = $1")
+            .bind(id)
+            .execute(&mut *tx)
+            .await?;
+        let mut seen = std::collections::HashSet::new();
+        for t in tags.iter().filter(|t| seen.insert(t.as_str())) {
+            sqlx::query("INSERT INTO agent_tags (agent_id, tag) VALUES ($1, $2)")
+                .bind(id)
+                .bind(t)
+                .execute(&mut *tx)
+                .await?;
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// Forgets an agent and everything kept about it (its certificates stay, revoked).
+    pub async fn agent_delete(&self, id: &str) -> Result<(), StoreError> {
+        let mut tx = self.pool.begin().await?;
+        const FORGET: [&str; 5] = [
+            "DELETE FROM agent_tags WHERE agent_id = $1",
+            "DELETE FROM agent_plugins WHERE agent_id = $1",
+            "DELETE FROM agent_plugin_desired WHERE agent_id = $1",
+            "DELETE FROM agent_plugin_sets WHERE agent_id = $1",
+            "DELETE FROM stream_marks WHERE agent_id = $1",
+        ];
+        for sql in FORGET {
+            sqlx::query(sql).bind(id).execute(&mut *tx).await?;
+        }
+        sqlx::query("DELETE FROM agents WHERE id = $1")
+            .bind(id)
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
     /// One agent.
     pub async fn get_agent(&self, id: &str) -> Result<Option<AgentRow>, StoreError> {
         let Some(row) = sqlx::query(select_agents!(" WHERE id = $1"))

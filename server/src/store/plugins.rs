@@ -121,6 +121,41 @@ impl Store {
         Ok(found.into_iter().next())
     }
 
+    /// The package of `name` `version` of one type for `arch` (exact arch first, then `any`).
+    pub async fn package_for_kind(
+        &self,
+        name: &str,
+        version: &str,
+        arch: &str,
+        kind: &str,
+    ) -> Result<Option<PackageRow>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT name, version, arch, kind, sha256, signature, size, created_at, created_by FROM component_packages \
+             WHERE name = $1 AND version = $2 AND kind = $3 AND (arch = $4 OR arch = 'any')",
+        )
+        .bind(name)
+        .bind(version)
+        .bind(kind)
+        .bind(arch)
+        .fetch_all(&self.pool)
+        .await?;
+        let mut found: Vec<PackageRow> = rows.iter().map(package).collect::<Result<_, _>>()?;
+        found.sort_by_key(|p| p.arch == "any");
+        Ok(found.into_iter().next())
+    }
+
+    /// Deletes every package of a version; returns their hashes.
+    pub async fn version_delete(&self, name: &str, version: &str) -> Result<Vec<String>, StoreError> {
+        let rows = sqlx::query("DELETE FROM component_packages WHERE name = $1 AND version = $2 RETURNING sha256")
+            .bind(name)
+            .bind(version)
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter()
+            .map(|r| r.try_get("sha256").map_err(StoreError::from))
+            .collect()
+    }
+
     /// Whether any package has this SHA-256 (for serving blobs).
     pub async fn package_sha_known(&self, sha256: &str) -> Result<bool, StoreError> {
         let n: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM component_packages WHERE sha256 = $1")

@@ -34,7 +34,7 @@ pub struct TaskRow {
     pub data_type: i32,
     /// Target object.
     pub object_name: String,
-    /// `sent`, `succeeded` or `failed`.
+    /// `pending`, `sent`, `succeeded`, `failed`, `timed_out` or `cancelled`.
     pub status: String,
     /// Fields of the 5100 result.
     pub result: Option<HashMap<String, String>>,
@@ -78,7 +78,8 @@ impl Store {
         };
         let json = serde_json::to_string(fields).map_err(corrupt("task result"))?;
         let done = sqlx::query(
-            "UPDATE tasks SET status = $1, result = $2, finished_at = $3 WHERE token = $4 AND agent_id = $5",
+            "UPDATE tasks SET status = $1, result = $2, finished_at = $3 \
+             WHERE token = $4 AND agent_id = $5 AND status IN ('pending', 'sent')",
         )
         .bind(status)
         .bind(json)
