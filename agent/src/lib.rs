@@ -21,4 +21,5 @@ pub mod run;
 pub mod spool;
 pub mod tasks;
 pub mod transport;
+pub mod upgrade;
 pub mod wire;

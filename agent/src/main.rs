@@ -38,6 +38,14 @@ enum Cmd {
     Enroll(EnrollArgs),
     /// Print the agent ID.
     Id,
+    /// Install an upgrade and roll it back unless the new version proves itself
+    /// (started by the agent itself; see ARCHITECTURE.md).
+    #[command(hide = true)]
+    UpgradeWatchdog {
+        /// The agent's state directory.
+        #[arg(long)]
+        state_dir: PathBuf,
+    },
 }
 
 #[derive(Args)]
@@ -76,6 +84,16 @@ struct EnrollArgs {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if let Cmd::UpgradeWatchdog { state_dir } = &cli.command {
+        // Runs without the agent's configuration: everything it needs is in pending.json.
+        return match keel_agent::upgrade::watchdog(state_dir) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("keel-agent upgrade-watchdog: {e}");
+                ExitCode::FAILURE
+            }
+        };
+    }
     let (purpose, log_dir, servers) = match &cli.command {
         Cmd::Run(a) => (Purpose::Run, a.log_dir.clone(), a.servers.clone()),
         _ => (Purpose::Other, None, Vec::new()),
@@ -145,6 +163,7 @@ fn main() -> ExitCode {
             }
         }
         Cmd::Run(_) => run_agent(runtime, config),
+        Cmd::UpgradeWatchdog { .. } => ExitCode::SUCCESS,
     }
 }
 

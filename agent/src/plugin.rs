@@ -105,6 +105,17 @@ pub fn valid_name(name: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
 }
 
+/// What happened to one plugin during a reconciliation.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Outcome {
+    /// The plugin.
+    pub plugin: String,
+    /// Whether it ended as desired.
+    pub ok: bool,
+    /// What happened.
+    pub msg: String,
+}
+
 /// What is recorded next to an installed plugin: which package it is.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 struct Installed {
@@ -245,14 +256,16 @@ impl Runtime {
 
     /// Makes the running set equal to `desired`: installs, upgrades, restarts with a
     /// new detail, removes; leaves unchanged plugins alone. `persist` stores the set.
-    pub async fn reconcile(&self, desired: Vec<PluginConfig>, persist: bool) {
+    /// Returns what happened to each plugin; every failure was also sent as a 5100.
+    pub async fn reconcile(&self, desired: Vec<PluginConfig>, persist: bool) -> Vec<Outcome> {
         let _one_at_a_time = self.shared.reconciling.lock().await;
+        let mut outcomes = Vec::new();
         let mut wanted: BTreeMap<String, PluginConfig> = BTreeMap::new();
         for cfg in desired {
             if !valid_name(&cfg.name) {
                 let msg = InstallError::Name(cfg.name.clone()).to_string();
                 warn!(plugin = %cfg.name, %msg, "plugin refused");
-                self.shared.outbox.send(result(&cfg, false, &msg)).await;
+                outcomes.push(self.report(&cfg, false, msg).await);
                 continue;
             }
             wanted.insert(cfg.name.clone(), cfg);
@@ -271,13 +284,30 @@ impl Runtime {
             self.shared.installer.remove(&name);
             info!(plugin = %name, "plugin removed");
             self.shared.changed.notify_one();
+            outcomes.push(Outcome {
+                plugin: name.clone(),
+                ok: true,
+                msg: format!("plugin {name} removed"),
+            });
         }
         for cfg in wanted.into_values() {
-            self.apply(cfg).await;
+            outcomes.push(self.apply(cfg).await);
+        }
+        outcomes
+    }
+
+    /// Sends a 5100 for a plugin operation (token-less: it belongs to no task) and
+    /// returns it as an outcome.
+    async fn report(&self, cfg: &PluginConfig, ok: bool, msg: String) -> Outcome {
+        self.shared.outbox.send(result(cfg, ok, &msg)).await;
+        Outcome {
+            plugin: cfg.name.clone(),
+            ok,
+            msg,
         }
     }
 
-    async fn apply(&self, cfg: PluginConfig) {
+    async fn apply(&self, cfg: PluginConfig) -> Outcome {
         let current = self.running().get(&cfg.name).map(|r| r.config.clone());
         match current {
             Some(cur) if cur.version == cfg.version && cur.sha256.eq_ignore_ascii_case(&cfg.sha256) => {
@@ -285,12 +315,43 @@ impl Runtime {
                     info!(plugin = %cfg.name, "detail changed; restarting the plugin");
                     self.stop(&cfg.name).await;
                     self.start(&cfg);
+                    return self
+                        .settled(&cfg, format!("plugin {} restarted with a new detail", cfg.name))
+                        .await;
+                }
+                Outcome {
+                    plugin: cfg.name.clone(),
+                    ok: true,
+                    msg: format!("plugin {} {} unchanged", cfg.name, cfg.version),
                 }
             }
             Some(cur) => self.upgrade(cur, cfg).await,
-            None if self.installed(&cfg) => self.start(&cfg),
+            None if self.installed(&cfg) => {
+                self.start(&cfg);
+                self.settled(&cfg, format!("plugin {} {} started", cfg.name, cfg.version))
+                    .await
+            }
             None => self.install(cfg).await,
         }
+    }
+
+    /// The outcome of starting `cfg`: success once it kept running for [`SETTLE`].
+    async fn settled(&self, cfg: &PluginConfig, success: String) -> Outcome {
+        if self.settles(&cfg.name).await {
+            return Outcome {
+                plugin: cfg.name.clone(),
+                ok: true,
+                msg: success,
+            };
+        }
+        let how = self
+            .running()
+            .get(&cfg.name)
+            .map(|r| r.status.get().last_exit)
+            .unwrap_or_default();
+        let msg = format!("plugin {} {} does not keep running ({how})", cfg.name, cfg.version);
+        warn!(plugin = %cfg.name, %msg);
+        self.report(cfg, false, msg).await
     }
 
     fn installed(&self, cfg: &PluginConfig) -> bool {
@@ -301,7 +362,7 @@ impl Runtime {
             .is_some_and(|i| i.version == cfg.version && i.sha256.eq_ignore_ascii_case(&cfg.sha256))
     }
 
-    async fn stage(&self, cfg: &PluginConfig) -> Option<PathBuf> {
+    async fn stage(&self, cfg: &PluginConfig) -> Result<PathBuf, Outcome> {
         match self.shared.installer.stage(cfg).await {
             Ok(dir) => {
                 let marker = Installed {
@@ -311,32 +372,36 @@ impl Runtime {
                 if let Ok(json) = serde_json::to_vec(&marker) {
                     let _ = std::fs::write(dir.join(INSTALLED_MARKER), json);
                 }
-                Some(dir)
+                Ok(dir)
             }
             Err(e) => {
-                let msg = format!("plugin {} {} refused: {e}", cfg.name, cfg.version);
                 warn!(plugin = %cfg.name, version = %cfg.version, check = %e, "plugin package refused");
-                self.shared.outbox.send(result(cfg, false, &msg)).await;
-                None
+                Err(self
+                    .report(cfg, false, format!("plugin {} {} refused: {e}", cfg.name, cfg.version))
+                    .await)
             }
         }
     }
 
-    async fn install(&self, cfg: PluginConfig) {
-        let Some(staged) = self.stage(&cfg).await else { return };
-        match self.shared.installer.activate(&cfg.name, &staged) {
-            Ok(_) => {
-                self.start(&cfg);
-                let msg = format!("plugin {} {} installed", cfg.name, cfg.version);
-                info!(plugin = %cfg.name, version = %cfg.version, "plugin installed");
-                self.shared.outbox.send(result(&cfg, true, &msg)).await;
-            }
-            Err(e) => {
-                let msg = format!("plugin {} {} not installed: {e}", cfg.name, cfg.version);
-                warn!(plugin = %cfg.name, %msg);
-                self.shared.outbox.send(result(&cfg, false, &msg)).await;
-            }
+    async fn install(&self, cfg: PluginConfig) -> Outcome {
+        let staged = match self.stage(&cfg).await {
+            Ok(s) => s,
+            Err(outcome) => return outcome,
+        };
+        if let Err(e) = self.shared.installer.activate(&cfg.name, &staged) {
+            let msg = format!("plugin {} {} not installed: {e}", cfg.name, cfg.version);
+            warn!(plugin = %cfg.name, %msg);
+            return self.report(&cfg, false, msg).await;
         }
+        self.start(&cfg);
+        info!(plugin = %cfg.name, version = %cfg.version, "plugin installed");
+        let outcome = self
+            .settled(&cfg, format!("plugin {} {} installed", cfg.name, cfg.version))
+            .await;
+        if outcome.ok {
+            self.shared.outbox.send(result(&cfg, true, &outcome.msg)).await;
+        }
+        outcome
     }
 
     /// Whether a just-started plugin is still up after [`SETTLE`].
@@ -355,20 +420,19 @@ impl Runtime {
         status.get().restarts == 0
     }
 
-    async fn upgrade(&self, old: PluginConfig, cfg: PluginConfig) {
+    async fn upgrade(&self, old: PluginConfig, cfg: PluginConfig) -> Outcome {
         // Download and verify before touching the running version.
-        let Some(staged) = self.stage(&cfg).await else { return };
+        let staged = match self.stage(&cfg).await {
+            Ok(s) => s,
+            Err(outcome) => return outcome,
+        };
         self.stop(&cfg.name).await;
         let previous = match self.shared.installer.activate(&cfg.name, &staged) {
             Ok(p) => p,
             Err(e) => {
                 warn!(plugin = %cfg.name, error = %e, "upgrade failed; starting the old version again");
                 self.start(&old);
-                self.shared
-                    .outbox
-                    .send(result(&cfg, false, &format!("upgrade failed: {e}")))
-                    .await;
-                return;
+                return self.report(&cfg, false, format!("upgrade failed: {e}")).await;
             }
         };
         self.start(&cfg);
@@ -378,8 +442,7 @@ impl Runtime {
             }
             let msg = format!("plugin {} upgraded {} -> {}", cfg.name, old.version, cfg.version);
             info!(plugin = %cfg.name, from = %old.version, to = %cfg.version, "plugin upgraded");
-            self.shared.outbox.send(result(&cfg, true, &msg)).await;
-            return;
+            return self.report(&cfg, true, msg).await;
         }
         let how = self
             .running()
@@ -398,7 +461,7 @@ impl Runtime {
                 Err(e) => warn!(plugin = %cfg.name, error = %e, "cannot restore the previous version"),
             }
         }
-        self.shared.outbox.send(result(&cfg, false, &msg)).await;
+        self.report(&cfg, false, msg).await
     }
 
     fn start(&self, cfg: &PluginConfig) {
@@ -460,6 +523,11 @@ impl Runtime {
             }
             mpsc::error::TrySendError::Closed(t) => format!("plugin {} is not running", t.object_name),
         })
+    }
+
+    /// The installer, for the agent's own packages too.
+    pub fn installer(&self) -> &Installer {
+        &self.shared.installer
     }
 
     /// Resolves when a plugin started, stopped, crashed or was removed.

@@ -19,7 +19,7 @@ use crate::renew::Renewer;
 use crate::spool::{Spool, SpoolOptions};
 use crate::tasks::{self, Action, MetadataStore, PRODUCT};
 use crate::transport::{Header, Inbound, TransferStats, Transport};
-use crate::{host, id};
+use crate::{host, id, upgrade};
 
 /// Record chunks the producers may queue before they wait.
 const OUTBOX_CHUNKS: usize = 256;
@@ -58,25 +58,101 @@ async fn wait_for_enrollment(
     }
 }
 
-/// Applies the newest desired plugin set, one at a time; a set that arrives while
-/// one is being applied replaces any set still waiting.
-async fn reconciler(
+/// A desired configuration and the task token to answer.
+type Desired = Option<(Vec<PluginConfig>, Option<String>)>;
+
+/// What the reconciler needs.
+struct Reconciler {
     runtime: Runtime,
-    mut desired: watch::Receiver<Option<Vec<PluginConfig>>>,
-    stop: CancellationToken,
-) {
+    config: AgentConfig,
+    outbox: Outbox,
+}
+
+/// Applies the newest desired configuration, one at a time; one that arrives while
+/// another is being applied replaces any still waiting. Plugins first; then, if the
+/// configuration names another `keel-agent` version, the self-upgrade. A task token
+/// gets a 5100: the plugins' outcome, or (after an upgrade) the upgrade's.
+async fn reconciler(ctx: Reconciler, mut desired: watch::Receiver<Desired>, stop: CancellationToken) {
     loop {
         tokio::select! {
             _ = stop.cancelled() => return,
             changed = desired.changed() => if changed.is_err() { return },
         }
-        let set = desired.borrow_and_update().clone();
-        if let Some(set) = set {
-            tokio::select! {
-                _ = stop.cancelled() => return,
-                () = runtime.reconcile(set, true) => {}
+        let Some((set, token)) = desired.borrow_and_update().clone() else {
+            continue;
+        };
+        let (agent, plugins): (Vec<_>, Vec<_>) = set.into_iter().partition(|c| c.name == upgrade::COMPONENT);
+        let outcomes = tokio::select! {
+            _ = stop.cancelled() => return,
+            o = ctx.runtime.reconcile(plugins, true) => o,
+        };
+        let failed: Vec<&str> = outcomes.iter().filter(|o| !o.ok).map(|o| o.msg.as_str()).collect();
+        let summary = if outcomes.is_empty() {
+            "no plugins".to_owned()
+        } else if failed.is_empty() {
+            format!("{} plugins as desired", outcomes.len())
+        } else {
+            failed.join("; ")
+        };
+        let token_str = token.clone().unwrap_or_default();
+        if let Some(entry) = agent.into_iter().next().filter(|e| e.version != keel_common::VERSION) {
+            if let Err(e) = upgrade::begin(&ctx.config, ctx.runtime.installer(), &entry, &token_str, &summary).await {
+                warn!(to = %entry.version, error = %e, "upgrade refused");
+                if token.is_some() {
+                    let msg = format!("upgrade to {} refused: {e}", entry.version);
+                    ctx.outbox.send(tasks::result(&token_str, false, &msg)).await;
+                }
             }
+            // On success the watchdog installs the new version and stops this process;
+            // the version that runs next reports on the token.
+            continue;
         }
+        if token.is_some() {
+            ctx.outbox
+                .send(tasks::result(&token_str, failed.is_empty(), &summary))
+                .await;
+        }
+    }
+}
+
+/// Finishes an upgrade found at start-up: the new version reports success once its
+/// heartbeat is acknowledged (which the watchdog waits for); a rolled-back version
+/// reports the failure.
+fn finish_upgrade(
+    found: upgrade::Found,
+    state_dir: std::path::PathBuf,
+    outbox: Outbox,
+    spool: Arc<Spool>,
+    connected: Arc<AtomicBool>,
+) {
+    match found {
+        upgrade::Found::Upgraded { token, from, plugins } => {
+            tokio::spawn(async move {
+                // Connected, and everything sent so far (the first heartbeat) acknowledged.
+                loop {
+                    if connected.load(std::sync::atomic::Ordering::Relaxed)
+                        && spool.drained(Duration::from_secs(1)).await
+                    {
+                        break;
+                    }
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+                if let Err(e) = upgrade::mark_alive(&state_dir) {
+                    warn!(error = %e, "cannot tell the upgrade watchdog this version runs");
+                    return;
+                }
+                let msg = format!("upgraded from {from} to {}; {plugins}", keel_common::VERSION);
+                info!(%msg, "upgrade confirmed");
+                outbox.send(tasks::result(&token, true, &msg)).await;
+            });
+        }
+        upgrade::Found::RolledBack { token, reason } => {
+            warn!(%reason, "the last upgrade was rolled back");
+            tokio::spawn(async move {
+                outbox.send(tasks::result(&token, false, &reason)).await;
+            });
+        }
+        upgrade::Found::InProgress | upgrade::Found::Nothing => {}
     }
 }
 
@@ -189,7 +265,19 @@ pub async fn run(
         info!(plugins = stored.len(), "starting the stored plugin set");
         plugins.reconcile(stored, false).await;
     }
-    let reconciling = tokio::spawn(reconciler(plugins.clone(), desired_rx, stop.clone()));
+    finish_upgrade(
+        upgrade::on_start(&state_dir),
+        state_dir.clone(),
+        outbox.clone(),
+        Arc::clone(&spool),
+        Arc::clone(&connected),
+    );
+    let ctx = Reconciler {
+        runtime: plugins.clone(),
+        config: config.clone(),
+        outbox: outbox.clone(),
+    };
+    let reconciling = tokio::spawn(reconciler(ctx, desired_rx, stop.clone()));
 
     let heartbeat = Heartbeat {
         host_root: config.agent.host_root.clone(),
@@ -201,6 +289,7 @@ pub async fn run(
         header,
         connected: connected_signal,
         plugins: plugins.clone(),
+        package_type: upgrade::package_type(&config).unwrap_or_default(),
     };
     let heartbeat_task = tokio::spawn(heartbeat.run(stop.clone()));
     let renewer = Arc::new(Renewer::new(
@@ -237,9 +326,9 @@ pub async fn run(
                 }
             }
             Inbound::Renewal(answer) => renewer.complete(answer),
-            Inbound::Configs(configs) => {
-                info!(plugins = configs.len(), "desired plugin set received");
-                desired_tx.send_replace(Some(configs));
+            Inbound::Configs(configs, token) => {
+                info!(entries = configs.len(), "desired configuration received");
+                desired_tx.send_replace(Some((configs, token)));
             }
         }
     }

@@ -41,8 +41,9 @@ pub enum Inbound {
     Task(TaskRequest),
     /// The answer to a renewal request: a certificate PEM or an error.
     Renewal(Result<String, String>),
-    /// The desired plugin set.
-    Configs(Vec<PluginConfig>),
+    /// The desired configuration (plugins, and `keel-agent` for the agent's own
+    /// version), and the token of the task that sent it.
+    Configs(Vec<PluginConfig>, Option<String>),
 }
 
 /// The `PackagedData` header: who this agent is.
@@ -303,7 +304,8 @@ impl Transport {
                     detail: c.detail,
                 })
                 .collect();
-            forward.push(Inbound::Configs(configs));
+            let token = Some(cmd.config_token).filter(|t| !t.is_empty());
+            forward.push(Inbound::Configs(configs, token));
         }
         for msg in forward {
             if self.inbound.send(msg).await.is_err() {

@@ -115,10 +115,10 @@ impl PackageMeta {
                 kinds.join(" or ")
             ));
         }
-        if let Some(sha) = &self.sha256 {
-            if !keel_common::fingerprint::is_hex(sha, 32) {
-                return bad(format!("invalid sha256 {sha:?}: 64 hex digits"));
-            }
+        if let Some(sha) = &self.sha256
+            && !keel_common::fingerprint::is_hex(sha, 32)
+        {
+            return bad(format!("invalid sha256 {sha:?}: 64 hex digits"));
         }
         if !matches!(self.arch.as_str(), "any" | "x86_64" | "aarch64") {
             return bad(format!("invalid arch {:?}: expected any, x86_64 or aarch64", self.arch));
@@ -186,11 +186,10 @@ impl Upload {
             }
             file.sync_all()?;
             let sha256 = hex::encode(hasher.finalize());
-            if let Some(expected) = &meta.sha256 {
-                if !expected.eq_ignore_ascii_case(&sha256) {
+            if let Some(expected) = &meta.sha256
+                && !expected.eq_ignore_ascii_case(&sha256) {
                     return Err(ComponentError::Content(format!("sha256 mismatch: the upload has {sha256}, expected {expected}")));
                 }
-            }
             let in_use = state.store.policies_using(&meta.name, &meta.version).await?;
             if !in_use.is_empty() {
                 return Err(ComponentError::InUse { name: meta.name.clone(), version: meta.version.clone(), policies: in_use.join(", ") });

@@ -14,7 +14,7 @@ mod tokens;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use axum::extract::{MatchedPath, Request, State};
+use axum::extract::{MatchedPath, OriginalUri, Request, State};
 use axum::http::{Method, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
@@ -175,7 +175,11 @@ async fn audit_changes(State(state): State<Arc<ServerState>>, req: Request, next
         req.method(),
         if route.is_empty() { req.uri().path() } else { &route }
     );
-    let target = req.uri().path().to_owned();
+    // Inside the /api/v1 nest the URI has its prefix stripped; the original is whole.
+    let target = req
+        .extensions()
+        .get::<OriginalUri>()
+        .map_or_else(|| req.uri().path().to_owned(), |u| u.path().to_owned());
     let resp = next.run(req).await;
     let actor = resp
         .extensions()

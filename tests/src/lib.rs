@@ -399,6 +399,32 @@ impl Api {
         (status, serde_json::from_str(&text).unwrap_or(Value::String(text)))
     }
 
+    /// The underlying client, to build unusual requests.
+    pub fn client(&self) -> &reqwest::Client {
+        &self.client
+    }
+
+    /// Sends a request built with [`Api::client`], with the token.
+    pub async fn send_request(&self, req: reqwest::RequestBuilder) -> (u16, Value) {
+        self.send(req).await
+    }
+
+    /// PUT `path` without a body.
+    pub async fn put(&self, path: &str) -> (u16, Value) {
+        self.send(self.client.put(format!("{}{path}", self.base))).await
+    }
+
+    /// PUT JSON `body` to `path`.
+    pub async fn put_json(&self, path: &str, body: &Value) -> (u16, Value) {
+        self.send(self.client.put(format!("{}{path}", self.base)).json(body))
+            .await
+    }
+
+    /// DELETE `path`.
+    pub async fn send_delete(&self, path: &str) -> (u16, Value) {
+        self.send(self.client.delete(format!("{}{path}", self.base))).await
+    }
+
     /// GET `path`.
     pub async fn get(&self, path: &str) -> (u16, Value) {
         self.send(self.client.get(format!("{}{path}", self.base))).await
@@ -740,4 +766,292 @@ pub fn sink_records(server: &Server, data_type: i64) -> Vec<Value> {
         .into_iter()
         .filter(|l| l["data_type"].as_i64() == Some(data_type))
         .collect()
+}
+
+/// How a [`SimAgent`] answers.
+#[derive(Debug, Clone, Default)]
+pub struct SimBehavior {
+    /// Answer a configuration naming any of these plugins with a failure.
+    pub fail_plugins: Vec<String>,
+    /// Wait this long before answering a configuration or task.
+    pub answer_after: Duration,
+}
+
+/// What a [`SimAgent`] saw.
+#[derive(Debug, Default)]
+pub struct SimLog {
+    /// Each configuration received: (name, version) pairs.
+    pub configs: Vec<Vec<(String, String)>>,
+    /// Each task received: (data_type, object_name, token).
+    pub tasks: Vec<(i32, String, String)>,
+}
+
+/// Configurations being worked on by all simulated agents right now, and the most
+/// there ever were at once: how many agents a rollout had in flight.
+#[derive(Debug, Default)]
+pub struct InFlight {
+    now: std::sync::atomic::AtomicUsize,
+    /// The highest `now` seen.
+    pub max: std::sync::atomic::AtomicUsize,
+}
+
+/// An agent simulated in-process over a real mTLS stream, with a certificate from
+/// the server's CA: it registers with a heartbeat, and answers configurations and
+/// tasks with 5100 results. For tests and benchmarks that need many agents.
+#[derive(Debug)]
+pub struct SimAgent {
+    /// Agent ID.
+    pub id: String,
+    /// What it received.
+    pub log: std::sync::Arc<std::sync::Mutex<SimLog>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for SimAgent {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+fn payload(fields: &[(&str, &str)]) -> bytes::Bytes {
+    keel_proto::payload::encode(fields.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())))
+}
+
+fn record(data_type: i32, fields: &[(&str, &str)]) -> keel_proto::grpc::EncodedRecord {
+    keel_proto::grpc::EncodedRecord {
+        data_type,
+        timestamp: 1_700_000_000,
+        data: payload(fields),
+    }
+}
+
+impl SimAgent {
+    /// Connects, registers with a heartbeat and starts answering.
+    pub async fn start(
+        server: &Server,
+        id: &str,
+        behavior: SimBehavior,
+        inflight: std::sync::Arc<InFlight>,
+    ) -> SimAgent {
+        let now = time::OffsetDateTime::now_utc();
+        let pair = ca_signed(
+            server,
+            id,
+            now - time::Duration::hours(1),
+            now + time::Duration::days(1),
+        );
+        let mut stream = raw_stream(server, Some(&pair)).await.expect("sim agent stream");
+        let heartbeat = record(
+            keel_proto::data_type::AGENT_HEARTBEAT,
+            &[
+                ("arch", "x86_64"),
+                ("platform", "debian"),
+                ("platform_family", "debian"),
+                ("package_type", "deb"),
+            ],
+        );
+        let epoch = 7;
+        stream
+            .tx
+            .send(batch(id, 1, epoch, vec![heartbeat]))
+            .await
+            .expect("sim heartbeat");
+        let log = std::sync::Arc::new(std::sync::Mutex::new(SimLog::default()));
+        let agent_id = id.to_owned();
+        let shared = std::sync::Arc::clone(&log);
+        let task = tokio::spawn(async move {
+            let mut seq = 1;
+            while let Ok(Some(cmd)) = stream.rx.message().await {
+                let answer = if let Some(t) = cmd.task {
+                    shared
+                        .lock()
+                        .unwrap()
+                        .tasks
+                        .push((t.data_type, t.object_name.clone(), t.token.clone()));
+                    Some((t.token, true, "done by a simulated agent".to_owned()))
+                } else if cmd.ack.is_none() && cmd.renewal.is_none() {
+                    let entries: Vec<(String, String)> = cmd
+                        .configs
+                        .iter()
+                        .map(|c| (c.name.clone(), c.version.clone()))
+                        .collect();
+                    let failing = entries
+                        .iter()
+                        .find(|(n, _)| behavior.fail_plugins.contains(n))
+                        .map(|(n, _)| n.clone());
+                    shared.lock().unwrap().configs.push(entries);
+                    let msg = match &failing {
+                        Some(n) => format!("plugin {n} does not keep running (simulated)"),
+                        None => "configuration applied (simulated)".to_owned(),
+                    };
+                    Some((cmd.config_token, failing.is_none(), msg)).filter(|(t, _, _)| !t.is_empty())
+                } else {
+                    None
+                };
+                let Some((token, ok, msg)) = answer else { continue };
+                let n = inflight.now.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1;
+                inflight.max.fetch_max(n, std::sync::atomic::Ordering::SeqCst);
+                tokio::time::sleep(behavior.answer_after).await;
+                inflight.now.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+                seq += 1;
+                let status = if ok { "succeeded" } else { "failed" };
+                let result = record(
+                    keel_proto::data_type::TASK_RESULT,
+                    &[("token", &token), ("status", status), ("msg", &msg)],
+                );
+                if stream
+                    .tx
+                    .send(batch(&agent_id, seq, epoch, vec![result]))
+                    .await
+                    .is_err()
+                {
+                    return;
+                }
+            }
+        });
+        SimAgent {
+            id: id.to_owned(),
+            log,
+            task,
+        }
+    }
+}
+
+/// The directory of the deb and rpm packages `./build.sh test` builds (versions
+/// 1.0.0 and 1.0.1), or `None` (with a note on stderr) when it is not set.
+pub fn packages() -> Option<PathBuf> {
+    match std::env::var_os("KEEL_TEST_PACKAGES") {
+        Some(dir) => Some(PathBuf::from(dir)),
+        None => {
+            eprintln!("SKIPPED: KEEL_TEST_PACKAGES is not set (./build.sh test builds the packages and sets it)");
+            None
+        }
+    }
+}
+
+/// The path of a deb in `dir`.
+pub fn deb(dir: &Path, name: &str, version: &str) -> PathBuf {
+    dir.join(format!("{name}_{version}_amd64.deb"))
+}
+
+/// Runs a command that must succeed; returns its stdout.
+pub fn run(cmd: &mut Command) -> String {
+    let out = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// An empty root for dpkg: its database and the account files useradd edits.
+pub fn throwaway_root() -> TempDir {
+    let root = tempfile::tempdir().expect("tempdir");
+    let r = root.path();
+    std::fs::create_dir_all(r.join("var/lib/dpkg/info")).expect("dpkg dir");
+    std::fs::create_dir_all(r.join("var/lib/dpkg/updates")).expect("dpkg dir");
+    std::fs::create_dir_all(r.join("etc")).expect("etc");
+    for (f, text) in [
+        ("var/lib/dpkg/status", ""),
+        ("var/lib/dpkg/available", ""),
+        ("etc/passwd", "root:x:0:0:root:/root:/bin/sh\n"),
+        ("etc/group", "root:x:0:\n"),
+        ("etc/shadow", "root:*:19000:0:99999:7:::\n"),
+        ("etc/gshadow", "root:*::\n"),
+    ] {
+        std::fs::write(r.join(f), text).expect("root file");
+    }
+    root
+}
+
+/// The dpkg command line for `root`: maintainer scripts run outside it with
+/// `DPKG_ROOT` set, as on a machine without systemd; its dependencies (libc6,
+/// passwd) are not in the empty root.
+pub fn dpkg_command(root: &Path) -> Vec<String> {
+    vec![
+        "dpkg".into(),
+        format!("--root={}", root.display()),
+        format!("--admindir={}", root.join("var/lib/dpkg").display()),
+        "--force-script-chrootless".into(),
+        "--force-depends".into(),
+    ]
+}
+
+/// Runs dpkg on `root` with `args` and `pkgs`.
+pub fn dpkg(root: &Path, args: &[&str], pkgs: &[PathBuf]) -> String {
+    let base = dpkg_command(root);
+    let mut cmd = Command::new(&base[0]);
+    cmd.args(&base[1..]).args(args).args(pkgs);
+    run(&mut cmd)
+}
+
+/// An agent process restarted whenever it exits, as systemd's `Restart=always`
+/// would (for tests without systemd).
+#[derive(Debug)]
+pub struct Supervisor {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+    /// How many times it (re)started the agent.
+    pub starts: std::sync::Arc<std::sync::atomic::AtomicU32>,
+}
+
+impl Agent {
+    /// Runs `keel-agent run` under a [`Supervisor`]. The executable is looked up
+    /// afresh at every start, so an upgrade that replaces it takes effect.
+    pub fn supervise(&self) -> Supervisor {
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let starts = std::sync::Arc::new(std::sync::atomic::AtomicU32::new(0));
+        let (exe, config, log) = (self.exe.clone(), self.config.clone(), self.log_path());
+        let (flag, count) = (std::sync::Arc::clone(&stop), std::sync::Arc::clone(&starts));
+        let thread = std::thread::spawn(move || {
+            while !flag.load(std::sync::atomic::Ordering::SeqCst) {
+                let out = std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(&log)
+                    .expect("log file");
+                let child = Command::new(&exe)
+                    .arg("--config")
+                    .arg(&config)
+                    .arg("run")
+                    .env("KEEL_LOG", "info,keel_agent=debug")
+                    .stdout(Stdio::null())
+                    .stderr(out)
+                    .spawn();
+                count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                let Ok(mut child) = child else {
+                    std::thread::sleep(Duration::from_millis(200));
+                    continue;
+                };
+                loop {
+                    if flag.load(std::sync::atomic::Ordering::SeqCst) {
+                        let _ = child.kill();
+                        let _ = child.wait();
+                        return;
+                    }
+                    if let Ok(Some(_)) = child.try_wait() {
+                        break;
+                    }
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+                std::thread::sleep(Duration::from_millis(200));
+            }
+        });
+        Supervisor {
+            stop,
+            thread: Some(thread),
+            starts,
+        }
+    }
+}
+
+impl Drop for Supervisor {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
 }

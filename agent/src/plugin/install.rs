@@ -166,65 +166,81 @@ impl Installer {
         }
     }
 
+    /// Downloads a package to `to` (trying each URL), and checks its SHA-256 and its
+    /// signature against the pinned release key. Returns its bytes. On failure `to`
+    /// is removed.
+    pub async fn fetch_verified(
+        &self,
+        what: &str,
+        urls: &[String],
+        sha256: &str,
+        signature: &str,
+        to: &Path,
+    ) -> Result<Vec<u8>, InstallError> {
+        let key = self.key.ok_or(InstallError::NoKey)?;
+        if urls.is_empty() {
+            return Err(InstallError::NoUrl);
+        }
+        let mut failures = Vec::new();
+        let mut digest = None;
+        for url in urls {
+            match self.download_one(url, to).await {
+                Ok(d) => {
+                    digest = Some(d);
+                    break;
+                }
+                Err(e) => {
+                    tracing::warn!(package = what, %url, error = %e, "download failed; trying the next URL");
+                    failures.push(format!("{url}: {e}"));
+                }
+            }
+        }
+        let checked = (|| {
+            let digest = digest.ok_or_else(|| InstallError::Download(failures.join("; ")))?;
+            if !digest.eq_ignore_ascii_case(sha256.trim()) {
+                return Err(InstallError::Sha256 {
+                    expected: sha256.to_owned(),
+                    actual: digest,
+                });
+            }
+            let bytes = std::fs::read(to).map_err(io("reading the package"))?;
+            verify(&key, &bytes, signature)?;
+            Ok(bytes)
+        })();
+        if checked.is_err() {
+            let _ = std::fs::remove_file(to);
+        }
+        checked
+    }
+
     /// Downloads and verifies a package, and unpacks it into a staging directory.
     pub async fn stage(&self, cfg: &PluginConfig) -> Result<PathBuf, InstallError> {
         if !valid_name(&cfg.name) {
             return Err(InstallError::Name(cfg.name.clone()));
         }
         let kind = cfg.kind.clone().map_err(InstallError::Kind)?;
-        let key = self.key.ok_or(InstallError::NoKey)?;
-        if cfg.download_urls.is_empty() {
-            return Err(InstallError::NoUrl);
-        }
         std::fs::create_dir_all(self.staging()).map_err(io("staging directory"))?;
         let suffix = random_suffix();
         let package = self.staging().join(format!("{}.{suffix}.pkg", cfg.name));
-        let mut failures = Vec::new();
-        let mut digest = None;
-        for url in &cfg.download_urls {
-            match self.download_one(url, &package).await {
-                Ok(d) => {
-                    digest = Some(d);
-                    break;
-                }
-                Err(e) => {
-                    tracing::warn!(plugin = %cfg.name, %url, error = %e, "download failed; trying the next URL");
-                    failures.push(format!("{url}: {e}"));
-                }
-            }
-        }
-        let result = async {
-            let digest = digest.ok_or_else(|| InstallError::Download(failures.join("; ")))?;
-            if !digest.eq_ignore_ascii_case(cfg.sha256.trim()) {
-                return Err(InstallError::Sha256 {
-                    expected: cfg.sha256.clone(),
-                    actual: digest,
-                });
-            }
-            let bytes = std::fs::read(&package).map_err(io("reading the package"))?;
-            verify(&key, &bytes, &cfg.signature)?;
-            let staged = self.staging().join(format!("{}.{suffix}", cfg.name));
-            std::fs::create_dir_all(&staged).map_err(io("staging directory"))?;
-            let unpacked = match kind {
-                PackageKind::Exec => write_exec(&staged.join(&cfg.name), &bytes),
-                PackageKind::TarGz => unpack(&bytes, &staged, self.max_bytes),
-            }
-            .and_then(|()| {
-                let exe = staged.join(&cfg.name);
-                match std::fs::symlink_metadata(&exe) {
-                    Ok(m) if m.is_file() => Ok(()),
-                    _ => Err(InstallError::NoExecutable(cfg.name.clone())),
-                }
-            });
-            if let Err(e) = unpacked {
-                let _ = std::fs::remove_dir_all(&staged);
-                return Err(e);
-            }
-            Ok(staged)
-        }
-        .await;
+        let bytes = self
+            .fetch_verified(&cfg.name, &cfg.download_urls, &cfg.sha256, &cfg.signature, &package)
+            .await?;
         let _ = std::fs::remove_file(&package);
-        result
+        let staged = self.staging().join(format!("{}.{suffix}", cfg.name));
+        std::fs::create_dir_all(&staged).map_err(io("staging directory"))?;
+        let unpacked = match kind {
+            PackageKind::Exec => write_exec(&staged.join(&cfg.name), &bytes),
+            PackageKind::TarGz => unpack(&bytes, &staged, self.max_bytes),
+        }
+        .and_then(|()| match std::fs::symlink_metadata(staged.join(&cfg.name)) {
+            Ok(m) if m.is_file() => Ok(()),
+            _ => Err(InstallError::NoExecutable(cfg.name.clone())),
+        });
+        if let Err(e) = unpacked {
+            let _ = std::fs::remove_dir_all(&staged);
+            return Err(e);
+        }
+        Ok(staged)
     }
 
     /// Puts a staged package in place. Returns where the previous version went.

@@ -68,9 +68,9 @@ pub struct NewPolicy {
 pub struct PolicyChange {
     /// The new version.
     version: String,
-    /// The new detail.
+    /// The new detail; the current one stays when this is left out.
     #[serde(default)]
-    detail: String,
+    detail: Option<String>,
 }
 
 fn valid_name(s: &str) -> bool {
@@ -194,7 +194,9 @@ pub async fn update(
     let change = json_body(body)?;
     let (mut p, all) = find(&state, &id).await?;
     p.version = change.version;
-    p.detail = change.detail;
+    if let Some(detail) = change.detail {
+        p.detail = detail;
+    }
     check(&state, &p, &all).await?;
     state.store.policy_update(&p.id, &p.version, &p.detail).await?;
     state.reload_policies().await?;

@@ -167,10 +167,10 @@ pub async fn create(
         return Err(ApiError::bad_request("timeout_secs must be between 1 and 604800"));
     }
     let agents = state.store.list_agents().await?;
-    if let Target::Agents(ids) = &n.target {
-        if let Some(missing) = ids.iter().find(|id| !agents.iter().any(|a| a.id == **id)) {
-            return Err(ApiError::not_found(format!("no agent {missing}")));
-        }
+    if let Target::Agents(ids) = &n.target
+        && let Some(missing) = ids.iter().find(|id| !agents.iter().any(|a| a.id == **id))
+    {
+        return Err(ApiError::not_found(format!("no agent {missing}")));
     }
     let targets: Vec<String> = agents
         .iter()

@@ -344,10 +344,7 @@ mod tests {
             })
             .collect();
         store.job_create(&j, &subs).await.unwrap();
-        assert_eq!(
-            store.job(&"j1".to_owned()).await.unwrap().unwrap().failure_threshold,
-            0.5
-        );
+        assert_eq!(store.job("j1").await.unwrap().unwrap().failure_threshold, 0.5);
         let next = store.job_pending("j1", 2).await.unwrap();
         assert_eq!(next.iter().map(|s| s.token.as_str()).collect::<Vec<_>>(), ["s0", "s1"]);
         store.subtask_sent("s0", 10).await.unwrap();

@@ -3,7 +3,10 @@
 
 mod agent;
 mod api;
+mod control;
 mod enrollment;
+mod keelctl;
 mod packaging;
 mod plugins;
 mod stream;
+mod upgrade;

@@ -7,7 +7,7 @@ use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use keel_tests::{Agent, Server, ServerOptions};
+use keel_tests::{Agent, Server, ServerOptions, dpkg, throwaway_root};
 
 fn packages() -> Option<PathBuf> {
     match std::env::var_os("KEEL_TEST_PACKAGES") {
@@ -103,38 +103,6 @@ fn packages_carry_the_right_metadata_and_files() {
     }
 }
 
-/// An empty root for dpkg: its database and the account files useradd edits.
-fn throwaway_root() -> tempfile::TempDir {
-    let root = tempfile::tempdir().unwrap();
-    let r = root.path();
-    std::fs::create_dir_all(r.join("var/lib/dpkg/info")).unwrap();
-    std::fs::create_dir_all(r.join("var/lib/dpkg/updates")).unwrap();
-    std::fs::create_dir_all(r.join("etc")).unwrap();
-    for (f, text) in [
-        ("var/lib/dpkg/status", ""),
-        ("var/lib/dpkg/available", ""),
-        ("etc/passwd", "root:x:0:0:root:/root:/bin/sh\n"),
-        ("etc/group", "root:x:0:\n"),
-        ("etc/shadow", "root:*:19000:0:99999:7:::\n"),
-        ("etc/gshadow", "root:*::\n"),
-    ] {
-        std::fs::write(r.join(f), text).unwrap();
-    }
-    root
-}
-
-fn dpkg(root: &Path, args: &[&str], pkgs: &[PathBuf]) -> String {
-    let mut cmd = Command::new("dpkg");
-    cmd.arg(format!("--root={}", root.display()))
-        .arg(format!("--admindir={}", root.join("var/lib/dpkg").display()))
-        // Maintainer scripts run outside the root with DPKG_ROOT set, as on a
-        // machine without systemd; libc6 and passwd are not in this empty root.
-        .args(["--force-script-chrootless", "--force-depends"])
-        .args(args)
-        .args(pkgs);
-    run(&mut cmd)
-}
-
 fn version_of(binary: &Path) -> String {
     run(Command::new(binary).arg("--version")).trim().to_owned()
 }
@@ -152,6 +120,14 @@ fn deb_install_upgrade_remove_and_purge_in_a_throwaway_root() {
     assert_eq!(version_of(&r.join("usr/bin/keel-agent")), "keel-agent 1.0.0");
     assert_eq!(version_of(&r.join("usr/bin/keel-server")), "keel-server 1.0.0");
     assert_eq!(mode(&r.join("usr/bin/keel-agent")), 0o755);
+    // The console CLI ships with the server, where operators work.
+    assert_eq!(mode(&r.join("usr/bin/keelctl")), 0o755);
+    assert!(
+        run(Command::new("dpkg")
+            .arg(format!("--admindir={}", r.join("var/lib/dpkg").display()))
+            .args(["-S", "/usr/bin/keelctl"]))
+        .starts_with("keel-server:")
+    );
     assert_eq!(mode(&r.join("etc/keel/agent.toml")), 0o640);
     assert_eq!(mode(&r.join("etc/keel/server.toml")), 0o640);
     assert_eq!(mode(&r.join("var/lib/keel-agent")), 0o700);

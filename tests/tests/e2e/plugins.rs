@@ -219,12 +219,12 @@ async fn install_upgrade_noop_and_remove_through_the_server() {
     assert_eq!(t["result"]["msg"], "echo hello");
 
     // The same set again changes nothing: same process.
-    let received = agent.log().matches("desired plugin set received").count();
+    let received = agent.log().matches("desired configuration received").count();
     server
         .put_plugins("life-1", &json!([{"name": "p1", "version": "1"}]))
         .await;
     eventually("the agent to receive the set again", || async {
-        (agent.log().matches("desired plugin set received").count() > received).then_some(())
+        (agent.log().matches("desired configuration received").count() > received).then_some(())
     })
     .await;
     let again = plugin_where(&api, "life-1", "p1", "a fresh heartbeat", |p| {

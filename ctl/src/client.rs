@@ -1,0 +1,253 @@
+//! A small client of the server's `/api/v1`: bearer token on every call, HTTPS
+//! trusting only the configured Keel CA, answers as [`serde_json::Value`], and
+//! refusals as [`ApiError`] carrying the server's own message.
+
+use std::fmt;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use keel_common::secret::Secret;
+use reqwest::{Method, RequestBuilder, StatusCode, Url};
+use rustls::pki_types::CertificateDer;
+use rustls::pki_types::pem::PemObject;
+use serde_json::Value;
+
+use crate::config::{Settings, UsageError};
+
+/// How long an ordinary call may take.
+const CALL_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// A refusal or failure the server answered, with its message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ApiError {
+    /// The HTTP status.
+    pub status: StatusCode,
+    /// The server's `error`, or what it sent instead.
+    pub message: String,
+}
+
+impl fmt::Display for ApiError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.status, self.message)
+    }
+}
+
+impl std::error::Error for ApiError {}
+
+/// The server did not answer: it could not be reached, TLS failed, or it timed out.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Unreachable(pub String);
+
+impl fmt::Display for Unreachable {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for Unreachable {}
+
+/// A client of one server with one token.
+#[derive(Debug, Clone)]
+pub struct Client {
+    http: reqwest::Client,
+    base: Url,
+    token: Secret,
+    pinned: bool,
+}
+
+/// A rustls configuration trusting only the CA certificates in `pem`.
+pub fn pinned_tls(pem: &str) -> anyhow::Result<rustls::ClientConfig> {
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in CertificateDer::pem_slice_iter(pem.as_bytes()) {
+        roots
+            .add(cert.context("not PEM")?)
+            .context("not a usable CA certificate")?;
+    }
+    if roots.is_empty() {
+        anyhow::bail!("no certificate in it");
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    Ok(rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()?
+        .with_root_certificates(roots)
+        .with_no_client_auth())
+}
+
+impl Client {
+    /// A client for `settings`. A CA file that holds no usable certificate is a
+    /// [`UsageError`].
+    pub fn new(settings: &Settings) -> anyhow::Result<Self> {
+        keel_common::tls::install_crypto_provider();
+        let mut builder = reqwest::Client::builder()
+            .user_agent(format!("keelctl/{}", keel_common::VERSION))
+            .connect_timeout(Duration::from_secs(10));
+        let mut pinned = false;
+        if let Some((path, pem)) = settings.ca.as_ref().filter(|_| settings.server.scheme() == "https") {
+            let tls = pinned_tls(pem)
+                .map_err(|e| UsageError(format!("the CA file {} is unusable: {e:#}", path.display())))?;
+            builder = builder.tls_backend_preconfigured(tls);
+            pinned = true;
+        }
+        Ok(Self {
+            http: builder.build().context("cannot set up the HTTP client")?,
+            base: settings.server.clone(),
+            token: settings.token.clone(),
+            pinned,
+        })
+    }
+
+    /// The URL of `/api/v1/<segments…>`, each segment percent-encoded.
+    pub fn url(&self, segments: &[&str]) -> Url {
+        let mut url = self.base.clone();
+        url.set_query(None);
+        url.set_fragment(None);
+        if let Ok(mut path) = url.path_segments_mut() {
+            path.pop_if_empty().extend(["api", "v1"]).extend(segments);
+        }
+        url
+    }
+
+    fn request(&self, method: Method, segments: &[&str], query: &[(&str, String)]) -> RequestBuilder {
+        let req = self
+            .http
+            .request(method, self.url(segments))
+            .bearer_auth(self.token.expose())
+            .header(reqwest::header::ACCEPT, "application/json");
+        if query.is_empty() { req } else { req.query(query) }
+    }
+
+    /// Sends a call and reads its JSON answer (`null` for none).
+    async fn send(&self, req: RequestBuilder) -> anyhow::Result<Value> {
+        let resp = req.send().await.map_err(|e| self.unreachable(&e))?;
+        let status = resp.status();
+        let text = resp.text().await.map_err(|e| self.unreachable(&e))?;
+        if !status.is_success() {
+            return Err(api_error(status, &text).into());
+        }
+        if text.trim().is_empty() {
+            return Ok(Value::Null);
+        }
+        serde_json::from_str(&text).map_err(|e| {
+            anyhow::anyhow!(
+                "the server answered {status} with something other than JSON ({e}): {}",
+                crate::output::clip(text.trim(), 200)
+            )
+        })
+    }
+
+    fn unreachable(&self, e: &reqwest::Error) -> anyhow::Error {
+        let chain = keel_common::error_chain(e);
+        let mut message = if e.is_timeout() {
+            format!("no answer from {} in time: {chain}", self.base)
+        } else {
+            format!("cannot reach {}: {chain}", self.base)
+        };
+        let tls_trouble = ["certificate", "UnknownIssuer", "handshake"]
+            .iter()
+            .any(|w| chain.contains(w));
+        if tls_trouble && self.base.scheme() == "https" {
+            message.push_str(if self.pinned {
+                " (is the CA file the Keel CA of this server? It is <data_dir>/pki/ca.pem on the server)"
+            } else {
+                " (a Keel server's certificate comes from its own CA: give it with --ca-file, KEEL_CA_FILE \
+                 or ca_file; it is <data_dir>/pki/ca.pem on the server)"
+            });
+        }
+        Unreachable(message).into()
+    }
+
+    /// `GET /api/v1/<segments…>?<query>`.
+    pub async fn get(&self, segments: &[&str], query: &[(&str, String)]) -> anyhow::Result<Value> {
+        self.send(self.request(Method::GET, segments, query).timeout(CALL_TIMEOUT))
+            .await
+    }
+
+    /// A call with an optional JSON body; the answer, `null` when there is none.
+    pub async fn call(&self, method: Method, segments: &[&str], body: Option<&Value>) -> anyhow::Result<Value> {
+        let mut req = self.request(method, segments, &[]).timeout(CALL_TIMEOUT);
+        if let Some(b) = body {
+            req = req.json(b);
+        }
+        self.send(req).await
+    }
+
+    /// `POST /api/v1/<segments…>?<query>` with a streamed raw body and no overall
+    /// time limit.
+    pub async fn upload(
+        &self,
+        segments: &[&str],
+        query: &[(&str, String)],
+        body: reqwest::Body,
+    ) -> anyhow::Result<Value> {
+        let req = self
+            .request(Method::POST, segments, query)
+            .header(reqwest::header::CONTENT_TYPE, "application/octet-stream")
+            .body(body);
+        self.send(req).await
+    }
+}
+
+/// The error of a refused call, from the server's `{"error": "…"}` or, failing
+/// that, whatever text it sent.
+pub fn api_error(status: StatusCode, body: &str) -> ApiError {
+    let message = serde_json::from_str::<Value>(body)
+        .ok()
+        .and_then(|v| v.get("error").and_then(Value::as_str).map(str::to_owned))
+        .unwrap_or_else(|| {
+            let text = body.trim();
+            if text.is_empty() {
+                "the server gave no reason".to_owned()
+            } else {
+                crate::output::clip(text, 300)
+            }
+        });
+    ApiError { status, message }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn client(server: &str) -> Client {
+        let settings = Settings {
+            server: Url::parse(server).unwrap(),
+            token: Secret::new("t"),
+            ca: None,
+        };
+        Client::new(&settings).unwrap()
+    }
+
+    #[test]
+    fn urls_encode_segments_and_keep_a_base_path() {
+        let c = client("https://keel.example:6752");
+        assert_eq!(
+            c.url(&["agents", "a/b", "tags", "x y"]).as_str(),
+            "https://keel.example:6752/api/v1/agents/a%2Fb/tags/x%20y"
+        );
+        let c = client("https://proxy.example/keel/");
+        assert_eq!(c.url(&["tasks"]).as_str(), "https://proxy.example/keel/api/v1/tasks");
+    }
+
+    #[test]
+    fn errors_carry_the_server_message() {
+        let e = api_error(
+            StatusCode::FORBIDDEN,
+            r#"{"error":"this needs the operator role; token abc has viewer"}"#,
+        );
+        assert_eq!(
+            e.to_string(),
+            "403 Forbidden: this needs the operator role; token abc has viewer"
+        );
+        assert_eq!(
+            api_error(StatusCode::BAD_GATEWAY, "").to_string(),
+            "502 Bad Gateway: the server gave no reason"
+        );
+        assert_eq!(api_error(StatusCode::NOT_FOUND, "nope\n").message, "nope");
+    }
+
+    #[test]
+    fn a_ca_file_without_certificates_is_refused() {
+        assert!(pinned_tls("not a pem").is_err());
+    }
+}
