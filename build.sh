@@ -15,6 +15,8 @@ usage: ./build.sh <command>
   bench NAME   build in release mode and run a benchmark; NAME is one of:
                  dataflow   plugin -> agent -> mTLS -> server -> sink throughput,
                             against raw tonic streaming (optional: record count)
+                 rollout    a plugin version to simulated agents over mTLS, with
+                            and without batching (optional: agents, batch size)
   help         this text
 USAGE
 }
@@ -44,9 +46,9 @@ case "$cmd" in
     bench)
         name="${2:-}"
         case "$name" in
-            dataflow) ;;
+            dataflow | rollout) ;;
             *)
-                echo "build.sh: bench needs a benchmark name: dataflow" >&2
+                echo "build.sh: bench needs a benchmark name: dataflow or rollout" >&2
                 exit 64
                 ;;
         esac

@@ -96,6 +96,12 @@ async fn reconciler(ctx: Reconciler, mut desired: watch::Receiver<Desired>, stop
         };
         let token_str = token.clone().unwrap_or_default();
         if let Some(entry) = agent.into_iter().next().filter(|e| e.version != keel_common::VERSION) {
+            if token.is_none()
+                && let Some(reason) = upgrade::held_back(&ctx.config.agent.state_dir, &entry)
+            {
+                info!(to = %entry.version, %reason, "not retrying an upgrade that was rolled back; a sync-config task retries it");
+                continue;
+            }
             if let Err(e) = upgrade::begin(&ctx.config, ctx.runtime.installer(), &entry, &token_str, &summary).await {
                 warn!(to = %entry.version, error = %e, "upgrade refused");
                 if token.is_some() {

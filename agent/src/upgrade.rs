@@ -20,6 +20,10 @@
 //!
 //! A new version that crashes at start-up is rolled back all the same: the decision
 //! is the watchdog's, which is the old code.
+//!
+//! A rolled-back package is remembered in `rolled-back.json` and not tried again
+//! when the server merely repeats the configuration (as it does on every connect);
+//! a `sync-config` task, an operator's explicit request, tries it again.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -55,11 +59,29 @@ struct Pending {
     previous_package: PathBuf,
     agent_pid: u32,
     plugins: String,
+    #[serde(default)]
+    sha256: String,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
 struct Failed {
     reason: String,
+}
+
+/// The package the last rollback came from.
+#[derive(Debug, Serialize, Deserialize)]
+struct RolledBack {
+    version: String,
+    sha256: String,
+    reason: String,
+}
+
+/// Why an upgrade to `entry` that nobody explicitly asked for (no task token) is
+/// not attempted: its very package was rolled back before.
+pub fn held_back(state_dir: &Path, entry: &PluginConfig) -> Option<String> {
+    read::<RolledBack>(&dir(state_dir).join("rolled-back.json"))
+        .filter(|r| r.version == entry.version && r.sha256.eq_ignore_ascii_case(&entry.sha256))
+        .map(|r| r.reason)
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -192,8 +214,10 @@ pub async fn begin(
         previous_package,
         agent_pid: std::process::id(),
         plugins: plugins.to_owned(),
+        sha256: entry.sha256.clone(),
     };
     write(&up.join("pending.json"), &pending).map_err(|e| e.to_string())?;
+    let _ = std::fs::remove_file(up.join("rolled-back.json"));
     let _ = std::fs::remove_file(up.join("alive"));
     let _ = std::fs::remove_file(up.join("failed.json"));
 
@@ -279,9 +303,30 @@ pub fn on_start(state_dir: &Path) -> Found {
     let Some(p) = read::<Pending>(&up.join("pending.json")) else {
         return Found::Nothing;
     };
-    let version = keel_common::VERSION;
-    if version == p.to {
-        let _ = std::fs::write(up.join("new.pid"), std::process::id().to_string());
+    let remember = |reason: &str| {
+        let r = RolledBack {
+            version: p.to.clone(),
+            sha256: p.sha256.clone(),
+            reason: reason.to_owned(),
+        };
+        if let Err(e) = write(&up.join("rolled-back.json"), &r) {
+            warn!(error = %e, "cannot record the rolled-back version");
+        }
+    };
+    if let Some(f) = read::<Failed>(&up.join("failed.json")) {
+        for done in ["pending.json", "failed.json", "alive", "new.pid"] {
+            let _ = std::fs::remove_file(up.join(done));
+        }
+        remember(&f.reason);
+        return Found::RolledBack {
+            token: p.token,
+            reason: f.reason,
+        };
+    }
+    // Whatever runs now, the watchdog stops it if it has to roll back: this may be
+    // the new version, or a package that holds another version than it claimed.
+    let _ = std::fs::write(up.join("new.pid"), std::process::id().to_string());
+    if keel_common::VERSION == p.to {
         if std::fs::read_to_string(up.join("alive")).is_ok_and(|v| v.trim() == p.to) {
             return Found::InProgress;
         }
@@ -291,23 +336,14 @@ pub fn on_start(state_dir: &Path) -> Found {
             plugins: p.plugins,
         };
     }
-    if let Some(f) = read::<Failed>(&up.join("failed.json")) {
-        for done in ["pending.json", "failed.json", "alive", "new.pid"] {
-            let _ = std::fs::remove_file(up.join(done));
-        }
-        return Found::RolledBack {
-            token: p.token,
-            reason: f.reason,
-        };
-    }
     let stale = now_ms() - p.started_at
         > i64::try_from((Duration::from_secs(p.window_secs) + STALE_AFTER).as_millis()).unwrap_or(i64::MAX);
     if stale {
         let _ = std::fs::remove_file(up.join("pending.json"));
-        return Found::RolledBack {
-            token: p.token,
-            reason: format!("the upgrade watchdog for {} never finished", p.to),
-        };
+        let _ = std::fs::remove_file(up.join("new.pid"));
+        let reason = format!("the upgrade watchdog for {} never finished", p.to);
+        remember(&reason);
+        return Found::RolledBack { token: p.token, reason };
     }
     Found::InProgress
 }
@@ -362,7 +398,10 @@ pub fn watchdog(state_dir: &Path) -> Result<(), String> {
     let up = dir(state_dir);
     let p: Pending = read(&up.join("pending.json")).ok_or("no upgrade pending")?;
     log(&format!("installing {} (from {})", p.to, p.from));
-    let fail = |reason: String| -> Result<(), String> {
+    // `old_running`: the install failed, so the old agent never was stopped; it is
+    // stopped now to start again and report. Otherwise its PID may belong to
+    // another process by now and is left alone.
+    let fail = |reason: String, old_running: bool| -> Result<(), String> {
         log(&format!("rolling back: {reason}"));
         write(&up.join("failed.json"), &Failed { reason: reason.clone() }).map_err(|e| e.to_string())?;
         if let Err(e) = run_install(&p.install, &p.previous_package) {
@@ -374,11 +413,16 @@ pub fn watchdog(state_dir: &Path) -> Result<(), String> {
         {
             stop(pid);
         }
-        stop(p.agent_pid);
+        if old_running {
+            stop(p.agent_pid);
+        }
         Err(reason)
     };
     if let Err(e) = run_install(&p.install, &p.new_package) {
-        return fail(format!("installing {} failed: {e}; rolled back to {}", p.to, p.from));
+        return fail(
+            format!("installing {} failed: {e}; rolled back to {}", p.to, p.from),
+            true,
+        );
     }
     // Stop the old agent; the service manager starts the new binary.
     stop(p.agent_pid);
@@ -400,10 +444,13 @@ pub fn watchdog(state_dir: &Path) -> Result<(), String> {
         std::thread::sleep(Duration::from_millis(250));
     }
     warn!(to = %p.to, "new version did not prove itself in time");
-    fail(format!(
-        "{} did not connect and send a heartbeat within {} s; rolled back to {}",
-        p.to, p.window_secs, p.from
-    ))
+    fail(
+        format!(
+            "{} did not connect and send a heartbeat within {} s; rolled back to {}",
+            p.to, p.window_secs, p.from
+        ),
+        false,
+    )
 }
 
 fn ext(path: &Path) -> String {
@@ -428,6 +475,7 @@ mod tests {
             previous_package: up.join("old.deb"),
             agent_pid: 0,
             plugins: String::new(),
+            sha256: "ab".into(),
         };
         write(&up.join("pending.json"), &p).unwrap();
     }
@@ -456,6 +504,22 @@ mod tests {
             }
         );
         assert_eq!(on_start(state.path()), Found::Nothing, "cleaned up");
+        let entry = |version: &str, sha256: &str| PluginConfig {
+            name: COMPONENT.into(),
+            version: version.into(),
+            kind: Err("deb".into()),
+            sha256: sha256.into(),
+            signature: String::new(),
+            download_urls: Vec::new(),
+            detail: String::new(),
+        };
+        assert_eq!(held_back(state.path(), &entry("99.0.0", "AB")).as_deref(), Some("r"));
+        assert_eq!(
+            held_back(state.path(), &entry("99.0.0", "cd")),
+            None,
+            "another package of it"
+        );
+        assert_eq!(held_back(state.path(), &entry("99.0.1", "ab")), None, "another version");
 
         pending(state.path(), "99.0.0", 0);
         assert!(

@@ -251,6 +251,11 @@ impl Server {
         self.spawn(Some((self.grpc, self.http))).await;
     }
 
+    /// The process ID while running.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
     /// Everything the server logged so far.
     pub fn log(&self) -> String {
         std::fs::read_to_string(self.log_path()).unwrap_or_default()
@@ -775,6 +780,9 @@ pub struct SimBehavior {
     pub fail_plugins: Vec<String>,
     /// Wait this long before answering a configuration or task.
     pub answer_after: Duration,
+    /// Download each configured package from its first URL and check its sha256
+    /// before answering, as a real agent does.
+    pub download: bool,
 }
 
 /// What a [`SimAgent`] saw.
@@ -862,6 +870,11 @@ impl SimAgent {
         let task = tokio::spawn(async move {
             let mut seq = 1;
             while let Ok(Some(cmd)) = stream.rx.message().await {
+                let working = cmd.task.is_some() || (cmd.ack.is_none() && cmd.renewal.is_none());
+                if working {
+                    let n = inflight.now.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1;
+                    inflight.max.fetch_max(n, std::sync::atomic::Ordering::SeqCst);
+                }
                 let answer = if let Some(t) = cmd.task {
                     shared
                         .lock()
@@ -875,24 +888,32 @@ impl SimAgent {
                         .iter()
                         .map(|c| (c.name.clone(), c.version.clone()))
                         .collect();
-                    let failing = entries
+                    let mut failure = entries
                         .iter()
                         .find(|(n, _)| behavior.fail_plugins.contains(n))
-                        .map(|(n, _)| n.clone());
+                        .map(|(n, _)| format!("plugin {n} does not keep running (simulated)"));
+                    if behavior.download && failure.is_none() {
+                        for c in &cmd.configs {
+                            if let Err(e) = sim_download(c).await {
+                                failure = Some(format!("cannot download {}: {e}", c.name));
+                                break;
+                            }
+                        }
+                    }
                     shared.lock().unwrap().configs.push(entries);
-                    let msg = match &failing {
-                        Some(n) => format!("plugin {n} does not keep running (simulated)"),
-                        None => "configuration applied (simulated)".to_owned(),
-                    };
-                    Some((cmd.config_token, failing.is_none(), msg)).filter(|(t, _, _)| !t.is_empty())
+                    let ok = failure.is_none();
+                    let msg = failure.unwrap_or_else(|| "configuration applied (simulated)".to_owned());
+                    Some((cmd.config_token, ok, msg)).filter(|(t, _, _)| !t.is_empty())
                 } else {
                     None
                 };
+                if answer.is_some() {
+                    tokio::time::sleep(behavior.answer_after).await;
+                }
+                if working {
+                    inflight.now.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+                }
                 let Some((token, ok, msg)) = answer else { continue };
-                let n = inflight.now.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1;
-                inflight.max.fetch_max(n, std::sync::atomic::Ordering::SeqCst);
-                tokio::time::sleep(behavior.answer_after).await;
-                inflight.now.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
                 seq += 1;
                 let status = if ok { "succeeded" } else { "failed" };
                 let result = record(
@@ -915,6 +936,24 @@ impl SimAgent {
             task,
         }
     }
+}
+
+/// Fetches a configured package and checks its sha256.
+async fn sim_download(c: &keel_proto::grpc::Config) -> Result<(), String> {
+    use sha2::Digest;
+    static CLIENT: std::sync::OnceLock<reqwest::Client> = std::sync::OnceLock::new();
+    let client = CLIENT.get_or_init(reqwest::Client::new);
+    let url = c.download_urls.first().ok_or("no download URL")?;
+    let response = client.get(url).send().await.map_err(|e| e.to_string())?;
+    if !response.status().is_success() {
+        return Err(format!("{url}: {}", response.status()));
+    }
+    let body = response.bytes().await.map_err(|e| e.to_string())?;
+    let digest = hex::encode(sha2::Sha256::digest(&body));
+    if digest != c.sha256 {
+        return Err(format!("{url}: sha256 {digest}, expected {}", c.sha256));
+    }
+    Ok(())
 }
 
 /// The directory of the deb and rpm packages `./build.sh test` builds (versions

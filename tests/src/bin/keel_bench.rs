@@ -5,6 +5,12 @@
 //! payload as fast as it can, through a real agent, over real mTLS, to a real
 //! server and its file sink. The baseline is raw tonic bidi streaming over mTLS on
 //! loopback, with the same batches.
+//!
+//! `keel-bench rollout [agents] [batch]`: a plugin version rolled out by a
+//! `sync-config` task to agents simulated in-process, each over its own mTLS
+//! connection, each downloading the package from the server and checking its
+//! sha256 before it answers. Timed once in one batch of every agent (the baseline:
+//! no batching) and once in batches of `batch`.
 #![forbid(unsafe_code)]
 // A benchmark reports failure by panicking, with a message saying what failed.
 #![allow(clippy::expect_used, clippy::unwrap_used)]
@@ -19,7 +25,7 @@ use bytes::Bytes;
 use keel_proto::grpc::transfer_client::TransferClient;
 use keel_proto::grpc::transfer_server::{Transfer, TransferServer};
 use keel_proto::grpc::{Command, EncodedRecord, PackagedData, Payload};
-use keel_tests::{Agent, Server, ServerOptions, eventually_within};
+use keel_tests::{Agent, Api, InFlight, Server, ServerOptions, SimAgent, SimBehavior, eventually_within};
 use prost::Message;
 use serde_json::json;
 use tokio_stream::{Stream, StreamExt};
@@ -38,8 +44,13 @@ fn main() {
             let n: u64 = args.next().and_then(|a| a.parse().ok()).unwrap_or(2_000_000);
             runtime.block_on(dataflow(n));
         }
+        "rollout" => {
+            let agents: usize = args.next().and_then(|a| a.parse().ok()).unwrap_or(1000);
+            let batch: usize = args.next().and_then(|a| a.parse().ok()).unwrap_or(100);
+            runtime.block_on(rollout(agents, batch));
+        }
         _ => {
-            eprintln!("usage: keel-bench dataflow [records]");
+            eprintln!("usage: keel-bench dataflow [records] | rollout [agents] [batch]");
             std::process::exit(64);
         }
     }
@@ -272,5 +283,143 @@ async fn dataflow(n: u64) {
     println!("  stored {stored} of {n}; lost {lost}");
     println!(
         "dataflow records_per_s={rate:.0} mb_per_s={mb:.1} ratio={ratio:.3} agent_cpu_s_per_m={cpu_per_m:.2} agent_rss_kb={rss} lost={lost}"
+    );
+}
+
+/// Raises the soft open-files limit to the hard one: each simulated agent holds a
+/// connection.
+fn raise_nofile(need: u64) {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    let (soft, hard) = getrlimit(Resource::RLIMIT_NOFILE).expect("getrlimit");
+    if soft < hard {
+        setrlimit(Resource::RLIMIT_NOFILE, hard, hard).expect("setrlimit");
+    }
+    assert!(
+        hard >= need,
+        "{need} open files are needed and the hard limit is {hard}; raise it (ulimit -Hn)"
+    );
+}
+
+/// Rolls `version` of the plugin out with a policy change and a sync-config task
+/// in batches of `batch`; returns the seconds until the task finished and the task.
+async fn timed_rollout(api: &Api, version: &str, batch: usize) -> (f64, serde_json::Value) {
+    let (status, body) = api
+        .put_json("/api/v1/policies/bench", &json!({"version": version}))
+        .await;
+    assert_eq!(status, 200, "policy update: {body}");
+    let start = Instant::now();
+    let (status, task) = api
+        .post(
+            "/api/v1/tasks",
+            &json!({"kind": "sync-config", "target": "all", "batch_size": batch, "timeout_secs": 120}),
+        )
+        .await;
+    assert_eq!(status, 201, "{task}");
+    let id = task["id"].as_str().expect("task id").to_owned();
+    let done = eventually_within(Duration::from_secs(600), "the rollout to finish", || async {
+        let (_, t) = api.get(&format!("/api/v1/tasks/{id}")).await;
+        matches!(
+            t["state"].as_str(),
+            Some("succeeded" | "failed" | "paused" | "cancelled")
+        )
+        .then_some(t)
+    })
+    .await;
+    (start.elapsed().as_secs_f64(), done)
+}
+
+async fn rollout(n: usize, batch: usize) {
+    println!("rollout: a plugin version to {n} simulated agents over mTLS, batches of {batch}");
+    raise_nofile(n as u64 + 256);
+    let server = Server::start(ServerOptions {
+        release_key: true,
+        ..Default::default()
+    })
+    .await;
+    let pid = server.pid().expect("server pid");
+    let api = server.api();
+    // A small package: what is measured is the control plane, not the copy.
+    let plugin = b"#!/bin/sh\nexec sleep 3600\n".to_vec();
+    for v in ["1", "2", "3"] {
+        let mut p = plugin.clone();
+        p.extend_from_slice(format!("# {v}\n").as_bytes());
+        assert_eq!(server.upload("bench", v, "exec", p).await.0, 201);
+    }
+    let policy = json!({"name": "bench", "component": "bench", "version": "1", "target": "all"});
+    assert_eq!(api.post("/api/v1/policies", &policy).await.0, 201);
+
+    let start = Instant::now();
+    let inflight = Arc::new(InFlight::default());
+    let behavior = SimBehavior {
+        download: true,
+        ..Default::default()
+    };
+    let server = Arc::new(server);
+    let mut agents = Vec::with_capacity(n);
+    let mut starting = tokio::task::JoinSet::new();
+    for i in 0..n {
+        let (server, behavior, inflight) = (Arc::clone(&server), behavior.clone(), Arc::clone(&inflight));
+        starting.spawn(async move { SimAgent::start(&server, &format!("sim-{i:05}"), behavior, inflight).await });
+        // A bounded number of handshakes at once, as agents coming back after an
+        // outage would be spread by their backoff.
+        if starting.len() >= 64 {
+            agents.push(
+                starting
+                    .join_next()
+                    .await
+                    .expect("a starting agent")
+                    .expect("sim agent"),
+            );
+        }
+    }
+    while let Some(a) = starting.join_next().await {
+        agents.push(a.expect("sim agent"));
+    }
+    eventually_within(Duration::from_secs(300), "every agent online", || async {
+        let (_, list) = api.get("/api/v1/agents?online=true").await;
+        (list.as_array().map_or(0, Vec::len) == n).then_some(())
+    })
+    .await;
+    let connect = start.elapsed().as_secs_f64();
+    println!("  {n} agents connected and registered in {connect:.1} s");
+
+    let cpu0 = cpu_secs(pid);
+    let (base, t) = timed_rollout(&api, "2", n).await;
+    let base_cpu = cpu_secs(pid) - cpu0;
+    let base_failed = t["counts"]["failed"].as_u64().unwrap_or(0) + t["counts"]["timed_out"].as_u64().unwrap_or(0);
+    assert_eq!(t["state"], "succeeded", "the unbatched rollout: {t}");
+    println!("  baseline, no batching ({n} at once): {base:.2} s, server CPU {base_cpu:.2} s");
+
+    inflight.max.store(0, Ordering::SeqCst);
+    let cpu1 = cpu_secs(pid);
+    let (secs, t) = timed_rollout(&api, "3", batch).await;
+    let cpu = cpu_secs(pid) - cpu1;
+    let failed = t["counts"]["failed"].as_u64().unwrap_or(0) + t["counts"]["timed_out"].as_u64().unwrap_or(0);
+    let succeeded = t["counts"]["succeeded"].as_u64().unwrap_or(0);
+    let batches = n.div_ceil(batch);
+    println!(
+        "  batched ({batches} batches of {batch}): {secs:.2} s, server CPU {cpu:.2} s; {succeeded} succeeded, {failed} failed"
+    );
+    println!("  ratio batched / no batching: {:.2}", secs / base);
+    let on_v3 = agents
+        .iter()
+        .filter(|a| {
+            a.log
+                .lock()
+                .unwrap()
+                .configs
+                .last()
+                .is_some_and(|c| c.contains(&("bench".to_owned(), "3".to_owned())))
+        })
+        .count();
+    println!("  agents whose last configuration names version 3: {on_v3} of {n}");
+    let rss = peak_rss_kb(pid);
+    println!(
+        "  server peak RSS: {rss} KiB; most agents applying at once when batched: {}",
+        inflight.max.load(Ordering::SeqCst)
+    );
+    println!(
+        "rollout agents={n} seconds={secs:.2} server_rss_kb={rss} failed={}",
+        failed + base_failed
     );
 }

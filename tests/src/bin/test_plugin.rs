@@ -1,7 +1,8 @@
 //! A plugin for the end-to-end tests and the benchmarks, built with the SDK. Its
 //! behaviour comes from `DETAIL` (JSON): `{"mode": …}`.
 //!
-//! - `echo` (default): answers each task with a 6901 record and a 5100 result.
+//! - `echo` (default): answers each task with a 6901 record and a 5100 result; a
+//!   task whose data is `sleep:<ms>` is answered after that many milliseconds.
 //! - `emit`: sends `count` records of data_type `data_type` with ~`payload_bytes`
 //!   each as fast as it can, once (a `emitted` file in its directory remembers),
 //!   then behaves like `echo`; `delay_ms` waits first.
@@ -43,6 +44,10 @@ fn echo(client: &Client) -> Result<(), Error> {
     loop {
         match client.receive_task() {
             Ok(task) => {
+                // "sleep:<ms>" answers after a while, to keep a task in flight.
+                if let Some(ms) = task.data.strip_prefix("sleep:").and_then(|ms| ms.parse().ok()) {
+                    std::thread::sleep(Duration::from_millis(ms));
+                }
                 client.send(6901, [("data", task.data.as_str())])?;
                 client.task_result(&task.token, true, &format!("echo {}", task.data))?;
             }

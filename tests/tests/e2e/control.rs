@@ -465,3 +465,58 @@ async fn agents_are_filtered_tagged_and_decommissioned() {
     })
     .await;
 }
+
+#[tokio::test]
+async fn a_task_carries_on_where_it_was_after_a_server_restart() {
+    let mut server = Server::start(opts("")).await;
+    let api = server.api();
+    let ids = ["re-1", "re-2", "re-3"];
+    let mut agents: Vec<Agent> = ids.iter().map(|id| Agent::enrolled(&server, id)).collect();
+    for a in &mut agents {
+        a.start();
+    }
+    for id in ids {
+        api.online(id).await;
+    }
+    assert_eq!(
+        server.upload("echo", "1", "exec", keel_tests::test_plugin()).await.0,
+        201
+    );
+    let policy = json!({"name": "echo", "component": "echo", "version": "1", "target": "all"});
+    assert_eq!(api.post("/api/v1/policies", &policy).await.0, 201);
+    let (_, sync) = api
+        .post("/api/v1/tasks", &json!({"kind": "sync-config", "target": "all"}))
+        .await;
+    wait_state(&api, sync["id"].as_str().unwrap(), "succeeded").await;
+
+    // One agent at a time; each takes 1.5 s to answer.
+    let (status, task) = api
+        .post(
+            "/api/v1/tasks",
+            &json!({"kind": "plugin-task", "target": "all", "batch_size": 1, "timeout_secs": 60,
+                    "data_type": 6900, "object_name": "echo", "data": "sleep:1500"}),
+        )
+        .await;
+    assert_eq!(status, 201, "{task}");
+    let id = task["id"].as_str().unwrap().to_owned();
+    eventually("the first subtask to be sent", || async {
+        let (_, t) = api.get(&format!("/api/v1/tasks/{id}")).await;
+        (t["counts"]["sent"] == 1).then_some(())
+    })
+    .await;
+
+    // SIGKILL mid-batch: the answer in flight reaches the new server from the
+    // agent's spool, and the rest of the rollout follows.
+    server.restart().await;
+    let done = wait_state(&api, &id, "succeeded").await;
+    assert_eq!(done["counts"]["succeeded"], 3, "{done}");
+    for sub in done["subtasks"].as_array().unwrap() {
+        assert_eq!(sub["result"]["msg"], "echo sleep:1500", "{sub}");
+    }
+    // Each agent ran the task once: no batch was sent twice.
+    let echoed = keel_tests::sink_records(&server, 6901);
+    for agent_id in ids {
+        let n = echoed.iter().filter(|r| r["agent_id"] == agent_id).count();
+        assert_eq!(n, 1, "{agent_id} ran the task {n} times: {echoed:?}");
+    }
+}

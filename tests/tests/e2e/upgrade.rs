@@ -142,5 +142,22 @@ async fn the_agent_upgrades_itself_and_rolls_back_a_version_that_does_not_come_u
         agent.log().contains("this build is broken"),
         "the broken version did run and exit"
     );
+    // The server repeats the configuration naming 1.0.2 on every connect; the agent
+    // does not try that package again by itself.
+    eventually_within(
+        std::time::Duration::from_secs(30),
+        "the agent to hold back the rolled-back version",
+        || async {
+            agent
+                .log()
+                .contains("not retrying an upgrade that was rolled back")
+                .then_some(())
+        },
+    )
+    .await;
+    assert!(
+        !agent.state_dir().join("upgrade/pending.json").exists(),
+        "no new attempt is under way"
+    );
     drop(supervisor);
 }
