@@ -463,6 +463,15 @@ impl Api {
         (status == 200).then_some(body)
     }
 
+    /// Waits up to `deadline` for task `id` to reach state `want`, and returns it.
+    pub async fn task_in_state(&self, id: &str, want: &str, deadline: Duration) -> Value {
+        eventually_within(deadline, &format!("task {id} to be {want}"), || async {
+            let (_, t) = self.get(&format!("/api/v1/tasks/{id}")).await;
+            (t["state"] == want).then_some(t)
+        })
+        .await
+    }
+
     /// Waits until the agent is online with a heartbeat, and returns it.
     pub async fn online(&self, id: &str) -> Value {
         eventually(&format!("agent {id} online with a heartbeat"), || async {

@@ -4,7 +4,7 @@
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
-use keel_tests::{Agent, Api, InFlight, Server, ServerOptions, SimAgent, SimBehavior, eventually, eventually_within};
+use keel_tests::{Agent, Api, InFlight, Server, ServerOptions, SimAgent, SimBehavior, eventually};
 use serde_json::{Value, json};
 
 fn opts(extra: &str) -> ServerOptions {
@@ -41,15 +41,7 @@ async fn sims(
 }
 
 async fn wait_state(api: &Api, id: &str, want: &str) -> Value {
-    eventually_within(
-        std::time::Duration::from_secs(60),
-        &format!("task {id} to be {want}"),
-        || async {
-            let (_, t) = api.get(&format!("/api/v1/tasks/{id}")).await;
-            (t["state"] == want).then_some(t)
-        },
-    )
-    .await
+    api.task_in_state(id, want, std::time::Duration::from_secs(60)).await
 }
 
 #[tokio::test]

@@ -7,32 +7,7 @@ use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use keel_tests::{Agent, Server, ServerOptions, dpkg, throwaway_root};
-
-fn packages() -> Option<PathBuf> {
-    match std::env::var_os("KEEL_TEST_PACKAGES") {
-        Some(dir) => Some(PathBuf::from(dir)),
-        None => {
-            eprintln!("SKIPPED: KEEL_TEST_PACKAGES is not set (./build.sh test builds the packages and sets it)");
-            None
-        }
-    }
-}
-
-fn run(cmd: &mut Command) -> String {
-    let out = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
-    assert!(
-        out.status.success(),
-        "{cmd:?} failed: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-fn deb(dir: &Path, name: &str, version: &str) -> PathBuf {
-    dir.join(format!("{name}_{version}_amd64.deb"))
-}
+use keel_tests::{Agent, Server, ServerOptions, deb, dpkg, packages, run, throwaway_root};
 
 fn rpm(dir: &Path, name: &str, version: &str) -> PathBuf {
     dir.join(format!("{name}-{version}-1.x86_64.rpm"))

@@ -25,16 +25,8 @@ async fn sync(api: &Api, agent: &str, want: &str) -> Value {
         )
         .await;
     assert_eq!(status, 201, "{task}");
-    let id = task["id"].as_str().unwrap().to_owned();
-    eventually_within(
-        std::time::Duration::from_secs(90),
-        &format!("the sync-config task to be {want}"),
-        || async {
-            let (_, t) = api.get(&format!("/api/v1/tasks/{id}")).await;
-            (t["state"] == want).then_some(t)
-        },
-    )
-    .await
+    let id = task["id"].as_str().unwrap();
+    api.task_in_state(id, want, std::time::Duration::from_secs(90)).await
 }
 
 /// A keel-agent deb whose "agent" exits at once.
