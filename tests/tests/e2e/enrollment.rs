@@ -184,9 +184,13 @@ async fn reenrolling_an_id_revokes_its_older_certificate() {
     let old_pair = keel_tests::agent_pair(&old);
     let _new = Agent::enrolled(&server, "again-1");
     keel_tests::stream_refusal(&server, Some(&old_pair), "again-1").await;
+    // The refusal can reach the client before the server has written its log line.
+    keel_tests::eventually("the server to log the revoked certificate", || async {
+        server.log().contains("client certificate is revoked").then_some(())
+    })
+    .await;
     let log = server.log();
     assert!(log.contains("re-enrollment revoked earlier certificates"), "{log}");
-    assert!(log.contains("client certificate is revoked"), "{log}");
 }
 
 #[tokio::test]
