@@ -7,6 +7,7 @@
 //! - [`payload`]: encoding and decoding of `Payload` bytes, for the few records the
 //!   agent and server produce or read themselves. Plugin payloads are never decoded
 //!   on the data path.
+//! - [`keyproof`]: the proof of key possession in enrollment by key.
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
@@ -18,4 +19,5 @@ pub mod grpc {
 
 pub mod data_type;
 pub mod frame;
+pub mod keyproof;
 pub mod payload;

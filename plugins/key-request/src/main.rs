@@ -1,0 +1,2 @@
+//! key-request (being built).
+fn main() {}
