@@ -17,6 +17,10 @@ usage: ./build.sh <command>
                             against raw tonic streaming (optional: record count)
                  rollout    a plugin version to simulated agents over mTLS, with
                             and without batching (optional: agents, batch size)
+                 keyrequest key lookups/s through the key-request plugin against
+                            the MariaDB-backed providers, socket and exec, against
+                            direct provider calls (optional: socket and exec
+                            lookup counts; needs MariaDB and PyMySQL)
   help         this text
 USAGE
 }
@@ -46,9 +50,9 @@ case "$cmd" in
     bench)
         name="${2:-}"
         case "$name" in
-            dataflow | rollout) ;;
+            dataflow | rollout | keyrequest) ;;
             *)
-                echo "build.sh: bench needs a benchmark name: dataflow or rollout" >&2
+                echo "build.sh: bench needs a benchmark name: dataflow, rollout or keyrequest" >&2
                 exit 64
                 ;;
         esac

@@ -1,10 +1,13 @@
-//! `keel-agent enroll`: trade an enrollment token and a CSR for a certificate.
+//! `keel-agent enroll`: trade an enrollment token, or proof of an agent key, and a
+//! CSR for a certificate.
 //!
 //! 1. Fetch the server's CA certificate and check its SHA-256 against the pinned
 //!    fingerprint. Without `--ca-fingerprint` the agent refuses, printing the
 //!    fingerprint it saw, unless `--trust-on-first-use` makes it accept loudly.
 //! 2. Generate the key locally and send only a CSR, over TLS verified against the
-//!    pinned CA (or plain HTTP to a loopback address).
+//!    pinned CA (or plain HTTP to a loopback address), with the token, or (with an
+//!    agent key) a proof over a server challenge and the CSR: the agent key itself
+//!    is never sent. By key, the server assigns the ID.
 //! 3. Check that the certificate is for our key and ID, and store key (0600),
 //!    certificate and CA.
 
@@ -27,13 +30,57 @@ use crate::{id, pki};
 
 const TIMEOUT: Duration = Duration::from_secs(30);
 
+/// Longest agent key accepted.
+const MAX_AGENT_KEY: usize = 128;
+
+/// What the agent proves its right to enroll with.
+#[derive(Debug, Clone)]
+pub enum Credential {
+    /// An enrollment token.
+    Token(Secret),
+    /// The agent key a key database holds for this host (see [`read_agent_key`]).
+    Key(Secret),
+}
+
+/// Reads an agent key file: 1-128 printable ASCII characters, one trailing newline
+/// allowed. Errors never include the key.
+pub fn read_agent_key(path: &std::path::Path) -> anyhow::Result<Secret> {
+    use std::os::unix::fs::MetadataExt;
+    let meta = std::fs::metadata(path).with_context(|| format!("cannot read the key file {}", path.display()))?;
+    if meta.mode() & 0o077 != 0 {
+        eprintln!(
+            "keel-agent: warning: the key file {} can be read by other users; chmod 600 it",
+            path.display()
+        );
+    }
+    let text = std::fs::read(path).with_context(|| format!("cannot read the key file {}", path.display()))?;
+    let key = text
+        .strip_suffix(b"\r\n")
+        .or_else(|| text.strip_suffix(b"\n"))
+        .unwrap_or(&text);
+    if key.is_empty() || key.len() > MAX_AGENT_KEY {
+        bail!(
+            "the key file {} must hold 1-{MAX_AGENT_KEY} characters, not {}",
+            path.display(),
+            key.len()
+        );
+    }
+    if let Some(i) = key.iter().position(|b| !(0x21..=0x7e).contains(b) && *b != b' ') {
+        bail!(
+            "the key in {} has a character that is not printable ASCII at byte {i}",
+            path.display()
+        );
+    }
+    Ok(Secret::new(String::from_utf8_lossy(key).into_owned()))
+}
+
 /// How to enroll.
 #[derive(Debug, Clone)]
 pub struct EnrollOptions {
     /// Base URL of the server's HTTP endpoint, e.g. `https://keel.example:6752`.
     pub server: String,
-    /// The enrollment token.
-    pub token: Secret,
+    /// Token or agent key.
+    pub credential: Credential,
     /// SHA-256 of the CA certificate, as `keel-server ca fingerprint` prints it.
     pub ca_fingerprint: Option<String>,
     /// Accept whatever CA the server presents, with a warning.
@@ -48,8 +95,25 @@ struct EnrollRequest<'a> {
     csr: &'a str,
 }
 
+#[derive(Serialize)]
+struct KeyEnrollRequest<'a> {
+    nonce: &'a str,
+    id: &'a str,
+    hostname: &'a str,
+    csr: &'a str,
+    proof: &'a str,
+}
+
+#[derive(Deserialize)]
+struct Challenge {
+    nonce: String,
+}
+
 #[derive(Deserialize)]
 struct EnrollResponse {
+    agent_id: String,
+    #[serde(default)]
+    name: String,
     certificate: String,
     ca: String,
 }
@@ -211,19 +275,78 @@ pub async fn enroll(config: &AgentConfig, opts: &EnrollOptions) -> anyhow::Resul
     }
 
     let state_dir = &config.agent.state_dir;
-    let (agent_id, source) = id::resolve(&config.agent.id, &config.agent.host_root, state_dir)?;
-    tracing::info!(%agent_id, ?source, "enrolling");
-    let request = pki::new_key_request(&agent_id)?;
-    let body = EnrollRequest {
-        token: opts.token.expose(),
-        agent_id: &agent_id,
-        hostname: &hostname(),
-        csr: &request.csr_pem,
+    let http = client(pinned_tls(&ca_pem)?)?;
+    let (agent_id, request, answer) = match &opts.credential {
+        Credential::Token(token) => {
+            let (agent_id, source) = id::resolve(&config.agent.id, &config.agent.host_root, state_dir)?;
+            tracing::info!(%agent_id, ?source, "enrolling");
+            let request = pki::new_key_request(&agent_id)?;
+            let body = EnrollRequest {
+                token: token.expose(),
+                agent_id: &agent_id,
+                hostname: &hostname(),
+                csr: &request.csr_pem,
+            };
+            let answer: EnrollResponse = post(&http, &base.join("enroll")?, &body).await?;
+            (agent_id, request, answer)
+        }
+        Credential::Key(key) => {
+            // The ID the key database knows this host by, if configured; else the
+            // server looks the key up by this host's address.
+            let id = config.agent.id.as_str();
+            // Empty (look up by address) or 1-8 digits.
+            if id.len() > 8 || !id.bytes().all(|b| b.is_ascii_digit()) {
+                bail!("enrollment by key needs the key database's ID (1-8 digits) as --id, or none; {id:?} is not one");
+            }
+            let challenge: Challenge = post(&http, &base.join("enroll/challenge")?, &serde_json::json!({})).await?;
+            let nonce = hex::decode(&challenge.nonce).context("the server's challenge is not hex")?;
+            let request = pki::new_key_request(if id.is_empty() { UNKNOWN_ID_CN } else { id })?;
+            let proof = keel_proto::keyproof::prove(key.expose(), &nonce, &request.csr_sha256);
+            let body = KeyEnrollRequest {
+                nonce: &challenge.nonce,
+                id,
+                hostname: &hostname(),
+                csr: &request.csr_pem,
+                proof: &proof,
+            };
+            let answer: EnrollResponse = post(&http, &base.join("enroll/key")?, &body).await?;
+            if !id.is_empty() && answer.agent_id != id {
+                bail!("asked to enroll as {id}, the server assigned {}", answer.agent_id);
+            }
+            if !keel_common::ids::valid_agent_id(&answer.agent_id) {
+                bail!("the server assigned an invalid agent ID {:?}", answer.agent_id);
+            }
+            tracing::info!(agent_id = %answer.agent_id, name = %answer.name, "enrolled by key");
+            (answer.agent_id.clone(), request, answer)
+        }
     };
-    let url = base.join("enroll")?;
-    let resp = client(pinned_tls(&ca_pem)?)?
+    if answer.agent_id != agent_id {
+        bail!("the server enrolled {:?}, not {agent_id:?}", answer.agent_id);
+    }
+    if ca_fingerprint(&answer.ca)? != seen {
+        bail!("the enrollment answer carries a different CA than the pinned one");
+    }
+    let info = pki::check_issued(&answer.certificate, &request.key_pem, &agent_id)
+        .map_err(|e| anyhow::anyhow!("invalid certificate from the server: {e}"))?;
+    pki::store_enrollment(state_dir, &request.key_pem, &answer.certificate, &ca_pem)?;
+    pki::mark_assigned_id(state_dir, matches!(opts.credential, Credential::Key(_)))?;
+    tracing::info!(%agent_id, serial = %info.serial, "enrolled");
+    Ok(agent_id)
+}
+
+/// The CSR subject of a host that does not know its ID (the server's
+/// `keyenroll::UNKNOWN_ID_CN`).
+const UNKNOWN_ID_CN: &str = "keel-key-enrollment";
+
+/// POSTs JSON and reads the JSON answer; a refusal carries the server's message.
+async fn post<B: Serialize, T: serde::de::DeserializeOwned>(
+    http: &reqwest::Client,
+    url: &reqwest::Url,
+    body: &B,
+) -> anyhow::Result<T> {
+    let resp = http
         .post(url.clone())
-        .json(&body)
+        .json(body)
         .send()
         .await
         .with_context(|| format!("cannot reach {url}"))?;
@@ -235,20 +358,35 @@ pub async fn enroll(config: &AgentConfig, opts: &EnrollOptions) -> anyhow::Resul
             .unwrap_or(text);
         bail!("enrollment refused ({status}): {reason}");
     }
-    let answer: EnrollResponse = resp.json().await.context("invalid enrollment answer")?;
-    if ca_fingerprint(&answer.ca)? != seen {
-        bail!("the enrollment answer carries a different CA than the pinned one");
-    }
-    let info = pki::check_issued(&answer.certificate, &request.key_pem, &agent_id)
-        .map_err(|e| anyhow::anyhow!("invalid certificate from the server: {e}"))?;
-    pki::store_enrollment(state_dir, &request.key_pem, &answer.certificate, &ca_pem)?;
-    tracing::info!(%agent_id, serial = %info.serial, "enrolled");
-    Ok(agent_id)
+    resp.json().await.with_context(|| format!("invalid answer from {url}"))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn agent_key_files_are_checked_without_showing_the_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let write = |name: &str, bytes: &[u8]| {
+            let p = dir.path().join(name);
+            std::fs::write(&p, bytes).unwrap();
+            std::fs::set_permissions(&p, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+            p
+        };
+        assert_eq!(
+            read_agent_key(&write("ok", b"k3y value\n")).unwrap().expose(),
+            "k3y value"
+        );
+        assert_eq!(read_agent_key(&write("crlf", b"abc\r\n")).unwrap().expose(), "abc");
+        let e = read_agent_key(&write("ctl", b"secr\x07t")).unwrap_err().to_string();
+        assert!(e.contains("byte 4") && !e.contains("secr"), "{e}");
+        let e = read_agent_key(&write("empty", b"\n")).unwrap_err().to_string();
+        assert!(e.contains("1-128"), "{e}");
+        let e = read_agent_key(&write("long", &[b'a'; 129])).unwrap_err().to_string();
+        assert!(e.contains("not 129"), "{e}");
+        assert!(read_agent_key(&dir.path().join("missing")).is_err());
+    }
 
     #[test]
     fn plain_http_only_to_loopback() {

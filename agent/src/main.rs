@@ -7,7 +7,7 @@ use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
 use keel_agent::config::{AgentConfig, Overrides, Purpose};
-use keel_agent::enroll::{self, EnrollOptions};
+use keel_agent::enroll::{self, Credential, EnrollOptions};
 use keel_agent::logging::UpstreamErrors;
 use keel_agent::run::{self, Exit};
 use keel_common::config::EX_USAGE;
@@ -72,8 +72,13 @@ struct EnrollArgs {
     )]
     token: Option<String>,
     /// File holding the enrollment token.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "key_file")]
     token_file: Option<PathBuf>,
+    /// Enroll by key instead of a token: the file holding the agent key a key
+    /// database has for this host (never sent; a proof is). With --id, the
+    /// database's ID for it; without, the server looks it up by this host's address.
+    #[arg(long, conflicts_with = "token")]
+    key_file: Option<PathBuf>,
     /// SHA-256 fingerprint of the server's CA (`keel-server ca fingerprint`).
     #[arg(long)]
     ca_fingerprint: Option<String>,
@@ -119,35 +124,42 @@ fn main() -> ExitCode {
         }
     };
     match cli.command {
-        Cmd::Id => match keel_agent::id::resolve(&config.agent.id, &config.agent.host_root, &config.agent.state_dir) {
-            Ok((id, _)) => {
-                println!("{id}");
+        Cmd::Id => match keel_agent::pki::load(&config.agent.state_dir) {
+            // Enrolled: the ID in the certificate is the one the agent uses.
+            Ok(identity) => {
+                println!("{}", identity.info.agent_id);
                 ExitCode::SUCCESS
             }
-            Err(e) => {
-                eprintln!("keel-agent: {e}");
-                ExitCode::FAILURE
-            }
+            Err(_) => print_derived_id(&config),
         },
         Cmd::Enroll(args) => {
             let _log = logging::init(&stderr_only("warn"), Vec::new());
-            let token = match (args.token, args.token_file) {
-                (Some(t), _) => t,
-                (None, Some(f)) => match std::fs::read_to_string(&f) {
-                    Ok(t) => t.trim().to_owned(),
+            let credential = match (args.token, args.token_file, args.key_file) {
+                (_, _, Some(f)) => match enroll::read_agent_key(&f) {
+                    Ok(k) => Credential::Key(k),
+                    Err(e) => {
+                        eprintln!("keel-agent: {e:#}");
+                        return ExitCode::from(EX_USAGE as u8);
+                    }
+                },
+                (Some(t), _, None) => Credential::Token(Secret::new(t)),
+                (None, Some(f), None) => match std::fs::read_to_string(&f) {
+                    Ok(t) => Credential::Token(Secret::new(t.trim().to_owned())),
                     Err(e) => {
                         eprintln!("keel-agent: cannot read --token-file {}: {e}", f.display());
                         return ExitCode::from(EX_USAGE as u8);
                     }
                 },
-                (None, None) => {
-                    eprintln!("keel-agent: enroll needs a token: --token, KEEL_ENROLL_TOKEN or --token-file");
+                (None, None, None) => {
+                    eprintln!(
+                        "keel-agent: enroll needs a token (--token, KEEL_ENROLL_TOKEN or --token-file) or --key-file"
+                    );
                     return ExitCode::from(EX_USAGE as u8);
                 }
             };
             let opts = EnrollOptions {
                 server: args.server,
-                token: Secret::new(token),
+                credential,
                 ca_fingerprint: args.ca_fingerprint,
                 trust_on_first_use: args.trust_on_first_use,
             };
@@ -164,6 +176,20 @@ fn main() -> ExitCode {
         }
         Cmd::Run(_) => run_agent(runtime, config),
         Cmd::UpgradeWatchdog { .. } => ExitCode::SUCCESS,
+    }
+}
+
+/// The ID an agent not enrolled yet would enroll with.
+fn print_derived_id(config: &AgentConfig) -> ExitCode {
+    match keel_agent::id::resolve(&config.agent.id, &config.agent.host_root, &config.agent.state_dir) {
+        Ok((id, _)) => {
+            println!("{id}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("keel-agent: {e}");
+            ExitCode::FAILURE
+        }
     }
 }
 

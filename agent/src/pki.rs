@@ -195,6 +195,9 @@ pub fn load(state_dir: &Path) -> Result<Identity, PkiError> {
     })
 }
 
+/// Marker file: the server assigned the enrolled ID.
+const ASSIGNED_ID: &str = "id-assigned";
+
 /// A fresh key and a CSR naming `agent_id`.
 #[derive(Debug)]
 pub struct KeyRequest {
@@ -202,6 +205,8 @@ pub struct KeyRequest {
     pub key_pem: Secret,
     /// CSR PEM.
     pub csr_pem: String,
+    /// SHA-256 of the CSR's DER bytes (what a key proof binds).
+    pub csr_sha256: [u8; 32],
 }
 
 /// Generates an ECDSA P-256 key and a CSR with subject CN `agent_id`.
@@ -215,6 +220,7 @@ pub fn new_key_request(agent_id: &str) -> Result<KeyRequest, PkiError> {
     Ok(KeyRequest {
         key_pem: Secret::new(key.serialize_pem()),
         csr_pem: csr.pem()?,
+        csr_sha256: <sha2::Sha256 as sha2::Digest>::digest(csr.der()).into(),
     })
 }
 
@@ -242,6 +248,25 @@ pub fn store_enrollment(state_dir: &Path, key_pem: &Secret, cert_pem: &str, ca_p
     fsutil::write_public(&p.cert, cert_pem.as_bytes()).map_err(io(&p.cert))?;
     fsutil::write_public(&p.ca, ca_pem.as_bytes()).map_err(io(&p.ca))?;
     Ok(())
+}
+
+/// Records whether the server assigned the enrolled ID (enrollment by key), so
+/// that it differing from the host-derived ID is expected.
+pub fn mark_assigned_id(state_dir: &Path, assigned: bool) -> Result<(), PkiError> {
+    let p = Paths::new(state_dir).dir.join(ASSIGNED_ID);
+    if assigned {
+        fsutil::write_private(&p, b"enrolled by key\n").map_err(io(&p))
+    } else {
+        match std::fs::remove_file(&p) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(io(&p)(e)),
+            _ => Ok(()),
+        }
+    }
+}
+
+/// Whether the enrolled ID was assigned by the server.
+pub fn id_assigned(state_dir: &Path) -> bool {
+    Paths::new(state_dir).dir.join(ASSIGNED_ID).exists()
 }
 
 /// Stores a renewed key and certificate (see the module docs for the order).

@@ -178,7 +178,7 @@ pub async fn run(
         return Ok(Exit::Stopped);
     };
     let agent_id = identity.info.agent_id.clone();
-    if agent_id != derived {
+    if agent_id != derived && !pki::id_assigned(&config.agent.state_dir) {
         warn!(enrolled = %agent_id, derived = %derived, ?source,
             "the host's agent ID changed since enrollment; using the enrolled ID");
     }

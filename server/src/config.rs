@@ -52,9 +52,69 @@ pub struct ServerConfig {
     /// The component store.
     #[serde(default)]
     pub components: ComponentsConfig,
+    /// Enrollment by key, checked by key-request plugins.
+    #[serde(default)]
+    pub key_enrollment: KeyEnrollmentConfig,
     /// Logging.
     #[serde(default)]
     pub log: LogConfig,
+}
+
+/// Enrollment by key: a host proves it knows the key a key database holds for it;
+/// agents running the key-request plugin check the proof.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KeyEnrollmentConfig {
+    /// Off unless turned on.
+    #[serde(default)]
+    pub enabled: bool,
+    /// The agents trusted to check key proofs (each running key-request), tried
+    /// in this order. Their answer decides who gets a certificate.
+    #[serde(default)]
+    pub providers: Vec<String>,
+    /// How long one provider has to answer.
+    #[serde(default = "default_provider_timeout", with = "humantime_serde")]
+    pub provider_timeout: Duration,
+    /// Replace an agent already registered with the same ID or name (revoking its
+    /// certificates) instead of refusing.
+    #[serde(default)]
+    pub replace: bool,
+    /// Key enrollments checked at once; more get 503.
+    #[serde(default = "default_max_pending")]
+    pub max_pending: usize,
+    /// Challenges outstanding at once; more get 503.
+    #[serde(default = "default_max_challenges")]
+    pub max_challenges: usize,
+    /// How long a challenge nonce stays valid.
+    #[serde(default = "default_challenge_ttl", with = "humantime_serde")]
+    pub challenge_ttl: Duration,
+}
+
+impl Default for KeyEnrollmentConfig {
+    fn default() -> Self {
+        Self {
+            enabled: false,
+            providers: Vec::new(),
+            provider_timeout: default_provider_timeout(),
+            replace: false,
+            max_pending: default_max_pending(),
+            max_challenges: default_max_challenges(),
+            challenge_ttl: default_challenge_ttl(),
+        }
+    }
+}
+
+fn default_provider_timeout() -> Duration {
+    Duration::from_secs(75)
+}
+fn default_max_pending() -> usize {
+    64
+}
+fn default_max_challenges() -> usize {
+    10_000
+}
+fn default_challenge_ttl() -> Duration {
+    Duration::from_secs(120)
 }
 
 /// Signing of packages. Agents pin the matching public key.
@@ -413,6 +473,26 @@ impl ServerConfig {
         }
         if self.sink.max_files == 0 {
             return Err(err("sink.max_files", "must be at least 1".into()));
+        }
+        let k = &self.key_enrollment;
+        if k.enabled && k.providers.is_empty() {
+            return Err(err(
+                "key_enrollment.providers",
+                "name at least one agent running key-request when key_enrollment.enabled is true".into(),
+            ));
+        }
+        if let Some(bad) = k.providers.iter().find(|p| !keel_common::ids::valid_agent_id(p)) {
+            return Err(err("key_enrollment.providers", format!("{bad:?} is not an agent ID")));
+        }
+        if k.max_pending == 0 || k.max_challenges == 0 {
+            return Err(err(
+                if k.max_pending == 0 {
+                    "key_enrollment.max_pending"
+                } else {
+                    "key_enrollment.max_challenges"
+                },
+                "must be at least 1".into(),
+            ));
         }
         Ok(())
     }

@@ -347,6 +347,7 @@ impl StreamTask {
                 if let Some(fields) = decode(r)
                     && let Some(token) = fields.get("token").filter(|t| !t.is_empty())
                 {
+                    self.state.key_enrollment.deliver(agent_id, r.data_type, &fields);
                     if self.state.store.task_result(token, agent_id, &fields, now).await? {
                         self.state.rollout_wake.notify_one();
                     } else {
@@ -358,6 +359,12 @@ impl StreamTask {
             data_type::CERT_RENEWAL => {
                 self.renew(r).await;
                 Ok(false)
+            }
+            crate::keyenroll::KEY_PROOF => {
+                if let Some(fields) = decode(r) {
+                    self.state.key_enrollment.deliver(agent_id, r.data_type, &fields);
+                }
+                Ok(true)
             }
             _ => Ok(true),
         }

@@ -322,6 +322,8 @@ pub fn router(state: Arc<ServerState>) -> Router {
         .nest("/api/v1", api)
         .route("/enroll", post(enroll::enroll))
         .route("/enroll/ca.pem", get(enroll::ca_pem))
+        .route("/enroll/challenge", post(enroll::challenge))
+        .route("/enroll/key", post(enroll::by_key))
         .route("/discovery", get(discovery))
         .route("/packages/{sha256}", get(components::download))
         .route("/healthz", get(healthz))

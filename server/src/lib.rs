@@ -11,6 +11,7 @@ pub mod config;
 pub mod connections;
 pub mod grpc;
 pub mod http;
+pub mod keyenroll;
 pub mod pki;
 pub mod policy;
 pub mod quickstart;

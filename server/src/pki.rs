@@ -94,6 +94,8 @@ pub struct CheckedCsr {
     request: CertificateSigningRequestParams,
     /// The key type.
     pub key_type: KeyType,
+    /// SHA-256 of the CSR's DER bytes, which a key proof binds.
+    pub der_sha256: [u8; 32],
 }
 
 /// A freshly issued agent certificate.
@@ -342,7 +344,12 @@ pub fn check_csr(pem: &str, agent_id: &str, allowed: &[KeyType]) -> Result<Check
             expected: agent_id.to_owned(),
         });
     }
-    Ok(CheckedCsr { request, key_type })
+    let der_sha256 = <sha2::Sha256 as sha2::Digest>::digest(der.as_ref()).into();
+    Ok(CheckedCsr {
+        request,
+        key_type,
+        der_sha256,
+    })
 }
 
 /// The identity in a client certificate that TLS has already verified.

@@ -43,6 +43,8 @@ pub struct ServerState {
     policies: RwLock<Arc<Vec<Policy>>>,
     /// Woken when a task may be able to move on.
     pub rollout_wake: tokio::sync::Notify,
+    /// Challenges and lookups of enrollment by key.
+    pub key_enrollment: crate::keyenroll::KeyEnrollment,
 }
 
 /// The component name of the agent itself.
@@ -94,6 +96,7 @@ impl ServerState {
     pub fn new(config: ServerConfig, store: Store, ca: Ca, sink: Arc<dyn Sink>, release: Release) -> Self {
         // What the sink itself knows it persisted is the newest truth after a crash.
         let marks = Mutex::new(sink.recovered_marks());
+        let key_enrollment = crate::keyenroll::KeyEnrollment::new(&config.key_enrollment);
         Self {
             config,
             store,
@@ -107,6 +110,7 @@ impl ServerState {
             release,
             policies: RwLock::new(Arc::new(Vec::new())),
             rollout_wake: tokio::sync::Notify::new(),
+            key_enrollment,
         }
     }
 
@@ -286,6 +290,16 @@ impl ServerState {
     /// looping agent cannot make the CA sign without bound.
     pub async fn issue(&self, agent_id: &str, csr_pem: &str, renewal: bool) -> Result<IssuedCert, IssueError> {
         let checked = pki::check_csr(csr_pem, agent_id, &self.config.pki.allowed_key_types)?;
+        self.issue_checked(agent_id, &checked, renewal).await
+    }
+
+    /// Issues a certificate for `agent_id` from a CSR already checked.
+    pub async fn issue_checked(
+        &self,
+        agent_id: &str,
+        checked: &pki::CheckedCsr,
+        renewal: bool,
+    ) -> Result<IssuedCert, IssueError> {
         let lifetime = self.config.pki.cert_lifetime;
         let now = now_ms();
         if renewal && let Some(last) = self.store.last_cert_issued(agent_id).await? {
@@ -294,7 +308,7 @@ impl ServerState {
                 return Err(IssueError::TooSoon((now - last) / 1000));
             }
         }
-        let issued = self.ca.issue_agent(agent_id, &checked, lifetime)?;
+        let issued = self.ca.issue_agent(agent_id, checked, lifetime)?;
         self.store
             .cert_issued(&issued.serial, agent_id, now, issued.not_after_ms)
             .await?;

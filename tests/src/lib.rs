@@ -7,6 +7,8 @@
 // A harness reports failure by panicking, with a message saying what failed.
 #![allow(clippy::expect_used, clippy::unwrap_used)]
 
+pub mod mariadb;
+
 use std::future::Future;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -556,6 +558,24 @@ impl Agent {
         cmd.env("KEEL_ENROLL_TOKEN", token)
             .output()
             .expect("run keel-agent enroll")
+    }
+
+    /// Runs `keel-agent enroll --key-file` against `server` with `key` in a 0600
+    /// file; the lookup ID is the configured agent ID (none: by address).
+    pub fn enroll_by_key(&self, server: &Server, key: &str) -> Output {
+        let path = self.dir.path().join("agent.key");
+        keel_common::fsutil::write_private(&path, format!("{key}\n").as_bytes()).expect("write the key file");
+        self.cmd(&[
+            "enroll",
+            "--server",
+            &server.base_url(),
+            "--ca-fingerprint",
+            &server.fingerprint(),
+        ])
+        .arg("--key-file")
+        .arg(&path)
+        .output()
+        .expect("run keel-agent enroll")
     }
 
     fn log_path(&self) -> PathBuf {

@@ -1,2 +1,35 @@
-//! key-request (being built).
-fn main() {}
+//! `key-request`: attaches to the agent (or, with `KEEL_PLUGIN_DEBUG=1`, to
+//! stdin/stdout), reads its configuration from `DETAIL` and runs the plugin.
+#![forbid(unsafe_code)]
+
+use std::process::ExitCode;
+
+use keel_plugin_key_request::{block_stop_signals, init_logging, plugin};
+use keel_plugin_sdk::Client;
+
+fn main() -> ExitCode {
+    // Before any thread starts, so that every thread inherits the blocked mask.
+    let signals = match block_stop_signals() {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("key-request: cannot block the stop signals: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let client = match Client::new() {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("key-request: cannot attach to the agent: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    init_logging(&client);
+    let detail = keel_plugin_sdk::detail().unwrap_or_default();
+    match plugin::run(client, &detail, signals) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("key-request: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -46,6 +46,8 @@ impl From<ReportedPlugin> for PluginView {
 #[derive(Debug, Serialize, ToSchema)]
 pub struct AgentView {
     id: String,
+    /// The name from the key database, for agents enrolled by key.
+    name: String,
     hostname: String,
     version: String,
     product: String,
@@ -69,6 +71,7 @@ impl AgentView {
     fn new(a: AgentRow, online: bool, plugins: Vec<ReportedPlugin>) -> Self {
         Self {
             id: a.id,
+            name: a.name,
             hostname: a.meta.hostname,
             version: a.meta.version,
             product: a.meta.product,

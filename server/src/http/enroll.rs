@@ -19,6 +19,7 @@ use tracing::{info, warn};
 
 use super::agents::json_body;
 use super::{ApiError, Peer};
+use crate::keyenroll::{self, Challenge, KeyEnrollRequest};
 use crate::state::{IssueError, ServerState};
 use crate::store::TokenRefusal;
 
@@ -37,6 +38,9 @@ pub struct EnrollRequest {
 #[derive(Debug, Serialize)]
 pub struct EnrollResponse {
     agent_id: String,
+    /// The key database's name for the agent (enrollment by key only).
+    #[serde(skip_serializing_if = "String::is_empty")]
+    name: String,
     certificate: String,
     ca: String,
     not_after: String,
@@ -127,8 +131,61 @@ async fn enroll_checked(
     info!(%peer, agent_id = %req.agent_id, token = %token_id, serial = %issued.serial, "agent enrolled");
     Ok(Json(EnrollResponse {
         agent_id: req.agent_id.clone(),
+        name: String::new(),
         certificate: issued.pem,
         ca: state.ca.cert_pem().to_owned(),
         not_after: rfc3339_ms(issued.not_after_ms),
+    }))
+}
+
+/// `POST /enroll/challenge`: a one-time nonce for enrollment by key.
+pub async fn challenge(State(state): State<Arc<ServerState>>, peer: Peer) -> Result<Json<Challenge>, ApiError> {
+    state
+        .key_enrollment
+        .challenge(&state.config.key_enrollment)
+        .map(Json)
+        .map_err(|r| {
+            warn!(peer = %peer.0, reason = %r, "key enrollment challenge refused");
+            ApiError::new(keyenroll::status(&r), r.to_string())
+        })
+}
+
+/// `POST /enroll/key`: enrollment by key (see `keyenroll`).
+pub async fn by_key(
+    State(state): State<Arc<ServerState>>,
+    peer: Peer,
+    body: Result<Json<KeyEnrollRequest>, JsonRejection>,
+) -> Result<Json<EnrollResponse>, ApiError> {
+    let req = json_body(body)?;
+    let ip = peer.0.ip();
+    let asked = if req.id.is_empty() {
+        format!("ip {ip}")
+    } else {
+        format!("id {}", req.id)
+    };
+    let result = keyenroll::enroll(&state, &req, ip).await;
+    let (status, outcome, target) = match &result {
+        Ok(e) => (StatusCode::OK, "ok".to_owned(), format!("/enroll/key/{}", e.agent_id)),
+        Err(r) => {
+            warn!(peer = %peer.0, lookup = %asked, reason = %r, "enrollment by key refused");
+            (keyenroll::status(r), r.to_string(), format!("/enroll/key/{asked}"))
+        }
+    };
+    super::audit_event(
+        &state,
+        &format!("enrollment by key from {}", peer.0),
+        "POST /enroll/key",
+        &target,
+        status,
+        &outcome,
+    )
+    .await;
+    let e = result.map_err(|r| ApiError::new(status, r.to_string()))?;
+    Ok(Json(EnrollResponse {
+        agent_id: e.agent_id,
+        name: e.name,
+        certificate: e.issued.pem,
+        ca: state.ca.cert_pem().to_owned(),
+        not_after: rfc3339_ms(e.issued.not_after_ms),
     }))
 }

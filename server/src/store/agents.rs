@@ -32,6 +32,8 @@ pub struct AgentMeta {
 pub struct AgentRow {
     /// Agent ID.
     pub id: String,
+    /// The name a key database gave it at enrollment by key; empty otherwise.
+    pub name: String,
     /// Header fields.
     pub meta: AgentMeta,
     /// First enrollment or connection, Unix ms.
@@ -71,7 +73,7 @@ fn addresses_json(meta: &AgentMeta) -> String {
 macro_rules! select_agents {
     ($tail:literal) => {
         concat!(
-            "SELECT id, hostname, version, product, addresses, first_seen, last_seen, online, ",
+            "SELECT id, name, hostname, version, product, addresses, first_seen, last_seen, online, ",
             "connected_at, last_heartbeat, heartbeat FROM agents",
             $tail
         )
@@ -90,6 +92,7 @@ fn from_row(row: &AnyRow) -> Result<AgentRow, StoreError> {
     let online: i64 = row.try_get("online")?;
     Ok(AgentRow {
         id: row.try_get("id")?,
+        name: row.try_get("name")?,
         meta: AgentMeta {
             hostname: row.try_get("hostname")?,
             version: row.try_get("version")?,
@@ -122,6 +125,31 @@ impl Store {
         .execute(&self.pool)
         .await?;
         Ok(())
+    }
+
+    /// Registers an agent enrolled by key, with the ID and name its key database gave.
+    pub async fn agent_key_enrolled(&self, id: &str, name: &str, hostname: &str, now: i64) -> Result<(), StoreError> {
+        sqlx::query(
+            "INSERT INTO agents (id, name, hostname, first_seen, last_seen) VALUES ($1, $2, $3, $4, $4) \
+             ON CONFLICT (id) DO UPDATE SET name = excluded.name, hostname = excluded.hostname, \
+             last_seen = excluded.last_seen",
+        )
+        .bind(id)
+        .bind(name)
+        .bind(hostname)
+        .bind(now)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    /// The IDs of agents registered under `name`.
+    pub async fn agents_named(&self, name: &str) -> Result<Vec<String>, StoreError> {
+        let rows = sqlx::query("SELECT id FROM agents WHERE name = $1 ORDER BY id")
+            .bind(name)
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter().map(|r| Ok(r.try_get("id")?)).collect()
     }
 
     /// Marks the agent online with the header it sent first.

@@ -6,6 +6,7 @@ mod api;
 mod control;
 mod enrollment;
 mod keelctl;
+mod key_enrollment;
 mod packaging;
 mod plugins;
 mod stream;

@@ -1,0 +1,58 @@
+//! key-request: the Keel plugin that looks agent keys up in an external database,
+//! with Wazuh authd's key_request semantics, so that a host can enroll by proving
+//! it knows its agent key.
+//!
+//! Tasks: 6000 looks an agent up by ID or IP and answers with its ID, name and IP;
+//! 6001 also checks a key proof ([`keel_proto::keyproof`]) against the key. The key
+//! itself never leaves the plugin: it is held in a [`key::AgentKey`], which has no
+//! way to be printed, and it is used for nothing but the proof.
+//!
+//! The parts: [`config`] (the `DETAIL` options), [`request`] (tasks, checked before
+//! anything runs), [`queue`] (bounded, joining identical lookups), [`provider`]
+//! (the socket and the program that know the keys), [`reply`] (their answers,
+//! checked field by field) and [`plugin`] (the threads and the answers).
+#![forbid(unsafe_code)]
+#![warn(missing_docs)]
+
+pub mod config;
+pub mod key;
+pub mod plugin;
+pub mod provider;
+pub mod queue;
+pub mod reply;
+pub mod request;
+
+use keel_plugin_sdk::Client;
+use keel_plugin_sdk::logging::AgentLogLayer;
+use nix::sys::signal::{SigSet, Signal};
+use tracing::Level;
+use tracing_subscriber::filter::LevelFilter;
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::util::SubscriberInitExt;
+use tracing_subscriber::{Layer, fmt};
+
+/// The log level sent to the agent and written to stderr.
+pub const LOG_LEVEL: Level = Level::INFO;
+
+/// Blocks SIGTERM and SIGINT in the calling thread and so in every thread it starts
+/// later; [`plugin::run`] waits for them on a thread of its own. Call it first,
+/// before anything starts a thread. (Programs the plugin runs start with no signal
+/// blocked: the standard library clears the mask in the child.)
+pub fn block_stop_signals() -> nix::Result<SigSet> {
+    let mut set = SigSet::empty();
+    set.add(Signal::SIGTERM);
+    set.add(Signal::SIGINT);
+    set.thread_block()?;
+    Ok(set)
+}
+
+/// Logs to the agent (1011 records) and to stderr (the plugin's log file).
+pub fn init_logging(client: &Client) {
+    let to_agent = AgentLogLayer::new(client.clone(), LOG_LEVEL);
+    let to_stderr = fmt::layer()
+        .with_writer(std::io::stderr)
+        .with_ansi(false)
+        .with_filter(LevelFilter::from_level(LOG_LEVEL));
+    // A second initialisation (there is none in the binary) would keep the first.
+    let _ = tracing_subscriber::registry().with(to_agent).with(to_stderr).try_init();
+}

@@ -1,0 +1,226 @@
+//! The plugin at run time: the main thread reads tasks and checks them, the
+//! [`Queue`] joins identical lookups, `threads` workers ask the provider, and each
+//! waiting task gets its record and its 5100 result.
+//!
+//! With an invalid configuration the plugin does not exit (the agent would only
+//! restart it into the same error): it reports the error once and refuses every
+//! task with it.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use keel_plugin_sdk::data_type::TASK_RESULT;
+use keel_plugin_sdk::{Client, Error, Task};
+use keel_proto::keyproof;
+use nix::sys::signal::SigSet;
+
+use crate::config::{self, Config};
+use crate::provider::{Children, Provider};
+use crate::queue::Queue;
+use crate::reply::{self, AgentEntry};
+use crate::request::{self, KEY_PROOF, LOOKUP, Lookup, ProofCheck};
+
+/// How long the plugin keeps answering waiting tasks after the agent closed the
+/// task pipe (the agent's default grace before SIGKILL).
+pub const DRAIN_LIMIT: Duration = Duration::from_secs(10);
+/// The answer to tasks still waiting when the plugin stops.
+const STOPPING: &str = "key-request is stopping";
+
+/// A task waiting for a lookup.
+#[derive(Debug)]
+struct Waiter {
+    token: String,
+    proof: Option<ProofCheck>,
+}
+
+/// Runs the plugin until the agent closes the task pipe or a stop signal arrives.
+/// `signals` are the stop signals the caller blocked in every thread (before any
+/// was started); a thread here waits for them.
+pub fn run(client: Client, detail: &str, signals: SigSet) -> Result<(), Error> {
+    match config::parse(detail) {
+        Ok(config) => serve(client, config, signals),
+        Err(e) => {
+            let msg = format!("configuration invalid: {e}");
+            tracing::error!(error = %e, "configuration invalid: every task is refused until it is fixed");
+            client.task_result("", false, &msg)?;
+            let on_signal = client.clone();
+            spawn_signal_thread(signals, move || {
+                let _ = on_signal.flush();
+            });
+            refuse_all(&client, &msg)
+        }
+    }
+}
+
+/// Answers every task with `msg`, failed.
+fn refuse_all(client: &Client, msg: &str) -> Result<(), Error> {
+    loop {
+        match next_task(client)? {
+            Some(task) => client.task_result(&task.token, false, msg)?,
+            None => return client.flush().or(Ok(())),
+        }
+    }
+}
+
+/// The next task; `None` when the agent closed the pipe. A malformed line in debug
+/// mode is logged and skipped; a malformed frame from the agent is an error.
+fn next_task(client: &Client) -> Result<Option<Task>, Error> {
+    loop {
+        match client.receive_task() {
+            Ok(task) => return Ok(Some(task)),
+            Err(Error::Closed) => return Ok(None),
+            Err(Error::Frame(e)) if client.is_debug() => {
+                tracing::warn!(error = %e, "skipping a task line that is not a task");
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+fn serve(client: Client, config: Config, signals: SigSet) -> Result<(), Error> {
+    let children = Arc::new(Children::default());
+    let provider = Arc::new(Provider::new(&config, Arc::clone(&children)));
+    provider.check_at_start();
+    let queue: Arc<Queue<Lookup, Waiter>> = Arc::new(Queue::new(config.queue_size));
+    for i in 0..config.threads {
+        let (client, provider, queue) = (client.clone(), Arc::clone(&provider), Arc::clone(&queue));
+        std::thread::Builder::new()
+            .name(format!("lookup-{i}"))
+            .spawn(move || work(&client, &provider, &queue))
+            .map_err(Error::Io)?;
+    }
+    {
+        let (client, queue, children) = (client.clone(), Arc::clone(&queue), Arc::clone(&children));
+        spawn_signal_thread(signals, move || stop(&client, &queue, &children));
+    }
+    tracing::info!(
+        socket = config
+            .socket
+            .as_ref()
+            .map(|p| p.display().to_string())
+            .unwrap_or_default(),
+        exec = config.exec.as_ref().map(|c| c.program.as_str()).unwrap_or(""),
+        threads = config.threads,
+        queue_size = config.queue_size,
+        timeout_s = config.timeout.as_secs(),
+        "key-request ready"
+    );
+    client.flush()?;
+
+    while let Some(task) = next_task(&client)? {
+        let request = match request::parse(task.data_type, &task.data) {
+            Ok(r) => r,
+            Err(e) => {
+                client.task_result(&task.token, false, &e.to_string())?;
+                continue;
+            }
+        };
+        let waiter = Waiter {
+            token: task.token.clone(),
+            proof: request.proof,
+        };
+        if let Err(full) = queue.submit(request.lookup, waiter) {
+            client.task_result(&task.token, false, &full.to_string())?;
+        }
+    }
+    if !queue.wait_idle(DRAIN_LIMIT) {
+        tracing::warn!(
+            waiting = queue.waiting(),
+            "lookups still running {} s after the agent closed the pipe: stopping them",
+            DRAIN_LIMIT.as_secs()
+        );
+    }
+    stop(&client, &queue, &children);
+    Ok(())
+}
+
+/// A worker: takes lookups until the queue stops.
+fn work(client: &Client, provider: &Provider, queue: &Queue<Lookup, Waiter>) {
+    while let Some(lookup) = queue.next() {
+        let outcome = provider
+            .lookup(&lookup)
+            .map_err(|e| e.to_string())
+            .and_then(|raw| reply::parse(&raw, &lookup).map_err(|e| e.to_string()));
+        if let Err(e) = &outcome {
+            tracing::debug!(lookup = %lookup, error = %e, "lookup failed");
+        }
+        let waiters = queue.finish(&lookup);
+        let n = waiters.len();
+        for w in waiters {
+            if answer(client, w, &outcome).is_err() {
+                // The agent closed the pipe: nobody to answer.
+                return;
+            }
+        }
+        if queue.answered(n) {
+            let _ = client.flush();
+        }
+    }
+}
+
+/// Sends one task's record and result.
+fn answer(client: &Client, w: Waiter, outcome: &Result<AgentEntry, String>) -> Result<(), Error> {
+    let entry = match outcome {
+        Ok(entry) => entry,
+        Err(msg) => return result(client, &w.token, false, msg),
+    };
+    let base = [
+        ("token", w.token.as_str()),
+        ("id", entry.id.as_str()),
+        ("name", entry.name.as_str()),
+        ("ip", entry.ip.as_str()),
+    ];
+    match &w.proof {
+        None => {
+            client.send(LOOKUP, base)?;
+            result(
+                client,
+                &w.token,
+                true,
+                &format!("found agent {} ({})", entry.id, entry.name),
+            )
+        }
+        Some(p) => {
+            let verified = keyproof::verify(entry.key.expose(), &p.nonce, &p.csr_sha256, &p.hmac);
+            let flag = if verified { "true" } else { "false" };
+            client.send(KEY_PROOF, base.into_iter().chain([("verified", flag)]))?;
+            let msg = if verified {
+                format!("key proof verified for agent {}", entry.id)
+            } else {
+                format!("key proof does not match the key of agent {}", entry.id)
+            };
+            result(client, &w.token, true, &msg)
+        }
+    }
+}
+
+/// A 5100 result, left in the buffer: the worker flushes when the queue is idle,
+/// and the SDK every 100 ms, so that results under load go out in batches.
+fn result(client: &Client, token: &str, ok: bool, msg: &str) -> Result<(), Error> {
+    let status = if ok { "succeeded" } else { "failed" };
+    client.send(TASK_RESULT, [("token", token), ("status", status), ("msg", msg)])
+}
+
+/// Stops the workers, answers every waiting task, kills running providers and
+/// flushes.
+fn stop(client: &Client, queue: &Queue<Lookup, Waiter>, children: &Children) {
+    for w in queue.stop() {
+        let _ = result(client, &w.token, false, STOPPING);
+    }
+    children.kill_all();
+    let _ = client.flush();
+}
+
+/// A thread that waits for one of `signals`, runs `on_signal` and exits the process.
+fn spawn_signal_thread(signals: SigSet, on_signal: impl FnOnce() + Send + 'static) {
+    let spawned = std::thread::Builder::new().name("signals".into()).spawn(move || {
+        if let Ok(sig) = signals.wait() {
+            tracing::info!(signal = %sig, "stopping");
+            on_signal();
+            std::process::exit(0);
+        }
+    });
+    if let Err(e) = spawned {
+        tracing::warn!(error = %e, "cannot start the signal thread: stop signals are ignored");
+    }
+}

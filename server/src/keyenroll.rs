@@ -1,0 +1,548 @@
+//! Enrollment by key: a host that knows the key a key database holds for it gets
+//! a certificate without an enrollment token, and the key never reaches the server.
+//!
+//! 1. The host asks for a challenge (`POST /enroll/challenge`): a one-time nonce.
+//! 2. It sends a CSR, optionally its ID, and `keel_proto::keyproof` over the nonce
+//!    and the CSR (`POST /enroll/key`).
+//! 3. The server sends a 6001 key-proof task to the first configured provider that
+//!    is online: an agent running the key-request plugin, which looks the key up
+//!    (by the ID, else by the connection's source address) and checks the proof.
+//!    A provider that fails or does not answer in time hands over to the next.
+//! 4. With `verified = true` the server checks the source address against the
+//!    record's `ip`, refuses a duplicate ID or name (unless `replace`), registers
+//!    the agent under the record's ID and name, and issues its certificate.
+//!
+//! Every refusal says which of these steps refused, in the answer and in the log.
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use keel_common::time::now_ms;
+use keel_proto::data_type;
+use serde::{Deserialize, Serialize};
+use tokio::sync::{Semaphore, oneshot};
+use tracing::{info, warn};
+
+use crate::config::KeyEnrollmentConfig;
+use crate::connections::{Outbound, TaskCommand};
+use crate::pki::{self, IssuedCert};
+use crate::state::{IssueError, ServerState};
+use crate::store::{NewTask, StoreError};
+
+/// The CSR subject CN of a host that does not know its ID yet.
+pub const UNKNOWN_ID_CN: &str = "keel-key-enrollment";
+/// The task that checks a key proof.
+pub const KEY_PROOF: i32 = 6001;
+/// The plugin that answers it.
+pub const PLUGIN: &str = "key-request";
+/// Longest accepted host name.
+const MAX_HOSTNAME: usize = 255;
+
+/// Body of `POST /enroll/key`.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KeyEnrollRequest {
+    /// The nonce from `/enroll/challenge`, hex.
+    pub nonce: String,
+    /// The agent ID the key database knows the host by; empty: look it up by the
+    /// connection's source address.
+    #[serde(default)]
+    pub id: String,
+    /// The host's name, for the registry.
+    #[serde(default)]
+    pub hostname: String,
+    /// PEM CSR; subject CN the ID, or `keel-key-enrollment` without one.
+    pub csr: String,
+    /// `keel_proto::keyproof` over the nonce and the CSR, hex.
+    pub proof: String,
+}
+
+impl std::fmt::Debug for KeyEnrollRequest {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KeyEnrollRequest")
+            .field("id", &self.id)
+            .field("hostname", &self.hostname)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A challenge.
+#[derive(Debug, Serialize)]
+pub struct Challenge {
+    /// One-time nonce, hex.
+    pub nonce: String,
+    /// Seconds it stays valid.
+    pub expires_in: u64,
+}
+
+/// What enrollment by key gave.
+#[derive(Debug)]
+pub struct KeyEnrolled {
+    /// The ID from the key database.
+    pub agent_id: String,
+    /// The name from the key database.
+    pub name: String,
+    /// The certificate.
+    pub issued: IssuedCert,
+}
+
+/// Why an enrollment by key was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum Refusal {
+    /// Not turned on.
+    #[error("enrollment by key is not enabled on this server (key_enrollment.enabled)")]
+    Disabled,
+    /// Too many at once.
+    #[error("{0}; try again shortly")]
+    Busy(String),
+    /// The request itself is wrong.
+    #[error("{0}")]
+    BadRequest(String),
+    /// The nonce is not one this server issued, or was used, or expired.
+    #[error("unknown, used or expired challenge; ask /enroll/challenge for a new one")]
+    Challenge,
+    /// No provider could be asked.
+    #[error("no key provider online (configured: {0})")]
+    NoProvider(String),
+    /// The providers could not look the key up.
+    #[error("key lookup failed: {0}")]
+    Lookup(String),
+    /// The proof does not match the key on record.
+    #[error("key proof for agent {0} does not match the key on record (HMAC mismatch)")]
+    Mismatch(String),
+    /// The source address is not the record's.
+    #[error("source address {peer} is outside {allowed} on record for agent {id}")]
+    Address {
+        /// The connection's address.
+        peer: IpAddr,
+        /// The record's `ip`.
+        allowed: String,
+        /// The agent.
+        id: String,
+    },
+    /// The ID or the name is taken.
+    #[error("{0}; set key_enrollment.replace to let a new host take its place")]
+    Duplicate(String),
+    /// Issuing failed.
+    #[error(transparent)]
+    Issue(#[from] IssueError),
+    /// The registry failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// An answer from a provider.
+#[derive(Debug)]
+enum Answer {
+    /// The 6001 record's fields.
+    Record(HashMap<String, String>),
+    /// A failed 5100 result's message.
+    Failed(String),
+}
+
+struct Waiter {
+    provider: String,
+    tx: oneshot::Sender<Answer>,
+}
+
+/// Outstanding challenges and lookups.
+pub struct KeyEnrollment {
+    challenges: Mutex<HashMap<String, i64>>,
+    waiters: Mutex<HashMap<String, Waiter>>,
+    slots: Semaphore,
+}
+
+impl std::fmt::Debug for KeyEnrollment {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KeyEnrollment").finish_non_exhaustive()
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+impl KeyEnrollment {
+    /// Empty, with `max_pending` enrollments allowed at once.
+    pub fn new(cfg: &KeyEnrollmentConfig) -> Self {
+        Self {
+            challenges: Mutex::new(HashMap::new()),
+            waiters: Mutex::new(HashMap::new()),
+            slots: Semaphore::new(cfg.max_pending),
+        }
+    }
+
+    /// Issues a one-time nonce.
+    pub fn challenge(&self, cfg: &KeyEnrollmentConfig) -> Result<Challenge, Refusal> {
+        if !cfg.enabled {
+            return Err(Refusal::Disabled);
+        }
+        let now = now_ms();
+        let mut c = lock(&self.challenges);
+        c.retain(|_, expiry| *expiry > now);
+        if c.len() >= cfg.max_challenges {
+            return Err(Refusal::Busy(format!(
+                "{} challenges outstanding (key_enrollment.max_challenges)",
+                c.len()
+            )));
+        }
+        let mut bytes = [0u8; keel_proto::keyproof::NONCE_BYTES];
+        ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut bytes)
+            .map_err(|_| Refusal::Busy("the system random source failed".into()))?;
+        let nonce = hex::encode(bytes);
+        let ttl = i64::try_from(cfg.challenge_ttl.as_millis()).unwrap_or(i64::MAX);
+        c.insert(nonce.clone(), now.saturating_add(ttl));
+        Ok(Challenge {
+            nonce,
+            expires_in: cfg.challenge_ttl.as_secs(),
+        })
+    }
+
+    /// Spends a nonce: true once, if this server issued it and it has not expired.
+    fn spend(&self, nonce: &str) -> bool {
+        lock(&self.challenges)
+            .remove(nonce)
+            .is_some_and(|expiry| expiry > now_ms())
+    }
+
+    /// Hands a provider's record or result to the enrollment waiting for it. Only
+    /// the agent the task went to can answer it.
+    pub fn deliver(&self, from_agent: &str, data_type: i32, fields: &HashMap<String, String>) {
+        let Some(token) = fields.get("token").filter(|t| !t.is_empty()) else {
+            return;
+        };
+        let answer = match data_type {
+            KEY_PROOF => Answer::Record(fields.clone()),
+            data_type::TASK_RESULT if fields.get("status").map(String::as_str) == Some("failed") => {
+                Answer::Failed(fields.get("msg").cloned().unwrap_or_default())
+            }
+            _ => return,
+        };
+        let mut waiters = lock(&self.waiters);
+        match waiters.get(token) {
+            Some(w) if w.provider == from_agent => {
+                if let Some(w) = waiters.remove(token) {
+                    let _ = w.tx.send(answer);
+                }
+            }
+            Some(w) => warn!(
+                agent_id = from_agent,
+                expected = %w.provider,
+                "key-proof answer from an agent the task was not sent to; ignored"
+            ),
+            None => {}
+        }
+    }
+
+    fn wait_for(&self, token: &str, provider: &str) -> oneshot::Receiver<Answer> {
+        let (tx, rx) = oneshot::channel();
+        lock(&self.waiters).insert(
+            token.to_owned(),
+            Waiter {
+                provider: provider.to_owned(),
+                tx,
+            },
+        );
+        rx
+    }
+
+    fn forget(&self, token: &str) {
+        lock(&self.waiters).remove(token);
+    }
+}
+
+/// Whether `peer` is within the record's `ip`: an address, a network, or `any`.
+fn address_allowed(allowed: &str, peer: IpAddr) -> Result<bool, String> {
+    if allowed == "any" {
+        return Ok(true);
+    }
+    let peer = match peer {
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(peer, IpAddr::V4),
+        v4 => v4,
+    };
+    if let Ok(net) = allowed.parse::<ipnet::IpNet>() {
+        return Ok(net.contains(&peer));
+    }
+    allowed
+        .parse::<IpAddr>()
+        .map(|a| a == peer)
+        .map_err(|_| format!("the provider answered an invalid ip {allowed:?}"))
+}
+
+fn lookup_id_valid(id: &str) -> bool {
+    (1..=8).contains(&id.len()) && id.bytes().all(|b| b.is_ascii_digit())
+}
+
+fn name_valid(name: &str) -> bool {
+    (1..=128).contains(&name.len())
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+}
+
+/// Checks the request, asks the providers, and enrolls.
+pub async fn enroll(state: &ServerState, req: &KeyEnrollRequest, peer: IpAddr) -> Result<KeyEnrolled, Refusal> {
+    let cfg = &state.config.key_enrollment;
+    if !cfg.enabled {
+        return Err(Refusal::Disabled);
+    }
+    let keys = &state.key_enrollment;
+    let _slot = keys.slots.try_acquire().map_err(|_| {
+        Refusal::Busy(format!(
+            "{} key enrollments in progress (key_enrollment.max_pending)",
+            cfg.max_pending
+        ))
+    })?;
+    // The nonce is spent by any attempt, good or bad.
+    if !keel_common::fingerprint::is_hex(&req.nonce, keel_proto::keyproof::NONCE_BYTES) || !keys.spend(&req.nonce) {
+        return Err(Refusal::Challenge);
+    }
+    if !req.id.is_empty() && !lookup_id_valid(&req.id) {
+        return Err(Refusal::BadRequest(format!("invalid id {:?}: 1-8 digits", req.id)));
+    }
+    if req.hostname.len() > MAX_HOSTNAME {
+        return Err(Refusal::BadRequest(format!(
+            "hostname is longer than {MAX_HOSTNAME} bytes"
+        )));
+    }
+    if !keel_common::fingerprint::is_hex(&req.proof, 32) {
+        return Err(Refusal::BadRequest("proof must be 64 hex digits".into()));
+    }
+    let cn = if req.id.is_empty() { UNKNOWN_ID_CN } else { &req.id };
+    let checked = pki::check_csr(&req.csr, cn, &state.config.pki.allowed_key_types)
+        .map_err(|e| Refusal::BadRequest(e.to_string()))?;
+
+    let (by, value) = if req.id.is_empty() {
+        let ip = match peer {
+            IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(peer, IpAddr::V4),
+            v4 => v4,
+        };
+        ("ip", ip.to_string())
+    } else {
+        ("id", req.id.clone())
+    };
+    let task = serde_json::json!({
+        "by": by,
+        "value": value,
+        "nonce": req.nonce,
+        "csr_sha256": hex::encode(checked.der_sha256),
+        "hmac": req.proof,
+    })
+    .to_string();
+    let record = ask_providers(state, cfg, &task, &format!("{by} {value}")).await?;
+
+    let field = |k: &str| record.get(k).cloned().unwrap_or_default();
+    let (id, name, ip) = (field("id"), field("name"), field("ip"));
+    if !lookup_id_valid(&id) || !keel_common::ids::valid_agent_id(&id) || !name_valid(&name) {
+        return Err(Refusal::Lookup(format!(
+            "the provider answered an invalid record (id {id:?}, name {name:?})"
+        )));
+    }
+    if !req.id.is_empty() && id != req.id {
+        return Err(Refusal::Lookup(format!(
+            "asked for agent {}, the provider answered for {id}",
+            req.id
+        )));
+    }
+    if field("verified") != "true" {
+        return Err(Refusal::Mismatch(id));
+    }
+    if !address_allowed(&ip, peer).map_err(Refusal::Lookup)? {
+        return Err(Refusal::Address { peer, allowed: ip, id });
+    }
+
+    // Duplicates: the same ID, or another agent with the same name.
+    let existing_id = state.store.get_agent(&id).await?.is_some();
+    let same_name: Vec<String> = state
+        .store
+        .agents_named(&name)
+        .await?
+        .into_iter()
+        .filter(|other| *other != id)
+        .collect();
+    if !cfg.replace {
+        if existing_id {
+            return Err(Refusal::Duplicate(format!("agent {id} is already registered")));
+        }
+        if let Some(other) = same_name.first() {
+            return Err(Refusal::Duplicate(format!(
+                "the name {name} is already registered to agent {other}"
+            )));
+        }
+    }
+    for other in &same_name {
+        let reason = format!("replaced by agent {id} enrolled by key under the name {name}");
+        state.revoke_agent(other, &reason, None).await?;
+        let _ = state
+            .connections
+            .send(other, Outbound::Close(crate::connections::Closing::Revoked));
+        state.store.agent_delete(other).await?;
+        warn!(agent_id = %other, replaced_by = %id, %name, "agent replaced by enrollment by key");
+    }
+
+    let issued = state.issue_checked(&id, &checked, false).await?;
+    let older = state
+        .revoke_agent(&id, "re-enrolled by key", Some(&issued.serial))
+        .await?;
+    if !older.is_empty() {
+        warn!(agent_id = %id, revoked = older.len(), "enrollment by key revoked earlier certificates");
+    }
+    state
+        .store
+        .agent_key_enrolled(&id, &name, &req.hostname, now_ms())
+        .await?;
+    info!(%peer, agent_id = %id, %name, serial = %issued.serial, "agent enrolled by key");
+    Ok(KeyEnrolled {
+        agent_id: id,
+        name,
+        issued,
+    })
+}
+
+/// Sends the key-proof task to each online provider in turn until one answers
+/// with a record.
+async fn ask_providers(
+    state: &ServerState,
+    cfg: &KeyEnrollmentConfig,
+    task: &str,
+    what: &str,
+) -> Result<HashMap<String, String>, Refusal> {
+    let mut failures = Vec::new();
+    let mut asked = 0;
+    for provider in &cfg.providers {
+        if !state.connections.is_online(provider) {
+            continue;
+        }
+        asked += 1;
+        let token = uuid::Uuid::new_v4().to_string();
+        let answer = state.key_enrollment.wait_for(&token, provider);
+        state
+            .store
+            .task_sent(
+                &NewTask {
+                    token: &token,
+                    agent_id: provider,
+                    data_type: KEY_PROOF,
+                    object_name: PLUGIN,
+                    data: task,
+                    created_by: "enrollment by key",
+                },
+                now_ms(),
+            )
+            .await?;
+        let cmd = TaskCommand {
+            data_type: KEY_PROOF,
+            object_name: PLUGIN.to_owned(),
+            data: task.to_owned(),
+            token: token.clone(),
+        };
+        let outcome = match state.connections.send(provider, Outbound::Task(cmd)) {
+            Err(e) => Err(e.to_string()),
+            Ok(()) => match tokio::time::timeout(cfg.provider_timeout, answer).await {
+                Ok(Ok(Answer::Record(fields))) => Ok(fields),
+                Ok(Ok(Answer::Failed(msg))) => Err(msg),
+                Ok(Err(_)) => Err("the answer was lost".into()),
+                Err(_) => Err(format!(
+                    "no answer within {}",
+                    humantime::format_duration(Duration::from_secs(cfg.provider_timeout.as_secs()))
+                )),
+            },
+        };
+        state.key_enrollment.forget(&token);
+        match outcome {
+            Ok(fields) => return Ok(fields),
+            Err(msg) => {
+                warn!(%provider, lookup = what, reason = %msg, "key provider failed; trying the next");
+                failures.push(format!("{provider}: {msg}"));
+            }
+        }
+    }
+    if asked == 0 {
+        return Err(Refusal::NoProvider(cfg.providers.join(", ")));
+    }
+    Err(Refusal::Lookup(failures.join("; ")))
+}
+
+/// How the HTTP layer answers a refusal.
+pub fn status(r: &Refusal) -> axum::http::StatusCode {
+    use axum::http::StatusCode;
+    match r {
+        Refusal::Disabled => StatusCode::FORBIDDEN,
+        Refusal::Busy(_) | Refusal::NoProvider(_) => StatusCode::SERVICE_UNAVAILABLE,
+        Refusal::BadRequest(_) => StatusCode::BAD_REQUEST,
+        Refusal::Challenge => StatusCode::UNAUTHORIZED,
+        Refusal::Lookup(_) | Refusal::Mismatch(_) | Refusal::Address { .. } => StatusCode::FORBIDDEN,
+        Refusal::Duplicate(_) => StatusCode::CONFLICT,
+        Refusal::Issue(IssueError::Csr(_)) => StatusCode::BAD_REQUEST,
+        Refusal::Issue(_) | Refusal::Store(_) => StatusCode::INTERNAL_SERVER_ERROR,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn addresses_match_the_record() {
+        let peer: IpAddr = "10.1.2.3".parse().unwrap();
+        assert!(address_allowed("any", peer).unwrap());
+        assert!(address_allowed("10.0.0.0/8", peer).unwrap());
+        assert!(address_allowed("10.1.2.3", peer).unwrap());
+        assert!(!address_allowed("10.1.2.4", peer).unwrap());
+        assert!(!address_allowed("192.168.0.0/16", peer).unwrap());
+        let mapped: IpAddr = "::ffff:10.1.2.3".parse().unwrap();
+        assert!(
+            address_allowed("10.1.2.0/24", mapped).unwrap(),
+            "IPv4-mapped IPv6 is IPv4"
+        );
+        assert!(address_allowed("fd00::/8", "fd00::1".parse().unwrap()).unwrap());
+        assert!(address_allowed("nonsense", peer).is_err());
+    }
+
+    #[test]
+    fn a_nonce_is_spent_once_and_expires() {
+        let cfg = KeyEnrollmentConfig {
+            enabled: true,
+            max_challenges: 2,
+            ..Default::default()
+        };
+        let k = KeyEnrollment::new(&cfg);
+        let c = k.challenge(&cfg).unwrap();
+        assert_eq!(c.nonce.len(), 64);
+        assert!(k.spend(&c.nonce));
+        assert!(!k.spend(&c.nonce), "used");
+        assert!(!k.spend(&"0".repeat(64)), "never issued");
+        k.challenge(&cfg).unwrap();
+        k.challenge(&cfg).unwrap();
+        assert!(matches!(k.challenge(&cfg), Err(Refusal::Busy(_))), "limit");
+        let expired = KeyEnrollmentConfig {
+            challenge_ttl: Duration::ZERO,
+            ..cfg.clone()
+        };
+        let k = KeyEnrollment::new(&expired);
+        let c = k.challenge(&expired).unwrap();
+        assert!(!k.spend(&c.nonce), "expired");
+        let off = KeyEnrollmentConfig::default();
+        assert!(matches!(
+            KeyEnrollment::new(&off).challenge(&off),
+            Err(Refusal::Disabled)
+        ));
+    }
+
+    #[test]
+    fn only_the_asked_provider_can_answer() {
+        let cfg = KeyEnrollmentConfig::default();
+        let k = KeyEnrollment::new(&cfg);
+        let mut rx = k.wait_for("t1", "db-1");
+        let fields = HashMap::from([
+            ("token".to_owned(), "t1".to_owned()),
+            ("verified".to_owned(), "true".to_owned()),
+        ]);
+        k.deliver("intruder", KEY_PROOF, &fields);
+        assert!(rx.try_recv().is_err(), "an answer from another agent is ignored");
+        k.deliver("db-1", KEY_PROOF, &fields);
+        assert!(matches!(rx.try_recv(), Ok(Answer::Record(f)) if f["verified"] == "true"));
+    }
+}
