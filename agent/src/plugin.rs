@@ -67,6 +67,11 @@ pub struct PluginConfig {
     pub download_urls: Vec<String>,
     /// Passed to the plugin as `DETAIL`.
     pub detail: String,
+    /// For a plugin of the local set: the packaged executable, trusted for where
+    /// it is rather than for a signature. Never set from the server (or from a
+    /// stored set): it is not (de)serialized.
+    #[serde(skip)]
+    pub local: Option<PathBuf>,
 }
 
 mod kind_serde {
@@ -230,6 +235,41 @@ impl Runtime {
 
     fn running(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, Running>> {
         self.shared.running.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Whether a server has sent this agent a plugin set (stored): then the local
+    /// set does not apply.
+    pub fn managed(&self) -> bool {
+        self.shared.desired_path.exists()
+    }
+
+    /// The enabled plugins of the local set (`plugins.local`), as configurations of
+    /// the packaged executables in `plugins.local_dir`. Their version is the agent's
+    /// (they come in its package); a changed file is an upgrade.
+    pub fn local_set(&self) -> Vec<PluginConfig> {
+        let plugins = &self.shared.config.plugins;
+        plugins
+            .local
+            .iter()
+            .filter(|(_, p)| p.enabled)
+            .map(|(name, p)| {
+                let path = plugins.local_dir.join(name);
+                // An unreadable file gets an empty hash; staging then says why.
+                let sha256 = std::fs::read(&path)
+                    .map(|b| hex::encode(<sha2::Sha256 as sha2::Digest>::digest(&b)))
+                    .unwrap_or_default();
+                PluginConfig {
+                    name: name.clone(),
+                    kind: Ok(PackageKind::Exec),
+                    version: keel_common::VERSION.to_owned(),
+                    sha256,
+                    signature: String::new(),
+                    download_urls: Vec::new(),
+                    detail: p.detail.clone(),
+                    local: Some(path),
+                }
+            })
+            .collect()
     }
 
     /// The desired set stored by the last run.

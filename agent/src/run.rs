@@ -264,12 +264,21 @@ pub async fn run(
     let transport_stop = CancellationToken::new();
     let transport_task = tokio::spawn(transport.run(transport_stop.clone()));
 
-    // Plugins come back from the stored set before the server is reachable.
-    let stored = plugins.stored();
+    // Plugins come back from the stored set before the server is reachable; an
+    // agent no server has sent a set to runs its local set.
     let (desired_tx, desired_rx) = watch::channel(None);
-    if !stored.is_empty() {
-        info!(plugins = stored.len(), "starting the stored plugin set");
-        plugins.reconcile(stored, false).await;
+    let initial = if plugins.managed() {
+        plugins.stored()
+    } else {
+        plugins.local_set()
+    };
+    if !initial.is_empty() {
+        info!(
+            plugins = initial.len(),
+            managed = plugins.managed(),
+            "starting the plugin set"
+        );
+        plugins.reconcile(initial, false).await;
     }
     finish_upgrade(
         upgrade::on_start(&state_dir),

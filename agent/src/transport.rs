@@ -302,6 +302,7 @@ impl Transport {
                     signature: c.signature,
                     download_urls: c.download_urls,
                     detail: c.detail,
+                    local: None,
                 })
                 .collect();
             let token = Some(cmd.config_token).filter(|t| !t.is_empty());

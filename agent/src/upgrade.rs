@@ -512,6 +512,7 @@ mod tests {
             signature: String::new(),
             download_urls: Vec::new(),
             detail: String::new(),
+            local: None,
         };
         assert_eq!(held_back(state.path(), &entry("99.0.0", "AB")).as_deref(), Some("r"));
         assert_eq!(

@@ -15,6 +15,12 @@ case "$1" in
     [2-9]) upgrade=1 ;;
 esac
 
+# keelctl comes with both packages: /usr/bin/keelctl is an alternative.
+alt=$(command -v update-alternatives || command -v alternatives || true)
+if [ -n "$alt" ]; then
+    "$alt" --install /usr/bin/keelctl keelctl /usr/lib/keel-agent/keelctl 40 >/dev/null 2>&1 || true
+fi
+
 if [ -z "$root" ] && [ -d /run/systemd/system ]; then
     systemctl daemon-reload >/dev/null 2>&1 || true
     if [ "$upgrade" = 1 ]; then

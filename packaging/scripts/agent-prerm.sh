@@ -4,6 +4,8 @@
 root="${DPKG_ROOT:-}"
 case "$1" in
     remove | 0)
+        alt=$(command -v update-alternatives || command -v alternatives || true)
+        [ -n "$alt" ] && "$alt" --remove keelctl /usr/lib/keel-agent/keelctl >/dev/null 2>&1
         if [ -z "$root" ] && [ -d /run/systemd/system ]; then
             systemctl stop keel-agent.service >/dev/null 2>&1 || true
             systemctl disable keel-agent.service >/dev/null 2>&1 || true

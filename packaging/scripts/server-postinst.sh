@@ -20,6 +20,12 @@ case "$1" in
     [2-9]) upgrade=1 ;;
 esac
 
+# keelctl comes with both packages: /usr/bin/keelctl is an alternative.
+alt=$(command -v update-alternatives || command -v alternatives || true)
+if [ -n "$alt" ]; then
+    "$alt" --install /usr/bin/keelctl keelctl /usr/lib/keel-server/keelctl 50 >/dev/null 2>&1 || true
+fi
+
 if [ -z "$root" ]; then
     # A CA on first install, named after this host, so the service can start.
     if [ ! -f /var/lib/keel-server/pki/ca.key ]; then

@@ -1020,6 +1020,8 @@ pub fn throwaway_root() -> TempDir {
     let r = root.path();
     std::fs::create_dir_all(r.join("var/lib/dpkg/info")).expect("dpkg dir");
     std::fs::create_dir_all(r.join("var/lib/dpkg/updates")).expect("dpkg dir");
+    std::fs::create_dir_all(r.join("var/lib/dpkg/alternatives")).expect("alternatives dir");
+    std::fs::create_dir_all(r.join("etc/alternatives")).expect("alternatives dir");
     std::fs::create_dir_all(r.join("etc")).expect("etc");
     for (f, text) in [
         ("var/lib/dpkg/status", ""),

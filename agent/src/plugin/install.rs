@@ -63,6 +63,9 @@ pub enum InstallError {
     /// The archive lacks `<name>` at its top.
     #[error("package has no executable {0:?} at its top level")]
     NoExecutable(String),
+    /// A packaged plugin of the local set is not where only root can change it.
+    #[error("packaged plugin not trusted: {0}")]
+    Untrusted(String),
     /// Local I/O failed.
     #[error("{0}")]
     Io(String),
@@ -221,11 +224,17 @@ impl Installer {
         let kind = cfg.kind.clone().map_err(InstallError::Kind)?;
         std::fs::create_dir_all(self.staging()).map_err(io("staging directory"))?;
         let suffix = random_suffix();
-        let package = self.staging().join(format!("{}.{suffix}.pkg", cfg.name));
-        let bytes = self
-            .fetch_verified(&cfg.name, &cfg.download_urls, &cfg.sha256, &cfg.signature, &package)
-            .await?;
-        let _ = std::fs::remove_file(&package);
+        let bytes = match &cfg.local {
+            Some(path) => self.read_local(path, &cfg.sha256)?,
+            None => {
+                let package = self.staging().join(format!("{}.{suffix}.pkg", cfg.name));
+                let bytes = self
+                    .fetch_verified(&cfg.name, &cfg.download_urls, &cfg.sha256, &cfg.signature, &package)
+                    .await?;
+                let _ = std::fs::remove_file(&package);
+                bytes
+            }
+        };
         let staged = self.staging().join(format!("{}.{suffix}", cfg.name));
         std::fs::create_dir_all(&staged).map_err(io("staging directory"))?;
         let unpacked = match kind {
@@ -241,6 +250,57 @@ impl Installer {
             return Err(e);
         }
         Ok(staged)
+    }
+
+    /// Reads a packaged plugin of the local set. It is trusted for where it is, like
+    /// the agent's own binary: a regular file (not a link) in directories that only
+    /// root or the agent's user own and can write (a sticky directory such as /tmp
+    /// may be writable by all: nobody else can replace what is in it), and with the
+    /// hash it had when the set was read.
+    fn read_local(&self, path: &Path, sha256: &str) -> Result<Vec<u8>, InstallError> {
+        let untrusted = |why: String| InstallError::Untrusted(format!("{}: {why}", path.display()));
+        let me = nix::unistd::geteuid().as_raw();
+        let check = |p: &Path, what: &str| -> Result<std::fs::Metadata, InstallError> {
+            let m = std::fs::symlink_metadata(p).map_err(|e| untrusted(format!("{what} {}: {e}", p.display())))?;
+            if m.file_type().is_symlink() {
+                return Err(untrusted(format!("{what} {} is a symbolic link", p.display())));
+            }
+            if m.uid() != 0 && m.uid() != me {
+                return Err(untrusted(format!("{what} {} is owned by uid {}", p.display(), m.uid())));
+            }
+            let sticky_dir = m.is_dir() && m.mode() & 0o1000 != 0;
+            if m.mode() & 0o022 != 0 && !sticky_dir {
+                return Err(untrusted(format!("{what} {} is writable by others", p.display())));
+            }
+            Ok(m)
+        };
+        use std::os::unix::fs::MetadataExt;
+        // The directories as they really are (/lib may be a link to /usr/lib); the
+        // file itself must not be a link.
+        let (Some(parent), Some(file)) = (path.parent(), path.file_name()) else {
+            return Err(untrusted("not a file path".into()));
+        };
+        let parent = std::fs::canonicalize(parent).map_err(|e| untrusted(format!("its directory: {e}")))?;
+        let path = &parent.join(file);
+        let m = check(path, "the file")?;
+        if !m.file_type().is_file() {
+            return Err(untrusted("not a regular file".into()));
+        }
+        if m.len() > self.max_bytes {
+            return Err(InstallError::TooLarge(self.max_bytes));
+        }
+        for dir in path.ancestors().skip(1).filter(|d| !d.as_os_str().is_empty()) {
+            check(dir, "the directory")?;
+        }
+        let bytes = std::fs::read(path).map_err(io("reading the packaged plugin"))?;
+        let actual = hex::encode(Sha256::digest(&bytes));
+        if !actual.eq_ignore_ascii_case(sha256) {
+            return Err(InstallError::Sha256 {
+                expected: sha256.to_owned(),
+                actual,
+            });
+        }
+        Ok(bytes)
     }
 
     /// Puts a staged package in place. Returns where the previous version went.
@@ -434,6 +494,50 @@ pub fn unpack(bytes: &[u8], into: &Path, max_bytes: u64) -> Result<(), InstallEr
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
+
+    #[test]
+    fn packaged_plugins_are_trusted_only_where_nobody_else_can_change_them() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        keel_common::tls::install_crypto_provider();
+        let installer = Installer::new(dir.path().join("p"), None, None, Duration::from_secs(1), 1 << 20).unwrap();
+        let local = dir.path().join("local");
+        std::fs::create_dir(&local).unwrap();
+        std::fs::set_permissions(&local, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let exe = local.join("echo");
+        std::fs::write(&exe, b"#!/bin/sh\n").unwrap();
+        std::fs::set_permissions(&exe, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let sha = hex::encode(Sha256::digest(b"#!/bin/sh\n"));
+        assert_eq!(installer.read_local(&exe, &sha).unwrap(), b"#!/bin/sh\n");
+
+        let e = installer.read_local(&exe, &"0".repeat(64)).unwrap_err();
+        assert!(
+            matches!(e, InstallError::Sha256 { .. }),
+            "changed since the set was read: {e}"
+        );
+
+        std::fs::set_permissions(&exe, std::fs::Permissions::from_mode(0o775)).unwrap();
+        let e = installer.read_local(&exe, &sha).unwrap_err().to_string();
+        assert!(e.contains("the file") && e.contains("writable by others"), "{e}");
+        std::fs::set_permissions(&exe, std::fs::Permissions::from_mode(0o755)).unwrap();
+
+        std::fs::set_permissions(&local, std::fs::Permissions::from_mode(0o777)).unwrap();
+        let e = installer.read_local(&exe, &sha).unwrap_err().to_string();
+        assert!(e.contains("the directory") && e.contains("writable by others"), "{e}");
+        std::fs::set_permissions(&local, std::fs::Permissions::from_mode(0o1777)).unwrap();
+        assert!(installer.read_local(&exe, &sha).is_ok(), "a sticky directory is fine");
+        std::fs::set_permissions(&local, std::fs::Permissions::from_mode(0o755)).unwrap();
+
+        let link = local.join("link");
+        std::os::unix::fs::symlink(&exe, &link).unwrap();
+        let e = installer.read_local(&link, &sha).unwrap_err().to_string();
+        assert!(e.contains("is a symbolic link"), "{e}");
+        let e = installer
+            .read_local(&local.join("missing"), &sha)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("not trusted") && e.contains("missing"), "{e}");
+    }
 
     /// Builds a tar.gz from (path, kind) entries; kind "file:<data>", "dir", "link:<target>", "hard:<target>".
     pub(crate) fn targz(entries: &[(&str, &str)]) -> Vec<u8> {

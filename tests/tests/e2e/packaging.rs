@@ -95,14 +95,20 @@ fn deb_install_upgrade_remove_and_purge_in_a_throwaway_root() {
     assert_eq!(version_of(&r.join("usr/bin/keel-agent")), "keel-agent 1.0.0");
     assert_eq!(version_of(&r.join("usr/bin/keel-server")), "keel-server 1.0.0");
     assert_eq!(mode(&r.join("usr/bin/keel-agent")), 0o755);
-    // The console CLI ships with the server, where operators work.
-    assert_eq!(mode(&r.join("usr/bin/keelctl")), 0o755);
-    assert!(
-        run(Command::new("dpkg")
-            .arg(format!("--admindir={}", r.join("var/lib/dpkg").display()))
-            .args(["-S", "/usr/bin/keelctl"]))
-        .starts_with("keel-server:")
+    // keelctl comes with both; /usr/bin/keelctl is an alternative, the server's first.
+    let keelctl = || std::fs::read_link(r.join("etc/alternatives/keelctl")).ok();
+    assert_eq!(
+        std::fs::read_link(r.join("usr/bin/keelctl")).unwrap(),
+        Path::new("/etc/alternatives/keelctl")
     );
+    assert_eq!(keelctl().as_deref(), Some(Path::new("/usr/lib/keel-server/keelctl")));
+    assert_eq!(mode(&r.join("usr/lib/keel-agent/keelctl")), 0o755);
+    // The local plugin set and its files.
+    assert_eq!(mode(&r.join("usr/lib/keel-agent/plugins/key-request")), 0o755);
+    assert!(r.join("usr/share/keel-agent/key-request/mysql_provider.py").exists());
+    assert!(r.join("usr/share/doc/keel-agent/key-request.md").exists());
+    let agent_toml = std::fs::read_to_string(r.join("etc/keel/agent.toml")).unwrap();
+    assert!(agent_toml.contains("[plugins.local.key-request]"), "{agent_toml}");
     assert_eq!(mode(&r.join("etc/keel/agent.toml")), 0o640);
     assert_eq!(mode(&r.join("etc/keel/server.toml")), 0o640);
     assert_eq!(mode(&r.join("var/lib/keel-agent")), 0o700);
@@ -139,8 +145,14 @@ fn deb_install_upgrade_remove_and_purge_in_a_throwaway_root() {
         "state survives an upgrade"
     );
 
+    // Without the server, keelctl is the agent's.
+    dpkg(r, &["-r"], &[PathBuf::from("keel-server")]);
+    assert_eq!(keelctl().as_deref(), Some(Path::new("/usr/lib/keel-agent/keelctl")));
+    assert!(r.join("usr/lib/keel-agent/keelctl").exists());
+
     // Remove keeps configuration and state; purge deletes them.
     dpkg(r, &["-r"], &[PathBuf::from("keel-agent")]);
+    assert!(keelctl().is_none() && std::fs::symlink_metadata(r.join("usr/bin/keelctl")).is_err());
     assert!(!r.join("usr/bin/keel-agent").exists());
     assert!(config.exists() && r.join("var/lib/keel-agent/agent_id").exists());
     dpkg(r, &["-P"], &[PathBuf::from("keel-agent"), PathBuf::from("keel-server")]);
@@ -209,13 +221,41 @@ fn units_verify_and_the_server_unit_is_hardened() {
 async fn the_packaged_agent_connects_to_a_server() {
     let Some(dir) = packages() else { return };
     let root = throwaway_root();
-    dpkg(root.path(), &["-i"], &[deb(&dir, "keel-agent", "1.0.1")]);
+    let r = root.path();
+    dpkg(r, &["-i"], &[deb(&dir, "keel-agent", "1.0.1")]);
+    // The packaged configuration is valid as shipped.
+    let state = tempfile::tempdir().unwrap();
+    let out = Command::new(r.join("usr/bin/keel-agent"))
+        .arg("--config")
+        .arg(r.join("etc/keel/agent.toml"))
+        .arg("--state-dir")
+        .arg(state.path())
+        .arg("id")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+
+    // The packaged agent runs the packaged key-request from its local set.
     let server = Server::start(ServerOptions::default()).await;
-    let mut agent = Agent::new(&server, "packaged-1", "");
-    agent.exe = root.path().join("usr/bin/keel-agent");
+    let local = format!(
+        "local_dir = {:?}\n[plugins.local.key-request]\ndetail = '{{\"exec_path\": \"/bin/false\"}}'\n",
+        r.join("usr/lib/keel-agent/plugins").display().to_string()
+    );
+    let mut agent = Agent::with(&server, "packaged-1", &local, "");
+    agent.exe = r.join("usr/bin/keel-agent");
     let out = agent.enroll(&server, &server.enrollment_token(1, "10m"), Some(&server.fingerprint()));
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     agent.start();
-    let a = server.api().online("packaged-1").await;
+    let api = server.api();
+    let a = api.online("packaged-1").await;
     assert_eq!(a["version"], "1.0.1", "the version built into the package");
+    keel_tests::eventually("the packaged key-request running", || async {
+        let a = api.agent("packaged-1").await?;
+        a["plugins"]
+            .as_array()?
+            .iter()
+            .find(|p| p["name"] == "key-request" && p["state"] == "running" && p["version"] == "1.0.1")
+            .cloned()
+    })
+    .await;
 }

@@ -611,3 +611,65 @@ async fn the_spool_keeps_records_across_an_agent_restart_while_the_server_is_dow
     .await;
     exactly_once(&got, K);
 }
+
+#[tokio::test]
+async fn the_local_plugin_set_runs_until_the_server_sends_one() {
+    use std::os::unix::fs::PermissionsExt;
+    let server = Server::start(server_opts("")).await;
+    let api = server.api();
+    let local = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(local.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    for (name, mode) in [("echo", 0o755), ("loose", 0o775), ("off", 0o755)] {
+        let exe = local.path().join(name);
+        std::fs::write(&exe, test_plugin()).unwrap();
+        std::fs::set_permissions(&exe, std::fs::Permissions::from_mode(mode)).unwrap();
+    }
+    let plugins = format!(
+        "local_dir = {:?}\n[plugins.local.echo]\ndetail = \"{{}}\"\n[plugins.local.loose]\n[plugins.local.off]\nenabled = false\n",
+        local.path().display().to_string()
+    );
+    let mut agent = Agent::enrolled_with(&server, "local-1", &plugins);
+    agent.start();
+    api.online("local-1").await;
+
+    // Packaged plugins run with no server involved, and answer tasks.
+    plugin_where(&api, "local-1", "echo", "the local echo running", |p| {
+        p["state"] == "running"
+    })
+    .await;
+    let t = task(&api, "local-1", "echo", "hi").await;
+    assert_eq!(t["result"]["msg"], "echo hi", "{t}");
+    // One that others could have replaced is refused, saying why; a disabled one is not run.
+    runtime_result(&server, "loose", "writable by others").await;
+    assert!(plugin(&api, "local-1", "loose").await.is_none());
+    assert!(plugin(&api, "local-1", "off").await.is_none());
+    let listed = || async {
+        let a = api.agent("local-1").await.unwrap();
+        a["plugins"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|p| p["name"].as_str().unwrap().to_owned())
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(listed().await, ["echo"]);
+
+    // A set from the server replaces the local set, also across restarts.
+    server.put_plugins("local-1", &json!([])).await;
+    eventually("the local echo to be removed", || async {
+        plugin(&api, "local-1", "echo").await.is_none().then_some(())
+    })
+    .await;
+    let before = api.agent("local-1").await.unwrap()["connected_at"].clone();
+    agent.stop_within(Duration::from_secs(10)).expect("stopped");
+    agent.start();
+    let a = eventually("a heartbeat after the restart", || async {
+        api.agent("local-1").await.filter(|a| {
+            a["online"] == true
+                && a["connected_at"] != before
+                && a["last_heartbeat"].as_str() > a["connected_at"].as_str()
+        })
+    })
+    .await;
+    assert_eq!(a["heartbeat"]["plugins"], "", "the local set did not come back: {a}");
+}
