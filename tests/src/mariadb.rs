@@ -1,11 +1,13 @@
 //! A throwaway MariaDB database of agent keys, for the key-request tests and
 //! benchmark: [`KeyDb`] creates a database of its own with an `agent` table, and
-//! runs the shipped provider (`plugins/key-request/providers/mysql_provider.py`)
-//! against it, by exec or as a socket server.
+//! runs a shipped provider against it, by exec or as a socket server: the Python
+//! one (`plugins/key-request/providers/mysql_provider.py`) or the Rust one
+//! (`keel-keyprovider-mysql`), as [`Provider`] says.
 //!
 //! MariaDB is at `127.0.0.1:3306` (user root, no password), or where
 //! `KEEL_TEST_MARIADB` (`host:port`) says. The `mariadb` command-line client does
-//! the SQL; the provider needs python3 with PyMySQL (`.ci/run` installs it).
+//! the SQL; the Python provider needs python3 with PyMySQL (`.ci/run` installs
+//! it), the Rust one a build of the workspace's binaries.
 
 use std::io::Write;
 use std::os::unix::net::UnixStream;
@@ -25,6 +27,46 @@ const INSERT_BATCH: usize = 1000;
 pub const PROVIDER_THREADS: usize = 8;
 /// How long a socket provider may take to start listening.
 const PROVIDER_START: Duration = Duration::from_secs(30);
+/// The Rust provider's binary, built with the workspace.
+pub const RUST_PROVIDER_BIN: &str = "keel-keyprovider-mysql";
+/// The Rust provider's log filter.
+const LOG_ENV: &str = "KEEL_LOG";
+
+/// Which MySQL/MariaDB provider to run; both take the same options.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Provider {
+    /// `providers/mysql_provider.py`, run by [`python()`].
+    Python,
+    /// `keel-keyprovider-mysql`, found by [`crate::bin`].
+    Rust,
+}
+
+impl Provider {
+    /// Both, Python first.
+    pub const ALL: [Provider; 2] = [Provider::Python, Provider::Rust];
+
+    /// `Python` or `Rust`, for messages.
+    pub fn name(self) -> &'static str {
+        match self {
+            Provider::Python => "Python",
+            Provider::Rust => "Rust",
+        }
+    }
+
+    /// The program and the arguments before the options: the interpreter and the
+    /// script, or the binary.
+    pub fn command(self) -> Vec<String> {
+        match self {
+            Provider::Python => vec![python().to_owned(), provider_script().display().to_string()],
+            Provider::Rust => vec![rust_provider().display().to_string()],
+        }
+    }
+}
+
+/// The Rust provider's binary, beside the running executable (see [`crate::bin`]).
+pub fn rust_provider() -> PathBuf {
+    crate::bin(RUST_PROVIDER_BIN)
+}
 
 /// One row of the `agent` table.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -191,6 +233,18 @@ impl KeyDb {
         }
     }
 
+    /// Creates a MariaDB user with `password`, allowed to read this database.
+    pub fn create_user(&self, password: &str) -> DbUser {
+        static COUNTER: AtomicU32 = AtomicU32::new(0);
+        let name = format!("kr_{}_{}", std::process::id(), COUNTER.fetch_add(1, Ordering::Relaxed));
+        mariadb(&format!(
+            "CREATE USER '{name}'@'%' IDENTIFIED BY {};\nGRANT SELECT ON `{}`.* TO '{name}'@'%';\n",
+            literal(password),
+            self.name
+        ));
+        DbUser { name }
+    }
+
     /// The provider's connection options for this database.
     pub fn provider_args(&self) -> Vec<String> {
         let (host, port) = server();
@@ -209,40 +263,58 @@ impl KeyDb {
         .collect()
     }
 
-    /// `exec_path` for the plugin: the provider in exec mode on this database.
+    /// `exec_path` for the plugin: the Python provider in exec mode on this database.
     pub fn exec_path(&self) -> String {
-        let mut words = vec![python().to_owned(), provider_script().display().to_string()];
+        self.exec_path_for(Provider::Python)
+    }
+
+    /// `exec_path` for the plugin: `provider` in exec mode on this database.
+    pub fn exec_path_for(&self, provider: Provider) -> String {
+        let mut words = provider.command();
         words.extend(self.provider_args());
         words.join(" ")
     }
 
-    /// Starts the provider in socket mode on `socket` with [`PROVIDER_THREADS`]
-    /// threads; returns once it accepts connections.
+    /// Starts the Python provider in socket mode on `socket` with
+    /// [`PROVIDER_THREADS`] threads; returns once it accepts connections.
     pub fn serve(&self, socket: &Path) -> ProviderServer {
         self.serve_with_threads(socket, PROVIDER_THREADS)
     }
 
     /// [`KeyDb::serve`] with `threads` worker threads.
     pub fn serve_with_threads(&self, socket: &Path, threads: usize) -> ProviderServer {
-        let mut child = Command::new(python())
-            .arg(provider_script())
+        self.serve_using(Provider::Python, socket, threads)
+    }
+
+    /// Starts `provider` in socket mode on `socket` with `threads` worker threads;
+    /// returns once it accepts connections.
+    pub fn serve_using(&self, provider: Provider, socket: &Path, threads: usize) -> ProviderServer {
+        let command = provider.command();
+        let mut child = Command::new(&command[0])
+            .args(&command[1..])
             .args(self.provider_args())
             .arg("--threads")
             .arg(threads.to_string())
             .arg("--serve")
             .arg(socket)
+            // The Rust provider logs to stderr: warnings only, unless asked.
+            .env(LOG_ENV, std::env::var(LOG_ENV).unwrap_or_else(|_| "warn".to_owned()))
             .stdin(Stdio::null())
             .spawn()
-            .expect("start the socket provider");
+            .unwrap_or_else(|e| panic!("start the {} socket provider: {e}", provider.name()));
         let start = Instant::now();
         while UnixStream::connect(socket).is_err() {
             if let Ok(Some(status)) = child.try_wait() {
-                panic!("the socket provider exited with {status} before listening");
+                panic!(
+                    "the {} socket provider exited with {status} before listening",
+                    provider.name()
+                );
             }
             if start.elapsed() > PROVIDER_START {
                 let _ = child.kill();
                 panic!(
-                    "the socket provider did not listen on {} within {PROVIDER_START:?}",
+                    "the {} socket provider did not listen on {} within {PROVIDER_START:?}",
+                    provider.name(),
                     socket.display()
                 );
             }
@@ -257,14 +329,37 @@ impl KeyDb {
 
 impl Drop for KeyDb {
     fn drop(&mut self) {
-        let (host, port) = server();
-        // Not mariadb(): a panic while panicking would abort the test run.
-        let _ = Command::new("mariadb")
-            .args(["--protocol=tcp", "-h", &host, "-P", &port, "-u", "root", "-e"])
-            .arg(format!("DROP DATABASE IF EXISTS `{}`", self.name))
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status();
+        clean_up(&format!("DROP DATABASE IF EXISTS `{}`", self.name));
+    }
+}
+
+/// Runs `sql` as root, ignoring any failure: for `Drop`, where [`mariadb`]'s panic
+/// while panicking would abort the test run.
+fn clean_up(sql: &str) {
+    let (host, port) = server();
+    let _ = Command::new("mariadb")
+        .args(["--protocol=tcp", "-h", &host, "-P", &port, "-u", "root", "-e", sql])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status();
+}
+
+/// A MariaDB user made by [`KeyDb::create_user`]; dropped on drop.
+#[derive(Debug)]
+pub struct DbUser {
+    name: String,
+}
+
+impl DbUser {
+    /// The user's name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+}
+
+impl Drop for DbUser {
+    fn drop(&mut self) {
+        clean_up(&format!("DROP USER IF EXISTS '{}'@'%'", self.name));
     }
 }
 

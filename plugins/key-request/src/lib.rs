@@ -11,11 +11,15 @@
 //! anything runs), [`queue`] (bounded, joining identical lookups), [`provider`]
 //! (the socket and the program that know the keys), [`reply`] (their answers,
 //! checked field by field) and [`plugin`] (the threads and the answers).
+//!
+//! [`mysql_provider`] is not part of the plugin: it is the `keel-keyprovider-mysql`
+//! binary, a provider that answers lookups from a MySQL or MariaDB table.
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
 pub mod config;
 pub mod key;
+pub mod mysql_provider;
 pub mod plugin;
 pub mod provider;
 pub mod queue;

@@ -17,7 +17,7 @@ pub const MAX_IP_CHARS: usize = 19;
 /// SHA-256 digests are this many bytes.
 pub const SHA256_BYTES: usize = 32;
 /// How much of a refused value a message quotes, in characters.
-const QUOTE_CHARS: usize = 40;
+pub const QUOTE_CHARS: usize = 40;
 
 /// What a lookup is by.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize)]
@@ -190,7 +190,7 @@ fn hex_field(name: &str, value: &str, bytes: usize) -> Result<Vec<u8>, RequestEr
 }
 
 /// `value` quoted and escaped for a message, cut at [`QUOTE_CHARS`].
-fn quote(value: &str) -> String {
+pub fn quote(value: &str) -> String {
     let cut: String = value.chars().take(QUOTE_CHARS).collect();
     if cut.len() < value.len() {
         format!("{cut:?}...")

@@ -7,7 +7,10 @@ use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+use base64::Engine;
+use keel_tests::mariadb::{AgentRow, KeyDb};
 use keel_tests::{Agent, Server, ServerOptions, deb, dpkg, packages, run, throwaway_root};
+use serde_json::json;
 
 fn rpm(dir: &Path, name: &str, version: &str) -> PathBuf {
     dir.join(format!("{name}-{version}-1.x86_64.rpm"))
@@ -106,6 +109,8 @@ fn deb_install_upgrade_remove_and_purge_in_a_throwaway_root() {
     // The local plugin set and its files.
     assert_eq!(mode(&r.join("usr/lib/keel-agent/plugins/key-request")), 0o755);
     assert!(r.join("usr/share/keel-agent/key-request/mysql_provider.py").exists());
+    assert_eq!(mode(&r.join("usr/bin/keel-keyprovider-mysql")), 0o755);
+    assert!(r.join("etc/default/keel-keyprovider-mysql").exists());
     assert!(r.join("usr/share/doc/keel-agent/key-request.md").exists());
     let agent_toml = std::fs::read_to_string(r.join("etc/keel/agent.toml")).unwrap();
     assert!(agent_toml.contains("[plugins.local.key-request]"), "{agent_toml}");
@@ -168,7 +173,7 @@ fn deb_install_upgrade_remove_and_purge_in_a_throwaway_root() {
 }
 
 #[test]
-fn units_verify_and_the_server_unit_is_hardened() {
+fn units_verify_and_the_daemon_units_are_hardened() {
     let Some(dir) = packages() else { return };
     let root = throwaway_root();
     let r = root.path();
@@ -185,7 +190,11 @@ fn units_verify_and_the_server_unit_is_hardened() {
             let _ = std::fs::copy(entry.path(), to);
         }
     }
-    for unit in ["keel-agent.service", "keel-server.service"] {
+    for unit in [
+        "keel-agent.service",
+        "keel-server.service",
+        "keel-keyprovider-mysql.service",
+    ] {
         run(Command::new("systemd-analyze")
             .arg(format!("--root={}", r.display()))
             .arg("verify")
@@ -211,8 +220,8 @@ fn units_verify_and_the_server_unit_is_hardened() {
             .unwrap()
             .parse()
             .unwrap();
-        if unit == "keel-server.service" {
-            assert!(score <= 2.0, "the server unit is hardened: {line}");
+        if unit != "keel-agent.service" {
+            assert!(score <= 2.0, "{unit} is hardened: {line}");
         }
     }
 }
@@ -235,10 +244,15 @@ async fn the_packaged_agent_connects_to_a_server() {
         .unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
 
-    // The packaged agent runs the packaged key-request from its local set.
+    // The packaged agent runs the packaged key-request from its local set, which
+    // looks keys up with the packaged provider in a real MariaDB.
+    let db = KeyDb::create(&[AgentRow::new("001", "web-1", "10.1.2.3", "key-of-web-1-5e4d")]);
+    let mut exec_path = vec![r.join("usr/bin/keel-keyprovider-mysql").display().to_string()];
+    exec_path.extend(db.provider_args());
+    let detail = json!({"exec_path": exec_path.join(" "), "timeout": 20});
     let server = Server::start(ServerOptions::default()).await;
     let local = format!(
-        "local_dir = {:?}\n[plugins.local.key-request]\ndetail = '{{\"exec_path\": \"/bin/false\"}}'\n",
+        "local_dir = {:?}\n[plugins.local.key-request]\ndetail = '{detail}'\n",
         r.join("usr/lib/keel-agent/plugins").display().to_string()
     );
     let mut agent = Agent::with(&server, "packaged-1", &local, "");
@@ -258,4 +272,25 @@ async fn the_packaged_agent_connects_to_a_server() {
             .cloned()
     })
     .await;
+    let lookup = json!({"data_type": 6000, "object_name": "key-request", "data": r#"{"by":"id","value":"001"}"#});
+    let (status, answer) = api.post("/api/v1/agents/packaged-1/tasks", &lookup).await;
+    assert_eq!(status, 202, "{answer}");
+    let token = answer["token"].as_str().unwrap().to_owned();
+    let task = keel_tests::eventually("the lookup's result", || async {
+        let (_, t) = api.get(&format!("/api/v1/tasks/{token}")).await;
+        (t["status"] != "sent").then_some(t)
+    })
+    .await;
+    assert_eq!(task["status"], "succeeded", "{task}");
+    let record = keel_tests::eventually("the 6000 record in the sink", || async {
+        server.sink_lines().into_iter().find(|l| l["data_type"] == 6000)
+    })
+    .await;
+    // The plugin's record, passed through undecoded: its payload's fields.
+    let payload = base64::engine::general_purpose::STANDARD
+        .decode(record["data"].as_str().unwrap())
+        .unwrap();
+    let shown = String::from_utf8_lossy(&payload);
+    assert!(shown.contains("web-1") && shown.contains(&token), "{record}");
+    assert!(!shown.contains("key-of-web-1"), "the key left the plugin: {record}");
 }

@@ -1,6 +1,7 @@
 //! `keel-bench keyrequest`: lookups per second through the key-request plugin
-//! against the MariaDB-backed providers, each run against a baseline of the same
-//! lookups made straight to the provider; see the crate documentation.
+//! against the MariaDB-backed providers (the Python one and the Rust one), each
+//! run against a baseline of the same lookups made straight to the provider; see
+//! the crate documentation.
 
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader, BufWriter, Read, Write};
@@ -12,7 +13,7 @@ use std::sync::Arc;
 use std::sync::mpsc::{TrySendError, sync_channel};
 use std::time::Instant;
 
-use keel_tests::mariadb::{AgentRow, KeyDb};
+use keel_tests::mariadb::{AgentRow, KeyDb, Provider};
 use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
 
@@ -29,6 +30,18 @@ const WINDOW: usize = 512;
 const PLUGIN_THREADS: [usize; 2] = [1, 8];
 /// Lookups in the exec ceiling run (a shell program: quick).
 const SHELL_LOOKUPS: usize = 2_000;
+/// How many times the lookups of a Python run a Rust run makes, socket and exec:
+/// it is that much quicker, and a run of well under a second says little.
+const RUST_SOCKET_FACTOR: usize = 4;
+const RUST_EXEC_FACTOR: usize = 10;
+
+/// Lookups for `provider`, given the Python count.
+fn lookups_for(provider: Provider, python: usize, rust_factor: usize) -> usize {
+    match provider {
+        Provider::Python => python,
+        Provider::Rust => python * rust_factor,
+    }
+}
 
 /// CPU seconds (user + system) of a process, and of its reaped children.
 fn cpu(pid: u32) -> (f64, f64) {
@@ -144,6 +157,12 @@ fn found(reply: &[u8]) -> bool {
     serde_json::from_slice::<Value>(reply).is_ok_and(|v| v["error"] == 0)
 }
 
+/// CPU seconds of this process (the load generator: the feeding and reading
+/// threads, or the baseline's clients) and of its reaped children.
+fn own_cpu() -> (f64, f64) {
+    cpu(std::process::id())
+}
+
 /// The same lookups straight to the socket, from [`BASELINE_PARALLEL`] threads.
 fn direct_socket(sock: &Path, ids: &[String]) -> f64 {
     let start = Instant::now();
@@ -236,79 +255,186 @@ fn report(label: &str, run: &Run, n: usize, base: f64, what_children: Option<&st
     }
 }
 
-/// Runs the benchmark.
+/// CPU seconds of the processes a run shares the machine with.
+#[derive(Clone, Copy)]
+struct Usage {
+    /// The socket provider (0 in exec mode: its processes are the plugin's children).
+    provider: f64,
+    /// mariadbd.
+    mariadbd: f64,
+    /// keel-bench itself.
+    bench: f64,
+    /// keel-bench's reaped children (the baseline's provider processes).
+    bench_children: f64,
+}
+
+/// Reads [`Usage`] now.
+struct Meter {
+    provider: Option<u32>,
+    mariadbd: Option<u32>,
+}
+
+impl Meter {
+    fn now(&self) -> Usage {
+        let own = own_cpu();
+        Usage {
+            provider: self.provider.map_or(0.0, |p| cpu(p).0),
+            mariadbd: self.mariadbd.map_or(0.0, |p| cpu(p).0),
+            bench: own.0,
+            bench_children: own.1,
+        }
+    }
+
+    /// "provider CPU ... , mariadbd CPU ..., keel-bench CPU ..." per lookup since `from`.
+    fn since(&self, from: Usage, n: usize, provider: Option<&str>) -> String {
+        let to = self.now();
+        let us = |secs: f64| secs * 1e6 / n as f64;
+        let mut parts = Vec::new();
+        if let Some(what) = provider {
+            let secs = if self.provider.is_some() {
+                to.provider - from.provider
+            } else {
+                to.bench_children - from.bench_children
+            };
+            parts.push(format!("{what} CPU {:.0} us/lookup", us(secs)));
+        }
+        if self.mariadbd.is_some() {
+            parts.push(format!("mariadbd CPU {:.0} us/lookup", us(to.mariadbd - from.mariadbd)));
+        }
+        parts.push(format!("keel-bench CPU {:.0} us/lookup", us(to.bench - from.bench)));
+        parts.join(", ")
+    }
+}
+
+/// The best figure through the plugin so far, and what gave it.
+#[derive(Default)]
+struct Best {
+    per_s: f64,
+    what: String,
+}
+
+impl Best {
+    fn offer(&mut self, per_s: f64, provider: Provider, threads: usize) {
+        if per_s > self.per_s {
+            self.per_s = per_s;
+            self.what = format!("{} provider, plugin threads {threads}", provider.name());
+        }
+    }
+}
+
+/// Socket mode with `provider`: the baseline, then through the plugin.
+fn socket_runs(db: &KeyDb, provider: Provider, dir: &Path, ids: &[String], mariadbd: Option<u32>, best: &mut Best) {
+    let n = ids.len();
+    let sock = dir.join(format!("{}-provider.sock", provider.name().to_lowercase()));
+    let server = db.serve_using(provider, &sock, PROVIDER_THREADS);
+    let meter = Meter {
+        provider: Some(server.pid()),
+        mariadbd,
+    };
+    println!(
+        "  socket, {} provider with {PROVIDER_THREADS} threads ({n} lookups)",
+        provider.name()
+    );
+    let from = meter.now();
+    let base = direct_socket(&sock, ids);
+    println!(
+        "    baseline, {BASELINE_PARALLEL} threads straight to the socket: {base:.0} lookups/s; {}",
+        meter.since(from, n, Some("provider"))
+    );
+    for threads in PLUGIN_THREADS {
+        let detail = json!({"socket": sock, "threads": threads, "timeout": 30});
+        let from = meter.now();
+        let run = through_plugin(&detail, ids);
+        let usage = meter.since(from, n, Some("provider"));
+        report(&format!("plugin, threads {threads}"), &run, n, base, None);
+        println!("      {usage}");
+        if run.failed == 0 {
+            best.offer(run.per_s, provider, threads);
+        }
+    }
+}
+
+/// Exec mode with `provider`: the baseline, then through the plugin.
+fn exec_runs(db: &KeyDb, provider: Provider, ids: &[String], mariadbd: Option<u32>, best: &mut Best) {
+    let n = ids.len();
+    let exec_path = db.exec_path_for(provider);
+    let meter = Meter {
+        provider: None,
+        mariadbd,
+    };
+    println!(
+        "  exec, {} provider, a process per lookup ({n} lookups)",
+        provider.name()
+    );
+    let from = meter.now();
+    let base = direct_exec(&exec_path, ids);
+    println!(
+        "    baseline, {BASELINE_PARALLEL} provider processes at a time: {base:.1} lookups/s; {}",
+        meter.since(from, n, Some("provider processes'"))
+    );
+    for threads in PLUGIN_THREADS {
+        let detail = json!({"exec_path": exec_path, "threads": threads, "timeout": 30});
+        let from = meter.now();
+        let run = through_plugin(&detail, ids);
+        let usage = meter.since(from, n, None);
+        report(
+            &format!("plugin, threads {threads}"),
+            &run,
+            n,
+            base,
+            Some("provider processes'"),
+        );
+        println!("      {usage}");
+        if run.failed == 0 {
+            best.offer(run.per_s, provider, threads);
+        }
+    }
+}
+
+/// Runs the benchmark: `socket_lookups` and `exec_lookups` for the Python
+/// provider, [`RUST_SOCKET_FACTOR`] and [`RUST_EXEC_FACTOR`] times as many for the
+/// Rust one.
 pub fn run(socket_lookups: usize, exec_lookups: usize) {
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     println!(
-        "keyrequest: lookups/s through the key-request plugin, MariaDB-backed providers, {cores} cores; every lookup for a different agent"
+        "keyrequest: lookups/s through the key-request plugin, MariaDB-backed providers (Python and Rust), {cores} cores; every lookup for a different agent"
     );
-    let rows = rows(ROWS.max(socket_lookups).max(exec_lookups));
+    let most = Provider::ALL
+        .iter()
+        .map(|&p| {
+            lookups_for(p, socket_lookups, RUST_SOCKET_FACTOR).max(lookups_for(p, exec_lookups, RUST_EXEC_FACTOR))
+        })
+        .max()
+        .unwrap_or(0);
+    let rows = rows(ROWS.max(most));
     let db = KeyDb::create(&rows);
     let ids: Vec<String> = rows.iter().map(|r| r.id.clone()).collect();
     let dir = tempfile::tempdir().expect("tempdir");
     let mariadbd = mariadbd_pid();
-    let db_cpu = || mariadbd.map_or(0.0, |p| cpu(p).0);
+    if mariadbd.is_none() {
+        println!("  (mariadbd is not a process on this machine: its CPU is not measured)");
+    }
 
     // Socket mode.
-    let sock = dir.path().join("provider.sock");
-    let server = db.serve_with_threads(&sock, PROVIDER_THREADS);
-    let ids_s = &ids[..socket_lookups];
-    let (p0, d0) = (cpu(server.pid()).0, db_cpu());
-    let base_socket = direct_socket(&sock, ids_s);
-    let (p1, d1) = (cpu(server.pid()).0, db_cpu());
-    println!("  socket ({socket_lookups} lookups; Python provider with {PROVIDER_THREADS} threads)");
-    println!(
-        "    baseline, {BASELINE_PARALLEL} threads straight to the socket: {base_socket:.0} lookups/s; provider CPU {:.0} us/lookup, mariadbd CPU {:.0} us/lookup",
-        (p1 - p0) * 1e6 / socket_lookups as f64,
-        (d1 - d0) * 1e6 / socket_lookups as f64
-    );
-    let mut socket_best: f64 = 0.0;
-    for threads in PLUGIN_THREADS {
-        let detail = json!({"socket": sock, "threads": threads, "timeout": 30});
-        let (p0, d0) = (cpu(server.pid()).0, db_cpu());
-        let run = through_plugin(&detail, ids_s);
-        let (p1, d1) = (cpu(server.pid()).0, db_cpu());
-        report(
-            &format!("plugin, threads {threads}"),
-            &run,
-            socket_lookups,
-            base_socket,
-            None,
-        );
-        println!(
-            "      provider CPU {:.0} us/lookup, mariadbd CPU {:.0} us/lookup",
-            (p1 - p0) * 1e6 / socket_lookups as f64,
-            (d1 - d0) * 1e6 / socket_lookups as f64
-        );
-        socket_best = socket_best.max(run.per_s);
+    let mut socket_best = Best::default();
+    for provider in Provider::ALL {
+        let n = lookups_for(provider, socket_lookups, RUST_SOCKET_FACTOR);
+        socket_runs(&db, provider, dir.path(), &ids[..n], mariadbd, &mut socket_best);
     }
-    drop(server);
+    let ids_s = &ids[..socket_lookups];
     let mem_sock = dir.path().join("memory.sock");
     memory_server(&mem_sock, &rows);
     let mem_base = direct_socket(&mem_sock, ids_s);
     let mem_run = through_plugin(&json!({"socket": mem_sock, "threads": 8, "timeout": 30}), ids_s);
-    println!("    ceiling without Python and MariaDB (an in-memory socket server in this process):");
-    println!("      baseline, {BASELINE_PARALLEL} threads straight to it: {mem_base:.0} lookups/s");
+    println!("  socket ceiling without a provider process and MariaDB (an in-memory socket server in keel-bench):");
+    println!("    baseline, {BASELINE_PARALLEL} threads straight to it: {mem_base:.0} lookups/s");
     report("plugin, threads 8", &mem_run, socket_lookups, mem_base, None);
 
     // Exec mode.
-    let exec_path = db.exec_path();
-    let ids_e = &ids[..exec_lookups];
-    println!("  exec ({exec_lookups} lookups; a Python process per lookup)");
-    let base_exec = direct_exec(&exec_path, ids_e);
-    println!("    baseline, {BASELINE_PARALLEL} provider processes at a time: {base_exec:.1} lookups/s");
-    let mut exec_best: f64 = 0.0;
-    for threads in PLUGIN_THREADS {
-        let detail = json!({"exec_path": exec_path, "threads": threads, "timeout": 30});
-        let run = through_plugin(&detail, ids_e);
-        report(
-            &format!("plugin, threads {threads}"),
-            &run,
-            exec_lookups,
-            base_exec,
-            Some("provider processes'"),
-        );
-        exec_best = exec_best.max(run.per_s);
+    let mut exec_best = Best::default();
+    for provider in Provider::ALL {
+        let n = lookups_for(provider, exec_lookups, RUST_EXEC_FACTOR);
+        exec_runs(&db, provider, &ids[..n], mariadbd, &mut exec_best);
     }
     let shell = dir.path().join("printf-provider");
     std::fs::write(
@@ -322,10 +448,10 @@ pub fn run(socket_lookups: usize, exec_lookups: usize) {
     let shell_base = direct_exec(&shell_path, shell_ids);
     let shell_run = through_plugin(&json!({"exec_path": shell_path, "threads": 8}), shell_ids);
     println!(
-        "    ceiling without Python and MariaDB (a /bin/sh printf program, {} lookups):",
+        "  exec ceiling without a real provider and MariaDB (a /bin/sh printf program, {} lookups):",
         shell_ids.len()
     );
-    println!("      baseline, {BASELINE_PARALLEL} processes at a time: {shell_base:.0} lookups/s");
+    println!("    baseline, {BASELINE_PARALLEL} processes at a time: {shell_base:.0} lookups/s");
     report(
         "plugin, threads 8",
         &shell_run,
@@ -334,5 +460,12 @@ pub fn run(socket_lookups: usize, exec_lookups: usize) {
         Some("programs'"),
     );
 
-    println!("keyrequest socket_per_s={socket_best:.0} exec_per_s={exec_best:.1}");
+    println!(
+        "  best through the plugin against MariaDB: socket {:.0} lookups/s ({}), exec {:.1} lookups/s ({})",
+        socket_best.per_s, socket_best.what, exec_best.per_s, exec_best.what
+    );
+    println!(
+        "keyrequest socket_per_s={:.0} exec_per_s={:.1}",
+        socket_best.per_s, exec_best.per_s
+    );
 }
