@@ -35,6 +35,13 @@ use crate::request::{By, Lookup};
 /// The program's name, in messages.
 pub const PROGRAM: &str = "keel-keyprovider-mysql";
 
+/// The version of this build: `BUILD_VERSION` at compile time (as for the other
+/// binaries in the packages), or the crate version.
+pub const VERSION: &str = match option_env!("BUILD_VERSION") {
+    Some(v) => v,
+    None => env!("CARGO_PKG_VERSION"),
+};
+
 /// Exec mode: the reply to one lookup of `value` by `by`. A malformed value is
 /// refused before any connection is made; database trouble is an error-2 reply,
 /// never a failure of the program (as in the Python provider).

@@ -110,6 +110,10 @@ fn deb_install_upgrade_remove_and_purge_in_a_throwaway_root() {
     assert_eq!(mode(&r.join("usr/lib/keel-agent/plugins/key-request")), 0o755);
     assert!(r.join("usr/share/keel-agent/key-request/mysql_provider.py").exists());
     assert_eq!(mode(&r.join("usr/bin/keel-keyprovider-mysql")), 0o755);
+    assert_eq!(
+        version_of(&r.join("usr/bin/keel-keyprovider-mysql")),
+        "keel-keyprovider-mysql 1.0.0"
+    );
     assert!(r.join("etc/default/keel-keyprovider-mysql").exists());
     assert!(r.join("usr/share/doc/keel-agent/key-request.md").exists());
     let agent_toml = std::fs::read_to_string(r.join("etc/keel/agent.toml")).unwrap();

@@ -61,7 +61,7 @@ impl From<ByArg> for By {
 /// --password-file (or KEEL_KR_DB_PASSWORD_FILE) or taken from KEEL_KR_DB_PASSWORD,
 /// never from the command line.
 #[derive(Debug, Parser)]
-#[command(name = "keel-keyprovider-mysql", version)]
+#[command(name = "keel-keyprovider-mysql", version = super::VERSION)]
 pub struct Cli {
     /// Database host.
     #[arg(long, env = ENV_HOST, default_value = "127.0.0.1")]
