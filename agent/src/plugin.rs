@@ -204,7 +204,7 @@ impl Runtime {
         )?;
         installer.clean();
         let cgroups = if config.plugins.cgroups {
-            match cgroup::detect() {
+            match cgroup::detect(&cgroup::instance(&config.agent.state_dir)) {
                 Ok(c) => {
                     info!(cgroups = %c.describe(), "plugins run in their own cgroups");
                     Some(Arc::new(c))
@@ -657,6 +657,9 @@ impl Runtime {
         }
         for r in all {
             let _ = r.join.await;
+        }
+        if let Some(c) = &self.shared.cgroups {
+            c.remove();
         }
     }
 }

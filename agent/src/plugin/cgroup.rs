@@ -4,17 +4,26 @@
 //! agent needs a few file writes, and that crate brings a D-Bus client (zbus) and
 //! a second `nix` into a binary that should stay small.
 //!
-//! The agent creates `keel-plugins/<name>` below its own cgroup (with systemd's
-//! `Delegate=yes` that subtree is the agent's to manage). A plugin enters its
+//! The agent creates `keel-plugins-<instance>/<name>` below its own cgroup (with
+//! systemd's `Delegate=yes` that subtree is the agent's to manage). The instance
+//! is derived from the agent's state directory ([`instance`]), so that agents that
+//! share a cgroup (started by hand, or by a test harness) never share, limit or
+//! sweep each other's plugins, while a restarted agent finds its own again. A
+//! plugin enters its
 //! cgroup itself, before `exec`, by writing `0` to each `cgroup.procs` (see
 //! `spawn`), so not even its first instruction runs unlimited.
 
 use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
 
+use sha2::{Digest, Sha256};
+
 use crate::config::PluginLimits;
 
+/// The subtree's name, before the instance.
 const SUBTREE: &str = "keel-plugins";
+/// Hex digits of the state directory's digest in the subtree's name.
+const INSTANCE_HEX: usize = 8;
 const CPU_PERIOD_US: u64 = 100_000;
 
 /// Where plugin cgroups go.
@@ -22,12 +31,12 @@ const CPU_PERIOD_US: u64 = 100_000;
 pub enum Cgroups {
     /// Unified hierarchy.
     V2 {
-        /// `<mount>/<own cgroup>/keel-plugins`.
+        /// `<mount>/<own cgroup>/keel-plugins-<instance>`.
         base: PathBuf,
     },
     /// Legacy hierarchies, one per controller.
     V1 {
-        /// `<memory mount>/<own memory cgroup>/keel-plugins`.
+        /// `<memory mount>/<own memory cgroup>/keel-plugins-<instance>`.
         memory: PathBuf,
         /// Same for cpu.
         cpu: Option<PathBuf>,
@@ -80,8 +89,16 @@ fn own_paths() -> Vec<(String, String)> {
         .collect()
 }
 
-fn join(mount: &Path, own: &str) -> PathBuf {
-    mount.join(own.trim_start_matches('/')).join(SUBTREE)
+/// The name of this agent's plugin subtree: `keel-plugins-` and the first
+/// [`INSTANCE_HEX`] hex digits of SHA-256 of its (canonical) state directory.
+pub fn instance(state_dir: &Path) -> String {
+    let dir = state_dir.canonicalize().unwrap_or_else(|_| state_dir.to_owned());
+    let digest = hex::encode(Sha256::digest(dir.as_os_str().as_encoded_bytes()));
+    format!("{SUBTREE}-{}", &digest[..INSTANCE_HEX])
+}
+
+fn join(mount: &Path, own: &str, subtree: &str) -> PathBuf {
+    mount.join(own.trim_start_matches('/')).join(subtree)
 }
 
 fn writable_dir(dir: &Path) -> std::io::Result<()> {
@@ -98,9 +115,9 @@ fn writable_dir(dir: &Path) -> std::io::Result<()> {
     std::fs::remove_dir(&probe)
 }
 
-fn v2_setup(mount: &Path, own: &str) -> std::io::Result<PathBuf> {
+fn v2_setup(mount: &Path, own: &str, subtree: &str) -> std::io::Result<PathBuf> {
     let own_dir = mount.join(own.trim_start_matches('/'));
-    let base = own_dir.join(SUBTREE);
+    let base = own_dir.join(subtree);
     std::fs::create_dir_all(&base)?;
     // No process may sit in a cgroup whose children have controllers: move the agent
     // into a leaf of its own before enabling controllers below its cgroup.
@@ -121,8 +138,9 @@ fn v2_setup(mount: &Path, own: &str) -> std::io::Result<PathBuf> {
     Ok(base)
 }
 
-/// Finds a writable cgroup hierarchy, or says why there is none.
-pub fn detect() -> Result<Cgroups, String> {
+/// Finds a writable cgroup hierarchy for the plugin subtree named `subtree` (see
+/// [`instance`]), or says why there is none.
+pub fn detect(subtree: &str) -> Result<Cgroups, String> {
     let mounts = mounts();
     let own = own_paths();
     if let Some(m) = mounts.iter().find(|m| m.fstype == "cgroup2") {
@@ -135,7 +153,7 @@ pub fn detect() -> Result<Cgroups, String> {
                 .find(|(c, _)| c.is_empty())
                 .map(|(_, p)| p.clone())
                 .unwrap_or_else(|| "/".into());
-            return v2_setup(&m.point, &path)
+            return v2_setup(&m.point, &path, subtree)
                 .map(|base| Cgroups::V2 { base })
                 .map_err(|e| format!("cgroup v2 at {} is not writable: {e}", m.point.display()));
         }
@@ -148,7 +166,7 @@ pub fn detect() -> Result<Cgroups, String> {
             .iter()
             .find(|(c, _)| c.split(',').any(|x| x == name))
             .map(|(_, p)| p.clone())?;
-        Some(join(&mount.point, &own))
+        Some(join(&mount.point, &own, subtree))
     };
     let memory = controller("memory").ok_or("no cgroup v1 memory controller is mounted")?;
     writable_dir(&memory)
@@ -211,6 +229,17 @@ impl Cgroups {
                     v2: false,
                 })
             }
+        }
+    }
+
+    /// Removes the subtree if it is empty (every plugin stopped), as the agent exits.
+    pub fn remove(&self) {
+        let dirs = match self {
+            Cgroups::V2 { base } => vec![base],
+            Cgroups::V1 { memory, cpu, pids } => std::iter::once(memory).chain(cpu).chain(pids).collect(),
+        };
+        for d in dirs {
+            let _ = std::fs::remove_dir(d);
         }
     }
 

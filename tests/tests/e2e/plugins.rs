@@ -2,6 +2,7 @@
 //! upgrade and removal through the server, refusals, faults, limits, no loss.
 
 use std::collections::HashSet;
+use std::path::Path;
 use std::time::Duration;
 
 use base64::Engine;
@@ -210,7 +211,7 @@ async fn install_upgrade_noop_and_remove_through_the_server() {
     .await;
     let pid = v1["pid"].as_i64().unwrap();
     assert!(
-        std::path::Path::new(&format!("/proc/{pid}")).exists(),
+        Path::new(&format!("/proc/{pid}")).exists(),
         "the reported pid is a live process"
     );
     runtime_result(&server, "p1", "installed").await;
@@ -248,10 +249,7 @@ async fn install_upgrade_noop_and_remove_through_the_server() {
     runtime_result(&server, "p1", "upgraded 1 -> 2").await;
     let plugin_dir = agent.state_dir().join("plugins");
     assert_eq!(std::fs::read_to_string(plugin_dir.join("p1/README")).unwrap(), "p1 v2");
-    assert!(
-        !std::path::Path::new(&format!("/proc/{pid}")).exists(),
-        "the old process is gone"
-    );
+    assert!(!Path::new(&format!("/proc/{pid}")).exists(), "the old process is gone");
 
     // Removal.
     server.put_plugins("life-1", &json!([])).await;
@@ -311,7 +309,7 @@ async fn bad_packages_are_refused_with_the_failed_check_and_nothing_starts() {
     runtime_result(&server, "tampered", "sha256 mismatch").await;
     runtime_result(&server, "escape", "contains '..'").await;
     runtime_result(&server, "absolute", "absolute path").await;
-    assert!(!std::path::Path::new("/tmp/keel-absolute").exists());
+    assert!(!Path::new("/tmp/keel-absolute").exists());
     for name in ["tampered", "escape", "absolute", "bad/name"] {
         assert!(plugin(&api, "refuse-1", name).await.is_none(), "{name} must not start");
     }
@@ -454,7 +452,7 @@ async fn a_plugin_that_ignores_sigterm_is_killed_after_the_grace_period() {
     let pid = p["pid"].as_i64().unwrap();
     server.put_plugins("stubborn-1", &json!([])).await;
     eventually("the stubborn plugin to be killed", || async {
-        (!std::path::Path::new(&format!("/proc/{pid}")).exists()).then_some(())
+        (!Path::new(&format!("/proc/{pid}")).exists()).then_some(())
     })
     .await;
     assert!(
@@ -494,6 +492,48 @@ async fn a_memory_hog_is_stopped_by_its_cgroup_limit() {
         "{p}"
     );
     runtime_result(&server, "hog", "out of memory").await;
+}
+
+#[tokio::test]
+async fn agents_sharing_a_cgroup_never_touch_each_other_s_plugins() {
+    // Both agents run in this test's cgroup, and each runs a plugin named `twin`:
+    // stopping one agent stops (and sweeps the cgroup of) its own twin only.
+    let server = Server::start(server_opts("")).await;
+    let api = server.api();
+    let mut agents = Vec::new();
+    for id in ["twin-1", "twin-2"] {
+        let mut agent = Agent::enrolled(&server, id);
+        agent.start();
+        api.online(id).await;
+        agents.push(agent);
+    }
+    if agents[0].log().contains("cgroups unavailable") {
+        eprintln!("SKIPPED agents_sharing_a_cgroup_never_touch_each_other_s_plugins: no writable cgroup hierarchy");
+        return;
+    }
+    install(&server, "twin", "1").await;
+    let mut pids = Vec::new();
+    for id in ["twin-1", "twin-2"] {
+        server.put_plugins(id, &json!([{"name": "twin", "version": "1"}])).await;
+        let p = plugin_where(&api, id, "twin", "running in its cgroup", |p| {
+            p["state"] == "running" && p["heartbeat"]["limited"] == "true"
+        })
+        .await;
+        pids.push(p["pid"].as_i64().unwrap());
+    }
+    let status = agents[0].stop_within(Duration::from_secs(20));
+    assert!(status.is_some_and(|s| s.success()), "twin-1 stopped cleanly");
+    assert!(
+        !Path::new(&format!("/proc/{}", pids[0])).exists(),
+        "twin-1's plugin stopped with it"
+    );
+    assert!(
+        Path::new(&format!("/proc/{}", pids[1])).exists(),
+        "twin-2's plugin was killed by twin-1's cgroup sweep"
+    );
+    let p = plugin(&api, "twin-2", "twin").await.unwrap();
+    assert_eq!(p["pid"], pids[1], "twin-2's plugin was not restarted: {p}");
+    assert!(!agents[1].log().contains("killed by"), "{}", agents[1].log());
 }
 
 /// The `i` fields of the emitted records in the sink.
