@@ -13,7 +13,7 @@ use std::path::Path;
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use keel_tests::mariadb::{AgentRow, KeyDb, Provider};
+use keel_tests::mariadb::{AgentRow, KeyDb, Provider, mariadb};
 use serde_json::{Value, json};
 use support::{DEADLINE, Plugin};
 
@@ -248,6 +248,36 @@ fn the_socket_server_answers_refuses_and_is_not_held_by_silent_clients() {
     assert_eq!(reply, json!({"error": 1, "message": "request longer than 64 bytes"}));
     drop(silent);
     drop(server);
+}
+
+#[test]
+fn the_socket_server_reconnects_when_the_database_drops_its_connections() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = KeyDb::create(&rows());
+    let sock = dir.path().join("provider.sock");
+    let _server = db.serve_using(Provider::Rust, &sock, 2);
+    assert_eq!(ask(&sock, b"id:001")["data"]["id"], "001");
+    // What a restarted server, wait_timeout or a proxy does to idle connections.
+    let query = format!(
+        "SELECT id FROM information_schema.processlist WHERE db = '{}'",
+        db.name()
+    );
+    let start = Instant::now();
+    let ids = loop {
+        let ids: Vec<String> = mariadb(&query).split_whitespace().map(str::to_owned).collect();
+        if ids.len() == 2 {
+            break ids;
+        }
+        assert!(start.elapsed() < DEADLINE, "one connection per worker: {ids:?}");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    for id in ids {
+        mariadb(&format!("KILL CONNECTION {id}"));
+    }
+    // Every worker's next lookup finds its connection dead, and answers from a new one.
+    for _ in 0..6 {
+        assert_eq!(ask(&sock, b"id:001")["data"]["name"], "web-1");
+    }
 }
 
 #[test]
