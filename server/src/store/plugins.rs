@@ -107,18 +107,7 @@ impl Store {
 
     /// The package of `name` `version` for `arch`: an exact arch first, then `any`.
     pub async fn package_for(&self, name: &str, version: &str, arch: &str) -> Result<Option<PackageRow>, StoreError> {
-        let rows = sqlx::query(
-            "SELECT name, version, arch, kind, sha256, signature, size, created_at, created_by FROM component_packages \
-             WHERE name = $1 AND version = $2 AND (arch = $3 OR arch = 'any')",
-        )
-        .bind(name)
-        .bind(version)
-        .bind(arch)
-        .fetch_all(&self.pool)
-        .await?;
-        let mut found: Vec<PackageRow> = rows.iter().map(package).collect::<Result<_, _>>()?;
-        found.sort_by_key(|p| p.arch == "any");
-        Ok(found.into_iter().next())
+        self.package_matching(name, version, arch, None).await
     }
 
     /// The package of `name` `version` of one type for `arch` (exact arch first, then `any`).
@@ -129,17 +118,29 @@ impl Store {
         arch: &str,
         kind: &str,
     ) -> Result<Option<PackageRow>, StoreError> {
+        self.package_matching(name, version, arch, Some(kind)).await
+    }
+
+    /// [`Self::package_for`], of type `kind` if given. A version has a package per
+    /// arch and type at most: a handful of rows, filtered here.
+    async fn package_matching(
+        &self,
+        name: &str,
+        version: &str,
+        arch: &str,
+        kind: Option<&str>,
+    ) -> Result<Option<PackageRow>, StoreError> {
         let rows = sqlx::query(
             "SELECT name, version, arch, kind, sha256, signature, size, created_at, created_by FROM component_packages \
-             WHERE name = $1 AND version = $2 AND kind = $3 AND (arch = $4 OR arch = 'any')",
+             WHERE name = $1 AND version = $2 AND (arch = $3 OR arch = 'any')",
         )
         .bind(name)
         .bind(version)
-        .bind(kind)
         .bind(arch)
         .fetch_all(&self.pool)
         .await?;
         let mut found: Vec<PackageRow> = rows.iter().map(package).collect::<Result<_, _>>()?;
+        found.retain(|p| kind.is_none_or(|k| p.kind == k));
         found.sort_by_key(|p| p.arch == "any");
         Ok(found.into_iter().next())
     }
