@@ -3,10 +3,11 @@
 //! Layers: the file (default `/etc/keel/server.toml`), then `KEEL_*` environment
 //! variables, then flags. Invalid configuration exits with code 64 and names the key.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use ipnet::IpNet;
 use keel_common::config::{ConfigError, EnvBinding, EnvKind, Layers};
 use serde::Deserialize;
 
@@ -88,6 +89,23 @@ pub struct KeyEnrollmentConfig {
     /// How long a challenge nonce stays valid.
     #[serde(default = "default_challenge_ttl", with = "humantime_serde")]
     pub challenge_ttl: Duration,
+    /// Proxies in front of the HTTP endpoint (addresses or networks) whose
+    /// `X-Forwarded-For` is believed for the source address of an enrollment by
+    /// key. Empty: the connection's own address, whatever a header says.
+    #[serde(default, deserialize_with = "networks")]
+    pub trusted_proxies: Vec<IpNet>,
+}
+
+/// A list of addresses (`10.0.0.5`) or networks (`10.0.0.0/8`).
+fn networks<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<IpNet>, D::Error> {
+    let raw = Vec::<String>::deserialize(d)?;
+    raw.iter()
+        .map(|s| {
+            s.parse::<IpNet>()
+                .or_else(|_| s.parse::<IpAddr>().map(IpNet::from))
+                .map_err(|_| serde::de::Error::custom(format!("{s:?} is not an IP address or network")))
+        })
+        .collect()
 }
 
 impl Default for KeyEnrollmentConfig {
@@ -100,6 +118,7 @@ impl Default for KeyEnrollmentConfig {
             max_pending: default_max_pending(),
             max_challenges: default_max_challenges(),
             challenge_ttl: default_challenge_ttl(),
+            trusted_proxies: Vec::new(),
         }
     }
 }
@@ -545,5 +564,27 @@ mod tests {
         assert_eq!(e.key, "pki.cert_lifetime");
         let e = ServerConfig::from_toml("t", "colour = 1\n").unwrap_err();
         assert_eq!(e.key, "colour");
+    }
+
+    #[test]
+    fn trusted_proxies_are_addresses_or_networks() {
+        let c = ServerConfig::from_toml(
+            "t",
+            "[key_enrollment]\ntrusted_proxies = [\"10.0.0.5\", \"fd00::/8\"]\n",
+        )
+        .unwrap();
+        let nets: Vec<String> = c
+            .key_enrollment
+            .trusted_proxies
+            .iter()
+            .map(ToString::to_string)
+            .collect();
+        assert_eq!(nets, ["10.0.0.5/32", "fd00::/8"]);
+        let e = ServerConfig::from_toml("t", "[key_enrollment]\ntrusted_proxies = [\"lb.example\"]\n").unwrap_err();
+        assert!(e.key.starts_with("key_enrollment.trusted_proxies"), "{}", e.key);
+        assert!(
+            e.to_string().contains("\"lb.example\" is not an IP address or network"),
+            "{e}"
+        );
     }
 }

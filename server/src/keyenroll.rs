@@ -19,6 +19,7 @@ use std::net::IpAddr;
 use std::sync::Mutex;
 use std::time::Duration;
 
+use ipnet::IpNet;
 use keel_common::time::now_ms;
 use keel_proto::data_type;
 use serde::{Deserialize, Serialize};
@@ -253,16 +254,61 @@ impl KeyEnrollment {
     }
 }
 
+/// The most addresses an `X-Forwarded-For` may list.
+pub const MAX_FORWARDED: usize = 32;
+
+/// An IPv4-mapped IPv6 address as the IPv4 address it is.
+fn unmapped(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
+        v4 => v4,
+    }
+}
+
+/// The address an enrollment by key comes from. The connection's `peer`, unless
+/// it is one of the `trusted` proxies: then the right-most address of
+/// `forwarded` (every `X-Forwarded-For` value, comma-joined) that is not itself a
+/// trusted proxy, since each proxy appends what it saw and only trusted ones can
+/// be believed. A header from anyone else is ignored; a malformed one from a
+/// trusted proxy is refused, naming the entry.
+pub fn source_address(peer: IpAddr, forwarded: Option<&str>, trusted: &[IpNet]) -> Result<IpAddr, String> {
+    let peer = unmapped(peer);
+    let is_trusted = |ip: &IpAddr| trusted.iter().any(|n| n.contains(ip));
+    let Some(forwarded) = forwarded.filter(|_| is_trusted(&peer)) else {
+        return Ok(peer);
+    };
+    let entries: Vec<&str> = forwarded.split(',').map(str::trim).collect();
+    if entries.len() > MAX_FORWARDED {
+        return Err(format!(
+            "X-Forwarded-For from trusted proxy {peer} lists {} addresses, more than {MAX_FORWARDED}",
+            entries.len()
+        ));
+    }
+    let mut chain = Vec::with_capacity(entries.len());
+    for entry in entries {
+        let ip = entry.parse::<IpAddr>().map_err(|_| {
+            let shown: String = entry.chars().take(64).collect();
+            format!("X-Forwarded-For from trusted proxy {peer} has {shown:?}, which is not an IP address")
+        })?;
+        chain.push(unmapped(ip));
+    }
+    // Every hop trusted: the left-most is the client.
+    Ok(chain
+        .iter()
+        .rev()
+        .find(|ip| !is_trusted(ip))
+        .or(chain.first())
+        .copied()
+        .unwrap_or(peer))
+}
+
 /// Whether `peer` is within the record's `ip`: an address, a network, or `any`.
 fn address_allowed(allowed: &str, peer: IpAddr) -> Result<bool, String> {
     if allowed == "any" {
         return Ok(true);
     }
-    let peer = match peer {
-        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(peer, IpAddr::V4),
-        v4 => v4,
-    };
-    if let Ok(net) = allowed.parse::<ipnet::IpNet>() {
+    let peer = unmapped(peer);
+    if let Ok(net) = allowed.parse::<IpNet>() {
         return Ok(net.contains(&peer));
     }
     allowed
@@ -315,10 +361,7 @@ pub async fn enroll(state: &ServerState, req: &KeyEnrollRequest, peer: IpAddr) -
         .map_err(|e| Refusal::BadRequest(e.to_string()))?;
 
     let (by, value) = if req.id.is_empty() {
-        let ip = match peer {
-            IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(peer, IpAddr::V4),
-            v4 => v4,
-        };
+        let ip = unmapped(peer);
         ("ip", ip.to_string())
     } else {
         ("id", req.id.clone())
@@ -483,6 +526,39 @@ pub fn status(r: &Refusal) -> axum::http::StatusCode {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_source_is_the_peer_unless_a_trusted_proxy_forwarded_the_request() {
+        let trusted: Vec<IpNet> = vec!["10.0.0.5/32".parse().unwrap(), "192.168.0.0/16".parse().unwrap()];
+        let at = |peer: &str, xff: Option<&str>| {
+            source_address(peer.parse().unwrap(), xff, &trusted).map(|ip| ip.to_string())
+        };
+        // Anyone else's header is ignored: a host cannot claim another's address.
+        assert_eq!(at("172.16.1.1", Some("10.1.2.3")).unwrap(), "172.16.1.1");
+        assert_eq!(at("172.16.1.1", None).unwrap(), "172.16.1.1");
+        // A trusted proxy: the right-most hop it did not add itself.
+        assert_eq!(at("10.0.0.5", Some("10.1.2.3")).unwrap(), "10.1.2.3");
+        assert_eq!(at("::ffff:10.0.0.5", Some("::ffff:10.1.2.3")).unwrap(), "10.1.2.3");
+        assert_eq!(at("10.0.0.5", Some("10.1.2.3, 192.168.4.4")).unwrap(), "10.1.2.3");
+        // The client may have sent its own header: what a trusted hop saw wins.
+        assert_eq!(at("10.0.0.5", Some("10.9.9.9, 10.1.2.3")).unwrap(), "10.1.2.3");
+        // Every hop trusted: the left-most; no header: the proxy itself.
+        assert_eq!(at("10.0.0.5", Some("192.168.1.1,192.168.2.2")).unwrap(), "192.168.1.1");
+        assert_eq!(at("10.0.0.5", None).unwrap(), "10.0.0.5");
+        // A malformed header from a trusted proxy is refused, naming the entry.
+        let e = at("10.0.0.5", Some("10.1.2.3, unknown")).unwrap_err();
+        assert!(e.contains("\"unknown\", which is not an IP address"), "{e}");
+        assert!(at("10.0.0.5", Some("10.1.2.3:5555")).is_err(), "no ports");
+        assert!(at("10.0.0.5", Some("")).is_err());
+        let long = vec!["10.1.2.3"; MAX_FORWARDED + 1].join(",");
+        let e = at("10.0.0.5", Some(&long)).unwrap_err();
+        assert!(e.contains("33 addresses, more than 32"), "{e}");
+        // Without trusted proxies the header never counts.
+        assert_eq!(
+            source_address("10.0.0.5".parse().unwrap(), Some("10.1.2.3"), &[]).unwrap(),
+            "10.0.0.5".parse::<IpAddr>().unwrap()
+        );
+    }
 
     #[test]
     fn addresses_match_the_record() {

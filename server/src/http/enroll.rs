@@ -4,12 +4,13 @@
 //! Enrolling an ID again revokes that ID's earlier certificates, so exactly one key
 //! speaks for an agent ID at a time.
 
+use std::net::IpAddr;
 use std::sync::Arc;
 
 use axum::Json;
 use axum::extract::State;
 use axum::extract::rejection::JsonRejection;
-use axum::http::{StatusCode, header};
+use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::IntoResponse;
 use keel_common::ids::valid_agent_id;
 use keel_common::secret::Secret;
@@ -22,6 +23,9 @@ use super::{ApiError, Peer};
 use crate::keyenroll::{self, Challenge, KeyEnrollRequest};
 use crate::state::{IssueError, ServerState};
 use crate::store::TokenRefusal;
+
+/// The header in which proxies name the addresses a request came through.
+const FORWARDED_FOR: &str = "x-forwarded-for";
 
 /// Body of `POST /enroll`.
 #[derive(Deserialize)]
@@ -150,14 +154,38 @@ pub async fn challenge(State(state): State<Arc<ServerState>>, peer: Peer) -> Res
         })
 }
 
+/// Where an enrollment by key comes from: the peer, or what a trusted proxy's
+/// `X-Forwarded-For` says (see [`keyenroll::source_address`]).
+fn source(state: &ServerState, peer: &Peer, headers: &HeaderMap) -> Result<IpAddr, ApiError> {
+    let mut values = Vec::new();
+    for v in headers.get_all(FORWARDED_FOR) {
+        let v = v
+            .to_str()
+            .map_err(|_| ApiError::bad_request("X-Forwarded-For is not ASCII text"))?;
+        values.push(v);
+    }
+    let forwarded = (!values.is_empty()).then(|| values.join(","));
+    let trusted = &state.config.key_enrollment.trusted_proxies;
+    keyenroll::source_address(peer.0.ip(), forwarded.as_deref(), trusted).map_err(|e| {
+        warn!(peer = %peer.0, reason = %e, "enrollment by key refused");
+        ApiError::bad_request(e)
+    })
+}
+
 /// `POST /enroll/key`: enrollment by key (see `keyenroll`).
 pub async fn by_key(
     State(state): State<Arc<ServerState>>,
     peer: Peer,
+    headers: HeaderMap,
     body: Result<Json<KeyEnrollRequest>, JsonRejection>,
 ) -> Result<Json<EnrollResponse>, ApiError> {
     let req = json_body(body)?;
-    let ip = peer.0.ip();
+    let ip = source(&state, &peer, &headers)?;
+    let from = if ip == peer.0.ip() {
+        peer.0.to_string()
+    } else {
+        format!("{ip} (via proxy {})", peer.0)
+    };
     let asked = if req.id.is_empty() {
         format!("ip {ip}")
     } else {
@@ -167,13 +195,13 @@ pub async fn by_key(
     let (status, outcome, target) = match &result {
         Ok(e) => (StatusCode::OK, "ok".to_owned(), format!("/enroll/key/{}", e.agent_id)),
         Err(r) => {
-            warn!(peer = %peer.0, lookup = %asked, reason = %r, "enrollment by key refused");
+            warn!(peer = %from, lookup = %asked, reason = %r, "enrollment by key refused");
             (keyenroll::status(r), r.to_string(), format!("/enroll/key/{asked}"))
         }
     };
     super::audit_event(
         &state,
-        &format!("enrollment by key from {}", peer.0),
+        &format!("enrollment by key from {from}"),
         "POST /enroll/key",
         &target,
         status,

@@ -8,6 +8,7 @@ use std::time::Duration;
 use keel_tests::mariadb::{AgentRow, KeyDb};
 use keel_tests::{Agent, Api, Server, ServerOptions};
 use serde_json::{Value, json};
+use sha2::Digest;
 
 const KEYS: [&str; 4] = [
     "k1-Sup3r-Secret-One",
@@ -80,6 +81,32 @@ fn refused(server: &Server, id: &str, key: &str, want: &str) {
     assert!(server.log().contains(want), "the server log names the reason {want:?}");
 }
 
+/// Enrolls by key by hand, as `keel-agent enroll --key-file` does, but with an
+/// `X-Forwarded-For` header; returns the status and the answer.
+async fn enroll_forwarded(server: &Server, id: &str, key: &str, forwarded_for: &str) -> (u16, Value) {
+    let api = Api::new(&server.base_url(), "");
+    let url = |path: &str| format!("{}{path}", server.base_url());
+    let (status, challenge) = api.send_request(api.client().post(url("/enroll/challenge"))).await;
+    assert_eq!(status, 200, "{challenge}");
+    let nonce = challenge["nonce"].as_str().unwrap();
+    let key_pair = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+    let mut params = rcgen::CertificateParams::default();
+    let mut dn = rcgen::DistinguishedName::new();
+    dn.push(rcgen::DnType::CommonName, id);
+    params.distinguished_name = dn;
+    let csr = params.serialize_request(&key_pair).unwrap();
+    let csr_sha256 = sha2::Sha256::digest(csr.der());
+    let proof = keel_proto::keyproof::prove(key, &hex::decode(nonce).unwrap(), &csr_sha256);
+    let body = json!({"nonce": nonce, "id": id, "hostname": "behind-a-proxy",
+                      "csr": csr.pem().unwrap(), "proof": proof});
+    let req = api
+        .client()
+        .post(url("/enroll/key"))
+        .header("X-Forwarded-For", forwarded_for)
+        .json(&body);
+    api.send_request(req).await
+}
+
 /// Every file below `dir`, as bytes.
 fn files_under(dir: &Path, out: &mut Vec<(std::path::PathBuf, Vec<u8>)>) {
     for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
@@ -132,6 +159,15 @@ async fn hosts_enroll_by_key_and_every_refusal_names_its_reason() {
         "002",
         KEYS[1],
         "source address 127.0.0.1 is outside 10.9.9.0/24 on record for agent 002",
+    );
+    // No trusted proxies: a host cannot claim an address by header.
+    let (status, answer) = enroll_forwarded(&server, "002", KEYS[1], "10.9.9.7").await;
+    assert_eq!(status, 403, "{answer}");
+    assert!(
+        answer
+            .to_string()
+            .contains("source address 127.0.0.1 is outside 10.9.9.0/24"),
+        "{answer}"
     );
     refused(&server, "009", KEYS[0], "error 4: No agent key found");
     refused(&server, "001", KEYS[0], "agent 001 is already registered");
@@ -246,4 +282,37 @@ async fn with_replace_a_host_takes_over_an_id_and_the_old_certificate_is_revoked
         api.agent("001").await.is_none(),
         "agent 001 made way for 005, which has its name"
     );
+}
+
+#[tokio::test]
+async fn behind_a_trusted_proxy_the_forwarded_address_is_checked() {
+    let db = key_db();
+    let server = key_server("trusted_proxies = [\"127.0.0.1\"]\n").await;
+    let api = server.api();
+    let _keys = provider(&server, &api, "keys-1", &db).await;
+
+    // The proxy saw 10.9.9.7, inside 002's network: enrolled.
+    let (status, answer) = enroll_forwarded(&server, "002", KEYS[1], "10.9.9.7").await;
+    assert_eq!(status, 200, "{answer}");
+    assert_eq!(answer["agent_id"], "002");
+    let (_, audit) = api.get("/api/v1/audit").await;
+    assert!(
+        audit
+            .to_string()
+            .contains("enrollment by key from 10.9.9.7 (via proxy 127.0.0.1:"),
+        "the audit log names both the source and the proxy: {audit}"
+    );
+    // What the client claimed itself counts for nothing against what the proxy saw.
+    let (status, answer) = enroll_forwarded(&server, "001", KEYS[0], "127.0.0.1, 10.1.1.1").await;
+    assert_eq!(status, 403, "{answer}");
+    assert!(
+        answer
+            .to_string()
+            .contains("source address 10.1.1.1 is outside 127.0.0.0/8"),
+        "{answer}"
+    );
+    // A malformed header from the proxy is refused, naming the entry.
+    let (status, answer) = enroll_forwarded(&server, "001", KEYS[0], "10.9.9.7, not-an-ip").await;
+    assert_eq!(status, 400, "{answer}");
+    assert!(answer.to_string().contains("not-an-ip"), "{answer}");
 }
