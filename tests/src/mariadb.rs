@@ -380,6 +380,13 @@ impl ProviderServer {
     pub fn socket(&self) -> &Path {
         &self.socket
     }
+
+    /// Sends SIGTERM and waits for it to exit.
+    pub fn terminate(&mut self) -> std::process::ExitStatus {
+        let pid = nix::unistd::Pid::from_raw(i32::try_from(self.child.id()).expect("a pid"));
+        nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).expect("SIGTERM the provider");
+        self.child.wait().expect("wait for the provider")
+    }
 }
 
 impl Drop for ProviderServer {

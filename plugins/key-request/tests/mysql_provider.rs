@@ -10,7 +10,7 @@ use std::net::TcpListener;
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::os::unix::net::UnixStream;
 use std::path::Path;
-use std::process::{Command, Output, Stdio};
+use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
 use keel_tests::mariadb::{AgentRow, KeyDb, Provider, mariadb};
@@ -288,27 +288,12 @@ fn sigterm_stops_the_server_and_removes_its_socket() {
     // A stale socket from a crashed run is replaced.
     let stale = std::os::unix::net::UnixListener::bind(&sock).unwrap();
     drop(stale);
-    let mut child = Command::new(PROVIDER)
-        .args(db.provider_args())
-        .arg("--serve")
-        .arg(&sock)
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let start = Instant::now();
-    while UnixStream::connect(&sock).is_err() {
-        assert!(start.elapsed() < DEADLINE, "the provider never listened");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    let mut server = db.serve_using(Provider::Rust, &sock, 2);
     assert_eq!(ask(&sock, b"id:001")["data"]["id"], "001");
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(child.id() as i32),
-        nix::sys::signal::Signal::SIGTERM,
-    )
-    .unwrap();
-    let status = child.wait().unwrap();
+    let status = server.terminate();
     assert!(status.success(), "{status}");
     assert!(!sock.exists(), "the socket file is left behind");
+    drop(server);
 
     // Something that is not a socket is never removed.
     std::fs::write(&sock, "precious").unwrap();

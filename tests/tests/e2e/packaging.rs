@@ -81,6 +81,17 @@ fn packages_carry_the_right_metadata_and_files() {
     }
 }
 
+/// A throwaway root with keel-server and keel-agent 1.0.0 installed by dpkg.
+fn both_installed(dir: &Path) -> tempfile::TempDir {
+    let root = throwaway_root();
+    dpkg(
+        root.path(),
+        &["-i"],
+        &[deb(dir, "keel-server", "1.0.0"), deb(dir, "keel-agent", "1.0.0")],
+    );
+    root
+}
+
 fn version_of(binary: &Path) -> String {
     run(Command::new(binary).arg("--version")).trim().to_owned()
 }
@@ -88,13 +99,8 @@ fn version_of(binary: &Path) -> String {
 #[test]
 fn deb_install_upgrade_remove_and_purge_in_a_throwaway_root() {
     let Some(dir) = packages() else { return };
-    let root = throwaway_root();
+    let root = both_installed(&dir);
     let r = root.path();
-    dpkg(
-        r,
-        &["-i"],
-        &[deb(&dir, "keel-server", "1.0.0"), deb(&dir, "keel-agent", "1.0.0")],
-    );
     assert_eq!(version_of(&r.join("usr/bin/keel-agent")), "keel-agent 1.0.0");
     assert_eq!(version_of(&r.join("usr/bin/keel-server")), "keel-server 1.0.0");
     assert_eq!(mode(&r.join("usr/bin/keel-agent")), 0o755);
@@ -179,13 +185,8 @@ fn deb_install_upgrade_remove_and_purge_in_a_throwaway_root() {
 #[test]
 fn units_verify_and_the_daemon_units_are_hardened() {
     let Some(dir) = packages() else { return };
-    let root = throwaway_root();
+    let root = both_installed(&dir);
     let r = root.path();
-    dpkg(
-        r,
-        &["-i"],
-        &[deb(&dir, "keel-server", "1.0.0"), deb(&dir, "keel-agent", "1.0.0")],
-    );
     // The targets and units the ones under test refer to.
     let units = r.join("usr/lib/systemd/system");
     for entry in std::fs::read_dir("/lib/systemd/system").unwrap().flatten() {

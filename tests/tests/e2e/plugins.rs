@@ -369,39 +369,20 @@ async fn misbehaving_plugins_fault_alone_and_the_agent_carries_on() {
     })
     .await;
     assert_eq!(crashy["heartbeat"]["last_exit"], "exited with status 3");
-    let garbled = plugin_where(&api, "faults-1", "garbled", "a fault", |p| {
-        p["heartbeat"]["last_fault"].as_str().is_some_and(|f| !f.is_empty())
-    })
-    .await;
-    assert!(
-        garbled["heartbeat"]["last_fault"]
-            .as_str()
-            .unwrap()
-            .contains("malformed record"),
-        "{garbled}"
-    );
-    let huge = plugin_where(&api, "faults-1", "huge", "a fault", |p| {
-        p["heartbeat"]["last_fault"].as_str().is_some_and(|f| !f.is_empty())
-    })
-    .await;
-    assert!(
-        huge["heartbeat"]["last_fault"]
-            .as_str()
-            .unwrap()
-            .contains("exceeds the 4194304-byte limit"),
-        "{huge}"
-    );
-    let cut = plugin_where(&api, "faults-1", "cut", "a fault", |p| {
-        p["heartbeat"]["last_fault"].as_str().is_some_and(|f| !f.is_empty())
-    })
-    .await;
-    assert!(
-        cut["heartbeat"]["last_fault"]
-            .as_str()
-            .unwrap()
-            .contains("stream ended 96 bytes short"),
-        "{cut}"
-    );
+    for (name, fault) in [
+        ("garbled", "malformed record"),
+        ("huge", "exceeds the 4194304-byte limit"),
+        ("cut", "stream ended 96 bytes short"),
+    ] {
+        let p = plugin_where(&api, "faults-1", name, "a fault", |p| {
+            p["heartbeat"]["last_fault"].as_str().is_some_and(|f| !f.is_empty())
+        })
+        .await;
+        assert!(
+            p["heartbeat"]["last_fault"].as_str().unwrap().contains(fault),
+            "{name}: {p}"
+        );
+    }
     runtime_result(&server, "garbled", "stopped for a fault").await;
 
     // A plugin that never reads its tasks: its queue fills, then tasks are refused as busy.
