@@ -21,6 +21,9 @@ usage: ./build.sh <command>
                             the MariaDB-backed providers, socket and exec, against
                             direct provider calls (optional: socket and exec
                             lookup counts; needs MariaDB and PyMySQL)
+                 filedelivery  a delivery on the host (verify, decrypt, atomic
+                            write) against a bare atomic write (optional: files,
+                            bytes)
   help         this text
 USAGE
 }
@@ -50,9 +53,9 @@ case "$cmd" in
     bench)
         name="${2:-}"
         case "$name" in
-            dataflow | rollout | keyrequest) ;;
+            dataflow | rollout | keyrequest | filedelivery) ;;
             *)
-                echo "build.sh: bench needs a benchmark name: dataflow, rollout or keyrequest" >&2
+                echo "build.sh: bench needs a benchmark name: dataflow, rollout, keyrequest or filedelivery" >&2
                 exit 64
                 ;;
         esac

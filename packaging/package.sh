@@ -24,7 +24,7 @@ fi
 
 # Feature plugins not yet in packaging/nfpm/keel-agent.yaml join the package
 # once the workspace builds them.
-plugins=(proxy file-delivery)
+plugins=(proxy)
 
 build_for() {
     local target="$1" nfpm_arch="$2"

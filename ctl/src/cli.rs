@@ -79,6 +79,81 @@ pub enum Command {
     /// API and enrollment tokens (admin only).
     #[command(subcommand)]
     Tokens(TokensCmd),
+    /// The keeper of file-delivery: secret files sealed to each host, sent only when changed.
+    #[command(subcommand)]
+    Files(FilesCmd),
+}
+
+/// `keelctl files …`
+#[derive(Debug, Subcommand)]
+pub enum FilesCmd {
+    /// Make a keeper key: writes its secret to PATH (0600), prints the public key for
+    /// the hosts' keeper_keys. Needs no server.
+    Keygen {
+        /// Where to write the keeper's secret key; must not exist.
+        #[arg(long, value_name = "PATH")]
+        out: PathBuf,
+    },
+    /// The files an agent holds, with their versions and states (ok, modified, missing).
+    List(FilesTarget),
+    /// Seal files to each agent's host key, sign them and send those that are missing or changed.
+    Push(FilesPushArgs),
+    /// Remove files from agents (a signed removal).
+    Remove(FilesRemoveArgs),
+}
+
+/// The agents and how their host keys are trusted.
+#[derive(Debug, Clone, Args)]
+pub struct FilesTarget {
+    /// Agent IDs.
+    #[arg(long = "agent", value_name = "ID", required = true)]
+    pub agents: Vec<String>,
+    /// The pinned host keys [default: $XDG_CONFIG_HOME/keel/file-hosts.json or ~/.config/keel/file-hosts.json].
+    #[arg(long, value_name = "PATH")]
+    pub known_hosts: Option<PathBuf>,
+    /// Pin this host key (from `file-delivery host-key` on the host) for the one agent given.
+    #[arg(long, value_name = "HEX")]
+    pub accept_host_key: Option<String>,
+    /// Pin the host key of agents seen for the first time without checking it (trust on first use).
+    #[arg(long)]
+    pub trust_new_hosts: bool,
+    /// How long to wait for each agent's answer, in seconds.
+    #[arg(long, value_name = "S", default_value_t = 30)]
+    pub timeout: u64,
+}
+
+/// `keelctl files push …`
+#[derive(Debug, Args)]
+pub struct FilesPushArgs {
+    /// The agents.
+    #[command(flatten)]
+    pub target: FilesTarget,
+    /// The keeper's secret key (from `files keygen`).
+    #[arg(long, value_name = "PATH")]
+    pub keeper_key: PathBuf,
+    /// Permission bits of the delivered files (at most 0644).
+    #[arg(long, value_name = "OCTAL", default_value = "0600")]
+    pub mode: String,
+    /// A local user allowed to fetch the files from the host's file server (repeat for more).
+    #[arg(long = "reader", value_name = "USER")]
+    pub readers: Vec<String>,
+    /// Files as NAME=PATH: NAME on the host, PATH here.
+    #[arg(required = true, value_name = "NAME=PATH")]
+    pub files: Vec<String>,
+}
+
+/// `keelctl files remove …`
+#[derive(Debug, Args)]
+pub struct FilesRemoveArgs {
+    /// The agents.
+    #[command(flatten)]
+    pub target: FilesTarget,
+    /// The keeper's secret key.
+    #[arg(long, value_name = "PATH")]
+    pub keeper_key: PathBuf,
+    /// Names to remove.
+    #[arg(required = true, value_name = "NAME")]
+    pub names: Vec<String>,
 }
 
 /// `keelctl agents …`

@@ -1,9 +1,10 @@
 //! `keelctl`, the Keel console on the command line: a client of the server's
-//! `/api/v1` for agents, components, policies, tasks, the audit log and tokens.
+//! `/api/v1` for agents, components, policies, tasks, the audit log and tokens,
+//! and the keeper of file-delivery (`files`).
 //!
 //! The binary only parses arguments and loads the [`config::Settings`]; [`run`]
 //! does the rest. Exit codes: 0 done, 1 failed (the server's message is shown),
-//! 2 a watched task did not succeed, 64 unusable configuration or usage.
+//! 2 a watched task or a file push did not succeed, 64 unusable configuration or usage.
 #![forbid(unsafe_code)]
 
 pub mod agents;
@@ -12,6 +13,7 @@ pub mod cli;
 pub mod client;
 pub mod components;
 pub mod config;
+pub mod files;
 pub mod output;
 pub mod policies;
 pub mod tasks;
@@ -82,6 +84,7 @@ async fn dispatch(ctx: &Ctx, command: Command) -> anyhow::Result<ExitCode> {
         Command::Tasks(c) => return tasks::run(ctx, c).await,
         Command::Audit(a) => audit::run(ctx, &a).await?,
         Command::Tokens(c) => tokens::run(ctx, c).await?,
+        Command::Files(c) => return files::run(ctx, c).await,
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -21,6 +21,13 @@ async fn main() -> ExitCode {
             };
         }
     };
+    // Making a keeper key needs no server.
+    if let keel_ctl::cli::Command::Files(keel_ctl::cli::FilesCmd::Keygen { out }) = &cli.command {
+        return match keel_ctl::files::keygen(out) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => keel_ctl::report(&e),
+        };
+    }
     let settings = match config::load(&cli.conn, &ProcessEnv) {
         Ok(s) => s,
         Err(e) => return keel_ctl::report(&e.into()),

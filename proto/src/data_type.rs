@@ -13,7 +13,7 @@
 //! | 5100 | up | task result, fields `token`, `status`, `msg` | Elkeid |
 //! | 6000–6099 | both | key-request plugin | Keel |
 //! | 6100–6199 | both | proxy plugin | Keel |
-//! | 6200–6299 | both | file-delivery plugin | Keel |
+//! | 6200–6299 | both | file-delivery plugin: 6200 deliver, 6201 inventory, 6202 remove (down); 6203 host key, 6210 file event (up) | Keel |
 //!
 //! Keel allocates its own agent-level types in 1100–1199. Plugins own their ranges.
 

@@ -162,10 +162,15 @@ async fn install_plugins(
             Ok(_) | Err(crate::components::ComponentError::Exists { .. }) => {}
             Err(e) => return Err(e.into()),
         }
+        let detail = if *name == "file-delivery" {
+            file_delivery(&opts.dir)?
+        } else {
+            String::new()
+        };
         desired.push(crate::store::DesiredPlugin {
             name: (*name).to_owned(),
             version: version.to_owned(),
-            detail: String::new(),
+            detail,
         });
     }
     if desired.is_empty() {
@@ -177,6 +182,35 @@ async fn install_plugins(
         .await?;
     state.push_config(agent_id, None).await?;
     Ok(desired.into_iter().map(|d| d.name).collect())
+}
+
+/// file-delivery for the quickstart: a keeper key of its own (`keeper.key`, for
+/// `keelctl files push --keeper-key`), pinned in a plugin configuration under the
+/// quickstart's directory; returns the plugin's `DETAIL`.
+fn file_delivery(dir: &Path) -> anyhow::Result<String> {
+    let dir = std::path::absolute(dir).context("the quickstart directory")?;
+    let (key, public_path) = (dir.join("keeper.key"), dir.join("keeper.pub"));
+    let public = if key.exists() {
+        std::fs::read_to_string(&public_path)
+            .with_context(|| format!("cannot read {}", public_path.display()))?
+            .trim()
+            .to_owned()
+    } else {
+        crate::release::generate_pair(&key, &public_path)?
+    };
+    let fd = dir.join("file-delivery");
+    keel_common::fsutil::create_dir(&fd, 0o700).with_context(|| format!("cannot create {}", fd.display()))?;
+    let config = fd.join("file-delivery.toml");
+    let text = format!(
+        "# Written by the quickstart: its keeper key, and files under {fd}.\n\
+         keeper_keys = [\"{public}\"]\nfiles_dir = {files:?}\nstate_dir = {state:?}\nlisten = \"127.0.0.1:2080\"\n",
+        fd = fd.display(),
+        files = fd.join("files").display().to_string(),
+        state = fd.join("state").display().to_string(),
+    );
+    keel_common::fsutil::write_private(&config, text.as_bytes())
+        .with_context(|| format!("cannot write {}", config.display()))?;
+    Ok(serde_json::json!({ "config": config }).to_string())
 }
 
 /// Runs the quickstart until `shutdown`.
@@ -264,6 +298,7 @@ pub async fn run(opts: Options, shutdown: CancellationToken) -> anyhow::Result<(
          \n  admin token:  {token_path}\
          \n  agent:        {agent_id} ({online}; logs in {agent_log})\
          \n  plugins:      {plugins}\
+         \n  keeper key:   {keeper} (keelctl files push --keeper-key {keeper} …)\
          \n  server logs:  {server_log}\
          \n\nTry:\
          \n  curl -s -H \"Authorization: Bearer $(cat {token_path})\" {http}/api/v1/agents\
@@ -272,6 +307,7 @@ pub async fn run(opts: Options, shutdown: CancellationToken) -> anyhow::Result<(
          \n       -d '{{\"data_type\":1051,\"data\":\"{{\\\"idc\\\":\\\"lab\\\"}}\"}}' -H 'Content-Type: application/json'\
          \n\nPress Ctrl-C to stop.",
         agent_log = layout.agent_state.join("log").display(),
+        keeper = opts.dir.join("keeper.key").display(),
         server_log = opts.dir.join("server").join("log").display(),
     );
 

@@ -76,21 +76,26 @@ fn parse_public(hex_key: &str) -> Result<VerifyingKey, String> {
 
 /// Creates `release.key` and `release.pub` in `dir`. Returns the public key, hex.
 pub fn generate(dir: &Path) -> Result<String, ReleaseError> {
-    let key_path = dir.join(KEY_FILE);
+    keel_common::fsutil::create_dir(dir, 0o700).map_err(|e| ReleaseError::Io(format!("{}: {e}", dir.display())))?;
+    generate_pair(&dir.join(KEY_FILE), &dir.join(PUB_FILE))
+}
+
+/// Creates an Ed25519 key: its hex seed in `key_path` (0600, never overwritten)
+/// and its hex public key in `pub_path`. Returns the public key, hex. Keepers of
+/// file-delivery use the same format.
+pub fn generate_pair(key_path: &Path, pub_path: &Path) -> Result<String, ReleaseError> {
     if key_path.exists() {
-        return Err(ReleaseError::Exists(key_path));
+        return Err(ReleaseError::Exists(key_path.to_owned()));
     }
     let mut seed = [0u8; 32];
     SystemRandom::new()
         .fill(&mut seed)
         .map_err(|_| ReleaseError::Io("no entropy".into()))?;
     let key = SigningKey::from_bytes(&seed);
-    keel_common::fsutil::create_dir(dir, 0o700).map_err(|e| ReleaseError::Io(format!("{}: {e}", dir.display())))?;
-    keel_common::fsutil::write_private(&key_path, format!("{}\n", hex::encode(seed)).as_bytes())
+    keel_common::fsutil::write_private(key_path, format!("{}\n", hex::encode(seed)).as_bytes())
         .map_err(|e| ReleaseError::Io(format!("{}: {e}", key_path.display())))?;
     let public = hex::encode(key.verifying_key().to_bytes());
-    let pub_path = dir.join(PUB_FILE);
-    keel_common::fsutil::write_public(&pub_path, format!("{public}\n").as_bytes())
+    keel_common::fsutil::write_public(pub_path, format!("{public}\n").as_bytes())
         .map_err(|e| ReleaseError::Io(format!("{}: {e}", pub_path.display())))?;
     Ok(public)
 }

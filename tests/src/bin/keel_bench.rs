@@ -25,6 +25,10 @@
 //! server, a shell `printf` program) show what the plugin itself costs. The summary
 //! line has the best figures through the plugin, and the line before it says which
 //! provider gave them.
+//!
+//! `keel-bench filedelivery [files] [bytes]`: what one delivery costs on the host
+//! (parse, verify, open, compare, atomic write) against the bare atomic write of
+//! the same bytes; see `keel_bench/filedelivery.rs`.
 #![forbid(unsafe_code)]
 // A benchmark reports failure by panicking, with a message saying what failed.
 #![allow(clippy::expect_used, clippy::unwrap_used)]
@@ -48,6 +52,8 @@ use tonic::{Request, Response, Status, Streaming};
 
 // The key-request benchmark lives beside this file (a file directly in src/bin/
 // would be taken for a binary of its own).
+#[path = "keel_bench/filedelivery.rs"]
+mod filedelivery;
 #[path = "keel_bench/keyrequest.rs"]
 mod keyrequest;
 
@@ -73,9 +79,14 @@ fn main() {
             let exec_lookups: usize = args.next().and_then(|a| a.parse().ok()).unwrap_or(200);
             keyrequest::run(socket_lookups, exec_lookups);
         }
+        "filedelivery" => {
+            let files: usize = args.next().and_then(|a| a.parse().ok()).unwrap_or(2000);
+            let bytes: usize = args.next().and_then(|a| a.parse().ok()).unwrap_or(4096);
+            filedelivery::run(files, bytes);
+        }
         _ => {
             eprintln!(
-                "usage: keel-bench dataflow [records] | rollout [agents] [batch] | keyrequest [socket_lookups] [exec_lookups]"
+                "usage: keel-bench dataflow [records] | rollout [agents] [batch] | keyrequest [socket_lookups] [exec_lookups] | filedelivery [files] [bytes]"
             );
             std::process::exit(64);
         }

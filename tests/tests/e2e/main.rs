@@ -5,6 +5,7 @@ mod agent;
 mod api;
 mod control;
 mod enrollment;
+mod file_delivery;
 mod keelctl;
 mod key_enrollment;
 mod packaging;

@@ -45,6 +45,9 @@ fn packages_carry_the_right_metadata_and_files() {
             "/etc/keel/server.toml"
         };
         assert!(conffiles.contains(config), "{conffiles}");
+        if name == "keel-agent" {
+            assert!(conffiles.contains("/etc/keel/file-delivery.toml"), "{conffiles}");
+        }
         let files = run(Command::new("dpkg-deb").arg("-c").arg(deb(&dir, name, "1.0.0")));
         assert!(
             files.contains("-rwxr-xr-x root/root") && files.contains(&format!("./usr/bin/{name}")),
@@ -124,6 +127,14 @@ fn deb_install_upgrade_remove_and_purge_in_a_throwaway_root() {
     assert!(r.join("usr/share/doc/keel-agent/key-request.md").exists());
     let agent_toml = std::fs::read_to_string(r.join("etc/keel/agent.toml")).unwrap();
     assert!(agent_toml.contains("[plugins.local.key-request]"), "{agent_toml}");
+    assert_eq!(mode(&r.join("usr/lib/keel-agent/plugins/file-delivery")), 0o755);
+    assert!(agent_toml.contains("[plugins.local.file-delivery]"), "{agent_toml}");
+    assert_eq!(
+        mode(&r.join("etc/keel/file-delivery.toml")),
+        0o600,
+        "only root reads whom the host trusts"
+    );
+    assert!(r.join("usr/share/doc/keel-agent/file-delivery.md").exists());
     assert_eq!(mode(&r.join("etc/keel/agent.toml")), 0o640);
     assert_eq!(mode(&r.join("etc/keel/server.toml")), 0o640);
     assert_eq!(mode(&r.join("var/lib/keel-agent")), 0o700);

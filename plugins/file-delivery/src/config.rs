@@ -1,0 +1,279 @@
+//! The plugin's configuration: a local TOML file that only root can change.
+//!
+//! The keeper keys decide whose deliveries this host believes, so they never come
+//! from the server: `DETAIL` may only name the file (`{"config": "/path"}`), and
+//! the file and every directory above it must be owned by root (or by the user
+//! the plugin runs as) and writable by no one else.
+
+use std::net::SocketAddr;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+
+use ed25519_dalek::VerifyingKey;
+use serde::Deserialize;
+
+use crate::envelope::parse_keeper_key;
+
+/// Where the configuration is unless `DETAIL` says otherwise.
+pub const DEFAULT_PATH: &str = "/etc/keel/file-delivery.toml";
+/// The most files a host holds.
+pub const MAX_FILES: usize = 4096;
+
+/// The configuration, checked.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// The file it came from.
+    pub path: PathBuf,
+    /// The keepers whose deliveries are believed.
+    pub keeper_keys: Vec<VerifyingKey>,
+    /// Where delivered files are written.
+    pub files_dir: PathBuf,
+    /// The host key and the index of delivered files.
+    pub state_dir: PathBuf,
+    /// The local file server's address (loopback only), or none.
+    pub listen: Option<SocketAddr>,
+    /// The most files this host holds.
+    pub max_files: usize,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Raw {
+    keeper_keys: Vec<String>,
+    #[serde(default = "default_files_dir")]
+    files_dir: PathBuf,
+    #[serde(default = "default_state_dir")]
+    state_dir: PathBuf,
+    #[serde(default = "default_listen")]
+    listen: String,
+    #[serde(default = "default_max_files")]
+    max_files: usize,
+}
+
+fn default_files_dir() -> PathBuf {
+    PathBuf::from("/var/lib/keel-agent/files")
+}
+fn default_state_dir() -> PathBuf {
+    PathBuf::from("/var/lib/keel-agent/file-delivery")
+}
+fn default_listen() -> String {
+    "127.0.0.1:2080".into()
+}
+fn default_max_files() -> usize {
+    1024
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Detail {
+    #[serde(default)]
+    config: Option<PathBuf>,
+}
+
+/// The configuration file `DETAIL` names, or the default.
+pub fn path_from_detail(detail: &str) -> Result<PathBuf, String> {
+    if detail.trim().is_empty() {
+        return Ok(PathBuf::from(DEFAULT_PATH));
+    }
+    let d: Detail = serde_json::from_str(detail).map_err(|e| format!("DETAIL: {e}"))?;
+    let path = d.config.unwrap_or_else(|| PathBuf::from(DEFAULT_PATH));
+    if !path.is_absolute() {
+        return Err(format!("DETAIL: config: {} is not an absolute path", path.display()));
+    }
+    Ok(path)
+}
+
+/// Refuses `path` unless it and every directory above it are owned by root or by
+/// this process's user and writable by no one else (a sticky directory such as
+/// /tmp is fine above, as long as the rest is ours).
+pub fn check_trusted(path: &Path) -> Result<(), String> {
+    let me = nix::unistd::geteuid().as_raw();
+    let mut current = Some(path);
+    let mut first = true;
+    while let Some(p) = current {
+        let meta = std::fs::symlink_metadata(p).map_err(|e| format!("{}: {e}", p.display()))?;
+        if first && !meta.is_file() {
+            return Err(format!("{} is not a regular file", p.display()));
+        }
+        let sticky = meta.mode() & 0o1000 != 0 && meta.is_dir();
+        if meta.uid() != 0 && meta.uid() != me {
+            return Err(format!(
+                "{} is owned by uid {}: only root (or the plugin's user) may own it",
+                p.display(),
+                meta.uid()
+            ));
+        }
+        if meta.mode() & 0o022 != 0 && (first || !sticky) {
+            return Err(format!(
+                "{} is writable by group or others (mode {:04o}): only its owner may change what this host trusts",
+                p.display(),
+                meta.mode() & 0o7777
+            ));
+        }
+        first = false;
+        current = p.parent().filter(|q| !q.as_os_str().is_empty());
+    }
+    Ok(())
+}
+
+/// Reads and checks the configuration at `path`.
+pub fn load(path: &Path) -> Result<Config, String> {
+    check_trusted(path)?;
+    let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    parse(path, &text)
+}
+
+/// Checks the configuration `text` of `path`.
+pub fn parse(path: &Path, text: &str) -> Result<Config, String> {
+    let at = |key: &str, msg: String| format!("{}: {key}: {msg}", path.display());
+    let raw: Raw = toml::from_str(text).map_err(|e| format!("{}: {}", path.display(), e.message()))?;
+    if raw.keeper_keys.is_empty() {
+        return Err(at("keeper_keys", "empty: name at least one keeper's public key".into()));
+    }
+    let keeper_keys = raw
+        .keeper_keys
+        .iter()
+        .enumerate()
+        .map(|(i, k)| parse_keeper_key(k).map_err(|m| at(&format!("keeper_keys[{i}]"), m)))
+        .collect::<Result<Vec<_>, _>>()?;
+    for (key, dir) in [("files_dir", &raw.files_dir), ("state_dir", &raw.state_dir)] {
+        if !dir.is_absolute() {
+            return Err(at(key, format!("{} is not an absolute path", dir.display())));
+        }
+    }
+    if raw.files_dir.starts_with(&raw.state_dir) || raw.state_dir.starts_with(&raw.files_dir) {
+        return Err(at("files_dir", "must not be inside state_dir or contain it".into()));
+    }
+    let listen = match raw.listen.as_str() {
+        "" | "off" => None,
+        addr => {
+            let a: SocketAddr = addr
+                .parse()
+                .map_err(|_| at("listen", format!("{addr:?} is not an address:port")))?;
+            if !a.ip().is_loopback() {
+                return Err(at(
+                    "listen",
+                    format!("{addr} is not a loopback address: the file server serves this host's components only"),
+                ));
+            }
+            Some(a)
+        }
+    };
+    if raw.max_files == 0 || raw.max_files > MAX_FILES {
+        return Err(at("max_files", format!("must be 1-{MAX_FILES}")));
+    }
+    Ok(Config {
+        path: path.to_owned(),
+        keeper_keys,
+        files_dir: raw.files_dir,
+        state_dir: raw.state_dir,
+        listen,
+        max_files: raw.max_files,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use std::os::unix::fs::PermissionsExt;
+
+    use super::*;
+
+    const KEY: &str = "d75a980182b10ab7d54bfed3c964073a0ee172f3daa62325af021a68f707511a";
+
+    fn parse_err(text: &str) -> String {
+        parse(Path::new("/etc/keel/file-delivery.toml"), text).unwrap_err()
+    }
+
+    #[test]
+    fn defaults_and_errors_that_name_the_key() {
+        let c = parse(Path::new("/x.toml"), &format!("keeper_keys = [\"{KEY}\"]")).unwrap();
+        assert_eq!(c.listen, Some("127.0.0.1:2080".parse().unwrap()));
+        assert_eq!(c.files_dir, PathBuf::from("/var/lib/keel-agent/files"));
+        assert_eq!(c.max_files, 1024);
+        for (text, want) in [
+            ("keeper_keys = []", "keeper_keys: empty"),
+            ("keeper_keys = [\"00\"]", "keeper_keys[0]: not 32 bytes of hex"),
+            (
+                &format!("keeper_keys = [\"{KEY}\"]\nlisten = \"0.0.0.0:2080\""),
+                "listen: 0.0.0.0:2080 is not a loopback address",
+            ),
+            (
+                &format!("keeper_keys = [\"{KEY}\"]\nlisten = \"localhost\""),
+                "listen: \"localhost\" is not an address:port",
+            ),
+            (
+                &format!("keeper_keys = [\"{KEY}\"]\nfiles_dir = \"files\""),
+                "files_dir: files is not an absolute path",
+            ),
+            (
+                &format!("keeper_keys = [\"{KEY}\"]\nfiles_dir = \"/s/f\"\nstate_dir = \"/s\""),
+                "files_dir: must not be inside",
+            ),
+            (
+                &format!("keeper_keys = [\"{KEY}\"]\nmax_files = 0"),
+                "max_files: must be 1-4096",
+            ),
+            (
+                &format!("keeper_keys = [\"{KEY}\"]\nkeeper = 1"),
+                "unknown field `keeper`",
+            ),
+        ] {
+            let e = parse_err(text);
+            assert!(e.contains(want), "{text}: {e}");
+            assert!(e.starts_with("/etc/keel/file-delivery.toml"), "{e}");
+        }
+        assert_eq!(
+            parse(
+                Path::new("/x.toml"),
+                &format!("keeper_keys = [\"{KEY}\"]\nlisten = \"off\"")
+            )
+            .unwrap()
+            .listen,
+            None
+        );
+    }
+
+    #[test]
+    fn detail_only_names_the_file() {
+        assert_eq!(path_from_detail("").unwrap(), PathBuf::from(DEFAULT_PATH));
+        assert_eq!(
+            path_from_detail(r#"{"config":"/etc/x.toml"}"#).unwrap(),
+            PathBuf::from("/etc/x.toml")
+        );
+        assert!(
+            path_from_detail(r#"{"config":"x.toml"}"#)
+                .unwrap_err()
+                .contains("not an absolute path")
+        );
+        assert!(
+            path_from_detail(r#"{"keeper_keys":["x"]}"#)
+                .unwrap_err()
+                .contains("unknown field")
+        );
+    }
+
+    #[test]
+    fn a_file_others_can_change_is_not_trusted() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+        let file = dir.path().join("fd.toml");
+        std::fs::write(&file, format!("keeper_keys = [\"{KEY}\"]")).unwrap();
+        std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o644)).unwrap();
+        load(&file).unwrap();
+        std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o664)).unwrap();
+        assert!(
+            load(&file)
+                .unwrap_err()
+                .contains("writable by group or others (mode 0664)")
+        );
+        std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o600)).unwrap();
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o777)).unwrap();
+        let e = load(&file).unwrap_err();
+        assert!(e.contains(&format!("{} is writable", dir.path().display())), "{e}");
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+        let link = dir.path().join("link.toml");
+        std::os::unix::fs::symlink(&file, &link).unwrap();
+        assert!(load(&link).unwrap_err().contains("is not a regular file"));
+    }
+}

@@ -1,0 +1,64 @@
+//! `file-delivery`: attaches to the agent (or, with `KEEL_PLUGIN_DEBUG=1`, to
+//! stdin/stdout) and runs the plugin; `file-delivery host-key` prints this host's
+//! public key, for an operator to compare with what the keeper pinned.
+#![forbid(unsafe_code)]
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use keel_plugin_file_delivery::{config, init_logging, plugin};
+use keel_plugin_sdk::Client;
+
+/// The file-delivery plugin.
+#[derive(Debug, Parser)]
+#[command(name = "file-delivery", version = keel_plugin_file_delivery::VERSION, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Cmd>,
+}
+
+#[derive(Debug, Subcommand)]
+enum Cmd {
+    /// Print this host's public key (made on first use), to check a keeper's pin.
+    HostKey {
+        /// The plugin's configuration file.
+        #[arg(long, default_value = config::DEFAULT_PATH)]
+        config: std::path::PathBuf,
+    },
+}
+
+fn main() -> ExitCode {
+    match Cli::parse().command {
+        Some(Cmd::HostKey { config }) => {
+            let detail = serde_json::json!({ "config": config }).to_string();
+            match plugin::start(&detail) {
+                Ok((_, _, host)) => {
+                    println!("{}", host.public_hex());
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("file-delivery: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+        None => {
+            let client = match Client::new() {
+                Ok(c) => c,
+                Err(e) => {
+                    eprintln!("file-delivery: cannot attach to the agent: {e}");
+                    return ExitCode::FAILURE;
+                }
+            };
+            init_logging(&client);
+            let detail = keel_plugin_sdk::detail().unwrap_or_default();
+            match plugin::run(client, &detail) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("file-delivery: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+    }
+}
