@@ -41,7 +41,7 @@ build_for() {
     local bin_dir="$output/.nfpm/bin-$nfpm_arch"
     rm -rf "$bin_dir"
     mkdir -p "$bin_dir"
-    for bin in keel-agent keel-server keelctl key-request keel-keyprovider-mysql "${plugins[@]}"; do
+    for bin in keel-agent keel-server keelctl key-request keel-keyprovider-mysql file-delivery "${plugins[@]}"; do
         if [ -x "$built/$bin" ]; then
             cp "$built/$bin" "$bin_dir/$bin"
             strip "$bin_dir/$bin" 2>/dev/null || true
