@@ -34,11 +34,14 @@
 //! - [`detail`] returns the plugin's configuration string (`DETAIL`).
 //! - [`logging::AgentLogLayer`] sends `tracing` events upstream as plugin logs
 //!   (data_type 1011).
+//! - [`local::check_trusted`] says whether a local file (a plugin's trust
+//!   anchors: keys, allow lists) is one that only root can change.
 #![deny(unsafe_code)]
 #![warn(missing_docs)]
 
 mod client;
 mod fds;
+pub mod local;
 pub mod logging;
 
 pub use client::{Client, ClientOptions, Error};

@@ -6,7 +6,6 @@
 //! the plugin runs as) and writable by no one else.
 
 use std::net::SocketAddr;
-use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
 use ed25519_dalek::VerifyingKey;
@@ -83,42 +82,9 @@ pub fn path_from_detail(detail: &str) -> Result<PathBuf, String> {
     Ok(path)
 }
 
-/// Refuses `path` unless it and every directory above it are owned by root or by
-/// this process's user and writable by no one else (a sticky directory such as
-/// /tmp is fine above, as long as the rest is ours).
-pub fn check_trusted(path: &Path) -> Result<(), String> {
-    let me = nix::unistd::geteuid().as_raw();
-    let mut current = Some(path);
-    let mut first = true;
-    while let Some(p) = current {
-        let meta = std::fs::symlink_metadata(p).map_err(|e| format!("{}: {e}", p.display()))?;
-        if first && !meta.is_file() {
-            return Err(format!("{} is not a regular file", p.display()));
-        }
-        let sticky = meta.mode() & 0o1000 != 0 && meta.is_dir();
-        if meta.uid() != 0 && meta.uid() != me {
-            return Err(format!(
-                "{} is owned by uid {}: only root (or the plugin's user) may own it",
-                p.display(),
-                meta.uid()
-            ));
-        }
-        if meta.mode() & 0o022 != 0 && (first || !sticky) {
-            return Err(format!(
-                "{} is writable by group or others (mode {:04o}): only its owner may change what this host trusts",
-                p.display(),
-                meta.mode() & 0o7777
-            ));
-        }
-        first = false;
-        current = p.parent().filter(|q| !q.as_os_str().is_empty());
-    }
-    Ok(())
-}
-
 /// Reads and checks the configuration at `path`.
 pub fn load(path: &Path) -> Result<Config, String> {
-    check_trusted(path)?;
+    keel_plugin_sdk::local::check_trusted(path)?;
     let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
     parse(path, &text)
 }
@@ -175,8 +141,6 @@ pub fn parse(path: &Path, text: &str) -> Result<Config, String> {
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used)]
-    use std::os::unix::fs::PermissionsExt;
-
     use super::*;
 
     const KEY: &str = "d75a980182b10ab7d54bfed3c964073a0ee172f3daa62325af021a68f707511a";
@@ -251,29 +215,5 @@ mod tests {
                 .unwrap_err()
                 .contains("unknown field")
         );
-    }
-
-    #[test]
-    fn a_file_others_can_change_is_not_trusted() {
-        let dir = tempfile::tempdir().unwrap();
-        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
-        let file = dir.path().join("fd.toml");
-        std::fs::write(&file, format!("keeper_keys = [\"{KEY}\"]")).unwrap();
-        std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o644)).unwrap();
-        load(&file).unwrap();
-        std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o664)).unwrap();
-        assert!(
-            load(&file)
-                .unwrap_err()
-                .contains("writable by group or others (mode 0664)")
-        );
-        std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o600)).unwrap();
-        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o777)).unwrap();
-        let e = load(&file).unwrap_err();
-        assert!(e.contains(&format!("{} is writable", dir.path().display())), "{e}");
-        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
-        let link = dir.path().join("link.toml");
-        std::os::unix::fs::symlink(&file, &link).unwrap();
-        assert!(load(&link).unwrap_err().contains("is not a regular file"));
     }
 }

@@ -1,0 +1,71 @@
+//! Local files a plugin trusts for where they are.
+//!
+//! A plugin's trust anchors (the keys whose signatures it believes, the targets it
+//! may reach) must not come from the server, which only sends `DETAIL`: they live
+//! in a local file that only root can change. [`check_trusted`] says whether a file
+//! is such a file.
+
+use std::os::unix::fs::MetadataExt;
+use std::path::Path;
+
+/// Refuses `path` unless it and every directory above it are owned by root or by
+/// this process's user and writable by no one else (a sticky directory such as
+/// /tmp is fine above, as long as the rest is ours).
+pub fn check_trusted(path: &Path) -> Result<(), String> {
+    let me = nix::unistd::geteuid().as_raw();
+    let mut current = Some(path);
+    let mut first = true;
+    while let Some(p) = current {
+        let meta = std::fs::symlink_metadata(p).map_err(|e| format!("{}: {e}", p.display()))?;
+        if first && !meta.is_file() {
+            return Err(format!("{} is not a regular file", p.display()));
+        }
+        let sticky = meta.mode() & 0o1000 != 0 && meta.is_dir();
+        if meta.uid() != 0 && meta.uid() != me {
+            return Err(format!(
+                "{} is owned by uid {}: only root (or the plugin's user) may own it",
+                p.display(),
+                meta.uid()
+            ));
+        }
+        if meta.mode() & 0o022 != 0 && (first || !sticky) {
+            return Err(format!(
+                "{} is writable by group or others (mode {:04o}): only its owner may change what this host trusts",
+                p.display(),
+                meta.mode() & 0o7777
+            ));
+        }
+        first = false;
+        current = p.parent().filter(|q| !q.as_os_str().is_empty());
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use std::os::unix::fs::PermissionsExt;
+
+    use super::*;
+
+    #[test]
+    fn a_file_others_can_change_is_not_trusted() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+        let file = dir.path().join("p.toml");
+        std::fs::write(&file, "x = 1").unwrap();
+        std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o644)).unwrap();
+        check_trusted(&file).unwrap();
+        std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o664)).unwrap();
+        assert!(check_trusted(&file).unwrap_err().contains("writable by group or others (mode 0664)"));
+        std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o600)).unwrap();
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o777)).unwrap();
+        let e = check_trusted(&file).unwrap_err();
+        assert!(e.contains(&format!("{} is writable", dir.path().display())), "{e}");
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+        let link = dir.path().join("link.toml");
+        std::os::unix::fs::symlink(&file, &link).unwrap();
+        assert!(check_trusted(&link).unwrap_err().contains("is not a regular file"));
+        assert!(check_trusted(&dir.path().join("missing")).is_err());
+    }
+}
