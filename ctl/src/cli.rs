@@ -82,6 +82,33 @@ pub enum Command {
     /// The keeper of file-delivery: secret files sealed to each host, sent only when changed.
     #[command(subcommand)]
     Files(FilesCmd),
+    /// The TLS inventory: certificates of intranet services, scanned through agents' proxy plugins.
+    #[command(subcommand)]
+    Certs(CertsCmd),
+}
+
+/// `keelctl certs …`
+#[derive(Debug, Subcommand)]
+pub enum CertsCmd {
+    /// Scan targets through an agent's proxy plugin and record their certificates;
+    /// exits 2 if any target failed (the host's allow list decides what it reaches).
+    Scan {
+        /// The agent whose proxy reaches the targets.
+        #[arg(long, value_name = "ID")]
+        agent: String,
+        /// `host:port` targets.
+        #[arg(required = true, value_name = "HOST:PORT")]
+        targets: Vec<String>,
+    },
+    /// The inventory, soonest expiry first.
+    List {
+        /// Only targets scanned through this agent.
+        #[arg(long, value_name = "ID")]
+        agent: Option<String>,
+        /// Only certificates that expire within this many days.
+        #[arg(long, value_name = "DAYS")]
+        expiring_within: Option<u32>,
+    },
 }
 
 /// `keelctl files …`

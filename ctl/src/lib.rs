@@ -1,6 +1,6 @@
 //! `keelctl`, the Keel console on the command line: a client of the server's
 //! `/api/v1` for agents, components, policies, tasks, the audit log and tokens,
-//! and the keeper of file-delivery (`files`).
+//! the TLS inventory (`certs`) and the keeper of file-delivery (`files`).
 //!
 //! The binary only parses arguments and loads the [`config::Settings`]; [`run`]
 //! does the rest. Exit codes: 0 done, 1 failed (the server's message is shown),
@@ -9,6 +9,7 @@
 
 pub mod agents;
 pub mod audit;
+pub mod certs;
 pub mod cli;
 pub mod client;
 pub mod components;
@@ -85,6 +86,7 @@ async fn dispatch(ctx: &Ctx, command: Command) -> anyhow::Result<ExitCode> {
         Command::Audit(a) => audit::run(ctx, &a).await?,
         Command::Tokens(c) => tokens::run(ctx, c).await?,
         Command::Files(c) => return files::run(ctx, c).await,
+        Command::Certs(c) => return certs::run(ctx, c).await,
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -57,7 +57,11 @@ mod tests {
         std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o644)).unwrap();
         check_trusted(&file).unwrap();
         std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o664)).unwrap();
-        assert!(check_trusted(&file).unwrap_err().contains("writable by group or others (mode 0664)"));
+        assert!(
+            check_trusted(&file)
+                .unwrap_err()
+                .contains("writable by group or others (mode 0664)")
+        );
         std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o600)).unwrap();
         std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o777)).unwrap();
         let e = check_trusted(&file).unwrap_err();

@@ -12,7 +12,7 @@
 //! | 1100 | up | certificate renewal request, field `csr` (PEM) | Keel |
 //! | 5100 | up | task result, fields `token`, `status`, `msg` | Elkeid |
 //! | 6000–6099 | both | key-request plugin | Keel |
-//! | 6100–6199 | both | proxy plugin | Keel |
+//! | 6100–6199 | both | proxy plugin: 6100 audit job (down); 6101 job ended (up) | Keel |
 //! | 6200–6299 | both | file-delivery plugin: 6200 deliver, 6201 inventory, 6202 remove (down); 6203 host key, 6210 file event (up) | Keel |
 //!
 //! Keel allocates its own agent-level types in 1100–1199. Plugins own their ranges.

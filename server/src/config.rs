@@ -56,6 +56,9 @@ pub struct ServerConfig {
     /// Enrollment by key, checked by key-request plugins.
     #[serde(default)]
     pub key_enrollment: KeyEnrollmentConfig,
+    /// The proxy tunnel endpoint and the TLS inventory that uses it.
+    #[serde(default)]
+    pub tunnel: TunnelConfig,
     /// Logging.
     #[serde(default)]
     pub log: LogConfig,
@@ -162,6 +165,56 @@ pub struct ComponentsConfig {
     /// agents before this server's own `/packages`.
     #[serde(default)]
     pub mirrors: Vec<String>,
+}
+
+/// The proxy tunnel endpoint (mTLS), where agents' proxy plugins connect back for
+/// audit jobs, and the limits of the TLS inventory that runs through it.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TunnelConfig {
+    /// Listen address.
+    #[serde(default = "default_tunnel_listen")]
+    pub listen: SocketAddr,
+    /// How long a job waits for the agent's proxy to connect back.
+    #[serde(default = "default_tunnel_wait", with = "humantime_serde")]
+    pub wait: Duration,
+    /// Jobs waiting for their tunnel at once; more are refused.
+    #[serde(default = "default_tunnel_pending")]
+    pub max_pending: usize,
+    /// Targets in one scan request.
+    #[serde(default = "default_scan_targets")]
+    pub max_targets: usize,
+    /// Targets of one request scanned at once.
+    #[serde(default = "default_scan_concurrency")]
+    pub scan_concurrency: usize,
+}
+
+impl Default for TunnelConfig {
+    fn default() -> Self {
+        Self {
+            listen: default_tunnel_listen(),
+            wait: default_tunnel_wait(),
+            max_pending: default_tunnel_pending(),
+            max_targets: default_scan_targets(),
+            scan_concurrency: default_scan_concurrency(),
+        }
+    }
+}
+
+fn default_tunnel_listen() -> SocketAddr {
+    SocketAddr::from(([0, 0, 0, 0], 6753))
+}
+fn default_tunnel_wait() -> Duration {
+    Duration::from_secs(20)
+}
+fn default_tunnel_pending() -> usize {
+    256
+}
+fn default_scan_targets() -> usize {
+    64
+}
+fn default_scan_concurrency() -> usize {
+    8
 }
 
 /// gRPC transfer listener (mTLS).
@@ -474,6 +527,15 @@ impl ServerConfig {
         }
         if self.pki.cert_lifetime < Duration::from_secs(5) {
             return Err(err("pki.cert_lifetime", "must be at least 5s".into()));
+        }
+        for (key, value) in [
+            ("tunnel.max_pending", self.tunnel.max_pending),
+            ("tunnel.max_targets", self.tunnel.max_targets),
+            ("tunnel.scan_concurrency", self.tunnel.scan_concurrency),
+        ] {
+            if value == 0 {
+                return Err(err(key, "must be at least 1".into()));
+            }
         }
         if self.grpc.max_handshakes == 0 {
             return Err(err("grpc.max_handshakes", "must be at least 1".into()));

@@ -348,6 +348,7 @@ impl StreamTask {
                     && let Some(token) = fields.get("token").filter(|t| !t.is_empty())
                 {
                     self.state.key_enrollment.deliver(agent_id, r.data_type, &fields);
+                    self.state.task_waiters.deliver(agent_id, token, &fields);
                     if self.state.store.task_result(token, agent_id, &fields, now).await? {
                         self.state.rollout_wake.notify_one();
                     } else {

@@ -7,6 +7,7 @@ mod agents;
 mod audit;
 mod components;
 mod enroll;
+mod inventory;
 mod policies;
 mod tasks;
 mod tokens;
@@ -295,6 +296,8 @@ fn api() -> (Router<Arc<ServerState>>, utoipa::openapi::OpenApi) {
         .routes(routes!(tokens::list, tokens::create))
         .routes(routes!(tokens::revoke))
         .routes(routes!(audit::list))
+        .routes(routes!(inventory::scan))
+        .routes(routes!(inventory::certificates))
         // Uploads are streamed and capped by the component store itself.
         .merge(
             OpenApiRouter::new()

@@ -1,8 +1,9 @@
 //! keel-server as a library: `main.rs` only parses arguments and calls in here, so
 //! tests can drive every part.
 //!
-//! Only [`grpc`] and [`tls`] see prost/tonic/rustls types; the rest works on
-//! domain types ([`sink::Record`], [`connections::Outbound`]).
+//! Only [`grpc`] and [`tls`] see prost/tonic types, and only they, [`tunnel`] and
+//! [`inventory`] (which speak TLS through agents' tunnels) see rustls; the rest
+//! works on domain types ([`sink::Record`], [`connections::Outbound`]).
 #![forbid(unsafe_code)]
 
 pub mod admin;
@@ -11,6 +12,7 @@ pub mod config;
 pub mod connections;
 pub mod grpc;
 pub mod http;
+pub mod inventory;
 pub mod keyenroll;
 pub mod pki;
 pub mod policy;
@@ -22,3 +24,4 @@ pub mod sink;
 pub mod state;
 pub mod store;
 pub mod tls;
+pub mod tunnel;

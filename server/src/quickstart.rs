@@ -70,6 +70,7 @@ pub fn server_config(opts: &Options) -> anyhow::Result<ServerConfig> {
             "# keel-server configuration written by the quickstart.\n\
              data_dir = {data}\n\n\
              [grpc]\nlisten = \"127.0.0.1:{grpc}\"\n\n\
+             [tunnel]\nlisten = \"127.0.0.1:6753\"\n\n\
              # Plain HTTP is allowed on loopback only; a browser opens it without warnings.\n\
              [http]\nlisten = \"127.0.0.1:{http}\"\ntls = false\n\n\
              [log]\ndir = {log}\n",
@@ -162,10 +163,10 @@ async fn install_plugins(
             Ok(_) | Err(crate::components::ComponentError::Exists { .. }) => {}
             Err(e) => return Err(e.into()),
         }
-        let detail = if *name == "file-delivery" {
-            file_delivery(&opts.dir)?
-        } else {
-            String::new()
+        let detail = match *name {
+            "file-delivery" => file_delivery(&opts.dir)?,
+            "proxy" => proxy(&opts.dir, state.tunnel_addr())?,
+            _ => String::new(),
         };
         desired.push(crate::store::DesiredPlugin {
             name: (*name).to_owned(),
@@ -210,6 +211,29 @@ fn file_delivery(dir: &Path) -> anyhow::Result<String> {
     );
     keel_common::fsutil::write_private(&config, text.as_bytes())
         .with_context(|| format!("cannot write {}", config.display()))?;
+    Ok(serde_json::json!({ "config": config }).to_string())
+}
+
+/// proxy for the quickstart: the agent's own certificate at the quickstart's
+/// tunnel endpoint, and an allow list that reaches nothing until edited; returns
+/// the plugin's `DETAIL`.
+fn proxy(dir: &Path, tunnel: std::net::SocketAddr) -> anyhow::Result<String> {
+    let dir = std::path::absolute(dir).context("the quickstart directory")?;
+    let pki = Layout::new(&dir).agent_state.join("pki");
+    let conf = dir.join("proxy");
+    keel_common::fsutil::create_dir(&conf, 0o700).with_context(|| format!("cannot create {}", conf.display()))?;
+    let config = conf.join("proxy.toml");
+    let text = format!(
+        "# Written by the quickstart. Add what audit jobs may reach, e.g. \"127.0.0.1:8443\".\n\
+         allow = []\ntunnel = \"{tunnel}\"\nca_file = {ca:?}\ncert_file = {cert:?}\nkey_file = {key:?}\n",
+        ca = pki.join("ca.pem").display().to_string(),
+        cert = pki.join("agent.pem").display().to_string(),
+        key = pki.join("agent.key").display().to_string(),
+    );
+    if !config.exists() {
+        keel_common::fsutil::write_private(&config, text.as_bytes())
+            .with_context(|| format!("cannot write {}", config.display()))?;
+    }
     Ok(serde_json::json!({ "config": config }).to_string())
 }
 

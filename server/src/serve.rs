@@ -33,6 +33,8 @@ pub struct Bound {
     pub grpc: SocketAddr,
     /// HTTP(S) address.
     pub http: SocketAddr,
+    /// Proxy tunnel endpoint.
+    pub tunnel: SocketAddr,
 }
 
 /// Opens the store, CA and sink that a server runs on.
@@ -83,12 +85,17 @@ pub async fn run_with_state(
     let http_listener = std::net::TcpListener::bind(config.http.listen)
         .with_context(|| format!("cannot listen on http.listen {}", config.http.listen))?;
     http_listener.set_nonblocking(true)?;
+    let tunnel_listener = TcpListener::bind(config.tunnel.listen)
+        .await
+        .with_context(|| format!("cannot listen on tunnel.listen {}", config.tunnel.listen))?;
     let bound = Bound {
         grpc: grpc_listener.local_addr()?,
         http: http_listener.local_addr()?,
+        tunnel: tunnel_listener.local_addr()?,
     };
     state.set_grpc_bound(bound.grpc);
     state.set_http_bound(bound.http);
+    state.set_tunnel_bound(bound.tunnel);
 
     let grpc_tls = tls::grpc_config(&state)?;
     let incoming = tls::accept_loop(
@@ -139,11 +146,16 @@ pub async fn run_with_state(
         anyhow::Ok(())
     };
 
-    info!(grpc = %bound.grpc, http = %format!("{scheme}://{}", bound.http), ca_fingerprint = %state.ca.fingerprint(), "keel-server listening");
+    info!(grpc = %bound.grpc, tunnel = %bound.tunnel, http = %format!("{scheme}://{}", bound.http), ca_fingerprint = %state.ca.fingerprint(), "keel-server listening");
     if let Some(path) = ready {
         write_ready(&path, &bound)?;
     }
 
+    let tunnels = tokio::spawn(crate::tunnel::serve(
+        Arc::clone(&state),
+        tunnel_listener,
+        shutdown.clone(),
+    ));
     let background = background(Arc::clone(&state), shutdown.clone(), &mut newest_revocation);
     let rollouts = tokio::spawn(crate::rollout::run(Arc::clone(&state), shutdown.clone()));
     let drain_state = Arc::clone(&state);
@@ -153,6 +165,11 @@ pub async fn run_with_state(
     };
     let (grpc_result, http_result, (), ()) = tokio::join!(grpc, http, background, drain);
     let _ = rollouts.await;
+    match tunnels.await {
+        Ok(Err(e)) => warn!(error = %e, "tunnel endpoint failed"),
+        Err(e) => warn!(error = %e, "tunnel endpoint panicked"),
+        Ok(Ok(())) => {}
+    }
     if let Err(e) = state.flush_marks().await {
         warn!(error = %e, "cannot store stream marks at shutdown");
     }

@@ -37,6 +37,8 @@ pub struct ServerState {
     grpc_bound: OnceLock<SocketAddr>,
     /// The HTTP address actually bound.
     http_bound: OnceLock<SocketAddr>,
+    /// The tunnel endpoint actually bound.
+    tunnel_bound: OnceLock<SocketAddr>,
     /// The release key for signing packages.
     pub release: Release,
     /// The policies, cached; reloaded on every change.
@@ -45,6 +47,10 @@ pub struct ServerState {
     pub rollout_wake: tokio::sync::Notify,
     /// Challenges and lookups of enrollment by key.
     pub key_enrollment: crate::keyenroll::KeyEnrollment,
+    /// Audit jobs waiting for their tunnels.
+    pub tunnels: crate::tunnel::Tunnels,
+    /// Tasks whose results the server itself waits for.
+    pub task_waiters: crate::inventory::TaskWaiters,
 }
 
 /// The component name of the agent itself.
@@ -97,6 +103,7 @@ impl ServerState {
         // What the sink itself knows it persisted is the newest truth after a crash.
         let marks = Mutex::new(sink.recovered_marks());
         let key_enrollment = crate::keyenroll::KeyEnrollment::new(&config.key_enrollment);
+        let tunnels = crate::tunnel::Tunnels::new(config.tunnel.max_pending);
         Self {
             config,
             store,
@@ -107,11 +114,24 @@ impl ServerState {
             marks,
             grpc_bound: OnceLock::new(),
             http_bound: OnceLock::new(),
+            tunnel_bound: OnceLock::new(),
             release,
             policies: RwLock::new(Arc::new(Vec::new())),
             rollout_wake: tokio::sync::Notify::new(),
             key_enrollment,
+            tunnels,
+            task_waiters: crate::inventory::TaskWaiters::default(),
         }
+    }
+
+    /// Records the bound tunnel endpoint once the listener is up.
+    pub fn set_tunnel_bound(&self, addr: SocketAddr) {
+        let _ = self.tunnel_bound.set(addr);
+    }
+
+    /// The tunnel endpoint actually bound (the configured port may be 0).
+    pub fn tunnel_addr(&self) -> SocketAddr {
+        self.tunnel_bound.get().copied().unwrap_or(self.config.tunnel.listen)
     }
 
     /// Records the bound HTTP address once the listener is up.

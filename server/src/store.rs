@@ -1,10 +1,11 @@
-//! The registry: agents, tokens, certificates, tasks. One set of portable SQL
+//! The registry: agents, tokens, certificates, tasks, the TLS inventory. One set of portable SQL
 //! statements serves SQLite (the embedded default) and PostgreSQL, through sqlx's
 //! `Any` driver with `$N` placeholders.
 
 mod agents;
 mod audit;
 mod certs;
+mod inventory;
 mod jobs;
 mod plugins;
 mod policies;
@@ -18,6 +19,7 @@ use sqlx::{AnyPool, ConnectOptions};
 
 pub use agents::{AgentMeta, AgentRow};
 pub use audit::{AuditEntry, AuditFilter};
+pub use inventory::CertRow;
 pub use jobs::{JobRow, PendingSubtask, SubtaskCounts};
 pub use plugins::{DesiredPlugin, PackageRow, ReportedPlugin};
 pub use tasks::{NewTask, TaskRow};

@@ -102,6 +102,16 @@ fn server_identity(
 
 /// The gRPC listener's TLS: mutual, HTTP/2.
 pub fn grpc_config(state: &Arc<ServerState>) -> Result<rustls::ServerConfig, TlsSetupError> {
+    mutual_config(state, b"h2")
+}
+
+/// The tunnel endpoint's TLS: mutual, the tunnel protocol.
+pub fn tunnel_config(state: &Arc<ServerState>) -> Result<rustls::ServerConfig, TlsSetupError> {
+    mutual_config(state, crate::tunnel::ALPN)
+}
+
+/// Mutual TLS: only agents' certificates from the Keel CA, not revoked.
+fn mutual_config(state: &Arc<ServerState>, alpn: &[u8]) -> Result<rustls::ServerConfig, TlsSetupError> {
     let mut roots = RootCertStore::empty();
     roots
         .add(state.ca.cert_der().clone())
@@ -120,7 +130,7 @@ pub fn grpc_config(state: &Arc<ServerState>) -> Result<rustls::ServerConfig, Tls
         .with_client_cert_verifier(verifier)
         .with_single_cert(chain, key)
         .map_err(|e| TlsSetupError(format!("server certificate: {e}")))?;
-    config.alpn_protocols = vec![b"h2".to_vec()];
+    config.alpn_protocols = vec![alpn.to_vec()];
     Ok(config)
 }
 

@@ -8,6 +8,7 @@
 #![allow(clippy::expect_used, clippy::unwrap_used)]
 
 pub mod mariadb;
+pub mod proxy;
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -126,6 +127,8 @@ pub struct Server {
     pub grpc: SocketAddr,
     /// Bound HTTP address (plain, loopback).
     pub http: SocketAddr,
+    /// Bound proxy tunnel endpoint.
+    pub tunnel: SocketAddr,
     /// An admin API token.
     pub admin_token: String,
     /// The release public key agents pin, if the server has one.
@@ -141,7 +144,7 @@ impl Server {
         let dir = tempfile::tempdir().expect("tempdir");
         let config = dir.path().join("server.toml");
         let text = format!(
-            "data_dir = {}\n{}\n[grpc]\nlisten = \"127.0.0.1:0\"\n[http]\nlisten = \"127.0.0.1:0\"\ntls = {}\n",
+            "data_dir = {}\n{}\n[grpc]\nlisten = \"127.0.0.1:0\"\n[tunnel]\nlisten = \"127.0.0.1:0\"\n[http]\nlisten = \"127.0.0.1:0\"\ntls = {}\n",
             toml_path(&dir.path().join("data")),
             opts.extra_toml,
             opts.https
@@ -152,6 +155,7 @@ impl Server {
             config,
             grpc: SocketAddr::from(([127, 0, 0, 1], 0)),
             http: SocketAddr::from(([127, 0, 0, 1], 0)),
+            tunnel: SocketAddr::from(([127, 0, 0, 1], 0)),
             admin_token: String::new(),
             release_public: None,
             https: opts.https,
@@ -226,6 +230,10 @@ impl Server {
             .as_str()
             .and_then(|s| s.parse().ok())
             .expect("http address");
+        self.tunnel = bound["tunnel"]
+            .as_str()
+            .and_then(|s| s.parse().ok())
+            .expect("tunnel address");
     }
 
     /// SIGKILLs the server.

@@ -145,7 +145,7 @@ pub async fn list(
     Ok(Json(out))
 }
 
-async fn agent_or_404(state: &ServerState, id: &str) -> Result<AgentRow, ApiError> {
+pub(super) async fn agent_or_404(state: &ServerState, id: &str) -> Result<AgentRow, ApiError> {
     state
         .store
         .get_agent(id)

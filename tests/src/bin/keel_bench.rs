@@ -29,6 +29,10 @@
 //! `keel-bench filedelivery [files] [bytes]`: what one delivery costs on the host
 //! (parse, verify, open, compare, atomic write) against the bare atomic write of
 //! the same bytes; see `keel_bench/filedelivery.rs`.
+//!
+//! `keel-bench proxy [scans]`: TLS inventory scans through a real agent's proxy
+//! plugin and the tunnel endpoint, against the same handshakes made directly; see
+//! `keel_bench/proxy.rs`.
 #![forbid(unsafe_code)]
 // A benchmark reports failure by panicking, with a message saying what failed.
 #![allow(clippy::expect_used, clippy::unwrap_used)]
@@ -56,6 +60,8 @@ use tonic::{Request, Response, Status, Streaming};
 mod filedelivery;
 #[path = "keel_bench/keyrequest.rs"]
 mod keyrequest;
+#[path = "keel_bench/proxy.rs"]
+mod proxy;
 
 const PAYLOAD_BYTES: usize = 100;
 const BATCH: usize = 4096;
@@ -79,6 +85,10 @@ fn main() {
             let exec_lookups: usize = args.next().and_then(|a| a.parse().ok()).unwrap_or(200);
             keyrequest::run(socket_lookups, exec_lookups);
         }
+        "proxy" => {
+            let scans: usize = args.next().and_then(|a| a.parse().ok()).unwrap_or(1000);
+            runtime.block_on(proxy::run(scans));
+        }
         "filedelivery" => {
             let files: usize = args.next().and_then(|a| a.parse().ok()).unwrap_or(2000);
             let bytes: usize = args.next().and_then(|a| a.parse().ok()).unwrap_or(4096);
@@ -86,7 +96,7 @@ fn main() {
         }
         _ => {
             eprintln!(
-                "usage: keel-bench dataflow [records] | rollout [agents] [batch] | keyrequest [socket_lookups] [exec_lookups] | filedelivery [files] [bytes]"
+                "usage: keel-bench dataflow [records] | rollout [agents] [batch] | keyrequest [socket_lookups] [exec_lookups] | filedelivery [files] [bytes] | proxy [scans]"
             );
             std::process::exit(64);
         }

@@ -10,5 +10,6 @@ mod keelctl;
 mod key_enrollment;
 mod packaging;
 mod plugins;
+mod proxy;
 mod stream;
 mod upgrade;

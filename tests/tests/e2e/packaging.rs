@@ -47,6 +47,7 @@ fn packages_carry_the_right_metadata_and_files() {
         assert!(conffiles.contains(config), "{conffiles}");
         if name == "keel-agent" {
             assert!(conffiles.contains("/etc/keel/file-delivery.toml"), "{conffiles}");
+            assert!(conffiles.contains("/etc/keel/proxy.toml"), "{conffiles}");
         }
         let files = run(Command::new("dpkg-deb").arg("-c").arg(deb(&dir, name, "1.0.0")));
         assert!(
@@ -135,6 +136,14 @@ fn deb_install_upgrade_remove_and_purge_in_a_throwaway_root() {
         "only root reads whom the host trusts"
     );
     assert!(r.join("usr/share/doc/keel-agent/file-delivery.md").exists());
+    assert_eq!(mode(&r.join("usr/lib/keel-agent/plugins/proxy")), 0o755);
+    assert!(agent_toml.contains("[plugins.local.proxy]"), "{agent_toml}");
+    assert_eq!(
+        mode(&r.join("etc/keel/proxy.toml")),
+        0o600,
+        "only root reads what the host lets jobs reach"
+    );
+    assert!(r.join("usr/share/doc/keel-agent/proxy.md").exists());
     assert_eq!(mode(&r.join("etc/keel/agent.toml")), 0o640);
     assert_eq!(mode(&r.join("etc/keel/server.toml")), 0o640);
     assert_eq!(mode(&r.join("var/lib/keel-agent")), 0o700);

@@ -1,0 +1,38 @@
+//! proxy: the Keel plugin that runs the server's audit jobs. A job is a
+//! short-lived reverse proxy from the server into one intranet target: the plugin
+//! connects to the target, opens a tunnel to the server's tunnel endpoint (port
+//! 6753, mutual TLS with the agent's certificate) and relays bytes, so that the
+//! server's audit engine can, for example, read the TLS certificate the target
+//! presents.
+//!
+//! Which targets may be reached is decided on the host alone: a local allow list of
+//! networks and ports ([`config`]), in a file only root can change, applied to the
+//! addresses a target name resolves to, right before connecting ([`job`]).
+//!
+//! Tasks and records are in [`plugin`].
+#![forbid(unsafe_code)]
+#![warn(missing_docs)]
+
+pub mod config;
+pub mod job;
+pub mod plugin;
+
+/// The version of this build: `BUILD_VERSION` at compile time, else the crate's.
+pub const VERSION: &str = match option_env!("BUILD_VERSION") {
+    Some(v) => v,
+    None => env!("CARGO_PKG_VERSION"),
+};
+
+/// Logs to the agent (1011 records) and to stderr (the plugin's log file).
+pub fn init_logging(client: &keel_plugin_sdk::Client) {
+    use tracing_subscriber::Layer;
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
+    let level = tracing::Level::INFO;
+    let to_agent = keel_plugin_sdk::logging::AgentLogLayer::new(client.clone(), level);
+    let to_stderr = tracing_subscriber::fmt::layer()
+        .with_writer(std::io::stderr)
+        .with_ansi(false)
+        .with_filter(tracing_subscriber::filter::LevelFilter::from_level(level));
+    let _ = tracing_subscriber::registry().with(to_agent).with(to_stderr).try_init();
+}

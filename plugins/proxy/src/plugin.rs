@@ -1,0 +1,141 @@
+//! The plugin at run time: the main thread reads tasks; each job runs on a small
+//! tokio runtime, at most `max_jobs` at once (more are refused at once, not
+//! queued: the server retries a scan, and a queue would hold tunnels open).
+//!
+//! With an invalid configuration the plugin does not exit (the agent would only
+//! restart it into the same error): it reports the error once and refuses every
+//! task with it.
+
+use std::sync::Arc;
+
+use keel_plugin_sdk::{Client, Error, Task};
+use tokio::sync::Semaphore;
+
+use crate::config;
+use crate::job::{self, Request};
+
+/// Task: run an audit job (data: [`Request`] as JSON).
+pub const JOB: i32 = 6100;
+/// Record: a job ended (fields `job`, `target`, `address`, `outcome`, `sent`,
+/// `received`, `ms`).
+pub const JOB_EVENT: i32 = 6101;
+
+/// Runs the plugin until the agent closes the task pipe.
+pub fn run(client: Client, detail: &str) -> Result<(), Error> {
+    let loaded = config::path_from_detail(detail).and_then(|p| config::load(&p));
+    let loaded = loaded.and_then(|c| job::tls_config(&c).map(|tls| (c, tls)));
+    let (config, tls) = match loaded {
+        Ok(v) => v,
+        Err(msg) => {
+            let msg = format!("configuration invalid: {msg}");
+            tracing::error!("{msg}: every job is refused until it is fixed");
+            client.task_result("", false, &msg)?;
+            while let Some(task) = next_task(&client)? {
+                client.task_result(&task.token, false, &msg)?;
+            }
+            return Ok(());
+        }
+    };
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .map_err(Error::Io)?;
+    let config = Arc::new(config);
+    let slots = Arc::new(Semaphore::new(config.max_jobs));
+    tracing::info!(
+        rules = config.allow.len(),
+        tunnel = %config.tunnel,
+        max_jobs = config.max_jobs,
+        "proxy ready"
+    );
+    client.flush()?;
+    while let Some(task) = next_task(&client)? {
+        if task.data_type != JOB {
+            client.task_result(
+                &task.token,
+                false,
+                &format!("data_type {} is not a proxy task ({JOB} runs a job)", task.data_type),
+            )?;
+            continue;
+        }
+        let req = match Request::parse(&task.data) {
+            Ok(r) => r,
+            Err(e) => {
+                client.task_result(&task.token, false, &e)?;
+                continue;
+            }
+        };
+        let Ok(slot) = Arc::clone(&slots).try_acquire_owned() else {
+            client.task_result(
+                &task.token,
+                false,
+                &format!("busy: {} jobs are running (max_jobs)", config.max_jobs),
+            )?;
+            continue;
+        };
+        let (client, config, tls) = (client.clone(), Arc::clone(&config), Arc::clone(&tls));
+        runtime.spawn(async move {
+            let _slot = slot;
+            let outcome = job::run(&config, tls, &req).await;
+            let _ = report(&client, &task, &req, outcome);
+        });
+    }
+    runtime.shutdown_timeout(std::time::Duration::from_secs(2));
+    client.flush().or(Ok(()))
+}
+
+fn next_task(client: &Client) -> Result<Option<Task>, Error> {
+    loop {
+        match client.receive_task() {
+            Ok(task) => return Ok(Some(task)),
+            Err(Error::Closed) => return Ok(None),
+            Err(Error::Frame(e)) if client.is_debug() => {
+                tracing::warn!(error = %e, "skipping a task line that is not a task");
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+fn report(client: &Client, task: &Task, req: &Request, outcome: Result<job::Outcome, String>) -> Result<(), Error> {
+    match outcome {
+        Ok(o) => {
+            let ms = o.elapsed.as_millis().to_string();
+            let how = o.cut.clone().unwrap_or_else(|| "closed".into());
+            client.send(
+                JOB_EVENT,
+                [
+                    ("job", req.job.as_str()),
+                    ("target", req.target.as_str()),
+                    ("address", &o.address.to_string()),
+                    ("outcome", &how),
+                    ("sent", &o.sent.to_string()),
+                    ("received", &o.received.to_string()),
+                    ("ms", &ms),
+                ],
+            )?;
+            tracing::info!(job = %req.job, target = %req.target, address = %o.address, sent = o.sent, received = o.received, outcome = %how, "job ended");
+            client.task_result(
+                &task.token,
+                true,
+                &format!(
+                    "tunnel to {} ({}) {how}: {} bytes sent, {} received in {ms} ms",
+                    o.address, req.target, o.sent, o.received
+                ),
+            )
+        }
+        Err(e) => {
+            client.send(
+                JOB_EVENT,
+                [
+                    ("job", req.job.as_str()),
+                    ("target", req.target.as_str()),
+                    ("outcome", e.as_str()),
+                ],
+            )?;
+            tracing::warn!(job = %req.job, target = %req.target, error = %e, "job refused or failed");
+            client.task_result(&task.token, false, &e)
+        }
+    }
+}

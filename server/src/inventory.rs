@@ -1,0 +1,384 @@
+//! The TLS inventory, the server's audit engine: for each target, a 6100 job to
+//! an agent's proxy plugin, which connects to the target (if the host's own allow
+//! list lets it) and back to the tunnel endpoint; the server then makes a TLS
+//! handshake with the target through that tunnel and records the certificate it
+//! presents.
+//!
+//! The handshake trusts nothing: it records whatever the target sends, checks only
+//! that the target holds the key of the certificate it shows (the handshake
+//! signature), and never sends application data.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures::StreamExt;
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::crypto::CryptoProvider;
+use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
+use rustls::{DigitallySignedStruct, SignatureScheme};
+use serde::Serialize;
+use sha2::{Digest, Sha256};
+use tokio::io::AsyncWriteExt;
+use tokio::sync::oneshot;
+use utoipa::ToSchema;
+use x509_parser::prelude::{FromDer, GeneralName, X509Certificate};
+
+use crate::connections::{Outbound, TaskCommand};
+use crate::state::ServerState;
+use crate::store::{CertRow, NewTask};
+
+/// The proxy plugin's job task.
+pub const PROXY_JOB: i32 = 6100;
+/// The proxy plugin's name.
+pub const PROXY: &str = "proxy";
+
+/// A 5100 result's fields.
+type Fields = HashMap<String, String>;
+
+/// Tasks whose 5100 result someone is waiting for: token → (agent, waiter).
+#[derive(Debug, Default)]
+pub struct TaskWaiters {
+    waiting: Mutex<HashMap<String, (String, oneshot::Sender<Fields>)>>,
+}
+
+impl TaskWaiters {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, (String, oneshot::Sender<Fields>)>> {
+        self.waiting.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Waits for the result of task `token`, sent to `agent_id`.
+    pub fn register(&self, token: &str, agent_id: &str) -> oneshot::Receiver<Fields> {
+        let (tx, rx) = oneshot::channel();
+        self.lock().insert(token.to_owned(), (agent_id.to_owned(), tx));
+        rx
+    }
+
+    /// A 5100 result arrived from `agent_id`; only the agent the task went to counts.
+    pub fn deliver(&self, agent_id: &str, token: &str, fields: &Fields) {
+        let mut waiting = self.lock();
+        if waiting.get(token).is_some_and(|(a, _)| a == agent_id)
+            && let Some((_, tx)) = waiting.remove(token)
+        {
+            let _ = tx.send(fields.clone());
+        }
+    }
+
+    /// Stops waiting.
+    pub fn forget(&self, token: &str) {
+        self.lock().remove(token);
+    }
+}
+
+/// One target's outcome.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct ScanResult {
+    /// `host:port`.
+    pub target: String,
+    /// `ok` or `failed`.
+    pub status: &'static str,
+    /// Why it failed.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    /// The certificate recorded.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub certificate: Option<CertRow>,
+}
+
+/// Checks a target: `host:port`, the host a DNS name or an IP address.
+pub fn check_target(target: &str) -> Result<(), String> {
+    let (host, port) = target
+        .rsplit_once(':')
+        .ok_or_else(|| format!("{target:?} is not host:port"))?;
+    if !port.parse::<u16>().is_ok_and(|p| p > 0) {
+        return Err(format!("{target:?}: {port:?} is not a port"));
+    }
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    if target.len() > 255 || ServerName::try_from(host).is_err() {
+        return Err(format!("{target:?}: {host:?} is not a host name or an IP address"));
+    }
+    Ok(())
+}
+
+/// Scans `targets` through `agent_id`'s proxy, `scan_concurrency` at a time.
+pub async fn scan_all(state: &Arc<ServerState>, agent_id: &str, targets: &[String], by: &str) -> Vec<ScanResult> {
+    futures::stream::iter(targets.iter().cloned())
+        .map(|target| {
+            let state = Arc::clone(state);
+            let agent_id = agent_id.to_owned();
+            let by = by.to_owned();
+            async move {
+                match scan(&state, &agent_id, &target, &by).await {
+                    Ok(cert) => ScanResult {
+                        target,
+                        status: "ok",
+                        error: None,
+                        certificate: Some(cert),
+                    },
+                    Err(e) => ScanResult {
+                        target,
+                        status: "failed",
+                        error: Some(e),
+                        certificate: None,
+                    },
+                }
+            }
+        })
+        .buffered(state.config.tunnel.scan_concurrency)
+        .collect()
+        .await
+}
+
+/// Scans one target through `agent_id`'s proxy and records its certificate.
+pub async fn scan(state: &ServerState, agent_id: &str, target: &str, by: &str) -> Result<CertRow, String> {
+    check_target(target)?;
+    let job = uuid::Uuid::new_v4().to_string();
+    let mut secret = [0u8; 32];
+    getrandom::fill(&mut secret).map_err(|e| format!("no entropy: {e}"))?;
+    let secret = hex::encode(secret);
+    let tunnel = state
+        .tunnels
+        .expect(&job, agent_id, &secret)
+        .ok_or("busy: too many jobs are waiting for their tunnels (tunnel.max_pending)")?;
+    let task_token = uuid::Uuid::new_v4().to_string();
+    let result = state.task_waiters.register(&task_token, agent_id);
+    let ids = JobIds {
+        job: &job,
+        secret: &secret,
+        task_token: &task_token,
+    };
+    let outcome = run(state, agent_id, target, &ids, (tunnel, result), by).await;
+    state.tunnels.forget(&job);
+    state.task_waiters.forget(&task_token);
+    let cert = outcome?;
+    state.store.save_certificate(&cert).await.map_err(|e| e.to_string())?;
+    Ok(cert)
+}
+
+/// A job's identifiers: its ID, its one-time secret and its task's token.
+#[derive(Debug)]
+struct JobIds<'a> {
+    job: &'a str,
+    secret: &'a str,
+    task_token: &'a str,
+}
+
+/// Sends the job, waits for its tunnel (or its refusal) and makes the handshake.
+async fn run(
+    state: &ServerState,
+    agent_id: &str,
+    target: &str,
+    ids: &JobIds<'_>,
+    (tunnel, result): (oneshot::Receiver<crate::tunnel::Tunnel>, oneshot::Receiver<Fields>),
+    by: &str,
+) -> Result<CertRow, String> {
+    let JobIds {
+        job,
+        secret,
+        task_token,
+    } = *ids;
+    let data = serde_json::json!({"job": job, "target": target, "token": secret}).to_string();
+    // The stored copy leaves the one-time token out.
+    let stored = serde_json::json!({"job": job, "target": target, "token": "<redacted>"}).to_string();
+    state
+        .store
+        .task_sent(
+            &NewTask {
+                token: task_token,
+                agent_id,
+                data_type: PROXY_JOB,
+                object_name: PROXY,
+                data: &stored,
+                created_by: by,
+            },
+            keel_common::time::now_ms(),
+        )
+        .await
+        .map_err(|e| e.to_string())?;
+    let cmd = TaskCommand {
+        data_type: PROXY_JOB,
+        object_name: PROXY.to_owned(),
+        data,
+        token: task_token.to_owned(),
+    };
+    state
+        .connections
+        .send(agent_id, Outbound::Task(cmd))
+        .map_err(|e| e.to_string())?;
+    let wait = state.config.tunnel.wait;
+    let stream = tokio::select! {
+        t = tunnel => t.map_err(|_| "the job was dropped".to_owned())?,
+        r = result => {
+            let fields = r.unwrap_or_default();
+            let msg = fields.get("msg").map_or("no message", String::as_str);
+            return Err(format!("agent {agent_id}: {msg}"));
+        }
+        () = tokio::time::sleep(wait) => {
+            return Err(format!("agent {agent_id}'s proxy did not connect back within {} s", wait.as_secs()));
+        }
+    };
+    let chain = handshake(stream, target, wait).await?;
+    describe(agent_id, target, &chain, keel_common::time::now_ms())
+}
+
+/// A TLS handshake with `target` over `stream` that records the certificate chain
+/// the target presents (and checks only the handshake signature), then closes.
+pub async fn handshake<S>(stream: S, target: &str, limit: Duration) -> Result<Vec<CertificateDer<'static>>, String>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    let (host, _) = target.rsplit_once(':').unwrap_or((target, ""));
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    let name = ServerName::try_from(host.to_owned()).map_err(|e| e.to_string())?;
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(recording_config()));
+    let mut tls = tokio::time::timeout(limit, connector.connect(name, stream))
+        .await
+        .map_err(|_| format!("{target}: TLS handshake timed out"))?
+        .map_err(|e| format!("{target}: TLS handshake failed: {e}"))?;
+    let chain = tls
+        .get_ref()
+        .1
+        .peer_certificates()
+        .map(|c| c.iter().map(|d| d.clone().into_owned()).collect())
+        .unwrap_or_default();
+    let _ = tls.shutdown().await;
+    Ok(chain)
+}
+
+/// What a certificate chain says, as an inventory row.
+pub fn describe(agent_id: &str, target: &str, chain: &[CertificateDer<'_>], now: i64) -> Result<CertRow, String> {
+    let leaf = chain.first().ok_or_else(|| format!("{target}: no certificate"))?;
+    let (_, cert) =
+        X509Certificate::from_der(leaf.as_ref()).map_err(|e| format!("{target}: unreadable certificate: {e}"))?;
+    let mut names = Vec::new();
+    if let Ok(Some(san)) = cert.subject_alternative_name() {
+        for n in &san.value.general_names {
+            match n {
+                GeneralName::DNSName(d) => names.push((*d).to_owned()),
+                GeneralName::IPAddress(b) => match b.len() {
+                    4 => names.push(std::net::Ipv4Addr::from(<[u8; 4]>::try_from(*b).unwrap_or_default()).to_string()),
+                    16 => {
+                        names.push(std::net::Ipv6Addr::from(<[u8; 16]>::try_from(*b).unwrap_or_default()).to_string())
+                    }
+                    _ => {}
+                },
+                _ => {}
+            }
+        }
+    }
+    let public_key = match cert.public_key().parsed() {
+        Ok(x509_parser::public_key::PublicKey::RSA(k)) => format!("RSA {}", k.key_size()),
+        Ok(x509_parser::public_key::PublicKey::EC(p)) => format!("EC {}", p.key_size()),
+        _ => oid_name(&cert.public_key().algorithm.algorithm),
+    };
+    Ok(CertRow {
+        agent_id: agent_id.to_owned(),
+        target: target.to_owned(),
+        fingerprint: hex::encode(Sha256::digest(leaf.as_ref())),
+        subject: cert.subject().to_string(),
+        issuer: cert.issuer().to_string(),
+        names,
+        serial: hex::encode(cert.raw_serial()),
+        not_before: cert.validity().not_before.timestamp() * 1000,
+        not_after: cert.validity().not_after.timestamp() * 1000,
+        public_key,
+        signature: oid_name(&cert.signature_algorithm.algorithm),
+        chain_length: i64::try_from(chain.len()).unwrap_or(i64::MAX),
+        self_signed: cert.subject() == cert.issuer(),
+        first_seen: now,
+        last_seen: now,
+    })
+}
+
+fn oid_name(oid: &x509_parser::der_parser::oid::Oid<'_>) -> String {
+    x509_parser::objects::oid2sn(oid, x509_parser::objects::oid_registry())
+        .map(str::to_owned)
+        .unwrap_or_else(|_| oid.to_id_string())
+}
+
+/// A client that records the certificate instead of judging it, but still checks
+/// the handshake signature against it.
+fn recording_config() -> rustls::ClientConfig {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let verifier = Arc::new(Recorder(Arc::clone(&provider)));
+    let mut config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap_or_else(|_| unreachable!("the ring provider supports the default versions"))
+        .dangerous()
+        .with_custom_certificate_verifier(verifier)
+        .with_no_client_auth();
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    config
+}
+
+#[derive(Debug)]
+struct Recorder(Arc<CryptoProvider>);
+
+impl ServerCertVerifier for Recorder {
+    fn verify_server_cert(
+        &self,
+        _end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp_response: &[u8],
+        _now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        // Inventory, not trust: every certificate is recorded as it is.
+        Ok(ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.0.signature_verification_algorithms)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.0.signature_verification_algorithms)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.0.signature_verification_algorithms.supported_schemes()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn targets_are_host_and_port() {
+        for good in ["db.internal:5432", "10.1.2.3:443", "[fd00::1]:443"] {
+            check_target(good).unwrap();
+        }
+        for bad in ["db.internal", "db:0", "db:x", "a b:443", ":443", "db:65536"] {
+            assert!(check_target(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn a_certificate_is_described() {
+        let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+        let mut params = rcgen::CertificateParams::new(vec!["db.internal".into(), "10.1.2.3".into()]).unwrap();
+        params.distinguished_name.push(rcgen::DnType::CommonName, "db.internal");
+        let cert = params.self_signed(&key).unwrap();
+        let row = describe("a1", "db.internal:443", &[cert.der().clone()], 5).unwrap();
+        assert_eq!(row.subject, "CN=db.internal");
+        assert!(row.self_signed);
+        assert_eq!(row.names, ["db.internal", "10.1.2.3"]);
+        assert_eq!(row.public_key, "EC 256");
+        assert_eq!(row.signature, "ecdsa-with-SHA256");
+        assert_eq!(row.fingerprint, hex::encode(Sha256::digest(cert.der().as_ref())));
+        assert!(row.not_after > row.not_before);
+        assert!(describe("a1", "x:1", &[], 5).unwrap_err().contains("no certificate"));
+    }
+}
