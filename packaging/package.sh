@@ -65,17 +65,6 @@ build_for() {
         local yaml="$work/$pkg-$nfpm_arch.yaml"
         sed -e "s|@VERSION@|$version|g" -e "s|@ARCH@|$nfpm_arch|g" -e "s|@BIN@|$bin_dir|g" -e "s|@GLIBC@|$glibc|g" \
             "packaging/nfpm/$pkg.yaml" > "$yaml"
-        local extra=()
-        if [ "$pkg" = keel-server ] && [ -d console/dist ]; then
-            extra+=("console/dist:/usr/share/keel-server/console")
-        fi
-        if [ ${#extra[@]} -gt 0 ]; then
-            for e in "${extra[@]}"; do
-                local src="${e%%:*}" dst="${e#*:}"
-                [ -e "$bin_dir/$src" ] && src="$bin_dir/$src"
-                printf '  - src: %s\n    dst: %s\n    file_info:\n      mode: 0755\n' "$src" "$dst" >> "$yaml"
-            done
-        fi
         for packager in deb rpm; do
             "$nfpm" package --config "$yaml" --packager "$packager" --target "$output/" >/dev/null
         done

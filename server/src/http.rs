@@ -6,6 +6,7 @@
 mod agents;
 mod audit;
 mod components;
+mod console;
 mod enroll;
 mod inventory;
 mod policies;
@@ -322,6 +323,7 @@ pub fn router(state: Arc<ServerState>) -> Router {
         .layer(middleware::from_fn_with_state(Arc::clone(&state), authenticate))
         .layer(middleware::from_fn_with_state(Arc::clone(&state), audit_changes));
     Router::new()
+        .merge(console::routes())
         .nest("/api/v1", api)
         .route("/enroll", post(enroll::enroll))
         .route("/enroll/ca.pem", get(enroll::ca_pem))

@@ -318,6 +318,7 @@ pub async fn run(opts: Options, shutdown: CancellationToken) -> anyhow::Result<(
     let token_path = layout.admin_token.display();
     println!(
         "\nKeel quickstart is running.\n\
+         \n  console:      {http}/  (sign in with the admin token)\
          \n  API:          {http}/api/v1/agents\
          \n  admin token:  {token_path}\
          \n  agent:        {agent_id} ({online}; logs in {agent_log})\

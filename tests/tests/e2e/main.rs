@@ -3,6 +3,7 @@
 
 mod agent;
 mod api;
+mod console;
 mod control;
 mod enrollment;
 mod file_delivery;

@@ -107,6 +107,11 @@ fn deb_install_upgrade_remove_and_purge_in_a_throwaway_root() {
     let r = root.path();
     assert_eq!(version_of(&r.join("usr/bin/keel-agent")), "keel-agent 1.0.0");
     assert_eq!(version_of(&r.join("usr/bin/keel-server")), "keel-server 1.0.0");
+    let server_bin = std::fs::read(r.join("usr/bin/keel-server")).unwrap();
+    assert!(
+        server_bin.windows(27).any(|w| w == b"<title>Keel console</title>"),
+        "the console's assets are in the packaged server"
+    );
     assert_eq!(mode(&r.join("usr/bin/keel-agent")), 0o755);
     // keelctl comes with both; /usr/bin/keelctl is an alternative, the server's first.
     let keelctl = || std::fs::read_link(r.join("etc/alternatives/keelctl")).ok();

@@ -1,0 +1,297 @@
+//! The web console in a real headless Chromium, driven over WebDriver
+//! (chromedriver): sign in, see agents, components, policies and tasks, and start
+//! an upgrade of a plugin that rolls out to a real agent.
+
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use fantoccini::{Client, ClientBuilder, Locator};
+use keel_tests::{Agent, Server, ServerOptions, eventually, eventually_within};
+use serde_json::{Value, json};
+
+const AGENT: &str = "console-1";
+
+/// chromedriver and a headless Chromium with a profile of its own.
+struct Browser {
+    driver: Child,
+    client: Client,
+    _profile: tempfile::TempDir,
+}
+
+impl Browser {
+    async fn start() -> Browser {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let driver = Command::new("chromedriver")
+            .arg(format!("--port={port}"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("chromedriver (Debian's chromium-driver; .ci/run installs it)");
+        let url = format!("http://127.0.0.1:{port}");
+        let status = format!("{url}/status");
+        eventually("chromedriver to answer", || async {
+            let r = reqwest::get(&status).await.ok()?;
+            r.status().is_success().then_some(())
+        })
+        .await;
+        let profile = tempfile::tempdir().unwrap();
+        let caps = json!({
+            "goog:chromeOptions": {
+                "binary": "/usr/bin/chromium",
+                "args": ["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                         "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                         "--disable-dev-shm-usage", format!("--user-data-dir={}", profile.path().display())]
+            }
+        });
+        let caps = caps.as_object().unwrap().clone().into_iter().collect();
+        let connector = hyper_util::client::legacy::connect::HttpConnector::new();
+        let client = ClientBuilder::new(connector)
+            .capabilities(caps)
+            .connect(&url)
+            .await
+            .expect("a WebDriver session with Chromium");
+        Browser {
+            driver,
+            client,
+            _profile: profile,
+        }
+    }
+
+    /// The text of the first element matching `css`, once there is one.
+    async fn text(&self, css: &str) -> String {
+        let el = self
+            .client
+            .wait()
+            .at_most(Duration::from_secs(20))
+            .for_element(Locator::Css(css))
+            .await
+            .unwrap_or_else(|e| panic!("{css}: {e}"));
+        el.text().await.unwrap()
+    }
+
+    /// Waits until the text of `css` satisfies `ok`; returns it.
+    async fn text_until(&self, css: &str, what: &str, ok: impl Fn(&str) -> bool) -> String {
+        eventually_within(Duration::from_secs(60), what, || async {
+            let el = self.client.find(Locator::Css(css)).await.ok()?;
+            let t = el.text().await.ok()?;
+            ok(&t).then_some(t)
+        })
+        .await
+    }
+
+    async fn click(&self, css: &str) {
+        self.client
+            .wait()
+            .at_most(Duration::from_secs(20))
+            .for_element(Locator::Css(css))
+            .await
+            .unwrap_or_else(|e| panic!("{css}: {e}"))
+            .click()
+            .await
+            .unwrap();
+    }
+
+    async fn type_into(&self, css: &str, text: &str) {
+        let el = self.client.find(Locator::Css(css)).await.unwrap();
+        el.clear().await.unwrap();
+        el.send_keys(text).await.unwrap();
+    }
+
+    async fn select(&self, css: &str, value: &str) {
+        let el = self.client.find(Locator::Css(css)).await.unwrap();
+        el.select_by_value(value).await.unwrap();
+    }
+
+    async fn stop(mut self) {
+        let _ = self.client.clone().close().await;
+        let _ = self.driver.kill();
+        let _ = self.driver.wait();
+    }
+}
+
+async fn upload(server: &Server, name: &str, version: &str) {
+    // Each version its own bytes: the store is content-addressed.
+    let mut bytes = keel_tests::test_plugin();
+    bytes.extend_from_slice(format!("\0{name} {version}").as_bytes());
+    let (status, body) = server.upload(name, version, "exec", bytes).await;
+    assert_eq!(status, 201, "{body}");
+}
+
+async fn plugin_version(server: &Server, name: &str) -> Option<String> {
+    let a = server.api().agent(AGENT).await?;
+    a["plugins"]
+        .as_array()?
+        .iter()
+        .find(|p| p["name"] == name && p["state"] == "running")
+        .and_then(|p| p["version"].as_str().map(str::to_owned))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_operator_signs_in_sees_the_fleet_and_rolls_out_an_upgrade() {
+    let server = Server::start(ServerOptions {
+        release_key: true,
+        ..ServerOptions::default()
+    })
+    .await;
+    let mut agent = Agent::enrolled(&server, AGENT);
+    agent.start();
+    let api = server.api();
+    api.online(AGENT).await;
+    upload(&server, "echo", "1").await;
+    upload(&server, "echo", "2").await;
+    let (status, body) = api
+        .post(
+            "/api/v1/policies",
+            &json!({"name": "echo", "component": "echo", "version": "1", "target": {"agents": [AGENT]}}),
+        )
+        .await;
+    assert_eq!(status, 201, "{body}");
+    let (_, task) = api
+        .post(
+            "/api/v1/tasks",
+            &json!({"kind": "sync-config", "target": {"agents": [AGENT]}}),
+        )
+        .await;
+    api.task_in_state(task["id"].as_str().unwrap(), "succeeded", Duration::from_secs(60))
+        .await;
+    eventually("echo 1 running", || async {
+        (plugin_version(&server, "echo").await.as_deref() == Some("1")).then_some(())
+    })
+    .await;
+    // A result an agent controls, with markup in it.
+    let (_, t) = api
+        .post(
+            &format!("/api/v1/agents/{AGENT}/tasks"),
+            &json!({"data_type": 6100, "object_name": "echo", "data": "<img src=x onerror=\"window.pwned=1\">"}),
+        )
+        .await;
+    let token = t["token"].as_str().unwrap().to_owned();
+
+    let b = Browser::start().await;
+    b.client.goto(&server.base_url()).await.unwrap();
+
+    // A wrong token is refused, and nothing is shown.
+    b.type_into("#token", "not-a-token").await;
+    b.click("#login-form button").await;
+    let error = b.text_until("#error", "the refusal", |t| !t.is_empty()).await;
+    assert!(error.starts_with("401"), "{error}");
+    assert!(b.client.find(Locator::Css("#agents-table tbody tr")).await.is_err());
+
+    // Signed in: the agents.
+    b.type_into("#token", &server.admin_token).await;
+    b.click("#login-form button").await;
+    let row = b
+        .text_until("#agents-table tbody tr", "the agent's row", |t| t.contains(AGENT))
+        .await;
+    assert!(row.contains("online") && row.contains("echo 1 (running)"), "{row}");
+
+    // Components and versions, policies.
+    b.click("a[data-tab=components]").await;
+    let components = b
+        .text_until("#components-table tbody", "the components", |t| t.contains("echo"))
+        .await;
+    assert!(
+        components.contains("echo 2") && components.contains("echo 1"),
+        "{components}"
+    );
+    b.click("a[data-tab=policies]").await;
+    let policies = b
+        .text_until("#policies-table tbody", "the policies", |t| t.contains("echo"))
+        .await;
+    assert!(policies.contains(&format!("agents {AGENT}")), "{policies}");
+
+    // The plugin task's result is shown as text; its markup never runs.
+    b.client
+        .goto(&format!("{}/#tasks/{token}", server.base_url()))
+        .await
+        .unwrap();
+    let result = b
+        .text_until("#subtasks-table tbody", "the echoed result", |t| t.contains("onerror"))
+        .await;
+    assert!(result.contains("<img src=x onerror=\"window.pwned=1\">"), "{result}");
+    let pwned = b
+        .client
+        .execute("return window.pwned === undefined;", vec![])
+        .await
+        .unwrap();
+    assert_eq!(pwned, Value::Bool(true), "markup from an agent ran in the console");
+
+    // Start an upgrade: echo 2 to this agent, through the existing policy.
+    b.click("a[data-tab=upgrade]").await;
+    b.text_until("#up-component", "the component list", |t| t.contains("echo"))
+        .await;
+    b.select("#up-component", "echo").await;
+    b.select("#up-version", "2").await;
+    b.select("#up-target-kind", "agents").await;
+    b.type_into("#up-target", AGENT).await;
+    b.type_into("#up-batch", "10").await;
+    b.click("#upgrade-form button[type=submit]").await;
+    let state = b
+        .text_until("#task-state", "the rollout to succeed", |t| {
+            t == "succeeded" || t == "failed"
+        })
+        .await;
+    assert_eq!(state, "succeeded", "{}", b.text("#task-detail").await);
+    assert!(b.text("#task-counts").await.starts_with("1 succeeded"));
+    eventually("echo 2 running on the agent", || async {
+        (plugin_version(&server, "echo").await.as_deref() == Some("2")).then_some(())
+    })
+    .await;
+    let (_, p) = api.get("/api/v1/policies").await;
+    assert_eq!(p[0]["version"], "2", "{p}");
+
+    // Signing out forgets the token.
+    b.click("#signout").await;
+    let stored = b
+        .client
+        .execute("return sessionStorage.getItem('keel-token');", vec![])
+        .await
+        .unwrap();
+    assert_eq!(stored, Value::Null);
+    b.stop().await;
+}
+
+#[tokio::test]
+async fn the_console_is_served_with_a_strict_policy() {
+    let server = Server::start(ServerOptions::default()).await;
+    let client = reqwest::Client::new();
+    for (path, kind) in [
+        ("/", "text/html"),
+        ("/console/console.js", "text/javascript"),
+        ("/console/console.css", "text/css"),
+    ] {
+        let r = client.get(format!("{}{path}", server.base_url())).send().await.unwrap();
+        assert_eq!(r.status(), 200, "{path}");
+        let h = r.headers();
+        assert!(h["content-type"].to_str().unwrap().starts_with(kind), "{path}: {h:?}");
+        let csp = h["content-security-policy"].to_str().unwrap();
+        assert!(
+            csp.contains("default-src 'self'") && csp.contains("frame-ancestors 'none'"),
+            "{csp}"
+        );
+        assert!(!csp.contains("unsafe-inline"), "{csp}");
+        assert_eq!(h["x-content-type-options"], "nosniff");
+    }
+    let page = client
+        .get(server.base_url())
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        !page.contains("<script>") && !page.contains(" style="),
+        "no inline script or style"
+    );
+    let r = client
+        .get(format!("{}/console/../api/v1/agents", server.base_url()))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 401, "the API still wants a token");
+}
