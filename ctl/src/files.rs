@@ -267,6 +267,24 @@ fn report(ctx: &Ctx, rows: Vec<Value>) -> anyhow::Result<ExitCode> {
     })
 }
 
+/// Each agent's checked host key and files; an agent whose inventory failed gets
+/// its row in `rows` instead.
+async fn hosts(
+    ctx: &Ctx,
+    target: &FilesTarget,
+    rows: &mut Vec<Value>,
+) -> anyhow::Result<Vec<(String, String, Vec<Item>)>> {
+    let mut known = KnownHosts::load(target, &ProcessEnv)?;
+    let mut out = Vec::new();
+    for agent in &target.agents {
+        match inventory(ctx, target, &mut known, agent).await {
+            Ok((host_key, held)) => out.push((agent.clone(), host_key, held)),
+            Err(e) => rows.push(row(agent, "-", "failed", format!("{e:#}"))),
+        }
+    }
+    Ok(out)
+}
+
 /// A version above what the host holds and above the last one this keeper used.
 fn next_version(held: Option<u64>) -> u64 {
     let now = u64::try_from(keel_common::time::now_ms()).unwrap_or(1);
@@ -286,17 +304,10 @@ async fn push(ctx: &Ctx, args: &FilesPushArgs) -> anyhow::Result<ExitCode> {
         let content = std::fs::read(path).with_context(|| format!("{name}: cannot read {path}"))?;
         files.push((name.to_owned(), content));
     }
-    let mut known = KnownHosts::load(&args.target, &ProcessEnv)?;
     let timeout = Duration::from_secs(args.target.timeout);
     let mut rows = Vec::new();
-    for agent in &args.target.agents {
-        let (host_key, held) = match inventory(ctx, &args.target, &mut known, agent).await {
-            Ok(v) => v,
-            Err(e) => {
-                rows.push(row(agent, "-", "failed", format!("{e:#}")));
-                continue;
-            }
-        };
+    for (agent, host_key, held) in hosts(ctx, &args.target, &mut rows).await? {
+        let agent = agent.as_str();
         for (name, content) in &files {
             let have = held.iter().find(|i| &i.name == name);
             let digest = keeper.digest_for(&host_key, content);
@@ -333,17 +344,10 @@ async fn remove(ctx: &Ctx, args: &FilesRemoveArgs) -> anyhow::Result<ExitCode> {
         check_name(n).map_err(|m| usage(format!("{n:?}: {m}")))?;
     }
     let keeper = load_keeper(&args.keeper_key)?;
-    let mut known = KnownHosts::load(&args.target, &ProcessEnv)?;
     let timeout = Duration::from_secs(args.target.timeout);
     let mut rows = Vec::new();
-    for agent in &args.target.agents {
-        let (host_key, held) = match inventory(ctx, &args.target, &mut known, agent).await {
-            Ok(v) => v,
-            Err(e) => {
-                rows.push(row(agent, "-", "failed", format!("{e:#}")));
-                continue;
-            }
-        };
+    for (agent, host_key, held) in hosts(ctx, &args.target, &mut rows).await? {
+        let agent = agent.as_str();
         for name in &args.names {
             let version = next_version(held.iter().find(|i| &i.name == name).map(|h| h.version));
             let env = keeper

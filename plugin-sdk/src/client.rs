@@ -250,8 +250,36 @@ impl Client {
         })
     }
 
+    /// The next task, or `None` once the agent has closed the task pipe (it is
+    /// stopping the plugin: flush and exit). In debug mode a line that is not a
+    /// task is logged and skipped; from the agent, a bad frame is an error.
+    pub fn next_task(&self) -> Result<Option<Task>, Error> {
+        loop {
+            match self.receive_task() {
+                Ok(task) => return Ok(Some(task)),
+                Err(Error::Closed) => return Ok(None),
+                Err(Error::Frame(e)) if self.is_debug() => {
+                    tracing::warn!(error = %e, "skipping a task line that is not a task");
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// For a plugin that cannot work, e.g. with an invalid configuration: reports
+    /// `msg` once (a failed 5100 result without a token), then answers every task
+    /// with it until the agent closes the pipe. Exiting instead would only have
+    /// the agent restart the plugin into the same error.
+    pub fn refuse_all(&self, msg: &str) -> Result<(), Error> {
+        self.task_result("", false, msg)?;
+        while let Some(task) = self.next_task()? {
+            self.task_result(&task.token, false, msg)?;
+        }
+        self.flush().or(Ok(()))
+    }
+
     /// Waits for the next task. [`Error::Closed`] means the agent is stopping
-    /// the plugin: flush and exit.
+    /// the plugin: flush and exit. [`Client::next_task`] is the easier loop.
     pub fn receive_task(&self) -> Result<Task, Error> {
         let mut input = self.inner.input.lock().unwrap_or_else(|p| p.into_inner());
         if self.inner.debug {

@@ -34,8 +34,12 @@
 //! - [`detail`] returns the plugin's configuration string (`DETAIL`).
 //! - [`logging::AgentLogLayer`] sends `tracing` events upstream as plugin logs
 //!   (data_type 1011).
+//! - [`logging::init`] sets both up: events to the agent and to stderr.
+//! - [`Client::next_task`] is the task loop; [`Client::refuse_all`] is what a
+//!   plugin that cannot work (bad configuration) does instead.
 //! - [`local::check_trusted`] says whether a local file (a plugin's trust
-//!   anchors: keys, allow lists) is one that only root can change.
+//!   anchors: keys, allow lists) is one that only root can change, and
+//!   [`local::config_path`] reads which file `DETAIL` names.
 #![deny(unsafe_code)]
 #![warn(missing_docs)]
 

@@ -3,10 +3,36 @@
 //! A plugin's trust anchors (the keys whose signatures it believes, the targets it
 //! may reach) must not come from the server, which only sends `DETAIL`: they live
 //! in a local file that only root can change. [`check_trusted`] says whether a file
-//! is such a file.
+//! is such a file; [`config_path`] reads the one thing `DETAIL` may say: which
+//! file.
 
 use std::os::unix::fs::MetadataExt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Detail {
+    #[serde(default)]
+    config: Option<PathBuf>,
+}
+
+/// The configuration file a plugin's `DETAIL` names (`{"config": "/abs/path"}`),
+/// or `default` when `DETAIL` is empty or names none. Nothing else may be in
+/// `DETAIL`: the file, which the server cannot change, holds the plugin's trust
+/// anchors.
+pub fn config_path(detail: &str, default: &str) -> Result<PathBuf, String> {
+    if detail.trim().is_empty() {
+        return Ok(PathBuf::from(default));
+    }
+    let d: Detail = serde_json::from_str(detail).map_err(|e| format!("DETAIL: {e}"))?;
+    let path = d.config.unwrap_or_else(|| PathBuf::from(default));
+    if !path.is_absolute() {
+        return Err(format!("DETAIL: config: {} is not an absolute path", path.display()));
+    }
+    Ok(path)
+}
 
 /// Refuses `path` unless it and every directory above it are owned by root or by
 /// this process's user and writable by no one else (a sticky directory such as
@@ -47,6 +73,27 @@ mod tests {
     use std::os::unix::fs::PermissionsExt;
 
     use super::*;
+
+    #[test]
+    fn detail_only_names_the_file() {
+        assert_eq!(config_path("", "/etc/p.toml").unwrap(), PathBuf::from("/etc/p.toml"));
+        assert_eq!(config_path("{}", "/etc/p.toml").unwrap(), PathBuf::from("/etc/p.toml"));
+        assert_eq!(
+            config_path(r#"{"config":"/etc/x.toml"}"#, "/etc/p.toml").unwrap(),
+            PathBuf::from("/etc/x.toml")
+        );
+        assert!(
+            config_path(r#"{"config":"x.toml"}"#, "/d")
+                .unwrap_err()
+                .contains("not an absolute path")
+        );
+        assert!(
+            config_path(r#"{"allow":["0.0.0.0/0:*"]}"#, "/d")
+                .unwrap_err()
+                .contains("unknown field")
+        );
+        assert!(config_path("not json", "/d").unwrap_err().starts_with("DETAIL: "));
+    }
 
     #[test]
     fn a_file_others_can_change_is_not_trusted() {

@@ -10,6 +10,20 @@ use tracing_subscriber::layer::{Context, Layer};
 use crate::Client;
 use crate::data_type::PLUGIN_LOG;
 
+/// Logs `tracing` events at `level` and above to the agent (1011 records) and to
+/// stderr, which the agent writes to the plugin's log file. A second call (or a
+/// subscriber set up before) keeps the first.
+pub fn init(client: &Client, level: Level) {
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
+    let to_agent = AgentLogLayer::new(client.clone(), level);
+    let to_stderr = tracing_subscriber::fmt::layer()
+        .with_writer(std::io::stderr)
+        .with_ansi(false)
+        .with_filter(tracing_subscriber::filter::LevelFilter::from_level(level));
+    let _ = tracing_subscriber::registry().with(to_agent).with(to_stderr).try_init();
+}
+
 /// Sends `tracing` events upstream.
 #[derive(Debug, Clone)]
 pub struct AgentLogLayer {

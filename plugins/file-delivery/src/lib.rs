@@ -33,18 +33,3 @@ pub const VERSION: &str = match option_env!("BUILD_VERSION") {
     Some(v) => v,
     None => env!("CARGO_PKG_VERSION"),
 };
-
-/// Logs to the agent (1011 records) and to stderr (the plugin's log file).
-#[cfg(feature = "plugin")]
-pub fn init_logging(client: &keel_plugin_sdk::Client) {
-    use tracing_subscriber::Layer;
-    use tracing_subscriber::layer::SubscriberExt;
-    use tracing_subscriber::util::SubscriberInitExt;
-    let level = tracing::Level::INFO;
-    let to_agent = keel_plugin_sdk::logging::AgentLogLayer::new(client.clone(), level);
-    let to_stderr = tracing_subscriber::fmt::layer()
-        .with_writer(std::io::stderr)
-        .with_ansi(false)
-        .with_filter(tracing_subscriber::filter::LevelFilter::from_level(level));
-    let _ = tracing_subscriber::registry().with(to_agent).with(to_stderr).try_init();
-}

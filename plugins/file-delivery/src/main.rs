@@ -6,7 +6,7 @@
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use keel_plugin_file_delivery::{config, init_logging, plugin};
+use keel_plugin_file_delivery::{config, plugin};
 use keel_plugin_sdk::Client;
 
 /// The file-delivery plugin.
@@ -50,7 +50,7 @@ fn main() -> ExitCode {
                     return ExitCode::FAILURE;
                 }
             };
-            init_logging(&client);
+            keel_plugin_sdk::logging::init(&client, tracing::Level::INFO);
             let detail = keel_plugin_sdk::detail().unwrap_or_default();
             match plugin::run(client, &detail) {
                 Ok(()) => ExitCode::SUCCESS,

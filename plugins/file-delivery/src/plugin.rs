@@ -34,11 +34,7 @@ pub fn run(client: Client, detail: &str) -> Result<(), Error> {
         Err(msg) => {
             let msg = format!("configuration invalid: {msg}");
             tracing::error!("{msg}: every task is refused until it is fixed");
-            client.task_result("", false, &msg)?;
-            while let Some(task) = next_task(&client)? {
-                client.task_result(&task.token, false, &msg)?;
-            }
-            Ok(())
+            client.refuse_all(&msg)
         }
     }
 }
@@ -50,19 +46,6 @@ pub fn start(detail: &str) -> Result<(Config, Arc<Store>, HostKey), String> {
     let store = Store::open(&config.files_dir, &config.state_dir, config.max_files).map_err(|e| e.to_string())?;
     let host = store.host_key().map_err(|e| e.to_string())?;
     Ok((config, Arc::new(store), host))
-}
-
-fn next_task(client: &Client) -> Result<Option<Task>, Error> {
-    loop {
-        match client.receive_task() {
-            Ok(task) => return Ok(Some(task)),
-            Err(Error::Closed) => return Ok(None),
-            Err(Error::Frame(e)) if client.is_debug() => {
-                tracing::warn!(error = %e, "skipping a task line that is not a task");
-            }
-            Err(e) => return Err(e),
-        }
-    }
 }
 
 fn serve(client: &Client, config: &Config, store: &Arc<Store>, host: &HostKey) -> Result<(), Error> {
@@ -79,7 +62,7 @@ fn serve(client: &Client, config: &Config, store: &Arc<Store>, host: &HostKey) -
         "file-delivery ready"
     );
     client.flush()?;
-    while let Some(task) = next_task(client)? {
+    while let Some(task) = client.next_task()? {
         if task.data_type == INVENTORY {
             inventory(client, store, host, &task.token)?;
             continue;

@@ -26,14 +26,8 @@ pub mod queue;
 pub mod reply;
 pub mod request;
 
-use keel_plugin_sdk::Client;
-use keel_plugin_sdk::logging::AgentLogLayer;
 use nix::sys::signal::{SigSet, Signal};
 use tracing::Level;
-use tracing_subscriber::filter::LevelFilter;
-use tracing_subscriber::layer::SubscriberExt;
-use tracing_subscriber::util::SubscriberInitExt;
-use tracing_subscriber::{Layer, fmt};
 
 /// The log level sent to the agent and written to stderr.
 pub const LOG_LEVEL: Level = Level::INFO;
@@ -48,15 +42,4 @@ pub fn block_stop_signals() -> nix::Result<SigSet> {
     set.add(Signal::SIGINT);
     set.thread_block()?;
     Ok(set)
-}
-
-/// Logs to the agent (1011 records) and to stderr (the plugin's log file).
-pub fn init_logging(client: &Client) {
-    let to_agent = AgentLogLayer::new(client.clone(), LOG_LEVEL);
-    let to_stderr = fmt::layer()
-        .with_writer(std::io::stderr)
-        .with_ansi(false)
-        .with_filter(LevelFilter::from_level(LOG_LEVEL));
-    // A second initialisation (there is none in the binary) would keep the first.
-    let _ = tracing_subscriber::registry().with(to_agent).with(to_stderr).try_init();
 }

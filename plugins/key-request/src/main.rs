@@ -4,7 +4,7 @@
 
 use std::process::ExitCode;
 
-use keel_plugin_key_request::{block_stop_signals, init_logging, plugin};
+use keel_plugin_key_request::{block_stop_signals, plugin};
 use keel_plugin_sdk::Client;
 
 fn main() -> ExitCode {
@@ -23,7 +23,7 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    init_logging(&client);
+    keel_plugin_sdk::logging::init(&client, keel_plugin_key_request::LOG_LEVEL);
     let detail = keel_plugin_sdk::detail().unwrap_or_default();
     match plugin::run(client, &detail, signals) {
         Ok(()) => ExitCode::SUCCESS,

@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use keel_plugin_sdk::data_type::TASK_RESULT;
-use keel_plugin_sdk::{Client, Error, Task};
+use keel_plugin_sdk::{Client, Error};
 use keel_proto::keyproof;
 use nix::sys::signal::SigSet;
 
@@ -42,37 +42,11 @@ pub fn run(client: Client, detail: &str, signals: SigSet) -> Result<(), Error> {
         Err(e) => {
             let msg = format!("configuration invalid: {e}");
             tracing::error!(error = %e, "configuration invalid: every task is refused until it is fixed");
-            client.task_result("", false, &msg)?;
             let on_signal = client.clone();
             spawn_signal_thread(signals, move || {
                 let _ = on_signal.flush();
             });
-            refuse_all(&client, &msg)
-        }
-    }
-}
-
-/// Answers every task with `msg`, failed.
-fn refuse_all(client: &Client, msg: &str) -> Result<(), Error> {
-    loop {
-        match next_task(client)? {
-            Some(task) => client.task_result(&task.token, false, msg)?,
-            None => return client.flush().or(Ok(())),
-        }
-    }
-}
-
-/// The next task; `None` when the agent closed the pipe. A malformed line in debug
-/// mode is logged and skipped; a malformed frame from the agent is an error.
-fn next_task(client: &Client) -> Result<Option<Task>, Error> {
-    loop {
-        match client.receive_task() {
-            Ok(task) => return Ok(Some(task)),
-            Err(Error::Closed) => return Ok(None),
-            Err(Error::Frame(e)) if client.is_debug() => {
-                tracing::warn!(error = %e, "skipping a task line that is not a task");
-            }
-            Err(e) => return Err(e),
+            client.refuse_all(&msg)
         }
     }
 }
@@ -107,7 +81,7 @@ fn serve(client: Client, config: Config, signals: SigSet) -> Result<(), Error> {
     );
     client.flush()?;
 
-    while let Some(task) = next_task(&client)? {
+    while let Some(task) = client.next_task()? {
         let request = match request::parse(task.data_type, &task.data) {
             Ok(r) => r,
             Err(e) => {

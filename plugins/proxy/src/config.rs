@@ -150,24 +150,9 @@ fn default_connect_timeout() -> u64 {
     5
 }
 
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct Detail {
-    #[serde(default)]
-    config: Option<PathBuf>,
-}
-
 /// The configuration file `DETAIL` names, or the default.
 pub fn path_from_detail(detail: &str) -> Result<PathBuf, String> {
-    if detail.trim().is_empty() {
-        return Ok(PathBuf::from(DEFAULT_PATH));
-    }
-    let d: Detail = serde_json::from_str(detail).map_err(|e| format!("DETAIL: {e}"))?;
-    let path = d.config.unwrap_or_else(|| PathBuf::from(DEFAULT_PATH));
-    if !path.is_absolute() {
-        return Err(format!("DETAIL: config: {} is not an absolute path", path.display()));
-    }
-    Ok(path)
+    keel_plugin_sdk::local::config_path(detail, DEFAULT_PATH)
 }
 
 /// Reads and checks the configuration at `path`.

@@ -4,7 +4,7 @@
 
 use std::process::ExitCode;
 
-use keel_plugin_proxy::{init_logging, plugin};
+use keel_plugin_proxy::plugin;
 use keel_plugin_sdk::Client;
 
 fn main() -> ExitCode {
@@ -19,7 +19,7 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    init_logging(&client);
+    keel_plugin_sdk::logging::init(&client, tracing::Level::INFO);
     let detail = keel_plugin_sdk::detail().unwrap_or_default();
     match plugin::run(client, &detail) {
         Ok(()) => ExitCode::SUCCESS,

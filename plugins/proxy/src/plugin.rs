@@ -29,11 +29,7 @@ pub fn run(client: Client, detail: &str) -> Result<(), Error> {
         Err(msg) => {
             let msg = format!("configuration invalid: {msg}");
             tracing::error!("{msg}: every job is refused until it is fixed");
-            client.task_result("", false, &msg)?;
-            while let Some(task) = next_task(&client)? {
-                client.task_result(&task.token, false, &msg)?;
-            }
-            return Ok(());
+            return client.refuse_all(&msg);
         }
     };
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -50,7 +46,7 @@ pub fn run(client: Client, detail: &str) -> Result<(), Error> {
         "proxy ready"
     );
     client.flush()?;
-    while let Some(task) = next_task(&client)? {
+    while let Some(task) = client.next_task()? {
         if task.data_type != JOB {
             client.task_result(
                 &task.token,
@@ -83,19 +79,6 @@ pub fn run(client: Client, detail: &str) -> Result<(), Error> {
     }
     runtime.shutdown_timeout(std::time::Duration::from_secs(2));
     client.flush().or(Ok(()))
-}
-
-fn next_task(client: &Client) -> Result<Option<Task>, Error> {
-    loop {
-        match client.receive_task() {
-            Ok(task) => return Ok(Some(task)),
-            Err(Error::Closed) => return Ok(None),
-            Err(Error::Frame(e)) if client.is_debug() => {
-                tracing::warn!(error = %e, "skipping a task line that is not a task");
-            }
-            Err(e) => return Err(e),
-        }
-    }
 }
 
 fn report(client: &Client, task: &Task, req: &Request, outcome: Result<job::Outcome, String>) -> Result<(), Error> {
