@@ -67,6 +67,12 @@ pub fn check_trusted(path: &Path) -> Result<(), String> {
     Ok(())
 }
 
+/// The contents of `path`, if [`check_trusted`] passes it.
+pub fn read_trusted(path: &Path) -> Result<String, String> {
+    check_trusted(path)?;
+    std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))
+}
+
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used)]
@@ -103,7 +109,9 @@ mod tests {
         std::fs::write(&file, "x = 1").unwrap();
         std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o644)).unwrap();
         check_trusted(&file).unwrap();
+        assert_eq!(read_trusted(&file).unwrap(), "x = 1");
         std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o664)).unwrap();
+        assert!(read_trusted(&file).unwrap_err().contains("writable by group or others"));
         assert!(
             check_trusted(&file)
                 .unwrap_err()

@@ -69,9 +69,7 @@ pub fn path_from_detail(detail: &str) -> Result<PathBuf, String> {
 
 /// Reads and checks the configuration at `path`.
 pub fn load(path: &Path) -> Result<Config, String> {
-    keel_plugin_sdk::local::check_trusted(path)?;
-    let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
-    parse(path, &text)
+    parse(path, &keel_plugin_sdk::local::read_trusted(path)?)
 }
 
 /// Checks the configuration `text` of `path`.
