@@ -209,8 +209,11 @@ fn file_delivery(dir: &Path) -> anyhow::Result<String> {
         files = fd.join("files").display().to_string(),
         state = fd.join("state").display().to_string(),
     );
-    keel_common::fsutil::write_private(&config, text.as_bytes())
-        .with_context(|| format!("cannot write {}", config.display()))?;
+    // Kept once written: an operator's edits survive the next run.
+    if !config.exists() {
+        keel_common::fsutil::write_private(&config, text.as_bytes())
+            .with_context(|| format!("cannot write {}", config.display()))?;
+    }
     Ok(serde_json::json!({ "config": config }).to_string())
 }
 
@@ -230,6 +233,7 @@ fn proxy(dir: &Path, tunnel: std::net::SocketAddr) -> anyhow::Result<String> {
         cert = pki.join("agent.pem").display().to_string(),
         key = pki.join("agent.key").display().to_string(),
     );
+    // Kept once written: an operator's allow list survives the next run.
     if !config.exists() {
         keel_common::fsutil::write_private(&config, text.as_bytes())
             .with_context(|| format!("cannot write {}", config.display()))?;
