@@ -43,6 +43,20 @@ pub fn bin(name: &str) -> PathBuf {
     })
 }
 
+/// Every file below `dir`, at any depth (none when it cannot be read).
+pub fn files_under(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        let path = entry.path();
+        if path.is_dir() {
+            out.extend(files_under(&path));
+        } else {
+            out.push(path);
+        }
+    }
+    out
+}
+
 /// Polls `check` every 50 ms until it returns `Some`, or panics naming `what`
 /// after `deadline`.
 pub async fn eventually_within<T, F, Fut>(deadline: Duration, what: &str, mut check: F) -> T

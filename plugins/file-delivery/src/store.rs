@@ -520,8 +520,7 @@ fn write_beneath(dir: &OwnedFd, base: &str, name: &str, content: &[u8], mode: u3
 }
 
 fn create_dir(dir: &Path, mode: u32) -> Result<(), StoreError> {
-    std::fs::create_dir_all(dir).map_err(io(dir.display().to_string()))?;
-    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(mode)).map_err(io(dir.display().to_string()))
+    keel_common::fsutil::create_dir(dir, mode).map_err(io(dir.display().to_string()))
 }
 
 fn write_private(path: &Path, bytes: &[u8]) -> Result<(), StoreError> {

@@ -183,8 +183,8 @@ async fn open_tunnel(
     stream
         .write_all(preface.as_bytes())
         .await
-        .and(stream.flush().await)
         .map_err(|e| format!("tunnel endpoint: {e}"))?;
+    stream.flush().await.map_err(|e| format!("tunnel endpoint: {e}"))?;
     let mut reader = BufReader::new(stream);
     let mut answer = Vec::new();
     tokio::time::timeout(

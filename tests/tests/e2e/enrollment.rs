@@ -55,7 +55,7 @@ async fn enrolled_agent_comes_online_with_host_facts() {
     // The private key never left the host: it is nowhere under the server's directory.
     let key = std::fs::read_to_string(pki.join("agent.key")).unwrap();
     let body: String = key.lines().filter(|l| !l.starts_with("-----")).collect();
-    for entry in walk(server.dir.path()) {
+    for entry in keel_tests::files_under(server.dir.path()) {
         let bytes = std::fs::read(&entry).unwrap_or_default();
         assert!(
             !String::from_utf8_lossy(&bytes).contains(&body),
@@ -63,15 +63,6 @@ async fn enrolled_agent_comes_online_with_host_facts() {
             entry.display()
         );
     }
-}
-
-fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
-    let mut out = Vec::new();
-    for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
-        let p = e.path();
-        if p.is_dir() { out.extend(walk(&p)) } else { out.push(p) }
-    }
-    out
 }
 
 #[tokio::test]

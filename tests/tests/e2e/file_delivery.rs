@@ -145,7 +145,10 @@ async fn host() -> Host {
     api.online(AGENT).await;
     let log_dir = agent.dir.path().join("state/plugins/file-delivery");
     let file_server = eventually("the plugin's file server to listen", || async {
-        let log = read_tree(&log_dir, "file-delivery.log")?;
+        let path = keel_tests::files_under(&log_dir)
+            .into_iter()
+            .find(|p| p.file_name().is_some_and(|n| n == "file-delivery.log"))?;
+        let log = std::fs::read_to_string(path).ok()?;
         let at = log.find("file_server=")? + "file_server=".len();
         let addr: String = log[at..].chars().take_while(|c| !c.is_whitespace()).collect();
         addr.contains(':').then_some(addr)
@@ -161,21 +164,6 @@ async fn host() -> Host {
         file_server,
         _plugins: plugins,
     }
-}
-
-/// The contents of the first file called `name` under `dir`.
-fn read_tree(dir: &Path, name: &str) -> Option<String> {
-    for entry in std::fs::read_dir(dir).ok()? {
-        let path = entry.ok()?.path();
-        if path.is_dir() {
-            if let Some(s) = read_tree(&path, name) {
-                return Some(s);
-            }
-        } else if path.file_name().is_some_and(|n| n == name) {
-            return std::fs::read_to_string(&path).ok();
-        }
-    }
-    None
 }
 
 /// A raw HTTP/1.0 GET to the file server as `uid`; status line and body. Raw,
@@ -311,7 +299,7 @@ async fn files_are_sealed_to_the_host_sent_when_changed_and_served_to_their_read
     // The server relayed all of it and can read none of it.
     let secret = String::from_utf8_lossy(SECRET);
     let secret = secret.trim();
-    for path in walk(&h.server.data_dir()) {
+    for path in keel_tests::files_under(&h.server.data_dir()) {
         let bytes = std::fs::read(&path).unwrap_or_default();
         assert!(
             !contains(&bytes, secret.as_bytes()) && !contains(&bytes, b"rotated"),
@@ -420,19 +408,6 @@ async fn the_host_refuses_strangers_replays_and_swapped_keys() {
     assert_eq!(code, Some(2));
     assert!(action(&rows, "-").1.contains("the host key changed"), "{rows:?}");
     assert_eq!(std::fs::read(h.files.join("tls.key")).unwrap(), b"first\n");
-}
-
-fn walk(dir: &Path) -> Vec<PathBuf> {
-    let mut out = Vec::new();
-    for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
-        let p = entry.path();
-        if p.is_dir() {
-            out.extend(walk(&p));
-        } else {
-            out.push(p);
-        }
-    }
-    out
 }
 
 fn contains(hay: &[u8], needle: &[u8]) -> bool {
