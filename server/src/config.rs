@@ -21,6 +21,8 @@ pub const ENV: &[EnvBinding] = &[
     ("KEEL_HTTP_LISTEN", "http.listen", EnvKind::Str),
     ("KEEL_HTTP_TLS", "http.tls", EnvKind::Bool),
     ("KEEL_DATABASE_URL", "database.url", EnvKind::Str),
+    ("KEEL_CLUSTER_INSTANCE", "cluster.instance", EnvKind::Str),
+    ("KEEL_CLUSTER_NATS_URL", "cluster.nats_url", EnvKind::Str),
     ("KEEL_CERT_LIFETIME", "pki.cert_lifetime", EnvKind::Str),
     ("KEEL_SERVER_SANS", "pki.server_sans", EnvKind::List),
 ];
@@ -62,6 +64,68 @@ pub struct ServerConfig {
     /// Logging.
     #[serde(default)]
     pub log: LogConfig,
+    /// Several instances on one database: leases, presence and command routing.
+    #[serde(default)]
+    pub cluster: ClusterConfig,
+}
+
+/// The instance in a cluster of keel-servers sharing one database (PostgreSQL)
+/// and one NATS. A lone server is a cluster of one and needs none of this.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClusterConfig {
+    /// This instance's ID (letters, digits, `-`, `_`). Default: the host name and
+    /// a random suffix, new at every start.
+    #[serde(default)]
+    pub instance: Option<String>,
+    /// The cluster's name, the second token of its NATS subjects.
+    #[serde(default = "default_cluster_name")]
+    pub name: String,
+    /// NATS for routing commands to the instance that holds an agent's stream.
+    /// Unset: commands reach only agents connected to this instance.
+    #[serde(default)]
+    pub nats_url: Option<String>,
+    /// How long an instance's lease lasts without renewal; its agents show offline
+    /// once it has expired.
+    #[serde(default = "default_lease", with = "humantime_serde")]
+    pub lease: Duration,
+    /// How often the lease is renewed.
+    #[serde(default = "default_lease_renew", with = "humantime_serde")]
+    pub renew: Duration,
+    /// How long a command routed to another instance may take to be handed over.
+    #[serde(default = "default_route_timeout", with = "humantime_serde")]
+    pub route_timeout: Duration,
+}
+
+impl Default for ClusterConfig {
+    fn default() -> Self {
+        Self {
+            instance: None,
+            name: default_cluster_name(),
+            nats_url: None,
+            lease: default_lease(),
+            renew: default_lease_renew(),
+            route_timeout: default_route_timeout(),
+        }
+    }
+}
+
+fn default_cluster_name() -> String {
+    "keel".into()
+}
+fn default_lease() -> Duration {
+    Duration::from_secs(15)
+}
+fn default_lease_renew() -> Duration {
+    Duration::from_secs(5)
+}
+fn default_route_timeout() -> Duration {
+    Duration::from_secs(5)
+}
+
+/// Whether `s` may stand as one token of a NATS subject and as an instance ID.
+pub fn subject_token(s: &str) -> bool {
+    (1..=64).contains(&s.len()) && s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
 }
 
 /// Enrollment by key: a host proves it knows the key a key database holds for it;
@@ -187,6 +251,9 @@ pub struct TunnelConfig {
     /// Targets of one request scanned at once.
     #[serde(default = "default_scan_concurrency")]
     pub scan_concurrency: usize,
+    /// Set SO_REUSEPORT, so several processes on one host share the port.
+    #[serde(default)]
+    pub reuse_port: bool,
 }
 
 impl Default for TunnelConfig {
@@ -197,6 +264,7 @@ impl Default for TunnelConfig {
             max_pending: default_tunnel_pending(),
             max_targets: default_scan_targets(),
             scan_concurrency: default_scan_concurrency(),
+            reuse_port: false,
         }
     }
 }
@@ -239,6 +307,9 @@ pub struct GrpcConfig {
     /// Largest `PackagedData` accepted, in bytes.
     #[serde(default = "default_max_message")]
     pub max_message_bytes: usize,
+    /// Set SO_REUSEPORT, so several processes on one host share the port.
+    #[serde(default)]
+    pub reuse_port: bool,
 }
 
 /// HTTP listener: console, API, enrollment and discovery.
@@ -256,6 +327,9 @@ pub struct HttpConfig {
     /// when listening on all addresses).
     #[serde(default)]
     pub public_url: Option<String>,
+    /// Set SO_REUSEPORT, so several processes on one host share the port.
+    #[serde(default)]
+    pub reuse_port: bool,
 }
 
 /// Key types an agent may enroll with.
@@ -309,6 +383,10 @@ pub struct DatabaseConfig {
     /// `sqlite://PATH` or `postgres://…`. Default: SQLite at `<data_dir>/keel.db`.
     #[serde(default)]
     pub url: Option<String>,
+    /// Connections the registry keeps open at most. Default 4 on SQLite, 16 on
+    /// PostgreSQL (mind the database's `max_connections` across instances).
+    #[serde(default)]
+    pub max_connections: Option<u32>,
 }
 
 /// Record sink.
@@ -327,6 +405,29 @@ pub struct SinkConfig {
     /// Rotated files kept; older ones are deleted.
     #[serde(default = "default_sink_files")]
     pub max_files: usize,
+    /// `nats`: the server, e.g. `nats://127.0.0.1:4222`.
+    #[serde(default)]
+    pub url: Option<String>,
+    /// `nats`: the JetStream stream, created (subjects `<subject_prefix>.>`) if missing.
+    #[serde(default = "default_sink_stream")]
+    pub stream: String,
+    /// `nats`: records of data type N go to `<subject_prefix>.N`.
+    #[serde(default = "default_sink_subject_prefix")]
+    pub subject_prefix: String,
+    /// `nats`: how long JetStream has to acknowledge a batch before the agent is
+    /// told to resend it later.
+    #[serde(default = "default_sink_ack_timeout", with = "humantime_serde")]
+    pub ack_timeout: Duration,
+}
+
+fn default_sink_stream() -> String {
+    "KEEL_RECORDS".into()
+}
+fn default_sink_subject_prefix() -> String {
+    "keel.records".into()
+}
+fn default_sink_ack_timeout() -> Duration {
+    Duration::from_secs(10)
 }
 
 /// The available sinks.
@@ -335,6 +436,8 @@ pub struct SinkConfig {
 pub enum SinkKind {
     /// JSON lines in rotating files.
     File,
+    /// NATS JetStream, one message per record.
+    Nats,
 }
 
 /// Logging.
@@ -416,6 +519,7 @@ impl Default for GrpcConfig {
             handshake_timeout: default_handshake_timeout(),
             keepalive: default_keepalive(),
             max_message_bytes: default_max_message(),
+            reuse_port: false,
         }
     }
 }
@@ -425,6 +529,7 @@ impl Default for HttpConfig {
             listen: default_http_listen(),
             tls: true,
             public_url: None,
+            reuse_port: false,
         }
     }
 }
@@ -446,6 +551,10 @@ impl Default for SinkConfig {
             dir: None,
             max_file_bytes: default_sink_file_bytes(),
             max_files: default_sink_files(),
+            url: None,
+            stream: default_sink_stream(),
+            subject_prefix: default_sink_subject_prefix(),
+            ack_timeout: default_sink_ack_timeout(),
         }
     }
 }
@@ -552,8 +661,52 @@ impl ServerConfig {
                 "must be 64 hex digits (an Ed25519 public key)".into(),
             ));
         }
+        if self.database.max_connections == Some(0) {
+            return Err(err("database.max_connections", "must be at least 1".into()));
+        }
         if self.sink.max_files == 0 {
             return Err(err("sink.max_files", "must be at least 1".into()));
+        }
+        if self.sink.kind == SinkKind::Nats {
+            if self.sink.url.as_deref().is_none_or(str::is_empty) {
+                return Err(err("sink.url", "kind = \"nats\" needs the NATS server URL".into()));
+            }
+            if !subject_token(&self.sink.stream) {
+                return Err(err(
+                    "sink.stream",
+                    format!("{:?} is not a stream name (letters, digits, - and _)", self.sink.stream),
+                ));
+            }
+            if self.sink.subject_prefix.is_empty() || !self.sink.subject_prefix.split('.').all(subject_token) {
+                return Err(err(
+                    "sink.subject_prefix",
+                    format!(
+                        "{:?} is not a NATS subject (dot-separated tokens of letters, digits, - and _)",
+                        self.sink.subject_prefix
+                    ),
+                ));
+            }
+        }
+        let c = &self.cluster;
+        if let Some(i) = &c.instance
+            && !subject_token(i)
+        {
+            return Err(err("cluster.instance", format!("{i:?}: 1-64 letters, digits, - and _")));
+        }
+        if !subject_token(&c.name) {
+            return Err(err(
+                "cluster.name",
+                format!("{:?}: 1-64 letters, digits, - and _", c.name),
+            ));
+        }
+        if c.renew.is_zero() || c.lease < c.renew * 2 {
+            return Err(err(
+                "cluster.lease",
+                format!(
+                    "must be at least twice cluster.renew ({}), so one late renewal does not end it",
+                    humantime::format_duration(c.renew)
+                ),
+            ));
         }
         let k = &self.key_enrollment;
         if k.enabled && k.providers.is_empty() {

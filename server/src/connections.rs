@@ -13,7 +13,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 /// A task to send down a stream.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct TaskCommand {
     /// The task's data_type.
     pub data_type: i32,
@@ -26,7 +26,7 @@ pub struct TaskCommand {
 }
 
 /// One plugin of a desired set, as sent to an agent (`grpc.Config`).
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct PluginCommand {
     /// Plugin name.
     pub name: String,
@@ -129,6 +129,9 @@ pub enum SendError {
     /// The stream's command queue is full.
     #[error("agent {0} is not reading its commands; try again later")]
     Busy(String),
+    /// Another instance holds the stream and could not be reached.
+    #[error("agent {0} cannot be reached: {1}")]
+    Unreachable(String, String),
 }
 
 /// Every open stream, by agent ID.

@@ -10,6 +10,8 @@
 use std::collections::HashMap;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::time::Duration;
 
 use futures::{Stream, StreamExt};
 use keel_common::time::now_ms;
@@ -172,7 +174,15 @@ struct Session {
     generation: u64,
     meta: AgentMeta,
     mark: Option<(u64, u64)>,
+    /// The plugin list of the last heartbeat, to write only changes.
+    plugins: Option<String>,
 }
+
+/// The longest pause between tries to write a batch the sink refused.
+const SINK_RETRY_MAX: Duration = Duration::from_secs(5);
+/// Sink failures are logged at most this often, however many streams see them.
+const SINK_WARN_EVERY_MS: i64 = 10_000;
+static LAST_SINK_WARNING: AtomicI64 = AtomicI64::new(0);
 
 struct StreamTask {
     state: Arc<ServerState>,
@@ -219,11 +229,12 @@ impl StreamTask {
     async fn finish(self) {
         let Some(session) = self.session else { return };
         let agent_id = &self.cert.agent_id;
-        if let Err(e) = self.state.flush_mark(agent_id).await {
-            warn!(error = %e, "cannot store the stream mark");
-        }
         if self.state.connections.unregister(agent_id, session.generation) {
-            if let Err(e) = self.state.store.agent_disconnected(agent_id, now_ms()).await {
+            if let Err(e) = self.state.forget_agent(agent_id).await {
+                warn!(error = %e, "cannot store the stream mark and heartbeat");
+            }
+            let instance = &self.state.cluster.instance;
+            if let Err(e) = self.state.store.agent_disconnected(agent_id, now_ms(), instance).await {
                 warn!(error = %e, "cannot mark agent offline");
             }
             info!("agent offline");
@@ -245,7 +256,8 @@ impl StreamTask {
         match &mut self.session {
             None => {
                 let generation = self.state.connections.register(&agent_id, self.conn.clone());
-                if let Err(e) = self.state.store.agent_connected(&agent_id, &meta, now).await {
+                let instance = &self.state.cluster.instance;
+                if let Err(e) = self.state.store.agent_connected(&agent_id, &meta, now, instance).await {
                     return unavailable("registry", e);
                 }
                 let mark = match self.state.mark(&agent_id).await {
@@ -254,7 +266,12 @@ impl StreamTask {
                 };
                 info!(version = %meta.version, hostname = %meta.hostname, "agent online");
                 let keel_agent = meta.product == "keel-agent";
-                self.session = Some(Session { generation, meta, mark });
+                self.session = Some(Session {
+                    generation,
+                    meta,
+                    mark,
+                    plugins: None,
+                });
                 // Every (re)connect gets the desired plugin set, if the server manages it.
                 if keel_agent && let Err(e) = self.state.push_config(&agent_id, None).await {
                     warn!(error = %e, "cannot send the desired plugin set");
@@ -299,8 +316,8 @@ impl StreamTask {
                 epoch: pd.epoch,
                 seq: pd.seq,
             };
-            if let Err(e) = self.state.sink.write(batch).await {
-                return unavailable("sink", e);
+            if let Err(reason) = self.write(batch).await {
+                return Step::Close(reason);
             }
         }
         if numbered {
@@ -311,6 +328,34 @@ impl StreamTask {
             return self.ack(pd.epoch, pd.seq).await;
         }
         Step::Continue
+    }
+
+    /// Writes a batch to the sink, trying again (and not acknowledging it) while
+    /// the sink refuses, for as long as the stream lasts: the agent keeps it in
+    /// its spool meanwhile, so an outage of the sink loses nothing.
+    async fn write(&self, batch: Batch<'_>) -> Result<(), Closing> {
+        let mut delay = Duration::from_millis(100);
+        loop {
+            let Err(e) = self.state.sink.write(batch).await else {
+                return Ok(());
+            };
+            let now = now_ms();
+            let last = LAST_SINK_WARNING.load(Ordering::Relaxed);
+            if now - last >= SINK_WARN_EVERY_MS
+                && LAST_SINK_WARNING
+                    .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+                    .is_ok()
+            {
+                tracing::error!(error = %e, "the sink refused a batch; agents keep their records until it takes them again");
+            } else {
+                debug!(error = %e, "the sink refused a batch; trying again");
+            }
+            tokio::select! {
+                reason = self.conn.closed() => return Err(reason),
+                () = tokio::time::sleep(delay) => {}
+            }
+            delay = (delay * 2).min(SINK_RETRY_MAX);
+        }
     }
 
     async fn ack(&self, epoch: u64, seq: u64) -> Step {
@@ -324,15 +369,21 @@ impl StreamTask {
 
     /// Applies what the server itself reads from a record. Returns whether the
     /// record also goes to the sink.
-    async fn control(&self, r: &Record, now: i64) -> Result<bool, crate::store::StoreError> {
+    async fn control(&mut self, r: &Record, now: i64) -> Result<bool, crate::store::StoreError> {
         let agent_id = &self.cert.agent_id;
         match r.data_type {
             data_type::AGENT_HEARTBEAT => {
                 if let Some(fields) = decode(r) {
-                    self.state.store.agent_heartbeat(agent_id, &fields, now).await?;
-                    if let Some(list) = fields.get("plugins") {
+                    let json = serde_json::to_string(&fields).unwrap_or_else(|_| "{}".into());
+                    self.state.set_heartbeat(agent_id, json, now);
+                    if let Some(list) = fields.get("plugins")
+                        && self.session.as_ref().is_none_or(|s| s.plugins.as_ref() != Some(list))
+                    {
                         let names = list.split(',').filter(|n| !n.is_empty()).map(str::to_owned).collect();
                         self.state.store.plugins_present(agent_id, &names).await?;
+                        if let Some(s) = &mut self.session {
+                            s.plugins = Some(list.clone());
+                        }
                     }
                 }
                 Ok(true)
@@ -345,11 +396,11 @@ impl StreamTask {
             }
             data_type::TASK_RESULT => {
                 if let Some(fields) = decode(r)
-                    && let Some(token) = fields.get("token").filter(|t| !t.is_empty())
+                    && let Some(token) = fields.get("token").filter(|t| !t.is_empty()).cloned()
                 {
-                    self.state.key_enrollment.deliver(agent_id, r.data_type, &fields);
-                    self.state.task_waiters.deliver(agent_id, token, &fields);
-                    if self.state.store.task_result(token, agent_id, &fields, now).await? {
+                    let stored = self.state.store.task_result(&token, agent_id, &fields, now).await?;
+                    self.reply(r.data_type, fields).await;
+                    if stored {
                         self.state.rollout_wake.notify_one();
                     } else {
                         debug!(%token, "task result for an unknown or finished task of this agent");
@@ -363,12 +414,22 @@ impl StreamTask {
             }
             crate::keyenroll::KEY_PROOF => {
                 if let Some(fields) = decode(r) {
-                    self.state.key_enrollment.deliver(agent_id, r.data_type, &fields);
+                    self.reply(r.data_type, fields).await;
                 }
                 Ok(true)
             }
             _ => Ok(true),
         }
+    }
+
+    /// Hands an answer to whoever waits for its task, on any instance.
+    async fn reply(&self, data_type: i32, fields: HashMap<String, String>) {
+        let reply = crate::cluster::Reply {
+            agent_id: self.cert.agent_id.clone(),
+            data_type,
+            fields,
+        };
+        self.state.cluster.deliver(reply).await;
     }
 
     async fn renew(&self, r: &Record) {

@@ -230,30 +230,101 @@ pub(crate) async fn audit_event(
     }
 }
 
-async fn healthz() -> &'static str {
-    "ok"
+#[derive(Serialize)]
+struct Health {
+    /// `ok`, or `degraded` with the problems named.
+    status: &'static str,
+    instance: String,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    problems: Vec<String>,
+}
+
+/// Whether this instance can do its work: 200 `ok`, or 503 `degraded` naming
+/// what is wrong (a sink that refuses records, an unreachable registry or NATS).
+/// Agents stay connected while degraded; their records wait in their spools.
+async fn healthz(State(state): State<Arc<ServerState>>) -> (StatusCode, Json<Health>) {
+    let mut problems = Vec::new();
+    if let Some(t) = state.sink.trouble() {
+        problems.push(t);
+    }
+    if let Err(e) = state.store.ping().await {
+        problems.push(format!("registry: {e}"));
+    }
+    if let Some(nats) = state.cluster.nats()
+        && nats.connection_state() != async_nats::connection::State::Connected
+    {
+        problems.push("cluster: NATS is not connected; commands reach only this instance's agents".into());
+    }
+    let status = if problems.is_empty() {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    let health = Health {
+        status: if problems.is_empty() { "ok" } else { "degraded" },
+        instance: state.cluster.instance.clone(),
+        problems,
+    };
+    (status, Json(health))
 }
 
 #[derive(Serialize)]
 struct Discovery {
+    /// Where to dial, the least loaded instance first.
     grpc: Vec<String>,
+    /// The live instances, the fewest agents first.
+    instances: Vec<DiscoveredInstance>,
 }
 
-/// Where agents should dial: the advertised addresses, or this host at the gRPC port.
-async fn discovery(State(state): State<Arc<ServerState>>, headers: axum::http::HeaderMap) -> Json<Discovery> {
-    let grpc = if state.config.grpc.advertise.is_empty() {
-        let port = state.grpc_addr().port();
-        let host = headers
-            .get(header::HOST)
-            .and_then(|h| h.to_str().ok())
-            .and_then(|h| h.parse::<axum::http::uri::Authority>().ok())
-            .map(|a| a.host().to_owned())
-            .unwrap_or_else(|| state.grpc_addr().ip().to_string());
-        vec![format!("{host}:{port}")]
-    } else {
-        state.config.grpc.advertise.clone()
+#[derive(Serialize)]
+struct DiscoveredInstance {
+    id: String,
+    grpc: String,
+    agents: i64,
+}
+
+/// Where agents should dial: the live instances' advertised gRPC addresses, those
+/// holding the fewest agents first, so that agents spread out. An instance
+/// without `grpc.advertise` listening on all addresses is named by the host this
+/// request was sent to.
+async fn discovery(
+    State(state): State<Arc<ServerState>>,
+    headers: axum::http::HeaderMap,
+) -> Result<Json<Discovery>, ApiError> {
+    let asked_host = headers
+        .get(header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .and_then(|h| h.parse::<axum::http::uri::Authority>().ok())
+        .map(|a| a.host().to_owned());
+    let name = |addr: &str| -> String {
+        match (addr.parse::<SocketAddr>(), &asked_host) {
+            (Ok(a), Some(host)) if a.ip().is_unspecified() => format!("{host}:{}", a.port()),
+            _ => addr.to_owned(),
+        }
     };
-    Json(Discovery { grpc })
+    let live = state.store.live_instances(now_ms()).await?;
+    let mut grpc: Vec<String> = Vec::new();
+    let mut instances = Vec::with_capacity(live.len());
+    for i in live {
+        let addr = name(&i.grpc);
+        if !grpc.contains(&addr) {
+            grpc.push(addr.clone());
+        }
+        instances.push(DiscoveredInstance {
+            id: i.id,
+            grpc: addr,
+            agents: i.agents,
+        });
+    }
+    for a in &state.config.grpc.advertise {
+        if !grpc.contains(a) {
+            grpc.push(a.clone());
+        }
+    }
+    if grpc.is_empty() {
+        grpc.push(name(&state.advertised_grpc()));
+    }
+    Ok(Json(Discovery { grpc, instances }))
 }
 
 #[derive(OpenApi)]

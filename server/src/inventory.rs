@@ -8,8 +8,7 @@
 //! that the target holds the key of the certificate it shows (the handshake
 //! signature), and never sends application data.
 
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use futures::StreamExt;
@@ -17,7 +16,6 @@ use rustls::pki_types::{CertificateDer, ServerName};
 use serde::Serialize;
 use sha2::{Digest, Sha256};
 use tokio::io::AsyncWriteExt;
-use tokio::sync::oneshot;
 use utoipa::ToSchema;
 use x509_parser::prelude::{FromDer, GeneralName, X509Certificate};
 
@@ -29,43 +27,6 @@ use crate::store::{CertRow, NewTask};
 pub const PROXY_JOB: i32 = 6100;
 /// The proxy plugin's name.
 pub const PROXY: &str = "proxy";
-
-/// A 5100 result's fields.
-type Fields = HashMap<String, String>;
-
-/// Tasks whose 5100 result someone is waiting for: token → (agent, waiter).
-#[derive(Debug, Default)]
-pub struct TaskWaiters {
-    waiting: Mutex<HashMap<String, (String, oneshot::Sender<Fields>)>>,
-}
-
-impl TaskWaiters {
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, (String, oneshot::Sender<Fields>)>> {
-        self.waiting.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
-    }
-
-    /// Waits for the result of task `token`, sent to `agent_id`.
-    pub fn register(&self, token: &str, agent_id: &str) -> oneshot::Receiver<Fields> {
-        let (tx, rx) = oneshot::channel();
-        self.lock().insert(token.to_owned(), (agent_id.to_owned(), tx));
-        rx
-    }
-
-    /// A 5100 result arrived from `agent_id`; only the agent the task went to counts.
-    pub fn deliver(&self, agent_id: &str, token: &str, fields: &Fields) {
-        let mut waiting = self.lock();
-        if waiting.get(token).is_some_and(|(a, _)| a == agent_id)
-            && let Some((_, tx)) = waiting.remove(token)
-        {
-            let _ = tx.send(fields.clone());
-        }
-    }
-
-    /// Stops waiting.
-    pub fn forget(&self, token: &str) {
-        self.lock().remove(token);
-    }
-}
 
 /// One target's outcome.
 #[derive(Debug, Clone, Serialize, ToSchema)]
@@ -133,22 +94,21 @@ pub async fn scan(state: &ServerState, agent_id: &str, target: &str, by: &str) -
     let mut secret = [0u8; 32];
     getrandom::fill(&mut secret).map_err(|e| format!("no entropy: {e}"))?;
     let secret = hex::encode(secret);
-    let tunnel = state
-        .tunnels
-        .expect(&job, agent_id, &secret)
-        .ok_or("busy: too many jobs are waiting for their tunnels (tunnel.max_pending)")?;
+    let wait = state.config.tunnel.wait;
+    let tunnel = crate::tunnel::expect(state, &job, agent_id, &secret, target, wait).await?;
     let task_token = uuid::Uuid::new_v4().to_string();
-    let result = state.task_waiters.register(&task_token, agent_id);
+    let answers = state.cluster.wait(&task_token, agent_id).await;
     let ids = JobIds {
         job: &job,
         secret: &secret,
         task_token: &task_token,
     };
-    let outcome = run(state, agent_id, target, &ids, (tunnel, result), by).await;
-    state.tunnels.forget(&job);
-    state.task_waiters.forget(&task_token);
-    let cert = outcome?;
-    state.store.save_certificate(&cert).await.map_err(|e| e.to_string())?;
+    let outcome = run(state, agent_id, target, &ids, (tunnel, answers), by).await;
+    crate::tunnel::forget(state, &job).await;
+    let (cert, save) = outcome?;
+    if save {
+        state.store.save_certificate(&cert).await.map_err(|e| e.to_string())?;
+    }
     Ok(cert)
 }
 
@@ -160,15 +120,17 @@ struct JobIds<'a> {
     task_token: &'a str,
 }
 
-/// Sends the job, waits for its tunnel (or its refusal) and makes the handshake.
+/// Sends the job and waits for its tunnel (or its refusal, or its outcome from
+/// the instance the tunnel reached). Returns the certificate and whether it is
+/// still to be stored.
 async fn run(
     state: &ServerState,
     agent_id: &str,
     target: &str,
     ids: &JobIds<'_>,
-    (tunnel, result): (oneshot::Receiver<crate::tunnel::Tunnel>, oneshot::Receiver<Fields>),
+    (tunnel, mut answers): (crate::tunnel::TunnelWait, crate::cluster::ReplyWait),
     by: &str,
-) -> Result<CertRow, String> {
+) -> Result<(CertRow, bool), String> {
     let JobIds {
         job,
         secret,
@@ -199,23 +161,63 @@ async fn run(
         token: task_token.to_owned(),
     };
     state
-        .connections
         .send(agent_id, Outbound::Task(cmd))
+        .await
         .map_err(|e| e.to_string())?;
     let wait = state.config.tunnel.wait;
-    let stream = tokio::select! {
-        t = tunnel => t.map_err(|_| "the job was dropped".to_owned())?,
-        r = result => {
-            let fields = r.unwrap_or_default();
-            let msg = fields.get("msg").map_or("no message", String::as_str);
-            return Err(format!("agent {agent_id}: {msg}"));
+    let crate::tunnel::TunnelWait { local, remote } = tunnel;
+    let remote_outcome = async move {
+        match remote {
+            Some(mut sub) => match sub.next().await {
+                Some(msg) => serde_json::from_slice::<Result<CertRow, String>>(&msg.payload)
+                    .unwrap_or_else(|e| Err(format!("undecodable outcome from another instance: {e}"))),
+                None => Err("the cluster connection ended".to_owned()),
+            },
+            None => std::future::pending().await,
         }
+    };
+    let refusal = async {
+        while let Some(reply) = answers.recv().await {
+            if reply.data_type == keel_proto::data_type::TASK_RESULT {
+                let msg = reply.fields.get("msg").map_or("no message", String::as_str);
+                return format!("agent {agent_id}: {msg}");
+            }
+        }
+        std::future::pending().await
+    };
+    let stream = tokio::select! {
+        t = local => t.map_err(|_| "the job was dropped".to_owned())?,
+        outcome = remote_outcome => return outcome.map(|cert| (cert, false)),
+        msg = refusal => return Err(msg),
         () = tokio::time::sleep(wait) => {
             return Err(format!("agent {agent_id}'s proxy did not connect back within {} s", wait.as_secs()));
         }
     };
     let chain = handshake(stream, target, wait).await?;
-    describe(agent_id, target, &chain, keel_common::time::now_ms())
+    describe(agent_id, target, &chain, keel_common::time::now_ms()).map(|cert| (cert, true))
+}
+
+/// Runs another instance's job whose tunnel landed here: the handshake, the
+/// inventory row, and the outcome published to the instance waiting for it.
+pub async fn run_for(state: &ServerState, job: &crate::store::TunnelJobRow, tunnel: crate::tunnel::Tunnel) {
+    let wait = state.config.tunnel.wait;
+    let outcome = match handshake(tunnel, &job.target, wait).await {
+        Ok(chain) => describe(&job.agent_id, &job.target, &chain, keel_common::time::now_ms()),
+        Err(e) => Err(e),
+    };
+    let outcome = match outcome {
+        Ok(cert) => match state.store.save_certificate(&cert).await {
+            Ok(()) => Ok(cert),
+            Err(e) => Err(format!("registry: {e}")),
+        },
+        Err(e) => Err(e),
+    };
+    if let Some(nats) = state.cluster.nats()
+        && let Ok(body) = serde_json::to_vec(&outcome)
+        && let Err(e) = nats.publish(state.cluster.tunnel_subject(&job.job), body.into()).await
+    {
+        tracing::warn!(job = %job.job, error = %e, "cannot publish an audit job's outcome");
+    }
 }
 
 /// A TLS handshake with `target` over `stream` that records the certificate chain

@@ -16,14 +16,14 @@
 
 use std::collections::HashMap;
 use std::net::IpAddr;
-use std::sync::Mutex;
 use std::time::Duration;
 
 use ipnet::IpNet;
 use keel_common::time::now_ms;
 use keel_proto::data_type;
 use serde::{Deserialize, Serialize};
-use tokio::sync::{Semaphore, oneshot};
+use sha2::Digest;
+use tokio::sync::Semaphore;
 use tracing::{info, warn};
 
 use crate::config::KeyEnrollmentConfig;
@@ -134,24 +134,10 @@ pub enum Refusal {
     Store(#[from] StoreError),
 }
 
-/// An answer from a provider.
-#[derive(Debug)]
-enum Answer {
-    /// The 6001 record's fields.
-    Record(HashMap<String, String>),
-    /// A failed 5100 result's message.
-    Failed(String),
-}
-
-struct Waiter {
-    provider: String,
-    tx: oneshot::Sender<Answer>,
-}
-
-/// Outstanding challenges and lookups.
+/// Enrollments by key in progress on this instance; the challenges themselves
+/// are in the shared store, so a host may ask one instance for its challenge and
+/// enroll through another.
 pub struct KeyEnrollment {
-    challenges: Mutex<HashMap<String, i64>>,
-    waiters: Mutex<HashMap<String, Waiter>>,
     slots: Semaphore,
 }
 
@@ -161,97 +147,45 @@ impl std::fmt::Debug for KeyEnrollment {
     }
 }
 
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
-}
-
 impl KeyEnrollment {
-    /// Empty, with `max_pending` enrollments allowed at once.
+    /// `max_pending` enrollments allowed at once.
     pub fn new(cfg: &KeyEnrollmentConfig) -> Self {
         Self {
-            challenges: Mutex::new(HashMap::new()),
-            waiters: Mutex::new(HashMap::new()),
             slots: Semaphore::new(cfg.max_pending),
         }
     }
+}
 
-    /// Issues a one-time nonce.
-    pub fn challenge(&self, cfg: &KeyEnrollmentConfig) -> Result<Challenge, Refusal> {
-        if !cfg.enabled {
-            return Err(Refusal::Disabled);
-        }
-        let now = now_ms();
-        let mut c = lock(&self.challenges);
-        c.retain(|_, expiry| *expiry > now);
-        if c.len() >= cfg.max_challenges {
-            return Err(Refusal::Busy(format!(
-                "{} challenges outstanding (key_enrollment.max_challenges)",
-                c.len()
-            )));
-        }
-        let mut bytes = [0u8; keel_proto::keyproof::NONCE_BYTES];
-        ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut bytes)
-            .map_err(|_| Refusal::Busy("the system random source failed".into()))?;
-        let nonce = hex::encode(bytes);
-        let ttl = i64::try_from(cfg.challenge_ttl.as_millis()).unwrap_or(i64::MAX);
-        c.insert(nonce.clone(), now.saturating_add(ttl));
-        Ok(Challenge {
-            nonce,
-            expires_in: cfg.challenge_ttl.as_secs(),
-        })
+/// Issues a one-time nonce; the store keeps only its SHA-256.
+pub async fn challenge(state: &ServerState) -> Result<Challenge, Refusal> {
+    let cfg = &state.config.key_enrollment;
+    if !cfg.enabled {
+        return Err(Refusal::Disabled);
     }
+    let mut bytes = [0u8; keel_proto::keyproof::NONCE_BYTES];
+    ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut bytes)
+        .map_err(|_| Refusal::Busy("the system random source failed".into()))?;
+    let nonce = hex::encode(bytes);
+    let now = now_ms();
+    let ttl = i64::try_from(cfg.challenge_ttl.as_millis()).unwrap_or(i64::MAX);
+    let stored = state
+        .store
+        .challenge_add(&nonce_digest(&nonce), now.saturating_add(ttl), now, cfg.max_challenges)
+        .await?;
+    if !stored {
+        return Err(Refusal::Busy(format!(
+            "{} challenges outstanding (key_enrollment.max_challenges)",
+            cfg.max_challenges
+        )));
+    }
+    Ok(Challenge {
+        nonce,
+        expires_in: cfg.challenge_ttl.as_secs(),
+    })
+}
 
-    /// Spends a nonce: true once, if this server issued it and it has not expired.
-    fn spend(&self, nonce: &str) -> bool {
-        lock(&self.challenges)
-            .remove(nonce)
-            .is_some_and(|expiry| expiry > now_ms())
-    }
-
-    /// Hands a provider's record or result to the enrollment waiting for it. Only
-    /// the agent the task went to can answer it.
-    pub fn deliver(&self, from_agent: &str, data_type: i32, fields: &HashMap<String, String>) {
-        let Some(token) = fields.get("token").filter(|t| !t.is_empty()) else {
-            return;
-        };
-        let answer = match data_type {
-            KEY_PROOF => Answer::Record(fields.clone()),
-            data_type::TASK_RESULT if fields.get("status").map(String::as_str) == Some("failed") => {
-                Answer::Failed(fields.get("msg").cloned().unwrap_or_default())
-            }
-            _ => return,
-        };
-        let mut waiters = lock(&self.waiters);
-        match waiters.get(token) {
-            Some(w) if w.provider == from_agent => {
-                if let Some(w) = waiters.remove(token) {
-                    let _ = w.tx.send(answer);
-                }
-            }
-            Some(w) => warn!(
-                agent_id = from_agent,
-                expected = %w.provider,
-                "key-proof answer from an agent the task was not sent to; ignored"
-            ),
-            None => {}
-        }
-    }
-
-    fn wait_for(&self, token: &str, provider: &str) -> oneshot::Receiver<Answer> {
-        let (tx, rx) = oneshot::channel();
-        lock(&self.waiters).insert(
-            token.to_owned(),
-            Waiter {
-                provider: provider.to_owned(),
-                tx,
-            },
-        );
-        rx
-    }
-
-    fn forget(&self, token: &str) {
-        lock(&self.waiters).remove(token);
-    }
+fn nonce_digest(nonce: &str) -> String {
+    hex::encode(sha2::Sha256::digest(nonce.as_bytes()))
 }
 
 /// The most addresses an `X-Forwarded-For` may list.
@@ -342,7 +276,9 @@ pub async fn enroll(state: &ServerState, req: &KeyEnrollRequest, peer: IpAddr) -
         ))
     })?;
     // The nonce is spent by any attempt, good or bad.
-    if !keel_common::fingerprint::is_hex(&req.nonce, keel_proto::keyproof::NONCE_BYTES) || !keys.spend(&req.nonce) {
+    if !keel_common::fingerprint::is_hex(&req.nonce, keel_proto::keyproof::NONCE_BYTES)
+        || !state.store.challenge_spend(&nonce_digest(&req.nonce), now_ms()).await?
+    {
         return Err(Refusal::Challenge);
     }
     if !req.id.is_empty() && !lookup_id_valid(&req.id) {
@@ -419,8 +355,8 @@ pub async fn enroll(state: &ServerState, req: &KeyEnrollRequest, peer: IpAddr) -
         let reason = format!("replaced by agent {id} enrolled by key under the name {name}");
         state.revoke_agent(other, &reason, None).await?;
         let _ = state
-            .connections
-            .send(other, Outbound::Close(crate::connections::Closing::Revoked));
+            .send(other, Outbound::Close(crate::connections::Closing::Revoked))
+            .await;
         state.store.agent_delete(other).await?;
         warn!(agent_id = %other, replaced_by = %id, %name, "agent replaced by enrollment by key");
     }
@@ -455,12 +391,12 @@ async fn ask_providers(
     let mut failures = Vec::new();
     let mut asked = 0;
     for provider in &cfg.providers {
-        if !state.connections.is_online(provider) {
+        if !state.is_online(provider).await? {
             continue;
         }
         asked += 1;
         let token = uuid::Uuid::new_v4().to_string();
-        let answer = state.key_enrollment.wait_for(&token, provider);
+        let mut answers = state.cluster.wait(&token, provider).await;
         state
             .store
             .task_sent(
@@ -481,19 +417,17 @@ async fn ask_providers(
             data: task.to_owned(),
             token: token.clone(),
         };
-        let outcome = match state.connections.send(provider, Outbound::Task(cmd)) {
+        let outcome = match state.send(provider, Outbound::Task(cmd)).await {
             Err(e) => Err(e.to_string()),
-            Ok(()) => match tokio::time::timeout(cfg.provider_timeout, answer).await {
-                Ok(Ok(Answer::Record(fields))) => Ok(fields),
-                Ok(Ok(Answer::Failed(msg))) => Err(msg),
-                Ok(Err(_)) => Err("the answer was lost".into()),
+            Ok(()) => match tokio::time::timeout(cfg.provider_timeout, key_answer(&mut answers)).await {
+                Ok(answer) => answer,
                 Err(_) => Err(format!(
                     "no answer within {}",
                     humantime::format_duration(Duration::from_secs(cfg.provider_timeout.as_secs()))
                 )),
             },
         };
-        state.key_enrollment.forget(&token);
+        drop(answers);
         match outcome {
             Ok(fields) => return Ok(fields),
             Err(msg) => {
@@ -506,6 +440,21 @@ async fn ask_providers(
         return Err(Refusal::NoProvider(cfg.providers.join(", ")));
     }
     Err(Refusal::Lookup(failures.join("; ")))
+}
+
+/// The provider's key-proof record, or why it failed: the message of a failed
+/// 5100. Other answers (a successful 5100) are not the lookup's outcome.
+async fn key_answer(answers: &mut crate::cluster::ReplyWait) -> Result<HashMap<String, String>, String> {
+    while let Some(reply) = answers.recv().await {
+        match reply.data_type {
+            KEY_PROOF => return Ok(reply.fields),
+            data_type::TASK_RESULT if reply.fields.get("status").map(String::as_str) == Some("failed") => {
+                return Err(reply.fields.get("msg").cloned().unwrap_or_default());
+            }
+            _ => {}
+        }
+    }
+    Err("the answer was lost".into())
 }
 
 /// How the HTTP layer answers a refusal.
@@ -575,50 +524,5 @@ mod tests {
         );
         assert!(address_allowed("fd00::/8", "fd00::1".parse().unwrap()).unwrap());
         assert!(address_allowed("nonsense", peer).is_err());
-    }
-
-    #[test]
-    fn a_nonce_is_spent_once_and_expires() {
-        let cfg = KeyEnrollmentConfig {
-            enabled: true,
-            max_challenges: 2,
-            ..Default::default()
-        };
-        let k = KeyEnrollment::new(&cfg);
-        let c = k.challenge(&cfg).unwrap();
-        assert_eq!(c.nonce.len(), 64);
-        assert!(k.spend(&c.nonce));
-        assert!(!k.spend(&c.nonce), "used");
-        assert!(!k.spend(&"0".repeat(64)), "never issued");
-        k.challenge(&cfg).unwrap();
-        k.challenge(&cfg).unwrap();
-        assert!(matches!(k.challenge(&cfg), Err(Refusal::Busy(_))), "limit");
-        let expired = KeyEnrollmentConfig {
-            challenge_ttl: Duration::ZERO,
-            ..cfg.clone()
-        };
-        let k = KeyEnrollment::new(&expired);
-        let c = k.challenge(&expired).unwrap();
-        assert!(!k.spend(&c.nonce), "expired");
-        let off = KeyEnrollmentConfig::default();
-        assert!(matches!(
-            KeyEnrollment::new(&off).challenge(&off),
-            Err(Refusal::Disabled)
-        ));
-    }
-
-    #[test]
-    fn only_the_asked_provider_can_answer() {
-        let cfg = KeyEnrollmentConfig::default();
-        let k = KeyEnrollment::new(&cfg);
-        let mut rx = k.wait_for("t1", "db-1");
-        let fields = HashMap::from([
-            ("token".to_owned(), "t1".to_owned()),
-            ("verified".to_owned(), "true".to_owned()),
-        ]);
-        k.deliver("intruder", KEY_PROOF, &fields);
-        assert!(rx.try_recv().is_err(), "an answer from another agent is ignored");
-        k.deliver("db-1", KEY_PROOF, &fields);
-        assert!(matches!(rx.try_recv(), Ok(Answer::Record(f)) if f["verified"] == "true"));
     }
 }

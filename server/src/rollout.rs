@@ -35,7 +35,15 @@ pub async fn run(state: Arc<ServerState>, shutdown: CancellationToken) {
             _ = state.rollout_wake.notified() => {}
             _ = tokio::time::sleep(TICK) => {}
         }
-        let jobs = match state.store.jobs(Some("running"), 10_000).await {
+        let now = now_ms();
+        let lease = i64::try_from(state.config.cluster.lease.as_millis()).unwrap_or(i64::MAX);
+        // Only the tasks this instance drives; another takes them over once this
+        // instance's lease on them has passed.
+        let jobs = match state
+            .store
+            .jobs_claim(&state.cluster.instance, now, now.saturating_add(lease))
+            .await
+        {
             Ok(j) => j,
             Err(e) => {
                 warn!(error = %e, "cannot read running tasks");
@@ -93,11 +101,14 @@ async fn step(state: &ServerState, job: &JobRow) -> Result<(), StoreError> {
 }
 
 async fn dispatch(state: &ServerState, job: &JobRow, s: &PendingSubtask, now: i64) -> Result<(), StoreError> {
-    state.store.subtask_sent(&s.token, now).await?;
+    // Whoever flips it from pending sends it: never twice, whichever instance.
+    if !state.store.subtask_sent(&s.token, now).await? {
+        return Ok(());
+    }
     let sent: Result<(), String> = match job.kind.as_str() {
         SYNC_CONFIG => match state.push_config(&s.agent_id, Some(s.token.clone())).await {
             Ok(true) => Ok(()),
-            Ok(false) if !state.connections.is_online(&s.agent_id) => Err(format!("agent {} is offline", s.agent_id)),
+            Ok(false) if !state.is_online(&s.agent_id).await? => Err(format!("agent {} is offline", s.agent_id)),
             Ok(false) => {
                 let done = std::collections::HashMap::from([
                     ("status".to_owned(), "succeeded".to_owned()),
@@ -119,8 +130,8 @@ async fn dispatch(state: &ServerState, job: &JobRow, s: &PendingSubtask, now: i6
                 token: s.token.clone(),
             };
             state
-                .connections
                 .send(&s.agent_id, Outbound::Task(cmd))
+                .await
                 .map_err(|e| e.to_string())
         }
     };

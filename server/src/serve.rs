@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use serde::Serialize;
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpSocket};
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
@@ -16,15 +16,15 @@ use crate::config::{ServerConfig, SinkKind};
 use crate::grpc::TransferService;
 use crate::pki::Ca;
 use crate::release::Release;
-use crate::sink::{FileSink, Sink};
+use crate::sink::{FileSink, NatsSink, Sink};
 use crate::state::ServerState;
 use crate::store::Store;
 use crate::{http, tls};
 
 /// How often revocations made by other processes are picked up.
 const REVOCATION_POLL: Duration = Duration::from_secs(1);
-/// How often stream marks are written to the store.
-const MARK_FLUSH: Duration = Duration::from_secs(5);
+/// Connections waiting to be accepted, per listener.
+const BACKLOG: u32 = 4096;
 
 /// The addresses actually bound, written to `--ready-file` once both listen.
 #[derive(Debug, Clone, Copy, Serialize)]
@@ -47,18 +47,29 @@ pub async fn open_state(config: ServerConfig) -> anyhow::Result<Arc<ServerState>
         anyhow::bail!("no CA in {}: run `keel-server ca init` first", pki_dir.display());
     }
     let ca = Ca::load(&pki_dir)?;
-    let store = Store::open(&config.database_url())
+    let store = Store::open_with(&config.database_url(), config.database.max_connections)
         .await
         .context("opening the registry")?;
+    let cluster = crate::cluster::Cluster::open(&config.cluster).await?;
     let sink: Arc<dyn Sink> = match config.sink.kind {
         SinkKind::File => Arc::new(FileSink::open(
             &config.sink_dir(),
             config.sink.max_file_bytes,
             config.sink.max_files,
         )?),
+        SinkKind::Nats => Arc::new(
+            NatsSink::open(
+                config.sink.url.as_deref().unwrap_or_default(),
+                &config.sink.stream,
+                &config.sink.subject_prefix,
+                config.sink.ack_timeout,
+                &format!("keel-server {} sink", cluster.instance),
+            )
+            .await?,
+        ),
     };
     let release = Release::load(&config)?;
-    Ok(Arc::new(ServerState::new(config, store, ca, sink, release)))
+    Ok(Arc::new(ServerState::new(config, store, ca, sink, release, cluster)))
 }
 
 /// Runs the server until `shutdown`, then drains. `ready` receives the bound
@@ -75,19 +86,18 @@ pub async fn run_with_state(
     ready: Option<PathBuf>,
 ) -> anyhow::Result<()> {
     let config = state.config.clone();
-    state.store.mark_all_offline().await?;
+    // A fixed instance ID may have been this process before a crash: what that
+    // one held is gone. Other instances' agents are theirs.
+    state
+        .store
+        .instance_leave(&state.cluster.instance, keel_common::time::now_ms())
+        .await?;
     state.reload_policies().await?;
     let mut newest_revocation = state.sync_revocations(0).await?;
 
-    let grpc_listener = TcpListener::bind(config.grpc.listen)
-        .await
-        .with_context(|| format!("cannot listen on grpc.listen {}", config.grpc.listen))?;
-    let http_listener = std::net::TcpListener::bind(config.http.listen)
-        .with_context(|| format!("cannot listen on http.listen {}", config.http.listen))?;
-    http_listener.set_nonblocking(true)?;
-    let tunnel_listener = TcpListener::bind(config.tunnel.listen)
-        .await
-        .with_context(|| format!("cannot listen on tunnel.listen {}", config.tunnel.listen))?;
+    let grpc_listener = listen(config.grpc.listen, config.grpc.reuse_port, "grpc")?;
+    let http_listener = listen(config.http.listen, config.http.reuse_port, "http")?.into_std()?;
+    let tunnel_listener = listen(config.tunnel.listen, config.tunnel.reuse_port, "tunnel")?;
     let bound = Bound {
         grpc: grpc_listener.local_addr()?,
         http: http_listener.local_addr()?,
@@ -96,6 +106,7 @@ pub async fn run_with_state(
     state.set_grpc_bound(bound.grpc);
     state.set_http_bound(bound.http);
     state.set_tunnel_bound(bound.tunnel);
+    crate::cluster::renew_lease(&state).await?;
 
     let grpc_tls = tls::grpc_config(&state)?;
     let incoming = tls::accept_loop(
@@ -146,7 +157,7 @@ pub async fn run_with_state(
         anyhow::Ok(())
     };
 
-    info!(grpc = %bound.grpc, tunnel = %bound.tunnel, http = %format!("{scheme}://{}", bound.http), ca_fingerprint = %state.ca.fingerprint(), "keel-server listening");
+    info!(instance = %state.cluster.instance, grpc = %bound.grpc, tunnel = %bound.tunnel, http = %format!("{scheme}://{}", bound.http), ca_fingerprint = %state.ca.fingerprint(), "keel-server listening");
     if let Some(path) = ready {
         write_ready(&path, &bound)?;
     }
@@ -158,6 +169,8 @@ pub async fn run_with_state(
     ));
     let background = background(Arc::clone(&state), shutdown.clone(), &mut newest_revocation);
     let rollouts = tokio::spawn(crate::rollout::run(Arc::clone(&state), shutdown.clone()));
+    let commands = tokio::spawn(crate::cluster::serve_commands(Arc::clone(&state), shutdown.clone()));
+    let membership = tokio::spawn(crate::cluster::run(Arc::clone(&state), shutdown.clone()));
     let drain_state = Arc::clone(&state);
     let drain = async move {
         shutdown.cancelled().await;
@@ -165,21 +178,36 @@ pub async fn run_with_state(
     };
     let (grpc_result, http_result, (), ()) = tokio::join!(grpc, http, background, drain);
     let _ = rollouts.await;
+    let _ = commands.await;
     match tunnels.await {
         Ok(Err(e)) => warn!(error = %e, "tunnel endpoint failed"),
         Err(e) => warn!(error = %e, "tunnel endpoint panicked"),
         Ok(Ok(())) => {}
     }
-    if let Err(e) = state.flush_marks().await {
-        warn!(error = %e, "cannot store stream marks at shutdown");
-    }
-    if let Err(e) = state.store.mark_all_offline().await {
-        warn!(error = %e, "cannot mark agents offline at shutdown");
-    }
+    // Flushes what is pending and gives this instance's agents up.
+    let _ = membership.await;
     grpc_result.context("gRPC server")?;
     http_result.context("HTTP server")?;
     info!("keel-server stopped");
     Ok(())
+}
+
+/// A listener on `addr`, sharing the port with other processes when `reuse_port`.
+fn listen(addr: SocketAddr, reuse_port: bool, key: &str) -> anyhow::Result<TcpListener> {
+    let bind = || -> std::io::Result<TcpListener> {
+        let socket = if addr.is_ipv4() {
+            TcpSocket::new_v4()?
+        } else {
+            TcpSocket::new_v6()?
+        };
+        socket.set_reuseaddr(true)?;
+        if reuse_port {
+            socket.set_reuseport(true)?;
+        }
+        socket.bind(addr)?;
+        socket.listen(BACKLOG)
+    };
+    bind().with_context(|| format!("cannot listen on {key}.listen {addr}"))
 }
 
 fn write_ready(path: &Path, bound: &Bound) -> anyhow::Result<()> {
@@ -189,7 +217,6 @@ fn write_ready(path: &Path, bound: &Bound) -> anyhow::Result<()> {
 
 async fn background(state: Arc<ServerState>, shutdown: CancellationToken, newest: &mut i64) {
     let mut revocations = tokio::time::interval(REVOCATION_POLL);
-    let mut marks = tokio::time::interval(MARK_FLUSH);
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => break,
@@ -198,11 +225,6 @@ async fn background(state: Arc<ServerState>, shutdown: CancellationToken, newest
                 match state.sync_revocations(newest.saturating_sub(1)).await {
                     Ok(n) => *newest = n,
                     Err(e) => error!(error = %e, "cannot read revocations"),
-                }
-            }
-            _ = marks.tick() => {
-                if let Err(e) = state.flush_marks().await {
-                    warn!(error = %e, "cannot store stream marks");
                 }
             }
         }

@@ -5,14 +5,19 @@
 //! a batch to its agent only after that.
 
 mod file;
+mod nats;
 
 use std::collections::HashMap;
 use std::fmt::Debug;
 
+use base64::Engine;
 use bytes::Bytes;
 use futures::future::BoxFuture;
+use keel_proto::{data_type, payload};
+use serde::Serialize;
 
 pub use file::FileSink;
+pub use nats::NatsSink;
 
 /// A record as the server handles it; `data` holds the payload bytes as the
 /// plugin wrote them.
@@ -52,6 +57,9 @@ pub enum SinkError {
         /// Why.
         source: std::io::Error,
     },
+    /// NATS JetStream did not take a record.
+    #[error("sink nats: {0}")]
+    Nats(String),
 }
 
 /// The highest persisted batch per agent: `(epoch, seq)`.
@@ -66,4 +74,55 @@ pub trait Sink: Send + Sync + Debug {
     /// own data, so a resend after a crash is recognised even if the server died
     /// between a write and noting it elsewhere.
     fn recovered_marks(&self) -> Marks;
+
+    /// Why the sink cannot take records now, if it knows; `None` while healthy.
+    fn trouble(&self) -> Option<String> {
+        None
+    }
+}
+
+/// A record as JSON, the same in every sink: `agent_id`, `data_type`,
+/// `timestamp`, `server_time`, for numbered batches `epoch` (hex) and `seq`, and
+/// either `fields` (Keel's own record types, decoded) or `data` (base64 of the
+/// payload bytes exactly as the plugin wrote them).
+#[derive(Serialize)]
+struct Line<'a> {
+    agent_id: &'a str,
+    data_type: i32,
+    timestamp: i64,
+    server_time: i64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    epoch: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    seq: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    fields: Option<HashMap<String, String>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    data: Option<String>,
+}
+
+/// Appends `r` of `batch` to `out` as one JSON object (no newline).
+fn write_json(batch: &Batch<'_>, r: &Record, out: &mut Vec<u8>) {
+    let numbered = batch.seq > 0;
+    let fields = if data_type::is_keel_payload(r.data_type) {
+        payload::decode(&r.data).ok()
+    } else {
+        None
+    };
+    let data = match fields {
+        Some(_) => None,
+        None => Some(base64::engine::general_purpose::STANDARD.encode(&r.data)),
+    };
+    let line = Line {
+        agent_id: batch.agent_id,
+        data_type: r.data_type,
+        timestamp: r.timestamp,
+        server_time: batch.server_time,
+        epoch: numbered.then(|| format!("{:016x}", batch.epoch)),
+        seq: numbered.then_some(batch.seq),
+        fields,
+        data,
+    };
+    // Serialising plain strings and integers into a Vec cannot fail.
+    let _ = serde_json::to_writer(out, &line);
 }

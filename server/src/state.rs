@@ -4,11 +4,13 @@ use std::collections::BTreeMap;
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, OnceLock, RwLock};
+use std::time::Duration;
 
 use keel_common::time::now_ms;
 
+use crate::cluster::Cluster;
 use crate::config::ServerConfig;
-use crate::connections::{Connections, Outbound, PluginCommand, Revocations};
+use crate::connections::{Connections, Outbound, PluginCommand, Revocations, SendError};
 use crate::pki::{self, Ca, CsrError, IssuedCert, PkiError};
 use crate::policy::{self, AgentFacts, Effective, Policy};
 use crate::release::Release;
@@ -30,9 +32,10 @@ pub struct ServerState {
     pub connections: Connections,
     /// Revoked certificate serials.
     pub revocations: Revocations,
-    /// Highest persisted batch per agent: (epoch, seq). Flushed to the store when a
-    /// stream ends and periodically.
-    marks: Mutex<HashMap<String, (u64, u64)>>,
+    /// What is written to the store in batches: marks and heartbeats.
+    pending: Mutex<Pending>,
+    /// This instance among the others.
+    pub cluster: Cluster,
     /// The gRPC address actually bound (the configured port may be 0).
     grpc_bound: OnceLock<SocketAddr>,
     /// The HTTP address actually bound.
@@ -49,8 +52,20 @@ pub struct ServerState {
     pub key_enrollment: crate::keyenroll::KeyEnrollment,
     /// Audit jobs waiting for their tunnels.
     pub tunnels: crate::tunnel::Tunnels,
-    /// Tasks whose results the server itself waits for.
-    pub task_waiters: crate::inventory::TaskWaiters,
+}
+
+/// How often marks and heartbeats are written to the store.
+pub const FLUSH_EVERY: Duration = Duration::from_secs(2);
+
+/// Presence kept in memory and written to the store in batches, only when changed.
+#[derive(Debug, Default)]
+struct Pending {
+    /// Highest persisted batch per agent connected here: (epoch, seq).
+    marks: HashMap<String, (u64, u64)>,
+    /// Marks changed since the last flush.
+    dirty: HashMap<String, (u64, u64)>,
+    /// Heartbeats not written yet: fields as JSON, arrival time.
+    beats: HashMap<String, (String, i64)>,
 }
 
 /// The component name of the agent itself.
@@ -99,9 +114,21 @@ pub enum IssueError {
 
 impl ServerState {
     /// Builds the state from its parts.
-    pub fn new(config: ServerConfig, store: Store, ca: Ca, sink: Arc<dyn Sink>, release: Release) -> Self {
+    pub fn new(
+        config: ServerConfig,
+        store: Store,
+        ca: Ca,
+        sink: Arc<dyn Sink>,
+        release: Release,
+        cluster: Cluster,
+    ) -> Self {
         // What the sink itself knows it persisted is the newest truth after a crash.
-        let marks = Mutex::new(sink.recovered_marks());
+        let recovered = sink.recovered_marks();
+        let pending = Mutex::new(Pending {
+            dirty: recovered.clone(),
+            marks: recovered,
+            beats: HashMap::new(),
+        });
         let key_enrollment = crate::keyenroll::KeyEnrollment::new(&config.key_enrollment);
         let tunnels = crate::tunnel::Tunnels::new(config.tunnel.max_pending);
         Self {
@@ -111,7 +138,8 @@ impl ServerState {
             sink,
             connections: Connections::default(),
             revocations: Revocations::default(),
-            marks,
+            pending,
+            cluster,
             grpc_bound: OnceLock::new(),
             http_bound: OnceLock::new(),
             tunnel_bound: OnceLock::new(),
@@ -120,7 +148,6 @@ impl ServerState {
             rollout_wake: tokio::sync::Notify::new(),
             key_enrollment,
             tunnels,
-            task_waiters: crate::inventory::TaskWaiters::default(),
         }
     }
 
@@ -297,11 +324,11 @@ impl ServerState {
         let Some(entries) = self.effective(agent_id).await? else {
             return Ok(false);
         };
-        if !self.connections.is_online(agent_id) {
+        if !self.is_online(agent_id).await? {
             return Ok(false);
         }
         let configs = self.resolve(agent_id, &entries).await?;
-        self.connections.send(agent_id, Outbound::Configs(configs, token))?;
+        self.send(agent_id, Outbound::Configs(configs, token)).await?;
         Ok(true)
     }
 
@@ -367,38 +394,106 @@ impl ServerState {
         Ok(newest)
     }
 
+    /// Whether the agent's stream is open here or at a live instance.
+    pub async fn is_online(&self, agent_id: &str) -> Result<bool, StoreError> {
+        if self.connections.is_online(agent_id) {
+            return Ok(true);
+        }
+        Ok(self.store.agent_holder(agent_id, now_ms()).await?.is_some())
+    }
+
+    /// Hands a command to the agent's stream, here or at the instance holding it.
+    pub async fn send(&self, agent_id: &str, cmd: Outbound) -> Result<(), SendError> {
+        if self.connections.is_online(agent_id) {
+            return self.connections.send(agent_id, cmd);
+        }
+        let holder = self
+            .store
+            .agent_holder(agent_id, now_ms())
+            .await
+            .map_err(|e| SendError::Unreachable(agent_id.to_owned(), format!("registry: {e}")))?;
+        match holder {
+            Some(instance) if instance != self.cluster.instance => self.cluster.route(&instance, agent_id, cmd).await,
+            // The registry may still name this instance for a stream that just ended.
+            _ => Err(SendError::Offline(agent_id.to_owned())),
+        }
+    }
+
+    /// The gRPC address agents should dial for this instance.
+    pub fn advertised_grpc(&self) -> String {
+        if let Some(a) = self.config.grpc.advertise.first() {
+            return a.clone();
+        }
+        self.grpc_addr().to_string()
+    }
+
     /// The agent's highest persisted batch, from memory or the store.
     pub async fn mark(&self, agent_id: &str) -> Result<Option<(u64, u64)>, StoreError> {
-        if let Some(m) = self.marks_lock().get(agent_id) {
+        if let Some(m) = self.pending_lock().marks.get(agent_id) {
             return Ok(Some(*m));
         }
         self.store.stream_mark(agent_id).await
     }
 
-    /// Records a persisted batch in memory.
+    /// Records a persisted batch; it reaches the store with the next flush.
     pub fn set_mark(&self, agent_id: &str, epoch: u64, seq: u64) {
-        self.marks_lock().insert(agent_id.to_owned(), (epoch, seq));
+        let mut p = self.pending_lock();
+        p.marks.insert(agent_id.to_owned(), (epoch, seq));
+        p.dirty.insert(agent_id.to_owned(), (epoch, seq));
     }
 
-    /// Writes one agent's mark to the store.
-    pub async fn flush_mark(&self, agent_id: &str) -> Result<(), StoreError> {
-        let mark = self.marks_lock().get(agent_id).copied();
+    /// Keeps a heartbeat (its fields as JSON) for the next flush.
+    pub fn set_heartbeat(&self, agent_id: &str, json: String, now: i64) {
+        self.pending_lock().beats.insert(agent_id.to_owned(), (json, now));
+    }
+
+    /// Writes what changed since the last flush: marks and heartbeats. What could
+    /// not be written is kept for the next try.
+    pub async fn flush(&self) -> Result<(), StoreError> {
+        let (marks, beats) = {
+            let mut p = self.pending_lock();
+            (std::mem::take(&mut p.dirty), std::mem::take(&mut p.beats))
+        };
+        let marks_rows: Vec<(String, u64, u64)> = marks.iter().map(|(a, (e, s))| (a.clone(), *e, *s)).collect();
+        let beat_rows: Vec<(String, String, i64)> =
+            beats.iter().map(|(a, (j, t))| (a.clone(), j.clone(), *t)).collect();
+        let result = async {
+            self.store.save_stream_marks(&marks_rows).await?;
+            self.store.agent_heartbeats(&beat_rows).await
+        }
+        .await;
+        if result.is_err() {
+            let mut p = self.pending_lock();
+            for (a, m) in marks {
+                p.dirty.entry(a).or_insert(m);
+            }
+            for (a, b) in beats {
+                p.beats.entry(a).or_insert(b);
+            }
+        }
+        result
+    }
+
+    /// A stream ended: its agent's mark and heartbeat are written now, and the
+    /// memory they took is given back.
+    pub async fn forget_agent(&self, agent_id: &str) -> Result<(), StoreError> {
+        let (mark, beat) = {
+            let mut p = self.pending_lock();
+            p.marks.remove(agent_id);
+            (p.dirty.remove(agent_id), p.beats.remove(agent_id))
+        };
         if let Some((epoch, seq)) = mark {
-            self.store.save_stream_mark(agent_id, epoch, seq).await?;
+            self.store
+                .save_stream_marks(&[(agent_id.to_owned(), epoch, seq)])
+                .await?;
+        }
+        if let Some((json, at)) = beat {
+            self.store.agent_heartbeats(&[(agent_id.to_owned(), json, at)]).await?;
         }
         Ok(())
     }
 
-    /// Writes every mark to the store.
-    pub async fn flush_marks(&self) -> Result<(), StoreError> {
-        let marks: Vec<_> = self.marks_lock().iter().map(|(a, m)| (a.clone(), *m)).collect();
-        for (agent, (epoch, seq)) in marks {
-            self.store.save_stream_mark(&agent, epoch, seq).await?;
-        }
-        Ok(())
-    }
-
-    fn marks_lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, (u64, u64)>> {
-        self.marks.lock().unwrap_or_else(|p| p.into_inner())
+    fn pending_lock(&self) -> std::sync::MutexGuard<'_, Pending> {
+        self.pending.lock().unwrap_or_else(|p| p.into_inner())
     }
 }

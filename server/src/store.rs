@@ -5,6 +5,7 @@
 mod agents;
 mod audit;
 mod certs;
+mod cluster;
 mod inventory;
 mod jobs;
 mod plugins;
@@ -15,10 +16,11 @@ mod tokens;
 use std::str::FromStr;
 
 use sqlx::any::{AnyConnectOptions, AnyPoolOptions};
-use sqlx::{AnyPool, ConnectOptions};
+use sqlx::{AnyPool, ConnectOptions, Connection};
 
-pub use agents::{AgentMeta, AgentRow};
+pub use agents::{AgentMeta, AgentQuery, AgentRow};
 pub use audit::{AuditEntry, AuditFilter};
+pub use cluster::{InstanceRow, TunnelJobRow};
 pub use inventory::CertRow;
 pub use jobs::{JobRow, PendingSubtask, SubtaskCounts};
 pub use plugins::{DesiredPlugin, PackageRow, ReportedPlugin};
@@ -55,6 +57,12 @@ pub struct Store {
 impl Store {
     /// Opens (creating if needed) the database at `url` and applies migrations.
     pub async fn open(url: &str) -> Result<Self, StoreError> {
+        Self::open_with(url, None).await
+    }
+
+    /// [`Store::open`] with at most `max_connections` (default 4 on SQLite, 16
+    /// on PostgreSQL).
+    pub async fn open_with(url: &str, max_connections: Option<u32>) -> Result<Self, StoreError> {
         sqlx::any::install_default_drivers();
         let is_sqlite = url.starts_with("sqlite:");
         let url = if is_sqlite && !url.contains('?') {
@@ -63,7 +71,8 @@ impl Store {
             url.to_owned()
         };
         let options = AnyConnectOptions::from_str(&url)?.disable_statement_logging();
-        let mut pool_options = AnyPoolOptions::new().max_connections(if is_sqlite { 4 } else { 16 });
+        let mut pool_options =
+            AnyPoolOptions::new().max_connections(max_connections.unwrap_or(if is_sqlite { 4 } else { 16 }));
         if is_sqlite {
             pool_options = pool_options.after_connect(|conn, _| {
                 Box::pin(async move {
@@ -82,10 +91,31 @@ impl Store {
         Ok(Self { pool })
     }
 
+    /// Whether the database answers.
+    pub async fn ping(&self) -> Result<(), StoreError> {
+        sqlx::query("SELECT 1").execute(&self.pool).await?;
+        Ok(())
+    }
+
     /// The underlying pool, for tests.
     pub fn pool(&self) -> &AnyPool {
         &self.pool
     }
+}
+
+/// A new, empty schema in the PostgreSQL database at `base`, as a URL whose
+/// connections use it: for tests and benchmarks that each need a registry of
+/// their own on one database.
+pub async fn fresh_schema(base: &str) -> Result<String, StoreError> {
+    sqlx::any::install_default_drivers();
+    let name = format!("k{}", uuid::Uuid::new_v4().simple());
+    let mut admin = sqlx::AnyConnection::connect(base).await?;
+    // The name is generated here: `k` and 32 hex digits.
+    sqlx::query(sqlx::AssertSqlSafe(format!("CREATE SCHEMA {name}")))
+        .execute(&mut admin)
+        .await?;
+    let sep = if base.contains('?') { '&' } else { '?' };
+    Ok(format!("{base}{sep}options=-c%20search_path%3D{name}"))
 }
 
 fn corrupt(what: &'static str) -> impl FnOnce(serde_json::Error) -> StoreError {
@@ -95,9 +125,30 @@ fn corrupt(what: &'static str) -> impl FnOnce(serde_json::Error) -> StoreError {
     }
 }
 
+/// The PostgreSQL database tests and benchmarks make their schemas in:
+/// `KEEL_TEST_POSTGRES`, or the local service's `test` database.
+pub fn test_postgres() -> String {
+    std::env::var("KEEL_TEST_POSTGRES")
+        .ok()
+        .filter(|u| !u.is_empty())
+        .unwrap_or_else(|| "postgres://postgres@127.0.0.1:5432/test".into())
+}
+
+/// Whether tests that can run on either engine run on PostgreSQL:
+/// `KEEL_TEST_STORE=postgres`. Otherwise they use SQLite.
+pub fn tests_on_postgres() -> bool {
+    std::env::var("KEEL_TEST_STORE").is_ok_and(|v| v == "postgres")
+}
+
+/// A registry for one test: a fresh schema in [`test_postgres`] when
+/// [`tests_on_postgres`], else SQLite in a temporary directory.
 #[cfg(test)]
 pub(crate) async fn test_store() -> (Store, tempfile::TempDir) {
     let dir = tempfile::tempdir().unwrap();
-    let url = format!("sqlite://{}", dir.path().join("t.db").display());
+    let url = if tests_on_postgres() {
+        fresh_schema(&test_postgres()).await.unwrap()
+    } else {
+        format!("sqlite://{}", dir.path().join("t.db").display())
+    };
     (Store::open(&url).await.unwrap(), dir)
 }

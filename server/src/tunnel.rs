@@ -22,6 +22,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use crate::state::ServerState;
+use crate::store::{Store, TunnelJobRow};
 
 /// ALPN of the tunnel protocol.
 pub const ALPN: &[u8] = b"keel-tunnel/1";
@@ -33,19 +34,23 @@ const PREFACE_TIMEOUT: Duration = Duration::from_secs(5);
 /// A tunnel: the TLS stream from the agent, now a byte pipe to the target.
 pub type Tunnel = BufReader<TlsStream<TcpStream>>;
 
-/// A job waiting for its tunnel.
-#[derive(Debug)]
-struct Pending {
-    agent_id: String,
-    token_sha256: [u8; 32],
-    tx: oneshot::Sender<Tunnel>,
-}
-
-/// Jobs waiting for their tunnels.
+/// Jobs of this instance waiting for their tunnels, to hand a tunnel that lands
+/// here over in process. What a job is (its agent, token and target) is in the
+/// shared store, so a tunnel landing on another instance is checked the same way.
 #[derive(Debug)]
 pub struct Tunnels {
-    pending: Mutex<HashMap<String, Pending>>,
+    local: Mutex<HashMap<String, oneshot::Sender<Tunnel>>>,
     max: usize,
+}
+
+/// What a waiting job gets: its tunnel here, or the outcome of the job run by
+/// the instance its tunnel reached.
+#[derive(Debug)]
+pub struct TunnelWait {
+    /// The tunnel, when it lands on this instance.
+    pub local: oneshot::Receiver<Tunnel>,
+    /// The outcome published by another instance, in a cluster.
+    pub remote: Option<async_nats::Subscriber>,
 }
 
 /// Why a tunnel was refused (the text is the `ERR` line and the log's reason).
@@ -70,73 +75,148 @@ pub enum Refused {
         /// The certificate's agent.
         got: String,
     },
+    /// The job's instance cannot be told its outcome.
+    #[error("job {job} belongs to instance {instance}, which this instance cannot reach (cluster.nats_url)")]
+    Unroutable {
+        /// The job.
+        job: String,
+        /// The instance waiting for it.
+        instance: String,
+    },
+    /// The registry failed.
+    #[error("registry unavailable")]
+    Registry,
+}
+
+/// A claimed job: handed over here, or run here for another instance.
+#[derive(Debug)]
+enum Claimed {
+    Local(oneshot::Sender<Tunnel>),
+    Remote(TunnelJobRow),
+}
+
+fn token_digest(token: &str) -> String {
+    hex::encode(Sha256::digest(token.as_bytes()))
 }
 
 impl Tunnels {
-    /// An empty registry holding at most `max` waiting jobs.
+    /// An empty registry; each instance has at most `max` jobs waiting.
     pub fn new(max: usize) -> Self {
         Tunnels {
-            pending: Mutex::new(HashMap::new()),
+            local: Mutex::new(HashMap::new()),
             max,
         }
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Pending>> {
-        self.pending.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, oneshot::Sender<Tunnel>>> {
+        self.local.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
     }
+}
 
-    /// Announces a job; its tunnel arrives on the receiver. `None` when `max` jobs
-    /// are waiting already.
-    pub fn expect(&self, job: &str, agent_id: &str, token: &str) -> Option<oneshot::Receiver<Tunnel>> {
-        let mut pending = self.lock();
-        if pending.len() >= self.max {
-            return None;
+/// Announces a job: where `target` is to be reached through `agent_id`'s tunnel,
+/// for the holder of `token`, within `wait`.
+pub async fn expect(
+    state: &ServerState,
+    job: &str,
+    agent_id: &str,
+    token: &str,
+    target: &str,
+    wait: Duration,
+) -> Result<TunnelWait, String> {
+    let remote = match state.cluster.nats() {
+        Some(nats) => Some(
+            nats.subscribe(state.cluster.tunnel_subject(job))
+                .await
+                .map_err(|e| format!("cannot wait for the job's outcome: {e}"))?,
+        ),
+        None => None,
+    };
+    let now = keel_common::time::now_ms();
+    let row = TunnelJobRow {
+        job: job.to_owned(),
+        agent_id: agent_id.to_owned(),
+        token_sha256: token_digest(token),
+        instance: state.cluster.instance.clone(),
+        target: target.to_owned(),
+        expires_at: now.saturating_add(i64::try_from(wait.as_millis()).unwrap_or(i64::MAX)),
+    };
+    let (tx, rx) = oneshot::channel();
+    state.tunnels.lock().insert(job.to_owned(), tx);
+    match state.store.tunnel_job_add(&row, now, state.tunnels.max).await {
+        Ok(true) => Ok(TunnelWait { local: rx, remote }),
+        Ok(false) => {
+            state.tunnels.lock().remove(job);
+            Err("busy: too many jobs are waiting for their tunnels (tunnel.max_pending)".into())
         }
-        let (tx, rx) = oneshot::channel();
-        pending.insert(
-            job.to_owned(),
-            Pending {
-                agent_id: agent_id.to_owned(),
-                token_sha256: Sha256::digest(token.as_bytes()).into(),
-                tx,
-            },
-        );
-        Some(rx)
+        Err(e) => {
+            state.tunnels.lock().remove(job);
+            Err(format!("registry: {e}"))
+        }
     }
+}
 
-    /// Forgets a job (it ended, or gave up waiting).
-    pub fn forget(&self, job: &str) {
-        self.lock().remove(job);
+/// Forgets a job (it ended, or gave up waiting).
+pub async fn forget(state: &ServerState, job: &str) {
+    state.tunnels.lock().remove(job);
+    if let Err(e) = state.store.tunnel_job_take(job).await {
+        warn!(%job, error = %e, "cannot forget a tunnel job");
     }
+}
 
-    /// Takes a waiting job for a preface from `agent_id`'s certificate. A wrong
-    /// token or agent leaves the job waiting for the right one.
-    fn claim(&self, preface: &str, agent_id: &str) -> Result<oneshot::Sender<Tunnel>, Refused> {
-        let mut parts = preface.trim_end_matches(['\r', '\n']).split(' ');
-        let (Some("KEEL-TUNNEL/1"), Some(job), Some(token), None) =
-            (parts.next(), parts.next(), parts.next(), parts.next())
-        else {
-            return Err(Refused::Preface);
-        };
-        let mut pending = self.lock();
-        let p = pending.get(job).ok_or_else(|| Refused::Unknown(job.to_owned()))?;
-        let given: [u8; 32] = Sha256::digest(token.as_bytes()).into();
-        // Hashes of a random token: comparing them leaks nothing useful.
-        if given != p.token_sha256 {
-            return Err(Refused::Token(job.to_owned()));
-        }
-        if p.agent_id != agent_id {
-            return Err(Refused::Agent {
-                job: job.to_owned(),
-                expected: p.agent_id.clone(),
-                got: agent_id.to_owned(),
-            });
-        }
-        pending
+/// Takes a waiting job for a preface from `agent_id`'s certificate. A wrong
+/// token or agent leaves the job waiting for the right one.
+async fn claim(
+    store: &Store,
+    tunnels: &Tunnels,
+    instance: &str,
+    routes: bool,
+    preface: &str,
+    agent_id: &str,
+) -> Result<Claimed, Refused> {
+    let mut parts = preface.trim_end_matches(['\r', '\n']).split(' ');
+    let (Some("KEEL-TUNNEL/1"), Some(job), Some(token), None) =
+        (parts.next(), parts.next(), parts.next(), parts.next())
+    else {
+        return Err(Refused::Preface);
+    };
+    let registry = |e: crate::store::StoreError| {
+        warn!(error = %e, "tunnel claim: registry failed");
+        Refused::Registry
+    };
+    let now = keel_common::time::now_ms();
+    let row = store
+        .tunnel_job(job, now)
+        .await
+        .map_err(registry)?
+        .ok_or_else(|| Refused::Unknown(job.to_owned()))?;
+    // Hashes of a random token: comparing them leaks nothing useful.
+    if token_digest(token) != row.token_sha256 {
+        return Err(Refused::Token(job.to_owned()));
+    }
+    if row.agent_id != agent_id {
+        return Err(Refused::Agent {
+            job: job.to_owned(),
+            expected: row.agent_id,
+            got: agent_id.to_owned(),
+        });
+    }
+    if row.instance != instance && !routes {
+        return Err(Refused::Unroutable {
+            job: job.to_owned(),
+            instance: row.instance,
+        });
+    }
+    if !store.tunnel_job_take(job).await.map_err(registry)? {
+        return Err(Refused::Unknown(job.to_owned()));
+    }
+    if row.instance == instance {
+        return tunnels
+            .lock()
             .remove(job)
-            .map(|p| p.tx)
-            .ok_or_else(|| Refused::Unknown(job.to_owned()))
+            .map(Claimed::Local)
+            .ok_or_else(|| Refused::Unknown(job.to_owned()));
     }
+    Ok(Claimed::Remote(row))
 }
 
 /// Accepts tunnels until `shutdown`.
@@ -189,15 +269,29 @@ async fn accept(state: &ServerState, stream: TlsStream<TcpStream>) {
             return;
         }
     };
-    match state.tunnels.claim(&preface, &agent.agent_id) {
-        Ok(tx) => {
+    let claimed = claim(
+        &state.store,
+        &state.tunnels,
+        &state.cluster.instance,
+        state.cluster.routes(),
+        &preface,
+        &agent.agent_id,
+    )
+    .await;
+    match claimed {
+        Ok(claimed) => {
             let stream = reader.get_mut();
             if stream.write_all(b"OK\n").await.is_err() || stream.flush().await.is_err() {
                 return;
             }
             info!(agent_id = %agent.agent_id, ?peer, "tunnel open");
-            // The job may have given up in the meantime; then the tunnel just closes.
-            let _ = tx.send(reader);
+            match claimed {
+                // The job may have given up in the meantime; then the tunnel just closes.
+                Claimed::Local(tx) => {
+                    let _ = tx.send(reader);
+                }
+                Claimed::Remote(row) => crate::inventory::run_for(state, &row, reader).await,
+            }
         }
         Err(e) => {
             warn!(agent_id = %agent.agent_id, ?peer, reason = %e, "tunnel refused");
@@ -213,41 +307,76 @@ mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
 
-    #[test]
-    fn a_job_is_claimed_once_with_its_token_by_its_agent() {
+    async fn waiting(store: &Store, tunnels: &Tunnels, job: &str, agent: &str, token: &str, instance: &str) {
+        let row = TunnelJobRow {
+            job: job.into(),
+            agent_id: agent.into(),
+            token_sha256: token_digest(token),
+            instance: instance.into(),
+            target: "db:443".into(),
+            expires_at: keel_common::time::now_ms() + 60_000,
+        };
+        assert!(store.tunnel_job_add(&row, 0, 10).await.unwrap());
+        let (tx, _rx) = oneshot::channel();
+        tunnels.lock().insert(job.into(), tx);
+    }
+
+    #[tokio::test]
+    async fn a_job_is_claimed_once_with_its_token_by_its_agent() {
+        let (store, _dir) = crate::store::test_store().await;
         let t = Tunnels::new(2);
         let token = "ab".repeat(32);
-        let _rx = t.expect("j1", "agent-1", &token).unwrap();
-        assert_eq!(t.claim("hello\n", "agent-1").unwrap_err(), Refused::Preface);
+        waiting(&store, &t, "j1", "agent-1", &token, "me").await;
+        let claim = |preface: String, agent: &'static str| {
+            let (store, t) = (&store, &t);
+            async move { claim(store, t, "me", false, &preface, agent).await }
+        };
+        assert_eq!(claim("hello\n".into(), "agent-1").await.unwrap_err(), Refused::Preface);
         assert_eq!(
-            t.claim("KEEL-TUNNEL/1 j1 tok extra\n", "agent-1").unwrap_err(),
+            claim("KEEL-TUNNEL/1 j1 tok extra\n".into(), "agent-1")
+                .await
+                .unwrap_err(),
             Refused::Preface
         );
         assert_eq!(
-            t.claim("KEEL-TUNNEL/1 j2 x\n", "agent-1").unwrap_err(),
+            claim("KEEL-TUNNEL/1 j2 x\n".into(), "agent-1").await.unwrap_err(),
             Refused::Unknown("j2".into())
         );
         assert_eq!(
-            t.claim(&format!("KEEL-TUNNEL/1 j1 {}\n", "cd".repeat(32)), "agent-1")
+            claim(format!("KEEL-TUNNEL/1 j1 {}\n", "cd".repeat(32)), "agent-1")
+                .await
                 .unwrap_err(),
             Refused::Token("j1".into())
         );
-        let e = t.claim(&format!("KEEL-TUNNEL/1 j1 {token}\n"), "agent-2").unwrap_err();
+        let e = claim(format!("KEEL-TUNNEL/1 j1 {token}\n"), "agent-2")
+            .await
+            .unwrap_err();
         assert_eq!(e.to_string(), "job j1 was sent to agent agent-1, not agent-2");
         // Still waiting after the refusals; then claimed once.
-        t.claim(&format!("KEEL-TUNNEL/1 j1 {token}\n"), "agent-1").unwrap();
+        assert!(matches!(
+            claim(format!("KEEL-TUNNEL/1 j1 {token}\n"), "agent-1").await.unwrap(),
+            Claimed::Local(_)
+        ));
         assert_eq!(
-            t.claim(&format!("KEEL-TUNNEL/1 j1 {token}\n"), "agent-1").unwrap_err(),
+            claim(format!("KEEL-TUNNEL/1 j1 {token}\n"), "agent-1")
+                .await
+                .unwrap_err(),
             Refused::Unknown("j1".into())
         );
     }
 
-    #[test]
-    fn waiting_jobs_are_bounded_and_forgotten() {
-        let t = Tunnels::new(1);
-        let _a = t.expect("a", "x", "t").unwrap();
-        assert!(t.expect("b", "x", "t").is_none());
-        t.forget("a");
-        assert!(t.expect("b", "x", "t").is_some());
+    #[tokio::test]
+    async fn another_instance_s_job_is_run_here_only_when_its_outcome_can_be_routed() {
+        let (store, _dir) = crate::store::test_store().await;
+        let t = Tunnels::new(2);
+        let token = "ef".repeat(32);
+        waiting(&store, &t, "j9", "agent-1", &token, "other").await;
+        let preface = format!("KEEL-TUNNEL/1 j9 {token}\n");
+        let e = claim(&store, &t, "me", false, &preface, "agent-1").await.unwrap_err();
+        assert!(e.to_string().contains("instance other"), "{e}");
+        match claim(&store, &t, "me", true, &preface, "agent-1").await.unwrap() {
+            Claimed::Remote(row) => assert_eq!((row.instance.as_str(), row.target.as_str()), ("other", "db:443")),
+            Claimed::Local(_) => panic!("another instance's job is not handed over here"),
+        }
     }
 }

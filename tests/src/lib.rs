@@ -7,6 +7,7 @@
 // A harness reports failure by panicking, with a message saying what failed.
 #![allow(clippy::expect_used, clippy::unwrap_used)]
 
+pub mod cluster;
 pub mod mariadb;
 pub mod proxy;
 
@@ -128,6 +129,34 @@ pub struct ServerOptions {
     pub https: bool,
     /// Create a release key (agents then pin it).
     pub release_key: bool,
+    /// The registry's URL. Unset: [`test_database`].
+    pub database_url: Option<String>,
+    /// Share this CA directory (another server's) instead of making a CA.
+    pub pki_dir: Option<PathBuf>,
+    /// Use this admin token (made by a server sharing the registry) instead of
+    /// making one.
+    pub admin_token: Option<String>,
+    /// The gRPC and tunnel ports; 0 lets the kernel pick.
+    pub ports: (u16, u16),
+    /// Share the gRPC, HTTP and tunnel ports with other processes (SO_REUSEPORT).
+    pub reuse_port: bool,
+}
+
+/// The registry URL a test server uses when none is given: a fresh PostgreSQL
+/// schema with `KEEL_TEST_STORE=postgres`, else `None` (SQLite).
+pub async fn test_database() -> Option<String> {
+    if !keel_server::store::tests_on_postgres() {
+        return None;
+    }
+    Some(postgres_schema().await)
+}
+
+/// A fresh schema in the tests' PostgreSQL (`KEEL_TEST_POSTGRES`), as a URL.
+pub async fn postgres_schema() -> String {
+    let base = keel_server::store::test_postgres();
+    keel_server::store::fresh_schema(&base)
+        .await
+        .unwrap_or_else(|e| panic!("a schema in {base} (KEEL_TEST_POSTGRES): {e}"))
 }
 
 /// A running `keel-server serve`.
@@ -148,6 +177,7 @@ pub struct Server {
     /// The release public key agents pin, if the server has one.
     pub release_public: Option<String>,
     https: bool,
+    pki_dir: Option<PathBuf>,
     child: Option<Child>,
 }
 
@@ -157,8 +187,24 @@ impl Server {
         keel_common::tls::install_crypto_provider();
         let dir = tempfile::tempdir().expect("tempdir");
         let config = dir.path().join("server.toml");
+        let database_url = match &opts.database_url {
+            Some(u) => Some(u.clone()),
+            None => test_database().await,
+        };
+        let mut sections = String::new();
+        if let Some(url) = &database_url {
+            // Few connections each: many test servers share one PostgreSQL.
+            sections.push_str(&format!("[database]\nurl = {url:?}\nmax_connections = 6\n"));
+        }
+        if let Some(pki) = &opts.pki_dir {
+            sections.push_str(&format!("[pki]\ndir = {}\n", toml_path(pki)));
+        }
+        let (grpc_port, tunnel_port) = opts.ports;
+        let reuse = opts.reuse_port;
         let text = format!(
-            "data_dir = {}\n{}\n[grpc]\nlisten = \"127.0.0.1:0\"\n[tunnel]\nlisten = \"127.0.0.1:0\"\n[http]\nlisten = \"127.0.0.1:0\"\ntls = {}\n",
+            "data_dir = {}\n{}\n{sections}[grpc]\nlisten = \"127.0.0.1:{grpc_port}\"\nreuse_port = {reuse}\n\
+             [tunnel]\nlisten = \"127.0.0.1:{tunnel_port}\"\nreuse_port = {reuse}\n\
+             [http]\nlisten = \"127.0.0.1:0\"\ntls = {}\n",
             toml_path(&dir.path().join("data")),
             opts.extra_toml,
             opts.https
@@ -173,13 +219,19 @@ impl Server {
             admin_token: String::new(),
             release_public: None,
             https: opts.https,
+            pki_dir: opts.pki_dir.clone(),
             child: None,
         };
-        server.cli(&["ca", "init"]);
-        if opts.release_key {
-            server.release_public = Some(server.cli(&["ca", "release-key"]));
+        if opts.pki_dir.is_none() {
+            server.cli(&["ca", "init"]);
+            if opts.release_key {
+                server.release_public = Some(server.cli(&["ca", "release-key"]));
+            }
         }
-        server.admin_token = server.cli(&["token", "create", "--admin"]);
+        server.admin_token = match &opts.admin_token {
+            Some(t) => t.clone(),
+            None => server.cli(&["token", "create", "--admin"]),
+        };
         server.spawn(None).await;
         server
     }
@@ -292,7 +344,7 @@ impl Server {
 
     /// The PKI directory.
     pub fn pki_dir(&self) -> PathBuf {
-        self.data_dir().join("pki")
+        self.pki_dir.clone().unwrap_or_else(|| self.data_dir().join("pki"))
     }
 
     /// The CA certificate.
@@ -474,11 +526,47 @@ impl Api {
         self.send(req.body(body.to_owned())).await
     }
 
-    /// The agent list.
+    /// GET `path`: the status, the `X-Total-Count` and `X-Next-Cursor` headers,
+    /// and the body.
+    pub async fn get_page(&self, path: &str) -> (u16, Option<i64>, Option<String>, Value) {
+        let resp = self
+            .client
+            .get(format!("{}{path}", self.base))
+            .bearer_auth(&self.token)
+            .send()
+            .await
+            .expect("HTTP request");
+        let header = |name: &str| {
+            resp.headers()
+                .get(name)
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_owned)
+        };
+        let total = header("x-total-count").and_then(|t| t.parse().ok());
+        let next = header("x-next-cursor");
+        let status = resp.status().as_u16();
+        let text = resp.text().await.unwrap_or_default();
+        (
+            status,
+            total,
+            next,
+            serde_json::from_str(&text).unwrap_or(Value::String(text)),
+        )
+    }
+
+    /// Every agent, page after page.
     pub async fn agents(&self) -> Vec<Value> {
-        let (status, body) = self.get("/api/v1/agents").await;
-        assert_eq!(status, 200, "GET /api/v1/agents: {body}");
-        body.as_array().cloned().unwrap_or_default()
+        let mut out = Vec::new();
+        let mut path = "/api/v1/agents?limit=1000".to_owned();
+        loop {
+            let (status, _, next, body) = self.get_page(&path).await;
+            assert_eq!(status, 200, "GET {path}: {body}");
+            out.extend(body.as_array().cloned().unwrap_or_default());
+            match next {
+                Some(cursor) => path = format!("/api/v1/agents?limit=1000&cursor={cursor}"),
+                None => return out,
+            }
+        }
     }
 
     /// One agent, if registered.

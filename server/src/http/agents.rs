@@ -15,7 +15,7 @@ use super::{ApiError, ErrorBody, Principal};
 use crate::connections::{Closing, Outbound, SendError, TaskCommand};
 use crate::policy::Effective;
 use crate::state::ServerState;
-use crate::store::{AgentRow, NewTask, ReportedPlugin, Role};
+use crate::store::{AgentQuery, AgentRow, NewTask, ReportedPlugin, Role};
 
 /// A plugin as the API shows it, from its last heartbeat.
 #[derive(Debug, Serialize, ToSchema)]
@@ -52,6 +52,8 @@ pub struct AgentView {
     version: String,
     product: String,
     online: bool,
+    /// The server instance holding its stream, while online.
+    instance: Option<String>,
     first_seen: String,
     last_seen: String,
     connected_at: Option<String>,
@@ -68,14 +70,15 @@ pub struct AgentView {
 }
 
 impl AgentView {
-    fn new(a: AgentRow, online: bool, plugins: Vec<ReportedPlugin>) -> Self {
+    fn new(a: AgentRow, plugins: Vec<ReportedPlugin>) -> Self {
         Self {
             id: a.id,
             name: a.name,
             hostname: a.meta.hostname,
             version: a.meta.version,
             product: a.meta.product,
-            online,
+            online: a.online,
+            instance: a.instance,
             first_seen: rfc3339_ms(a.first_seen),
             last_seen: rfc3339_ms(a.last_seen),
             connected_at: a.connected_at.map(rfc3339_ms),
@@ -91,7 +94,7 @@ impl AgentView {
     }
 }
 
-/// Filters of the agent list; all given must hold.
+/// Filters and paging of the agent list; all filters given must hold.
 #[derive(Debug, Default, Deserialize, IntoParams)]
 #[serde(deny_unknown_fields)]
 pub struct AgentFilter {
@@ -101,11 +104,20 @@ pub struct AgentFilter {
     version: Option<String>,
     /// Only agents with this tag.
     tag: Option<String>,
-    /// Only agents whose host name contains this.
+    /// Only agents whose host name contains this (ignoring ASCII case).
     hostname: Option<String>,
     /// Only agents running this plugin.
     plugin: Option<String>,
+    /// The page after this agent ID: the `X-Next-Cursor` of the previous page.
+    cursor: Option<String>,
+    /// Agents per page, 1 to 1000; default 100.
+    limit: Option<i64>,
 }
+
+/// Agents per page unless `limit` says otherwise.
+pub const DEFAULT_PAGE: i64 = 100;
+/// The most agents one page holds.
+pub const MAX_PAGE: i64 = 1000;
 
 pub(super) fn json_body<T>(body: Result<Json<T>, JsonRejection>) -> Result<T, ApiError> {
     body.map(|Json(t)| t)
@@ -117,32 +129,82 @@ fn query<T>(q: Result<Query<T>, axum::extract::rejection::QueryRejection>) -> Re
         .map_err(|e| ApiError::bad_request(format!("invalid query: {}", e.body_text())))
 }
 
-/// Every agent, filtered.
+/// Agents by ID, filtered, a page at a time. The body is the page; the headers
+/// say how many match in all (`X-Total-Count`) and where the next page starts
+/// (`X-Next-Cursor`, and a `Link` with `rel="next"`), absent on the last page.
 #[utoipa::path(get, path = "/agents", tag = "agents", params(AgentFilter),
-    responses((status = 200, body = [AgentView]), (status = 400, body = ErrorBody)))]
+    responses((status = 200, body = [AgentView], headers(
+        ("X-Total-Count" = i64, description = "agents matching the filters"),
+        ("X-Next-Cursor" = String, description = "cursor of the next page; absent on the last"),
+        ("Link" = String, description = "the next page, rel=\"next\""))),
+        (status = 400, body = ErrorBody)))]
 pub async fn list(
     State(state): State<Arc<ServerState>>,
     Extension(who): Extension<Principal>,
+    uri: axum::extract::OriginalUri,
     filter: Result<Query<AgentFilter>, axum::extract::rejection::QueryRejection>,
-) -> Result<Json<Vec<AgentView>>, ApiError> {
+) -> Result<(axum::http::HeaderMap, Json<Vec<AgentView>>), ApiError> {
     who.require(Role::Viewer)?;
     let f = query(filter)?;
-    let agents = state.store.list_agents().await?;
-    let mut plugins = state.store.reported_plugins(None).await?;
-    let mut out = Vec::new();
-    for a in agents {
-        let online = state.connections.is_online(&a.id);
-        let p = plugins.remove(&a.id).unwrap_or_default();
-        let keep = f.online.is_none_or(|o| o == online)
-            && f.version.as_ref().is_none_or(|v| *v == a.meta.version)
-            && f.tag.as_ref().is_none_or(|t| a.tags.contains(t))
-            && f.hostname.as_ref().is_none_or(|h| a.meta.hostname.contains(h.as_str()))
-            && f.plugin.as_ref().is_none_or(|n| p.iter().any(|x| x.name == *n));
-        if keep {
-            out.push(AgentView::new(a, online, p));
+    let limit = f.limit.unwrap_or(DEFAULT_PAGE);
+    if !(1..=MAX_PAGE).contains(&limit) {
+        return Err(ApiError::bad_request(format!(
+            "limit must be 1 to {MAX_PAGE}, not {limit}"
+        )));
+    }
+    let q = AgentQuery {
+        online: f.online,
+        version: f.version,
+        tag: f.tag,
+        hostname: f.hostname,
+        plugin: f.plugin,
+        after: f.cursor,
+        // One more than asked, to know whether a next page exists.
+        limit: limit + 1,
+    };
+    let (mut agents, total) = state.store.agents_page(&q, now_ms()).await?;
+    let more = agents.len() > usize::try_from(limit).unwrap_or(usize::MAX);
+    agents.truncate(usize::try_from(limit).unwrap_or(usize::MAX));
+    let mut plugins = match (agents.first(), agents.last()) {
+        (Some(first), Some(last)) => state.store.reported_plugins_between(&first.id, &last.id).await?,
+        _ => HashMap::new(),
+    };
+    let mut headers = axum::http::HeaderMap::new();
+    headers.insert("x-total-count", total.into());
+    if more && let Some(last) = agents.last() {
+        let next = next_page_link(&uri.0, &last.id);
+        // Agent IDs are plain ASCII, so they are valid header values.
+        if let (Ok(cursor), Ok(link)) = (last.id.parse(), format!("<{next}>; rel=\"next\"").parse()) {
+            headers.insert("x-next-cursor", cursor);
+            headers.insert(axum::http::header::LINK, link);
         }
     }
-    Ok(Json(out))
+    let out = agents
+        .into_iter()
+        .map(|a| {
+            let p = plugins.remove(&a.id).unwrap_or_default();
+            AgentView::new(a, p)
+        })
+        .collect();
+    Ok((headers, Json(out)))
+}
+
+/// The request's own path and query with `cursor` set to `after`.
+fn next_page_link(uri: &axum::http::Uri, after: &str) -> String {
+    let mut pairs: Vec<(String, String)> = uri
+        .query()
+        .map(|q| {
+            url::form_urlencoded::parse(q.as_bytes())
+                .filter(|(k, _)| k != "cursor")
+                .map(|(k, v)| (k.into_owned(), v.into_owned()))
+                .collect()
+        })
+        .unwrap_or_default();
+    pairs.push(("cursor".into(), after.into()));
+    let query: String = url::form_urlencoded::Serializer::new(String::new())
+        .extend_pairs(pairs)
+        .finish();
+    format!("{}?{query}", uri.path())
 }
 
 pub(super) async fn agent_or_404(state: &ServerState, id: &str) -> Result<AgentRow, ApiError> {
@@ -163,14 +225,13 @@ pub async fn show(
 ) -> Result<Json<AgentView>, ApiError> {
     who.require(Role::Viewer)?;
     let agent = agent_or_404(&state, &id).await?;
-    let online = state.connections.is_online(&id);
     let plugins = state
         .store
         .reported_plugins(Some(&id))
         .await?
         .remove(&id)
         .unwrap_or_default();
-    Ok(Json(AgentView::new(agent, online, plugins)))
+    Ok(Json(AgentView::new(agent, plugins)))
 }
 
 /// Decommissions an agent: revokes its certificates, closes its stream, forgets it.
@@ -185,7 +246,7 @@ pub async fn delete(
     agent_or_404(&state, &id).await?;
     let reason = format!("agent deleted by token {}", who.token_id);
     state.revoke_agent(&id, &reason, None).await?;
-    if let Err(SendError::Busy(_)) = state.connections.send(&id, Outbound::Close(Closing::Revoked)) {
+    if let Err(SendError::Busy(_)) = state.send(&id, Outbound::Close(Closing::Revoked)).await {
         tracing::warn!(agent_id = %id, "stream of a deleted agent was busy; revocation closes it");
     }
     state.store.agent_delete(&id).await?;
@@ -335,7 +396,7 @@ pub async fn create_task(
         )));
     }
     agent_or_404(&state, &id).await?;
-    if !state.connections.is_online(&id) {
+    if !state.is_online(&id).await? {
         return Err(ApiError::conflict(format!("agent {id} is offline")));
     }
     let token = uuid::Uuid::new_v4().to_string();
@@ -354,7 +415,7 @@ pub async fn create_task(
         data: req.data.clone(),
         token: token.clone(),
     };
-    if let Err(e) = state.connections.send(&id, Outbound::Task(cmd)) {
+    if let Err(e) = state.send(&id, Outbound::Task(cmd)).await {
         let fields = HashMap::from([
             ("status".to_owned(), "failed".to_owned()),
             ("msg".to_owned(), e.to_string()),
@@ -362,7 +423,7 @@ pub async fn create_task(
         state.store.task_result(&token, &id, &fields, now_ms()).await?;
         let status = match e {
             SendError::Offline(_) => StatusCode::CONFLICT,
-            SendError::Busy(_) => StatusCode::SERVICE_UNAVAILABLE,
+            SendError::Busy(_) | SendError::Unreachable(..) => StatusCode::SERVICE_UNAVAILABLE,
         };
         return Err(ApiError::new(status, e.to_string()));
     }

@@ -144,14 +144,10 @@ async fn enroll_checked(
 
 /// `POST /enroll/challenge`: a one-time nonce for enrollment by key.
 pub async fn challenge(State(state): State<Arc<ServerState>>, peer: Peer) -> Result<Json<Challenge>, ApiError> {
-    state
-        .key_enrollment
-        .challenge(&state.config.key_enrollment)
-        .map(Json)
-        .map_err(|r| {
-            warn!(peer = %peer.0, reason = %r, "key enrollment challenge refused");
-            ApiError::new(keyenroll::status(&r), r.to_string())
-        })
+    keyenroll::challenge(&state).await.map(Json).map_err(|r| {
+        warn!(peer = %peer.0, reason = %r, "key enrollment challenge refused");
+        ApiError::new(keyenroll::status(&r), r.to_string())
+    })
 }
 
 /// Where an enrollment by key comes from: the peer, or what a trusted proxy's

@@ -44,7 +44,7 @@ pub async fn scan(
         inventory::check_target(t).map_err(|e| ApiError::bad_request(format!("targets: {e}")))?;
     }
     agent_or_404(&state, &req.agent).await?;
-    if !state.connections.is_online(&req.agent) {
+    if !state.is_online(&req.agent).await? {
         return Err(ApiError::conflict(format!("agent {} is offline", req.agent)));
     }
     Ok(Json(

@@ -13,16 +13,13 @@
 //! the newest rotated file and the active file, so a batch written just before a
 //! crash is still known and its resend dropped.
 
-use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
-use base64::Engine;
 use futures::future::BoxFuture;
-use keel_proto::{data_type, payload};
-use serde::{Deserialize, Serialize};
+use serde::Deserialize;
 
 use super::{Batch, Marks, Record, Sink, SinkError};
 
@@ -50,22 +47,6 @@ struct Active {
     size: u64,
     rotations: u64,
     marks: Marks,
-}
-
-#[derive(Serialize)]
-struct Line<'a> {
-    agent_id: &'a str,
-    data_type: i32,
-    timestamp: i64,
-    server_time: i64,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    epoch: Option<String>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    seq: Option<u64>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    fields: Option<HashMap<String, String>>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    data: Option<String>,
 }
 
 /// What recovery reads of a line.
@@ -172,32 +153,9 @@ impl FileSink {
 
 fn encode(batch: &Batch<'_>) -> Vec<u8> {
     let mut out = Vec::with_capacity(batch.records.len() * 200);
-    let epoch = (batch.seq > 0).then(|| format!("{:016x}", batch.epoch));
-    let seq = (batch.seq > 0).then_some(batch.seq);
     for r in batch.records {
-        let decoded = if data_type::is_keel_payload(r.data_type) {
-            payload::decode(&r.data).ok()
-        } else {
-            None
-        };
-        let data = match decoded {
-            Some(_) => None,
-            None => Some(base64::engine::general_purpose::STANDARD.encode(&r.data)),
-        };
-        let line = Line {
-            agent_id: batch.agent_id,
-            data_type: r.data_type,
-            timestamp: r.timestamp,
-            server_time: batch.server_time,
-            epoch: epoch.clone(),
-            seq,
-            fields: decoded,
-            data,
-        };
-        // Serialising plain strings and integers into a Vec cannot fail.
-        if serde_json::to_writer(&mut out, &line).is_ok() {
-            out.push(b'\n');
-        }
+        super::write_json(batch, r, &mut out);
+        out.push(b'\n');
     }
     out
 }
@@ -322,7 +280,7 @@ mod tests {
             Record {
                 data_type: 1000,
                 timestamp: 5,
-                data: payload::encode([("cpu", "0.5")]),
+                data: keel_proto::payload::encode([("cpu", "0.5")]),
             },
             Record {
                 data_type: 6001,

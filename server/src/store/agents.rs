@@ -40,8 +40,10 @@ pub struct AgentRow {
     pub first_seen: i64,
     /// Last sign of life, Unix ms.
     pub last_seen: i64,
-    /// Whether a stream is open now.
+    /// Whether a stream is open now, at a live instance.
     pub online: bool,
+    /// The instance holding the stream while online.
+    pub instance: Option<String>,
     /// When the current or last stream opened, Unix ms.
     pub connected_at: Option<i64>,
     /// When the last heartbeat arrived, Unix ms.
@@ -70,15 +72,61 @@ fn addresses_json(meta: &AgentMeta) -> String {
     serde_json::to_string(&a).unwrap_or_else(|_| "{}".into())
 }
 
+/// The agent columns, with `online` true only while the holding instance's
+/// lease runs past `$1` (the first bind of every query that uses it).
 macro_rules! select_agents {
     ($tail:literal) => {
         concat!(
-            "SELECT id, name, hostname, version, product, addresses, first_seen, last_seen, online, ",
-            "connected_at, last_heartbeat, heartbeat FROM agents",
+            "SELECT a.id, a.name, a.hostname, a.version, a.product, a.addresses, a.first_seen, a.last_seen, ",
+            "CASE WHEN a.online <> 0 AND EXISTS (SELECT 1 FROM instances i WHERE i.id = a.instance ",
+            "AND i.lease_until > $1) THEN 1 ELSE 0 END AS live, ",
+            "a.instance, a.connected_at, a.last_heartbeat, a.heartbeat FROM agents a",
             $tail
         )
     };
 }
+
+/// Which agents a page lists; all filters given must hold.
+#[derive(Debug, Clone, Default)]
+pub struct AgentQuery {
+    /// Only agents that are (not) online.
+    pub online: Option<bool>,
+    /// Only agents of this version.
+    pub version: Option<String>,
+    /// Only agents with this tag.
+    pub tag: Option<String>,
+    /// Only agents whose host name contains this, ignoring ASCII case.
+    pub hostname: Option<String>,
+    /// Only agents running this plugin.
+    pub plugin: Option<String>,
+    /// Only agents whose ID sorts after this (the cursor).
+    pub after: Option<String>,
+    /// At most this many.
+    pub limit: i64,
+}
+
+/// `LIKE` pattern for "contains `s`", with `\` as the escape character.
+fn contains_pattern(s: &str) -> String {
+    let mut p = String::with_capacity(s.len() + 2);
+    p.push('%');
+    for c in s.to_lowercase().chars() {
+        if matches!(c, '%' | '_' | '\\') {
+            p.push('\\');
+        }
+        p.push(c);
+    }
+    p.push('%');
+    p
+}
+
+/// The filters of [`AgentQuery`], binds `$2`..`$8` (`$1` is the time).
+const AGENT_FILTERS: &str = " WHERE ($2 = '' OR a.id > $2) \
+     AND ($3 = '' OR a.version = $3) \
+     AND ($4 = '' OR EXISTS (SELECT 1 FROM agent_tags t WHERE t.agent_id = a.id AND t.tag = $4)) \
+     AND ($5 = '' OR LOWER(a.hostname) LIKE $5 ESCAPE '\\') \
+     AND ($6 = '' OR EXISTS (SELECT 1 FROM agent_plugins p WHERE p.agent_id = a.id AND p.name = $6)) \
+     AND ($7 < 0 OR $7 = CASE WHEN a.online <> 0 AND EXISTS (SELECT 1 FROM instances i \
+         WHERE i.id = a.instance AND i.lease_until > $1) THEN 1 ELSE 0 END)";
 
 fn from_row(row: &AnyRow) -> Result<AgentRow, StoreError> {
     let addresses: String = row.try_get("addresses")?;
@@ -89,7 +137,7 @@ fn from_row(row: &AnyRow) -> Result<AgentRow, StoreError> {
         extranet_ipv6: vec![],
     });
     let heartbeat: String = row.try_get("heartbeat")?;
-    let online: i64 = row.try_get("online")?;
+    let online: i64 = row.try_get("live")?;
     Ok(AgentRow {
         id: row.try_get("id")?,
         name: row.try_get("name")?,
@@ -105,6 +153,7 @@ fn from_row(row: &AnyRow) -> Result<AgentRow, StoreError> {
         first_seen: row.try_get("first_seen")?,
         last_seen: row.try_get("last_seen")?,
         online: online != 0,
+        instance: if online != 0 { row.try_get("instance")? } else { None },
         connected_at: row.try_get("connected_at")?,
         last_heartbeat: row.try_get("last_heartbeat")?,
         heartbeat: serde_json::from_str(&heartbeat).map_err(corrupt("heartbeat"))?,
@@ -152,14 +201,20 @@ impl Store {
         rows.iter().map(|r| Ok(r.try_get("id")?)).collect()
     }
 
-    /// Marks the agent online with the header it sent first.
-    pub async fn agent_connected(&self, id: &str, meta: &AgentMeta, now: i64) -> Result<(), StoreError> {
+    /// Marks the agent online at `instance` with the header it sent first.
+    pub async fn agent_connected(
+        &self,
+        id: &str,
+        meta: &AgentMeta,
+        now: i64,
+        instance: &str,
+    ) -> Result<(), StoreError> {
         sqlx::query(
-            "INSERT INTO agents (id, hostname, version, product, addresses, first_seen, last_seen, online, connected_at) \
-             VALUES ($1, $2, $3, $4, $5, $6, $6, 1, $6) \
+            "INSERT INTO agents (id, hostname, version, product, addresses, first_seen, last_seen, online, connected_at, instance) \
+             VALUES ($1, $2, $3, $4, $5, $6, $6, 1, $6, $7) \
              ON CONFLICT (id) DO UPDATE SET hostname = excluded.hostname, version = excluded.version, \
              product = excluded.product, addresses = excluded.addresses, last_seen = excluded.last_seen, \
-             online = 1, connected_at = excluded.connected_at",
+             online = 1, connected_at = excluded.connected_at, instance = excluded.instance",
         )
         .bind(id)
         .bind(&meta.hostname)
@@ -167,6 +222,7 @@ impl Store {
         .bind(&meta.product)
         .bind(addresses_json(meta))
         .bind(now)
+        .bind(instance)
         .execute(&self.pool)
         .await?;
         Ok(())
@@ -188,44 +244,40 @@ impl Store {
         Ok(())
     }
 
-    /// Marks the agent offline.
-    pub async fn agent_disconnected(&self, id: &str, now: i64) -> Result<(), StoreError> {
-        sqlx::query("UPDATE agents SET online = 0, last_seen = $2 WHERE id = $1")
+    /// Marks the agent offline, if `instance` still holds it: a stream that ended
+    /// late on one instance does not undo a reconnection to another.
+    pub async fn agent_disconnected(&self, id: &str, now: i64, instance: &str) -> Result<(), StoreError> {
+        sqlx::query("UPDATE agents SET online = 0, instance = NULL, last_seen = $2 WHERE id = $1 AND instance = $3")
             .bind(id)
             .bind(now)
+            .bind(instance)
             .execute(&self.pool)
             .await?;
         Ok(())
     }
 
-    /// Stores the fields of a heartbeat.
-    pub async fn agent_heartbeat(
-        &self,
-        id: &str,
-        fields: &HashMap<String, String>,
-        now: i64,
-    ) -> Result<(), StoreError> {
-        let json = serde_json::to_string(fields).map_err(corrupt("heartbeat"))?;
-        sqlx::query("UPDATE agents SET heartbeat = $2, last_heartbeat = $3, last_seen = $3 WHERE id = $1")
-            .bind(id)
-            .bind(json)
-            .bind(now)
-            .execute(&self.pool)
-            .await?;
-        Ok(())
-    }
-
-    /// At start-up: no stream is open yet, whatever the last run left behind.
-    pub async fn mark_all_offline(&self) -> Result<(), StoreError> {
-        sqlx::query("UPDATE agents SET online = 0 WHERE online <> 0")
-            .execute(&self.pool)
-            .await?;
+    /// Stores heartbeats, `(agent, fields as JSON, arrival)`, in one transaction.
+    pub async fn agent_heartbeats(&self, beats: &[(String, String, i64)]) -> Result<(), StoreError> {
+        if beats.is_empty() {
+            return Ok(());
+        }
+        let mut tx = self.pool.begin().await?;
+        for (id, json, at) in beats {
+            sqlx::query("UPDATE agents SET heartbeat = $2, last_heartbeat = $3, last_seen = $3 WHERE id = $1")
+                .bind(id)
+                .bind(json)
+                .bind(at)
+                .execute(&mut *tx)
+                .await?;
+        }
+        tx.commit().await?;
         Ok(())
     }
 
     /// Every agent, by ID.
     pub async fn list_agents(&self) -> Result<Vec<AgentRow>, StoreError> {
-        let rows = sqlx::query(select_agents!(" ORDER BY id"))
+        let rows = sqlx::query(select_agents!(" ORDER BY a.id"))
+            .bind(keel_common::time::now_ms())
             .fetch_all(&self.pool)
             .await?;
         let mut agents = rows.iter().map(from_row).collect::<Result<Vec<_>, _>>()?;
@@ -242,6 +294,57 @@ impl Store {
             a.tags = tags.remove(&a.id).unwrap_or_default();
         }
         Ok(agents)
+    }
+
+    /// One page of agents by ID, and how many match the filters in all.
+    pub async fn agents_page(&self, q: &AgentQuery, now: i64) -> Result<(Vec<AgentRow>, i64), StoreError> {
+        let online = q.online.map_or(-1_i64, i64::from);
+        let hostname = q.hostname.as_deref().map(contains_pattern).unwrap_or_default();
+        let text = |o: &Option<String>| o.clone().unwrap_or_default();
+        let page_sql = format!("{}{AGENT_FILTERS} ORDER BY a.id LIMIT $8", select_agents!(""));
+        // Built from constants only; every value is bound.
+        let rows = sqlx::query(sqlx::AssertSqlSafe(page_sql))
+            .bind(now)
+            .bind(text(&q.after))
+            .bind(text(&q.version))
+            .bind(text(&q.tag))
+            .bind(&hostname)
+            .bind(text(&q.plugin))
+            .bind(online)
+            .bind(q.limit)
+            .fetch_all(&self.pool)
+            .await?;
+        let mut agents = rows.iter().map(from_row).collect::<Result<Vec<_>, _>>()?;
+        let count_sql = format!("SELECT COUNT(*) FROM agents a{AGENT_FILTERS}");
+        let total: i64 = sqlx::query_scalar(sqlx::AssertSqlSafe(count_sql))
+            .bind(now)
+            .bind("")
+            .bind(text(&q.version))
+            .bind(text(&q.tag))
+            .bind(&hostname)
+            .bind(text(&q.plugin))
+            .bind(online)
+            .fetch_one(&self.pool)
+            .await?;
+        if let (Some(first), Some(last)) = (agents.first(), agents.last()) {
+            let rows = sqlx::query(
+                "SELECT agent_id, tag FROM agent_tags WHERE agent_id >= $1 AND agent_id <= $2 ORDER BY tag",
+            )
+            .bind(&first.id)
+            .bind(&last.id)
+            .fetch_all(&self.pool)
+            .await?;
+            let mut tags: HashMap<String, Vec<String>> = HashMap::new();
+            for row in rows {
+                tags.entry(row.try_get("agent_id")?)
+                    .or_default()
+                    .push(row.try_get("tag")?);
+            }
+            for a in &mut agents {
+                a.tags = tags.remove(&a.id).unwrap_or_default();
+            }
+        }
+        Ok((agents, total))
     }
 
     /// Replaces an agent's tags.
@@ -286,7 +389,8 @@ impl Store {
 
     /// One agent.
     pub async fn get_agent(&self, id: &str) -> Result<Option<AgentRow>, StoreError> {
-        let Some(row) = sqlx::query(select_agents!(" WHERE id = $1"))
+        let Some(row) = sqlx::query(select_agents!(" WHERE a.id = $2"))
+            .bind(keel_common::time::now_ms())
             .bind(id)
             .fetch_optional(&self.pool)
             .await?
@@ -316,25 +420,135 @@ mod tests {
             intranet_ipv4: vec!["10.0.0.1".into()],
             ..Default::default()
         };
-        store.agent_connected("a1", &meta, 1000).await.unwrap();
+        let lease = keel_common::time::now_ms() + 60_000;
+        store
+            .instance_renew(&crate::store::InstanceRow {
+                id: "i1".into(),
+                started_at: 1,
+                lease_until: lease,
+                grpc: String::new(),
+                http: String::new(),
+                agents: 0,
+            })
+            .await
+            .unwrap();
+        store.agent_connected("a1", &meta, 1000, "i1").await.unwrap();
         let a = store.get_agent("a1").await.unwrap().unwrap();
         assert!(a.online);
         assert_eq!(a.meta, meta);
         assert_eq!(a.first_seen, 1000);
         store
-            .agent_heartbeat("a1", &HashMap::from([("cpu".to_owned(), "0.1".to_owned())]), 2000)
+            .agent_heartbeats(&[("a1".into(), r#"{"cpu":"0.1"}"#.into(), 2000)])
             .await
             .unwrap();
-        store.agent_disconnected("a1", 3000).await.unwrap();
+        store.agent_disconnected("a1", 3000, "i1").await.unwrap();
         let a = store.get_agent("a1").await.unwrap().unwrap();
         assert!(!a.online);
         assert_eq!(a.last_heartbeat, Some(2000));
         assert_eq!(a.heartbeat["cpu"], "0.1");
-        store.agent_connected("a1", &meta, 4000).await.unwrap();
-        store.mark_all_offline().await.unwrap();
+        store.agent_connected("a1", &meta, 4000, "i1").await.unwrap();
+        store.instance_leave("i1", 5000).await.unwrap();
         let all = store.list_agents().await.unwrap();
         assert_eq!(all.len(), 1);
         assert!(!all[0].online);
         assert_eq!(all[0].first_seen, 1000, "reconnect must keep first_seen");
+    }
+
+    #[tokio::test]
+    async fn pages_follow_the_cursor_and_filters_hold_on_every_page() {
+        let (store, _dir) = test_store().await;
+        let now = keel_common::time::now_ms();
+        store
+            .instance_renew(&crate::store::InstanceRow {
+                id: "live".into(),
+                started_at: 1,
+                lease_until: now + 60_000,
+                grpc: String::new(),
+                http: String::new(),
+                agents: 0,
+            })
+            .await
+            .unwrap();
+        for i in 0..25 {
+            let meta = AgentMeta {
+                hostname: if i % 2 == 0 {
+                    format!("Web-{i}")
+                } else {
+                    format!("db_{i}")
+                },
+                version: if i < 20 { "1.0".into() } else { "2.0".into() },
+                ..Default::default()
+            };
+            // Odd agents are held by an instance whose lease has passed.
+            let instance = if i % 2 == 0 { "live" } else { "dead" };
+            store
+                .agent_connected(&format!("a{i:02}"), &meta, 1, instance)
+                .await
+                .unwrap();
+        }
+        store.set_tags("a04", &["edge".into()]).await.unwrap();
+        let page = |q: AgentQuery| {
+            let store = store.clone();
+            async move { store.agents_page(&q, now).await.unwrap() }
+        };
+        // Cursor paging: 10, 10, 5, no overlap, total on each.
+        let mut seen = Vec::new();
+        let mut after = None;
+        loop {
+            let (rows, total) = page(AgentQuery {
+                after: after.clone(),
+                limit: 10,
+                ..Default::default()
+            })
+            .await;
+            assert_eq!(total, 25);
+            if rows.is_empty() {
+                break;
+            }
+            after = rows.last().map(|a| a.id.clone());
+            seen.extend(rows.into_iter().map(|a| a.id));
+        }
+        assert_eq!(seen.len(), 25);
+        assert!(seen.windows(2).all(|w| w[0] < w[1]), "ordered by ID");
+        // Online follows the holder's lease.
+        let (rows, total) = page(AgentQuery {
+            online: Some(true),
+            limit: 100,
+            ..Default::default()
+        })
+        .await;
+        assert_eq!(total, 13);
+        assert!(rows.iter().all(|a| a.online && a.instance.as_deref() == Some("live")));
+        let (_, offline) = page(AgentQuery {
+            online: Some(false),
+            limit: 100,
+            ..Default::default()
+        })
+        .await;
+        assert_eq!(offline, 12);
+        // Host name contains, ignoring case; LIKE's wildcards are literal.
+        let (rows, total) = page(AgentQuery {
+            hostname: Some("WEB".into()),
+            version: Some("2.0".into()),
+            limit: 100,
+            ..Default::default()
+        })
+        .await;
+        assert_eq!((total, rows.len()), (3, 3), "Web-20, Web-22, Web-24");
+        let (_, underscore) = page(AgentQuery {
+            hostname: Some("_".into()),
+            limit: 100,
+            ..Default::default()
+        })
+        .await;
+        assert_eq!(underscore, 12, "only the db_ hosts have an underscore");
+        let (rows, _) = page(AgentQuery {
+            tag: Some("edge".into()),
+            limit: 100,
+            ..Default::default()
+        })
+        .await;
+        assert_eq!(rows.iter().map(|a| a.id.as_str()).collect::<Vec<_>>(), ["a04"]);
+        assert_eq!(rows[0].tags, ["edge"]);
     }
 }

@@ -7,7 +7,7 @@ use utoipa::ToSchema;
 use super::{Store, StoreError, corrupt};
 
 /// A target's certificate as the inventory holds it.
-#[derive(Debug, Clone, Serialize, ToSchema, PartialEq, Eq)]
+#[derive(Debug, Clone, Serialize, serde::Deserialize, ToSchema, PartialEq, Eq)]
 pub struct CertRow {
     /// The agent whose proxy reached the target.
     pub agent_id: String,

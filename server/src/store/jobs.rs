@@ -246,14 +246,35 @@ impl Store {
             .collect()
     }
 
-    /// Marks a subtask sent.
-    pub async fn subtask_sent(&self, token: &str, now: i64) -> Result<(), StoreError> {
-        sqlx::query("UPDATE tasks SET status = 'sent', sent_at = $2 WHERE token = $1 AND status = 'pending'")
+    /// Marks a subtask sent. True for exactly one caller: whoever gets true sends it.
+    pub async fn subtask_sent(&self, token: &str, now: i64) -> Result<bool, StoreError> {
+        let r = sqlx::query("UPDATE tasks SET status = 'sent', sent_at = $2 WHERE token = $1 AND status = 'pending'")
             .bind(token)
             .bind(now)
             .execute(&self.pool)
             .await?;
-        Ok(())
+        Ok(r.rows_affected() == 1)
+    }
+
+    /// Takes the lease on running tasks that nobody drives (or whose driver's
+    /// lease passed), renews `instance`'s own, and returns the tasks it drives.
+    pub async fn jobs_claim(&self, instance: &str, now: i64, until: i64) -> Result<Vec<JobRow>, StoreError> {
+        sqlx::query(
+            "UPDATE jobs SET driver = $1, driver_until = $2 WHERE state = 'running' \
+             AND (driver IS NULL OR driver = $1 OR driver_until < $3)",
+        )
+        .bind(instance)
+        .bind(until)
+        .bind(now)
+        .execute(&self.pool)
+        .await?;
+        let rows = sqlx::query(select_jobs!(
+            " WHERE state = 'running' AND driver = $1 ORDER BY created_at, id"
+        ))
+        .bind(instance)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(job).collect()
     }
 
     /// Ends a subtask that got no (or no usable) answer: `failed`, `timed_out` or `cancelled`.
@@ -345,9 +366,15 @@ mod tests {
             .collect();
         store.job_create(&j, &subs).await.unwrap();
         assert_eq!(store.job("j1").await.unwrap().unwrap().failure_threshold, 0.5);
+        // One driver at a time; another takes over once its lease passed.
+        assert_eq!(store.jobs_claim("i1", 100, 200).await.unwrap().len(), 1);
+        assert!(store.jobs_claim("i2", 150, 250).await.unwrap().is_empty());
+        assert_eq!(store.jobs_claim("i2", 201, 300).await.unwrap().len(), 1);
+        assert!(store.jobs_claim("i1", 202, 300).await.unwrap().is_empty());
         let next = store.job_pending("j1", 2).await.unwrap();
         assert_eq!(next.iter().map(|s| s.token.as_str()).collect::<Vec<_>>(), ["s0", "s1"]);
-        store.subtask_sent("s0", 10).await.unwrap();
+        assert!(store.subtask_sent("s0", 10).await.unwrap());
+        assert!(!store.subtask_sent("s0", 11).await.unwrap(), "sent once");
         store.subtask_sent("s1", 20).await.unwrap();
         let ok = std::collections::HashMap::from([("status".to_owned(), "succeeded".to_owned())]);
         assert!(store.task_result("s0", "a0", &ok, 30).await.unwrap());

@@ -278,16 +278,30 @@ impl Store {
         Ok(())
     }
 
-    /// Reported plugins of every agent, by agent.
+    /// Reported plugins of one agent, or of every agent, by agent.
     pub async fn reported_plugins(
         &self,
         agent_id: Option<&str>,
     ) -> Result<HashMap<String, Vec<ReportedPlugin>>, StoreError> {
+        match agent_id {
+            Some(id) => self.reported_plugins_between(id, id).await,
+            None => self.reported_plugins_between("", "").await,
+        }
+    }
+
+    /// Reported plugins of the agents whose IDs lie from `first` to `last` (all
+    /// when `first` is empty), by agent.
+    pub async fn reported_plugins_between(
+        &self,
+        first: &str,
+        last: &str,
+    ) -> Result<HashMap<String, Vec<ReportedPlugin>>, StoreError> {
         let rows = sqlx::query(
             "SELECT agent_id, name, version, state, pid, heartbeat, updated_at FROM agent_plugins \
-             WHERE ($1 = '' OR agent_id = $1) ORDER BY agent_id, name",
+             WHERE $1 = '' OR (agent_id >= $1 AND agent_id <= $2) ORDER BY agent_id, name",
         )
-        .bind(agent_id.unwrap_or(""))
+        .bind(first)
+        .bind(last)
         .fetch_all(&self.pool)
         .await?;
         let mut out: HashMap<String, Vec<ReportedPlugin>> = HashMap::new();

@@ -135,17 +135,29 @@ impl Store {
         Ok(Some((epoch, u64::try_from(seq).unwrap_or(0))))
     }
 
-    /// Stores the highest persisted batch of an agent.
-    pub async fn save_stream_mark(&self, agent_id: &str, epoch: u64, seq: u64) -> Result<(), StoreError> {
-        sqlx::query(
-            "INSERT INTO stream_marks (agent_id, epoch, seq) VALUES ($1, $2, $3) \
-             ON CONFLICT (agent_id) DO UPDATE SET epoch = excluded.epoch, seq = excluded.seq",
-        )
-        .bind(agent_id)
-        .bind(format!("{epoch:016x}"))
-        .bind(i64::try_from(seq).unwrap_or(i64::MAX))
-        .execute(&self.pool)
-        .await?;
+    /// Stores the highest persisted batch of each agent, `(agent, epoch, seq)`,
+    /// a few hundred rows to a statement.
+    pub async fn save_stream_marks(&self, marks: &[(String, u64, u64)]) -> Result<(), StoreError> {
+        const ROWS: usize = 300;
+        for chunk in marks.chunks(ROWS) {
+            let mut sql = String::from("INSERT INTO stream_marks (agent_id, epoch, seq) VALUES ");
+            for i in 0..chunk.len() {
+                if i > 0 {
+                    sql.push_str(", ");
+                }
+                sql.push_str(&format!("(${}, ${}, ${})", 3 * i + 1, 3 * i + 2, 3 * i + 3));
+            }
+            sql.push_str(" ON CONFLICT (agent_id) DO UPDATE SET epoch = excluded.epoch, seq = excluded.seq");
+            // Only placeholders are generated; the values are bound.
+            let mut q = sqlx::query(sqlx::AssertSqlSafe(sql));
+            for (agent, epoch, seq) in chunk {
+                q = q
+                    .bind(agent.clone())
+                    .bind(format!("{epoch:016x}"))
+                    .bind(i64::try_from(*seq).unwrap_or(i64::MAX));
+            }
+            q.execute(&self.pool).await?;
+        }
         Ok(())
     }
 }
@@ -180,8 +192,12 @@ mod tests {
     async fn stream_marks_round_trip_full_u64() {
         let (store, _dir) = test_store().await;
         assert_eq!(store.stream_mark("a").await.unwrap(), None);
-        store.save_stream_mark("a", u64::MAX, 7).await.unwrap();
-        store.save_stream_mark("a", u64::MAX, 9).await.unwrap();
+        store.save_stream_marks(&[("a".into(), u64::MAX, 7)]).await.unwrap();
+        store.save_stream_marks(&[("a".into(), u64::MAX, 9)]).await.unwrap();
         assert_eq!(store.stream_mark("a").await.unwrap(), Some((u64::MAX, 9)));
+        // Many at once, across statements.
+        let many: Vec<(String, u64, u64)> = (0..700).map(|i| (format!("b{i}"), 1, i)).collect();
+        store.save_stream_marks(&many).await.unwrap();
+        assert_eq!(store.stream_mark("b699").await.unwrap(), Some((1, 699)));
     }
 }

@@ -4,8 +4,8 @@
 //! - `echo` (default): answers each task with a 6901 record and a 5100 result; a
 //!   task whose data is `sleep:<ms>` is answered after that many milliseconds.
 //! - `emit`: sends `count` records of data_type `data_type` with ~`payload_bytes`
-//!   each as fast as it can, once (a `emitted` file in its directory remembers),
-//!   then behaves like `echo`; `delay_ms` waits first.
+//!   each as fast as it can (or `per_second`), once (a `emitted` file in its
+//!   directory remembers), then behaves like `echo`; `delay_ms` waits first.
 //! - `raw`: writes the bytes of `hex` to fd 4 verbatim (hand-built frames), then idles
 //!   (or exits, with `"exit": true`).
 //! - `crash`: sends one record and exits with status 3.
@@ -76,7 +76,15 @@ fn emit(detail: &Value) -> Result<Client, Error> {
         timestamp: 1_700_000_000,
         data: Some(Payload::default()),
     };
+    let per_second = detail["per_second"].as_u64().filter(|r| *r > 0);
+    let start = std::time::Instant::now();
     for i in 0..count {
+        if let Some(rate) = per_second {
+            let due = Duration::from_micros(i * 1_000_000 / rate);
+            if let Some(wait) = due.checked_sub(start.elapsed()) {
+                std::thread::sleep(wait);
+            }
+        }
         let fields = &mut record.data.get_or_insert_with(Payload::default).fields;
         fields.insert("i".to_owned(), i.to_string());
         fields.insert("pad".to_owned(), pad.clone());

@@ -3,6 +3,7 @@
 
 mod agent;
 mod api;
+mod cluster;
 mod console;
 mod control;
 mod enrollment;
