@@ -13,6 +13,11 @@ function token() {
 }
 
 async function api(method, path, body) {
+  return (await apiPaged(method, path, body)).data;
+}
+
+/** A call's JSON answer with the paging headers: { data, next, total }. */
+async function apiPaged(method, path, body) {
   const headers = { Authorization: 'Bearer ' + token() };
   if (body !== undefined) headers['Content-Type'] = 'application/json';
   const resp = await fetch('/api/v1' + path, {
@@ -33,7 +38,8 @@ async function api(method, path, body) {
     err.status = resp.status;
     throw err;
   }
-  return data;
+  const total = resp.headers.get('X-Total-Count');
+  return { data, next: resp.headers.get('X-Next-Cursor'), total: total === null ? null : Number(total) };
 }
 
 function showError(e) {
@@ -74,15 +80,31 @@ function targetText(t) {
   return JSON.stringify(t);
 }
 
+// The agent list is paged by the server: the cursor of the page shown (null for
+// the first), of the next page, and how many agents came before this page.
+const AGENTS_PAGE = 100;
+let agentsPage = { cursor: null, next: null, offset: 0 };
+
 async function loadAgents() {
-  const agents = await api('GET', '/agents');
-  $('agents-count').textContent = '(' + agents.length + ')';
+  let path = '/agents?limit=' + AGENTS_PAGE;
+  if (agentsPage.cursor) path += '&cursor=' + encodeURIComponent(agentsPage.cursor);
+  const page = await apiPaged('GET', path);
+  const agents = page.data || [];
+  agentsPage.next = page.next;
+  $('agents-count').textContent = '(' + (page.total === null ? agents.length : page.total) + ')';
+  const first = agents.length ? agentsPage.offset + 1 : 0;
+  $('agents-range').textContent = agents.length
+    ? first + '\u2013' + (agentsPage.offset + agents.length) + (page.total === null ? '' : ' of ' + page.total)
+    : '';
+  $('agents-next').disabled = !page.next;
+  $('agents-first').disabled = !agentsPage.cursor;
   fill('agents-table', agents, (tr, a) => {
     tr.dataset.id = a.id;
     cell(tr, a.id);
     cell(tr, a.hostname);
     cell(tr, a.version);
     cell(tr, a.online ? 'online' : 'offline', a.online ? 'online' : 'offline');
+    cell(tr, a.instance);
     cell(tr, a.last_heartbeat);
     cell(tr, (a.plugins || []).map((p) => p.name + ' ' + p.version + ' (' + p.state + ')').join(', '));
     cell(tr, (a.tags || []).join(', '));
@@ -302,6 +324,15 @@ document.addEventListener('DOMContentLoaded', () => {
   $('task-pause').addEventListener('click', () => taskAction('pause').catch(showError));
   $('task-resume').addEventListener('click', () => taskAction('resume').catch(showError));
   $('task-cancel').addEventListener('click', () => taskAction('cancel').catch(showError));
+  $('agents-next').addEventListener('click', () => {
+    if (!agentsPage.next) return;
+    agentsPage = { cursor: agentsPage.next, next: null, offset: agentsPage.offset + AGENTS_PAGE };
+    loadAgents().catch(showError);
+  });
+  $('agents-first').addEventListener('click', () => {
+    agentsPage = { cursor: null, next: null, offset: 0 };
+    loadAgents().catch(showError);
+  });
   window.addEventListener('hashchange', route);
   signedIn(Boolean(token()));
   route();

@@ -62,7 +62,11 @@ pub fn filter_query(f: &AgentFilter) -> Vec<(&'static str, String)> {
 }
 
 async fn list(ctx: &Ctx, f: &AgentFilter) -> anyhow::Result<()> {
-    let v = ctx.client.get(&["agents"], &filter_query(f)).await?;
+    if f.limit == Some(0) {
+        anyhow::bail!("--limit must be at least 1");
+    }
+    let (agents, total) = ctx.client.get_pages(&["agents"], &filter_query(f), f.limit).await?;
+    let v = Value::Array(agents);
     if ctx.json {
         return output::json(&v);
     }
@@ -98,7 +102,13 @@ async fn list(ctx: &Ctx, f: &AgentFilter) -> anyhow::Result<()> {
             },
         ]);
     }
-    output::print(&t)
+    output::print(&t)?;
+    if let Some(total) = total
+        && usize::try_from(total).is_ok_and(|t| t > output::rows(&v).len())
+    {
+        eprintln!("{} of {total} agents shown (--limit)", output::rows(&v).len());
+    }
+    Ok(())
 }
 
 async fn show(ctx: &Ctx, id: &str) -> anyhow::Result<()> {

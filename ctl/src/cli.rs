@@ -247,6 +247,9 @@ pub struct AgentFilter {
     /// Only agents running this plugin.
     #[arg(long, value_name = "NAME")]
     pub plugin: Option<String>,
+    /// At most this many agents (by ID); default: every page.
+    #[arg(long, value_name = "N")]
+    pub limit: Option<usize>,
 }
 
 /// `keelctl components …`

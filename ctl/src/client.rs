@@ -119,21 +119,65 @@ impl Client {
 
     /// Sends a call and reads its JSON answer (`null` for none).
     async fn send(&self, req: RequestBuilder) -> anyhow::Result<Value> {
+        Ok(self.send_paged(req).await?.0)
+    }
+
+    /// Sends a call; its JSON answer and the paging headers `X-Next-Cursor` and
+    /// `X-Total-Count`.
+    async fn send_paged(&self, req: RequestBuilder) -> anyhow::Result<(Value, Option<String>, Option<i64>)> {
         let resp = req.send().await.map_err(|e| self.unreachable(&e))?;
         let status = resp.status();
+        let header = |name: &str| {
+            resp.headers()
+                .get(name)
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_owned)
+        };
+        let next = header("x-next-cursor");
+        let total = header("x-total-count").and_then(|t| t.parse().ok());
         let text = resp.text().await.map_err(|e| self.unreachable(&e))?;
         if !status.is_success() {
             return Err(api_error(status, &text).into());
         }
         if text.trim().is_empty() {
-            return Ok(Value::Null);
+            return Ok((Value::Null, next, total));
         }
-        serde_json::from_str(&text).map_err(|e| {
+        let value = serde_json::from_str(&text).map_err(|e| {
             anyhow::anyhow!(
                 "the server answered {status} with something other than JSON ({e}): {}",
                 crate::output::clip(text.trim(), 200)
             )
-        })
+        })?;
+        Ok((value, next, total))
+    }
+
+    /// A paged list, `GET /api/v1/<segments…>?<query>`, page after page until
+    /// `max` items (all of them without): the items, and how many there are in all.
+    pub async fn get_pages(
+        &self,
+        segments: &[&str],
+        query: &[(&str, String)],
+        max: Option<usize>,
+    ) -> anyhow::Result<(Vec<Value>, Option<i64>)> {
+        const PAGE: usize = 1000;
+        let mut items = Vec::new();
+        let mut cursor: Option<String> = None;
+        loop {
+            let want = max.map_or(PAGE, |m| (m - items.len()).min(PAGE));
+            let mut q = query.to_vec();
+            q.push(("limit", want.to_string()));
+            if let Some(c) = &cursor {
+                q.push(("cursor", c.clone()));
+            }
+            let (page, next, total) = self
+                .send_paged(self.request(Method::GET, segments, &q).timeout(CALL_TIMEOUT))
+                .await?;
+            items.extend(page.as_array().cloned().unwrap_or_default());
+            match next {
+                Some(c) if max.is_none_or(|m| items.len() < m) => cursor = Some(c),
+                _ => return Ok((items, total)),
+            }
+        }
     }
 
     fn unreachable(&self, e: &reqwest::Error) -> anyhow::Error {

@@ -30,6 +30,8 @@ pub struct ClusterOptions {
     pub nats_sink: bool,
     /// Extra TOML for every instance (sections other than the generated ones).
     pub extra_toml: String,
+    /// The instances share the tunnel port too (else each has its own).
+    pub shared_tunnel: bool,
 }
 
 impl Default for ClusterOptions {
@@ -39,6 +41,7 @@ impl Default for ClusterOptions {
             nats_url: nats_url(),
             nats_sink: true,
             extra_toml: String::new(),
+            shared_tunnel: true,
         }
     }
 }
@@ -112,7 +115,9 @@ impl Cluster {
             database_url: Some(self.database_url.clone()),
             pki_dir: first.map(Server::pki_dir),
             admin_token: first.map(|s| s.admin_token.clone()),
-            ports: first.map_or((0, 0), |s| (s.grpc.port(), s.tunnel.port())),
+            ports: first.map_or((0, 0), |s| {
+                (s.grpc.port(), if self.opts.shared_tunnel { s.tunnel.port() } else { 0 })
+            }),
             reuse_port: true,
             release_key: first.is_none(),
             ..ServerOptions::default()

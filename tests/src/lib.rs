@@ -898,6 +898,21 @@ pub async fn stream_refusal(server: &Server, identity: Option<&Pair>, agent_id: 
     }
 }
 
+/// The body of `POST /enroll/key` for `id`: a fresh CSR and the proof of `key`
+/// over `nonce` and that CSR, as `keel-agent enroll --key-file` sends it.
+pub fn key_enroll_body(nonce: &str, id: &str, key: &str, hostname: &str) -> Value {
+    use sha2::Digest;
+    let key_pair = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).expect("key");
+    let mut params = rcgen::CertificateParams::default();
+    let mut dn = rcgen::DistinguishedName::new();
+    dn.push(rcgen::DnType::CommonName, id);
+    params.distinguished_name = dn;
+    let csr = params.serialize_request(&key_pair).expect("CSR");
+    let csr_sha256 = sha2::Sha256::digest(csr.der());
+    let proof = keel_proto::keyproof::prove(key, &hex::decode(nonce).expect("hex nonce"), &csr_sha256);
+    serde_json::json!({"nonce": nonce, "id": id, "hostname": hostname, "csr": csr.pem().expect("PEM"), "proof": proof})
+}
+
 /// The bytes of the test plugin executable, to upload as an `exec` package.
 pub fn test_plugin() -> Vec<u8> {
     std::fs::read(bin("keel-test-plugin")).expect("keel-test-plugin binary")

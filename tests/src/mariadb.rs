@@ -396,3 +396,28 @@ impl Drop for ProviderServer {
         let _ = std::fs::remove_file(&self.socket);
     }
 }
+
+/// Starts agent `id` of `server` running key-request against `db`, installed the
+/// way an operator would: upload, policy, sync-config (all through `api`).
+pub async fn key_provider(server: &crate::Server, api: &crate::Api, id: &str, db: &KeyDb) -> crate::Agent {
+    let mut agent = crate::Agent::enrolled(server, id);
+    agent.start();
+    api.online(id).await;
+    let plugin = std::fs::read(crate::bin("key-request")).expect("the key-request binary");
+    let (status, body) = server.upload("key-request", "1", "exec", plugin).await;
+    assert!(status == 201 || status == 409, "upload: {status} {body}");
+    let detail = serde_json::json!({"exec_path": db.exec_path(), "timeout": 10}).to_string();
+    let policy = serde_json::json!({"name": format!("key-request-{id}"), "component": "key-request", "version": "1",
+                        "detail": detail, "target": {"agents": [id]}});
+    let (status, body) = api.post("/api/v1/policies", &policy).await;
+    assert_eq!(status, 201, "{body}");
+    let (_, task) = api
+        .post(
+            "/api/v1/tasks",
+            &serde_json::json!({"kind": "sync-config", "target": {"agents": [id]}}),
+        )
+        .await;
+    let id = task["id"].as_str().unwrap_or_else(|| panic!("a task: {task}"));
+    api.task_in_state(id, "succeeded", Duration::from_secs(60)).await;
+    agent
+}

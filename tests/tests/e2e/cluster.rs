@@ -261,3 +261,91 @@ fn base64_decode(s: &str) -> Vec<u8> {
     use base64::Engine;
     base64::engine::general_purpose::STANDARD.decode(s).unwrap_or_default()
 }
+
+/// Enrollment by key and a TLS scan, each touching three instances: the provider
+/// agent's stream on one, the host's requests on others; the audit job started on
+/// one instance, its tunnel landing on another.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn enrollment_by_key_and_scans_work_wherever_streams_and_requests_land() {
+    use keel_tests::mariadb::{AgentRow, KeyDb, key_provider};
+    use keel_tests::proxy::{ProxyHost, TlsTarget};
+    const KEY: &str = "c-Sup3r-Secret-Seven";
+    const KEY8: &str = "c-Sup3r-Secret-Eight";
+    let db = KeyDb::create(&[
+        AgentRow::new("007", "c-web-7", "127.0.0.0/8", KEY),
+        AgentRow::new("008", "c-web-8", "127.0.0.0/8", KEY8),
+    ]);
+    let cluster = Cluster::start(ClusterOptions {
+        nats_sink: false,
+        shared_tunnel: false,
+        extra_toml: "[key_enrollment]\nenabled = true\nproviders = [\"c-keys-1\"]\nprovider_timeout = \"20s\"\n".into(),
+        ..ClusterOptions::default()
+    })
+    .await;
+    let first = &cluster.servers[0];
+    let _keys = key_provider(first, &first.api(), "c-keys-1", &db).await;
+    let holder = cluster.holder("c-keys-1").await.expect("the provider's instance");
+    let others: Vec<usize> = (0..3).filter(|k| *k != holder).collect();
+
+    // A challenge from one instance is spent on another, once.
+    let (a, b) = (&cluster.servers[others[0]], &cluster.servers[others[1]]);
+    let anon = keel_tests::Api::new(&a.base_url(), "");
+    let (status, challenge) = anon.post("/enroll/challenge", &json!({})).await;
+    assert_eq!(status, 200, "{challenge}");
+    let nonce = challenge["nonce"].as_str().expect("nonce");
+    let (status, enrolled) = enroll_by_hand(b, nonce, "007", KEY).await;
+    assert_eq!(
+        status, 200,
+        "enrolled through another instance than the challenge's: {enrolled}"
+    );
+    let (status, again) = enroll_by_hand(&cluster.servers[holder], nonce, "007", KEY).await;
+    assert_eq!(status, 401, "a challenge is spent once, cluster-wide: {again}");
+    // And keel-agent enroll --key-file through an instance not holding the provider.
+    let host = Agent::new(a, "008", "");
+    let out = host.enroll_by_key(a, KEY8);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+
+    // A scan started on one instance whose tunnel reaches another.
+    let target = TlsTarget::start("c-db.internal.test").await;
+    let tunnel_at = others[0];
+    let scan_at = others[1];
+    let px = ProxyHost::start(
+        &cluster.servers[tunnel_at],
+        "c-px-1",
+        &[format!("127.0.0.1/32:{}", target.port)],
+    )
+    .await;
+    let (status, body) = cluster.servers[scan_at]
+        .api()
+        .post(
+            "/api/v1/scans",
+            &json!({"agent": px.agent.id, "targets": [format!("127.0.0.1:{}", target.port), "127.0.0.9:1"]}),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body[0]["status"], "ok", "{body}");
+    assert_eq!(body[0]["certificate"]["subject"], "CN=c-db.internal.test", "{body}");
+    assert_eq!(body[1]["status"], "failed", "{body}");
+    assert!(
+        body[1]["error"].as_str().unwrap_or_default().contains("allow list"),
+        "the plugin's refusal comes back from the agent's instance: {body}"
+    );
+    assert!(
+        cluster.servers[tunnel_at].log().contains("tunnel open"),
+        "the tunnel landed on the instance the test chose"
+    );
+    let (_, certs) = cluster.servers[holder].api().get("/api/v1/certificates").await;
+    assert_eq!(
+        certs.as_array().map(Vec::len),
+        Some(1),
+        "one inventory for all: {certs}"
+    );
+}
+
+/// `POST /enroll/key` for `id` with `key`'s proof over `nonce`.
+async fn enroll_by_hand(server: &Server, nonce: &str, id: &str, key: &str) -> (u16, Value) {
+    let body = keel_tests::key_enroll_body(nonce, id, key, "c-host");
+    keel_tests::Api::new(&server.base_url(), "")
+        .post("/enroll/key", &body)
+        .await
+}

@@ -5,10 +5,9 @@
 use std::path::Path;
 use std::time::Duration;
 
-use keel_tests::mariadb::{AgentRow, KeyDb};
+use keel_tests::mariadb::{AgentRow, KeyDb, key_provider};
 use keel_tests::{Agent, Api, Server, ServerOptions};
 use serde_json::{Value, json};
-use sha2::Digest;
 
 const KEYS: [&str; 4] = [
     "k1-Sup3r-Secret-One",
@@ -38,31 +37,6 @@ async fn key_server(extra: &str) -> Server {
     .await
 }
 
-/// Starts agent `id` running key-request against `db`, installed the way an
-/// operator would: upload, policy, sync-config.
-async fn provider(server: &Server, api: &Api, id: &str, db: &KeyDb) -> Agent {
-    let mut agent = Agent::enrolled(server, id);
-    agent.start();
-    api.online(id).await;
-    let plugin = std::fs::read(keel_tests::bin("key-request")).expect("the key-request binary");
-    let (status, body) = server.upload("key-request", "1", "exec", plugin).await;
-    assert!(status == 201 || status == 409, "upload: {status} {body}");
-    let detail = json!({"exec_path": db.exec_path(), "timeout": 10}).to_string();
-    let policy = json!({"name": format!("key-request-{id}"), "component": "key-request", "version": "1",
-                        "detail": detail, "target": {"agents": [id]}});
-    let (status, body) = api.post("/api/v1/policies", &policy).await;
-    assert_eq!(status, 201, "{body}");
-    let (_, task) = api
-        .post(
-            "/api/v1/tasks",
-            &json!({"kind": "sync-config", "target": {"agents": [id]}}),
-        )
-        .await;
-    api.task_in_state(task["id"].as_str().unwrap(), "succeeded", Duration::from_secs(60))
-        .await;
-    agent
-}
-
 /// Enrolls by key and returns (success, stdout, stderr).
 fn enroll(server: &Server, id: &str, key: &str) -> (bool, String, String) {
     let host = Agent::new(server, id, "");
@@ -89,16 +63,7 @@ async fn enroll_forwarded(server: &Server, id: &str, key: &str, forwarded_for: &
     let (status, challenge) = api.send_request(api.client().post(url("/enroll/challenge"))).await;
     assert_eq!(status, 200, "{challenge}");
     let nonce = challenge["nonce"].as_str().unwrap();
-    let key_pair = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
-    let mut params = rcgen::CertificateParams::default();
-    let mut dn = rcgen::DistinguishedName::new();
-    dn.push(rcgen::DnType::CommonName, id);
-    params.distinguished_name = dn;
-    let csr = params.serialize_request(&key_pair).unwrap();
-    let csr_sha256 = sha2::Sha256::digest(csr.der());
-    let proof = keel_proto::keyproof::prove(key, &hex::decode(nonce).unwrap(), &csr_sha256);
-    let body = json!({"nonce": nonce, "id": id, "hostname": "behind-a-proxy",
-                      "csr": csr.pem().unwrap(), "proof": proof});
+    let body = keel_tests::key_enroll_body(nonce, id, key, "behind-a-proxy");
     let req = api
         .client()
         .post(url("/enroll/key"))
@@ -128,7 +93,7 @@ async fn hosts_enroll_by_key_and_every_refusal_names_its_reason() {
     // Nobody to ask yet.
     refused(&server, "001", KEYS[0], "no key provider online (configured: keys-1)");
 
-    let mut keys = provider(&server, &api, "keys-1", &db).await;
+    let mut keys = key_provider(&server, &api, "keys-1", &db).await;
 
     // By ID: the database's ID and name, and a working stream.
     let mut host = Agent::new(&server, "001", "");
@@ -226,7 +191,7 @@ async fn hosts_enroll_by_key_and_every_refusal_names_its_reason() {
 
     // Only configured providers are trusted: with keys-1 gone, another agent
     // running key-request is not asked.
-    let rogue = provider(&server, &api, "rogue-1", &db).await;
+    let rogue = key_provider(&server, &api, "rogue-1", &db).await;
     keys.stop_within(Duration::from_secs(10));
     keel_tests::eventually("keys-1 offline", || async {
         api.agent("keys-1").await.filter(|a| a["online"] == false)
@@ -262,7 +227,7 @@ async fn with_replace_a_host_takes_over_an_id_and_the_old_certificate_is_revoked
     let db = key_db();
     let server = key_server("replace = true\n").await;
     let api = server.api();
-    let _keys = provider(&server, &api, "keys-1", &db).await;
+    let _keys = key_provider(&server, &api, "keys-1", &db).await;
 
     let mut first = Agent::new(&server, "001", "");
     assert!(first.enroll_by_key(&server, KEYS[0]).status.success());
@@ -289,7 +254,7 @@ async fn behind_a_trusted_proxy_the_forwarded_address_is_checked() {
     let db = key_db();
     let server = key_server("trusted_proxies = [\"127.0.0.1\"]\n").await;
     let api = server.api();
-    let _keys = provider(&server, &api, "keys-1", &db).await;
+    let _keys = key_provider(&server, &api, "keys-1", &db).await;
 
     // The proxy saw 10.9.9.7, inside 002's network: enrolled.
     let (status, answer) = enroll_forwarded(&server, "002", KEYS[1], "10.9.9.7").await;
