@@ -26,6 +26,9 @@ usage: ./build.sh <command>
                             bytes)
                  proxy      TLS inventory scans through an agent's proxy plugin
                             and tunnel, against direct handshakes (optional: scans)
+                 scale      simulated agents held by keel-servers sharing one port,
+                            on PostgreSQL and NATS JetStream, against a bare tonic
+                            server (optional: agents, default 50000; servers, 3)
   help         this text
 USAGE
 }
@@ -47,7 +50,13 @@ case "$cmd" in
         done
         # The end-to-end tests run the real binaries.
         cargo build --workspace --bins --quiet
-        KEEL_TEST_PACKAGES="$PWD/target/test-packages" cargo test --workspace
+        # Every test with the registry on SQLite, the embedded default (the cluster
+        # tests use PostgreSQL and NATS whatever this says: KEEL_TEST_POSTGRES,
+        # KEEL_TEST_NATS, default the local services).
+        KEEL_TEST_STORE=sqlite KEEL_TEST_PACKAGES="$PWD/target/test-packages" cargo test --workspace
+        # The registry's own tests and every end-to-end test again on PostgreSQL,
+        # a schema per test.
+        KEEL_TEST_STORE=postgres cargo test -p keel-server -p keel-tests
         ;;
     package)
         exec packaging/package.sh
@@ -55,9 +64,9 @@ case "$cmd" in
     bench)
         name="${2:-}"
         case "$name" in
-            dataflow | rollout | keyrequest | filedelivery | proxy) ;;
+            dataflow | rollout | keyrequest | filedelivery | proxy | scale) ;;
             *)
-                echo "build.sh: bench needs a benchmark name: dataflow, rollout, keyrequest, filedelivery or proxy" >&2
+                echo "build.sh: bench needs a benchmark name: dataflow, rollout, keyrequest, filedelivery, proxy or scale" >&2
                 exit 64
                 ;;
         esac

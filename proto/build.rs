@@ -10,6 +10,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .build_server(transport)
         // Payload bytes are forwarded without a copy from pipe to stream to sink.
         .bytes(".grpc.EncodedRecord.data")
+        // Small initial buffers: a server holds one mostly idle stream per agent.
+        .codec_path("crate::codec::LeanCodec")
         .compile_fds(fds)?;
     Ok(())
 }

@@ -8,6 +8,7 @@
 //!   agent and server produce or read themselves. Plugin payloads are never decoded
 //!   on the data path.
 //! - [`keyproof`]: the proof of key possession in enrollment by key.
+//! - `codec` (with `transport`): the generated client's and server's codec.
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
@@ -17,6 +18,8 @@ pub mod grpc {
     include!(concat!(env!("OUT_DIR"), "/grpc.rs"));
 }
 
+#[cfg(feature = "transport")]
+pub mod codec;
 pub mod data_type;
 pub mod frame;
 pub mod keyproof;

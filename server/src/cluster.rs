@@ -60,6 +60,8 @@ pub struct Cluster {
     nats: Option<async_nats::Client>,
     route_timeout: Duration,
     waiting: Arc<Mutex<Waiting>>,
+    /// Held while this process runs: one instance per data directory.
+    _lock: Option<nix::fcntl::Flock<std::fs::File>>,
 }
 
 impl std::fmt::Debug for Cluster {
@@ -105,8 +107,45 @@ fn lock(w: &Mutex<Waiting>) -> std::sync::MutexGuard<'_, Waiting> {
     w.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
-/// The default instance ID: the host name (as a subject token) and a random suffix.
-fn default_instance() -> String {
+/// The instance ID kept in `<data_dir>/instance-id`, made (host name and a random
+/// suffix) on first start: a restarted server is the same instance, so what its
+/// crashed predecessor held is released at once instead of when its lease passes.
+fn stored_instance(data_dir: &std::path::Path) -> anyhow::Result<String> {
+    let path = data_dir.join("instance-id");
+    match std::fs::read_to_string(&path) {
+        Ok(id) if subject_token(id.trim()) => return Ok(id.trim().to_owned()),
+        Ok(_) => anyhow::bail!(
+            "{} does not hold an instance ID; delete it to make a new one",
+            path.display()
+        ),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(anyhow::anyhow!("cannot read {}: {e}", path.display())),
+    }
+    let id = new_instance_id();
+    keel_common::fsutil::write_private(&path, id.as_bytes())
+        .map_err(|e| anyhow::anyhow!("cannot write {}: {e}", path.display()))?;
+    Ok(id)
+}
+
+/// Locks `<data_dir>/instance.lock`, so two processes never run as one instance.
+fn lock_data_dir(data_dir: &std::path::Path) -> anyhow::Result<nix::fcntl::Flock<std::fs::File>> {
+    let path = data_dir.join("instance.lock");
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .map_err(|e| anyhow::anyhow!("cannot open {}: {e}", path.display()))?;
+    nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusiveNonblock).map_err(|(_, e)| {
+        anyhow::anyhow!(
+            "another keel-server runs on data_dir {} ({e}); give each instance its own data_dir",
+            data_dir.display()
+        )
+    })
+}
+
+/// A new instance ID: the host name (as a subject token) and a random suffix.
+fn new_instance_id() -> String {
     let host = nix::unistd::gethostname()
         .ok()
         .and_then(|h| h.into_string().ok())
@@ -123,10 +162,22 @@ fn default_instance() -> String {
 }
 
 impl Cluster {
-    /// This instance, connected to NATS when configured (a NATS that is down now
-    /// is retried in the background).
-    pub async fn open(cfg: &ClusterConfig) -> anyhow::Result<Self> {
-        let instance = cfg.instance.clone().unwrap_or_else(default_instance);
+    /// This instance of `data_dir`, connected to NATS when configured (a NATS
+    /// that is down now is retried in the background).
+    pub async fn open(cfg: &ClusterConfig, data_dir: &std::path::Path) -> anyhow::Result<Self> {
+        let lock = lock_data_dir(data_dir)?;
+        let instance = match &cfg.instance {
+            Some(id) => id.clone(),
+            None => stored_instance(data_dir)?,
+        };
+        Self::connect(cfg, instance, Some(lock)).await
+    }
+
+    async fn connect(
+        cfg: &ClusterConfig,
+        instance: String,
+        lock: Option<nix::fcntl::Flock<std::fs::File>>,
+    ) -> anyhow::Result<Self> {
         let nats = match &cfg.nats_url {
             Some(url) if !url.is_empty() => Some(
                 async_nats::ConnectOptions::new()
@@ -145,6 +196,7 @@ impl Cluster {
             nats,
             route_timeout: cfg.route_timeout,
             waiting: Arc::new(Mutex::new(HashMap::new())),
+            _lock: lock,
         })
     }
 
@@ -413,8 +465,24 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_data_dir_is_one_instance_whose_id_survives_a_restart() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = ClusterConfig::default();
+        let first = Cluster::open(&cfg, dir.path()).await.unwrap();
+        let e = Cluster::open(&cfg, dir.path()).await.unwrap_err().to_string();
+        assert!(e.contains("another keel-server runs on data_dir"), "{e}");
+        let id = first.instance.clone();
+        drop(first);
+        let again = Cluster::open(&cfg, dir.path()).await.unwrap();
+        assert_eq!(again.instance, id);
+        assert!(subject_token(&id) && id.len() > 7, "{id}");
+    }
+
+    #[tokio::test]
     async fn only_the_agent_a_task_went_to_can_answer_it() {
-        let c = Cluster::open(&ClusterConfig::default()).await.unwrap();
+        let c = Cluster::connect(&ClusterConfig::default(), "me".into(), None)
+            .await
+            .unwrap();
         let mut w = c.wait("t1", "db-1").await;
         c.deliver(reply("intruder", "t1")).await;
         assert!(w.rx.try_recv().is_err(), "an answer from another agent is ignored");
@@ -439,14 +507,16 @@ mod tests {
             name: a_cfg.name.clone(),
             ..cfg("b")
         };
-        let a = Cluster::open(&a_cfg).await.unwrap();
-        let b = Cluster::open(&b_cfg).await.unwrap();
+        let a = Cluster::connect(&a_cfg, "a".into(), None).await.unwrap();
+        let b = Cluster::connect(&b_cfg, "b".into(), None).await.unwrap();
         let token = uuid::Uuid::new_v4().to_string();
         let mut w = a.wait(&token, "db-1").await;
         a.nats().unwrap().flush().await.unwrap();
+        b.nats().unwrap().flush().await.unwrap();
         b.deliver(reply("intruder", &token)).await;
         b.deliver(reply("db-1", &token)).await;
-        let got = tokio::time::timeout(Duration::from_secs(10), w.recv())
+        b.nats().unwrap().flush().await.unwrap();
+        let got = tokio::time::timeout(Duration::from_secs(30), w.recv())
             .await
             .unwrap()
             .unwrap();

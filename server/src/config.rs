@@ -301,7 +301,10 @@ pub struct GrpcConfig {
     /// A handshake not finished by then is dropped.
     #[serde(default = "default_handshake_timeout", with = "humantime_serde")]
     pub handshake_timeout: Duration,
-    /// HTTP/2 keepalive ping interval; a peer that does not answer is dropped.
+    /// HTTP/2 keepalive ping interval (and how long an answer may take); a peer
+    /// that does not answer is dropped. Agents ping the server themselves every
+    /// 30 s and send heartbeats; the server's own pings only find agents that
+    /// vanished, and at tens of thousands of streams each ping costs CPU.
     #[serde(default = "default_keepalive", with = "humantime_serde")]
     pub keepalive: Duration,
     /// Largest `PackagedData` accepted, in bytes.
@@ -471,7 +474,7 @@ fn default_handshake_timeout() -> Duration {
     Duration::from_secs(10)
 }
 fn default_keepalive() -> Duration {
-    Duration::from_secs(30)
+    Duration::from_secs(120)
 }
 fn default_max_message() -> usize {
     16 << 20

@@ -88,15 +88,16 @@ pub struct Connection {
     pub serial: String,
     /// Remote address.
     pub peer: Option<SocketAddr>,
-    /// Commands to the agent.
-    pub commands: mpsc::Sender<Outbound>,
+    /// Commands to the agent. Boxed: the queue's slots cost their size for every
+    /// open stream, and most commands are small acknowledgements.
+    pub commands: mpsc::Sender<Box<Outbound>>,
     cancel: CancellationToken,
     closing: Arc<OnceLock<Closing>>,
 }
 
 impl Connection {
     /// A connection handle for a stream task, with the signal it waits on.
-    pub fn new(serial: String, peer: Option<SocketAddr>, commands: mpsc::Sender<Outbound>) -> Self {
+    pub fn new(serial: String, peer: Option<SocketAddr>, commands: mpsc::Sender<Box<Outbound>>) -> Self {
         Self {
             generation: 0,
             serial,
@@ -191,7 +192,7 @@ impl Connections {
             .get(agent_id)
             .map(|c| c.commands.clone())
             .ok_or_else(|| SendError::Offline(agent_id.to_owned()))?;
-        sender.try_send(cmd).map_err(|e| match e {
+        sender.try_send(Box::new(cmd)).map_err(|e| match e {
             mpsc::error::TrySendError::Full(_) => SendError::Busy(agent_id.to_owned()),
             mpsc::error::TrySendError::Closed(_) => SendError::Offline(agent_id.to_owned()),
         })
@@ -241,7 +242,7 @@ impl Revocations {
 mod tests {
     use super::*;
 
-    fn conn(serial: &str) -> (Connection, mpsc::Receiver<Outbound>) {
+    fn conn(serial: &str) -> (Connection, mpsc::Receiver<Box<Outbound>>) {
         let (tx, rx) = mpsc::channel(1);
         (Connection::new(serial.into(), None, tx), rx)
     }
@@ -257,7 +258,7 @@ mod tests {
         assert_eq!(watch.closed().await, Closing::Replaced);
         assert!(!c.unregister("a", g1), "the old stream must not remove the new one");
         c.send("a", Outbound::Ack { epoch: 1, seq: 1 }).unwrap();
-        assert_eq!(rx2.recv().await, Some(Outbound::Ack { epoch: 1, seq: 1 }));
+        assert_eq!(rx2.recv().await, Some(Box::new(Outbound::Ack { epoch: 1, seq: 1 })));
         assert_eq!(c.send("a", Outbound::Ack { epoch: 1, seq: 2 }), Ok(()));
         assert_eq!(
             c.send("a", Outbound::Ack { epoch: 1, seq: 3 }),

@@ -83,7 +83,7 @@ impl Transfer for TransferService {
             session: None,
         };
         tokio::spawn(stream.run(request.into_inner()).instrument(span));
-        let out = close_after_error(ReceiverStream::new(rx).map(to_command));
+        let out = close_after_error(ReceiverStream::new(rx).map(|o| to_command(*o)));
         Ok(Response::new(Box::pin(out)))
     }
 }
@@ -204,7 +204,9 @@ impl StreamTask {
                 msg = inbound.message() => msg,
             };
             match msg {
-                Ok(Some(pd)) => match self.handle(pd).await {
+                // Boxed: the work on a batch needs far more room than waiting for
+                // one, and a stream spends its life waiting.
+                Ok(Some(pd)) => match Box::pin(self.handle(pd)).await {
                     Step::Continue => {}
                     Step::Close(reason) => break Some(reason),
                 },
@@ -221,7 +223,7 @@ impl StreamTask {
         if let Some(reason) = reason {
             info!(?reason, "closing stream");
             // The receiver may already be gone; then there is nobody to tell.
-            let _ = self.conn.commands.try_send(Outbound::Close(reason));
+            let _ = self.conn.commands.try_send(Box::new(Outbound::Close(reason)));
         }
         self.finish().await;
     }
@@ -361,7 +363,7 @@ impl StreamTask {
     async fn ack(&self, epoch: u64, seq: u64) -> Step {
         // Waiting here when the agent does not read its commands stops this stream's
         // reads too: backpressure, not unbounded buffering.
-        match self.conn.commands.send(Outbound::Ack { epoch, seq }).await {
+        match self.conn.commands.send(Box::new(Outbound::Ack { epoch, seq })).await {
             Ok(()) => Step::Continue,
             Err(_) => Step::Close(Closing::Shutdown),
         }
@@ -445,7 +447,13 @@ impl StreamTask {
                 Err(e.to_string())
             }
         };
-        if self.conn.commands.send(Outbound::Renewal(answer)).await.is_err() {
+        if self
+            .conn
+            .commands
+            .send(Box::new(Outbound::Renewal(answer)))
+            .await
+            .is_err()
+        {
             debug!("stream gone before the renewal answer");
         }
     }

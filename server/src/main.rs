@@ -13,6 +13,11 @@ use keel_server::config::{Overrides, ServerConfig};
 use keel_server::store::Role;
 use keel_server::{quickstart, serve};
 
+// jemalloc: what thousands of streams free goes back to the system (its
+// background threads purge it within seconds), where glibc's allocator kept it.
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 #[derive(Parser)]
 #[command(name = "keel-server", version = keel_common::VERSION, about = "The Keel server")]
 struct Cli {
@@ -139,6 +144,10 @@ fn load(cli: &Cli, serve: Option<&ServeArgs>) -> Result<ServerConfig, ConfigErro
 }
 
 fn main() -> ExitCode {
+    // Purge freed memory even while nothing allocates (after agents left).
+    if let Err(e) = tikv_jemalloc_ctl::background_thread::write(true) {
+        eprintln!("keel-server: cannot start the allocator's background threads: {e}");
+    }
     let cli = Cli::parse();
     let config = match &cli.command {
         Cmd::Quickstart(_) => None,

@@ -50,7 +50,7 @@ pub async fn open_state(config: ServerConfig) -> anyhow::Result<Arc<ServerState>
     let store = Store::open_with(&config.database_url(), config.database.max_connections)
         .await
         .context("opening the registry")?;
-    let cluster = crate::cluster::Cluster::open(&config.cluster).await?;
+    let cluster = crate::cluster::Cluster::open(&config.cluster, &config.data_dir).await?;
     let sink: Arc<dyn Sink> = match config.sink.kind {
         SinkKind::File => Arc::new(FileSink::open(
             &config.sink_dir(),
@@ -86,6 +86,7 @@ pub async fn run_with_state(
     ready: Option<PathBuf>,
 ) -> anyhow::Result<()> {
     let config = state.config.clone();
+    let open_files = raise_open_file_limit();
     // A fixed instance ID may have been this process before a crash: what that
     // one held is gone. Other instances' agents are theirs.
     state
@@ -157,7 +158,7 @@ pub async fn run_with_state(
         anyhow::Ok(())
     };
 
-    info!(instance = %state.cluster.instance, grpc = %bound.grpc, tunnel = %bound.tunnel, http = %format!("{scheme}://{}", bound.http), ca_fingerprint = %state.ca.fingerprint(), "keel-server listening");
+    info!(instance = %state.cluster.instance, open_files, grpc = %bound.grpc, tunnel = %bound.tunnel, http = %format!("{scheme}://{}", bound.http), ca_fingerprint = %state.ca.fingerprint(), "keel-server listening");
     if let Some(path) = ready {
         write_ready(&path, &bound)?;
     }
@@ -190,6 +191,23 @@ pub async fn run_with_state(
     http_result.context("HTTP server")?;
     info!("keel-server stopped");
     Ok(())
+}
+
+/// Raises the soft open-file limit to the hard one: each agent's stream is a
+/// file. Returns the limit in force.
+fn raise_open_file_limit() -> u64 {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    match getrlimit(Resource::RLIMIT_NOFILE) {
+        Ok((soft, hard)) if soft < hard => match setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
+            Ok(()) => hard,
+            Err(e) => {
+                warn!(soft, hard, error = %e, "cannot raise the open-file limit");
+                soft
+            }
+        },
+        Ok((soft, _)) => soft,
+        Err(_) => 0,
+    }
 }
 
 /// A listener on `addr`, sharing the port with other processes when `reuse_port`.

@@ -1,13 +1,15 @@
 //! The proxy tunnel endpoint (port 6753): where an agent's proxy plugin connects
 //! back, over mutual TLS with the agent's certificate, to carry one audit job.
 //!
-//! A job is announced with [`Tunnels::expect`] before its 6100 task is sent: the
-//! job ID, the agent it was sent to, and the SHA-256 of a one-time token that only
-//! the task carries. The plugin's first line is `KEEL-TUNNEL/1 <job> <token>\n`.
-//! The endpoint answers `OK\n` and hands the stream to the job only if the job is
-//! waiting, the token matches, and the certificate's agent is the job's agent;
-//! otherwise it answers `ERR <reason>\n`, logs it and closes. A job is claimed at
-//! most once.
+//! A job is announced with [`expect`] before its 6100 task is sent: the job ID,
+//! the agent it was sent to, the target, the instance waiting, and the SHA-256 of
+//! a one-time token that only the task carries, in the shared store. The plugin's
+//! first line is `KEEL-TUNNEL/1 <job> <token>\n`. The endpoint of any instance
+//! answers `OK\n` and takes the job only if it is waiting, the token matches, and
+//! the certificate's agent is the job's agent; otherwise it answers
+//! `ERR <reason>\n`, logs it and closes. A job is claimed at most once. A job of
+//! this instance gets the stream in process; another instance's job is run here
+//! and its outcome published to the instance waiting (see `inventory::run_for`).
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};

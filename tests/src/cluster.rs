@@ -155,6 +155,29 @@ impl Cluster {
     }
 }
 
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        // The servers first, then their JetStream stream (best effort, on a
+        // thread of its own: this may run inside the test's runtime).
+        self.servers.clear();
+        if !self.opts.nats_sink {
+            return;
+        }
+        let (url, stream) = (self.opts.nats_url.clone(), self.stream.clone());
+        let _ = std::thread::spawn(move || {
+            let Ok(rt) = tokio::runtime::Builder::new_current_thread().enable_all().build() else {
+                return;
+            };
+            rt.block_on(async {
+                if let Ok(client) = async_nats::connect(url).await {
+                    let _ = async_nats::jetstream::new(client).delete_stream(stream).await;
+                }
+            });
+        })
+        .join();
+    }
+}
+
 /// Every message on `subject` of `stream`, decoded as JSON, in stream order.
 pub async fn jetstream_records(url: &str, stream: &str, subject: &str) -> Vec<Value> {
     use async_nats::jetstream::consumer;

@@ -25,6 +25,10 @@ use super::{Batch, Marks, Sink, SinkError};
 
 /// How long JetStream remembers message IDs on a stream this sink creates.
 pub const DUPLICATE_WINDOW: Duration = Duration::from_secs(20 * 60);
+/// Records published and not yet acknowledged, across all streams. A batch takes
+/// its share at once (in chunks of at most this), so batches never wait on one
+/// another's half-taken shares.
+const ACKS_IN_FLIGHT: usize = 8192;
 
 /// JetStream as a sink.
 pub struct NatsSink {
@@ -36,6 +40,8 @@ pub struct NatsSink {
     ready: OnceCell<()>,
     /// The last failure, cleared by the next success.
     trouble: Mutex<Option<String>>,
+    /// Shares of [`ACKS_IN_FLIGHT`].
+    in_flight: tokio::sync::Semaphore,
 }
 
 impl std::fmt::Debug for NatsSink {
@@ -63,8 +69,10 @@ impl NatsSink {
             .connect(url)
             .await
             .map_err(|e| SinkError::Nats(format!("cannot connect: {e}")))?;
-        let mut js = jetstream::new(client);
-        js.set_timeout(ack_timeout);
+        let js = jetstream::context::ContextBuilder::new()
+            .timeout(ack_timeout)
+            .max_ack_inflight(ACKS_IN_FLIGHT)
+            .build(client);
         Ok(Self {
             js,
             stream: stream.to_owned(),
@@ -72,6 +80,7 @@ impl NatsSink {
             ack_timeout,
             ready: OnceCell::new(),
             trouble: Mutex::new(None),
+            in_flight: tokio::sync::Semaphore::new(ACKS_IN_FLIGHT),
         })
     }
 
@@ -96,41 +105,64 @@ impl NatsSink {
 
     async fn publish(&self, batch: Batch<'_>) -> Result<(), SinkError> {
         self.ensure_stream().await?;
-        let numbered = batch.seq > 0;
-        let mut acks = Vec::with_capacity(batch.records.len());
-        for (index, r) in batch.records.iter().enumerate() {
-            let mut headers = HeaderMap::new();
-            if numbered {
-                let id = format!("{}.{:016x}.{}.{index}", batch.agent_id, batch.epoch, batch.seq);
-                headers.insert("Nats-Msg-Id", HeaderValue::from(id.as_str()));
-            }
-            headers.insert("Keel-Agent-Id", HeaderValue::from(batch.agent_id));
-            headers.insert("Keel-Data-Type", HeaderValue::from(r.data_type.to_string().as_str()));
-            headers.insert("Keel-Timestamp", HeaderValue::from(r.timestamp.to_string().as_str()));
-            let mut body = Vec::with_capacity(r.data.len() * 4 / 3 + 160);
-            super::write_json(&batch, r, &mut body);
-            let subject = format!("{}.{}", self.subject_prefix, r.data_type);
-            let ack = self
-                .js
-                .publish_with_headers(subject, headers, body.into())
+        for (chunk_index, chunk) in batch.records.chunks(ACKS_IN_FLIGHT).enumerate() {
+            let first = chunk_index * ACKS_IN_FLIGHT;
+            let share = u32::try_from(chunk.len()).unwrap_or(u32::MAX);
+            let _permits = self
+                .in_flight
+                .acquire_many(share)
                 .await
-                .map_err(|e| SinkError::Nats(format!("publish: {e}")))?;
-            acks.push(ack.into_future());
+                .map_err(|e| SinkError::Nats(e.to_string()))?;
+            let mut acks = Vec::with_capacity(chunk.len());
+            for (i, r) in chunk.iter().enumerate() {
+                let ack = self
+                    .js
+                    .publish_with_headers(self.subject(r), headers(&batch, r, first + i), body(&batch, r))
+                    .await
+                    .map_err(|e| SinkError::Nats(format!("publish: {e}")))?;
+                acks.push(ack.into_future());
+            }
+            match tokio::time::timeout(self.ack_timeout, try_join_all(acks)).await {
+                Ok(Ok(_)) => {}
+                Ok(Err(e)) => return Err(SinkError::Nats(format!("not acknowledged: {e}"))),
+                Err(_) => {
+                    return Err(SinkError::Nats(format!(
+                        "not acknowledged within {} s",
+                        self.ack_timeout.as_secs()
+                    )));
+                }
+            }
         }
-        let all = try_join_all(acks);
-        match tokio::time::timeout(self.ack_timeout, all).await {
-            Ok(Ok(_)) => Ok(()),
-            Ok(Err(e)) => Err(SinkError::Nats(format!("not acknowledged: {e}"))),
-            Err(_) => Err(SinkError::Nats(format!(
-                "not acknowledged within {} s",
-                self.ack_timeout.as_secs()
-            ))),
-        }
+        Ok(())
+    }
+
+    fn subject(&self, r: &super::Record) -> String {
+        format!("{}.{}", self.subject_prefix, r.data_type)
     }
 
     fn set_trouble(&self, t: Option<String>) {
         *self.trouble.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = t;
     }
+}
+
+/// The headers of record `index` of `batch`.
+fn headers(batch: &Batch<'_>, r: &super::Record, index: usize) -> HeaderMap {
+    let mut headers = HeaderMap::new();
+    if batch.seq > 0 {
+        let id = format!("{}.{:016x}.{}.{index}", batch.agent_id, batch.epoch, batch.seq);
+        headers.insert("Nats-Msg-Id", HeaderValue::from(id.as_str()));
+    }
+    headers.insert("Keel-Agent-Id", HeaderValue::from(batch.agent_id));
+    headers.insert("Keel-Data-Type", HeaderValue::from(r.data_type.to_string().as_str()));
+    headers.insert("Keel-Timestamp", HeaderValue::from(r.timestamp.to_string().as_str()));
+    headers
+}
+
+/// The message body: the record as JSON, as the file sink writes it.
+fn body(batch: &Batch<'_>, r: &super::Record) -> bytes::Bytes {
+    let mut body = Vec::with_capacity(r.data.len() * 4 / 3 + 160);
+    super::write_json(batch, r, &mut body);
+    body.into()
 }
 
 impl Sink for NatsSink {
@@ -155,5 +187,66 @@ impl Sink for NatsSink {
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .clone()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use std::sync::Arc;
+
+    use crate::sink::Record;
+
+    fn nats_url() -> String {
+        std::env::var("KEEL_TEST_NATS").unwrap_or_else(|_| "nats://127.0.0.1:4222".into())
+    }
+
+    /// More records in flight than the acknowledgement window, from many batches
+    /// at once (what 1,000 agents sending together do): every batch completes,
+    /// each record is stored once, and a resent batch is dropped by JetStream.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn concurrent_batches_beyond_the_ack_window_all_land_once() {
+        let tag = uuid::Uuid::new_v4().simple().to_string();
+        let (stream, prefix) = (format!("KEEL_UNIT_{tag}"), format!("keel.unit{tag}"));
+        let sink = Arc::new(
+            NatsSink::open(&nats_url(), &stream, &prefix, Duration::from_secs(30), "unit")
+                .await
+                .unwrap(),
+        );
+        let records: Vec<Record> = (0..1000)
+            .map(|i| Record {
+                data_type: 6999,
+                timestamp: 1,
+                data: bytes::Bytes::from(format!("r{i}")),
+            })
+            .collect();
+        let records = Arc::new(records);
+        let writers: Vec<_> = (0..20)
+            .map(|a| {
+                let (sink, records) = (Arc::clone(&sink), Arc::clone(&records));
+                tokio::spawn(async move {
+                    let agent = format!("agent-{a}");
+                    let batch = Batch {
+                        agent_id: &agent,
+                        server_time: 1,
+                        records: &records,
+                        epoch: 1,
+                        seq: 1,
+                    };
+                    sink.write(batch).await.unwrap();
+                    // The same batch again, as after a lost acknowledgement.
+                    sink.write(batch).await.unwrap();
+                })
+            })
+            .collect();
+        for w in writers {
+            tokio::time::timeout(Duration::from_secs(60), w).await.unwrap().unwrap();
+        }
+        let js = jetstream::new(async_nats::connect(nats_url()).await.unwrap());
+        let mut info = js.get_stream(&stream).await.unwrap();
+        assert_eq!(info.info().await.unwrap().state.messages, 20_000);
+        assert!(sink.trouble().is_none());
+        js.delete_stream(&stream).await.unwrap();
     }
 }

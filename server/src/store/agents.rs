@@ -256,21 +256,28 @@ impl Store {
         Ok(())
     }
 
-    /// Stores heartbeats, `(agent, fields as JSON, arrival)`, in one transaction.
+    /// Stores heartbeats, `(agent, fields as JSON, arrival)`, a few hundred rows
+    /// to a statement.
     pub async fn agent_heartbeats(&self, beats: &[(String, String, i64)]) -> Result<(), StoreError> {
-        if beats.is_empty() {
-            return Ok(());
+        const ROWS: usize = 300;
+        for chunk in beats.chunks(ROWS) {
+            let mut sql = String::from(
+                "UPDATE agents SET heartbeat = v.column2, last_heartbeat = v.column3, last_seen = v.column3 FROM (VALUES ",
+            );
+            for i in 0..chunk.len() {
+                if i > 0 {
+                    sql.push_str(", ");
+                }
+                sql.push_str(&format!("(${}, ${}, ${})", 3 * i + 1, 3 * i + 2, 3 * i + 3));
+            }
+            sql.push_str(") AS v WHERE agents.id = v.column1");
+            // Only placeholders are generated; the values are bound.
+            let mut q = sqlx::query(sqlx::AssertSqlSafe(sql));
+            for (id, json, at) in chunk {
+                q = q.bind(id.clone()).bind(json.clone()).bind(*at);
+            }
+            q.execute(&self.pool).await?;
         }
-        let mut tx = self.pool.begin().await?;
-        for (id, json, at) in beats {
-            sqlx::query("UPDATE agents SET heartbeat = $2, last_heartbeat = $3, last_seen = $3 WHERE id = $1")
-                .bind(id)
-                .bind(json)
-                .bind(at)
-                .execute(&mut *tx)
-                .await?;
-        }
-        tx.commit().await?;
         Ok(())
     }
 
@@ -438,7 +445,10 @@ mod tests {
         assert_eq!(a.meta, meta);
         assert_eq!(a.first_seen, 1000);
         store
-            .agent_heartbeats(&[("a1".into(), r#"{"cpu":"0.1"}"#.into(), 2000)])
+            .agent_heartbeats(&[
+                ("a1".into(), r#"{"cpu":"0.1"}"#.into(), 2000),
+                ("nobody".into(), "{}".into(), 2000),
+            ])
             .await
             .unwrap();
         store.agent_disconnected("a1", 3000, "i1").await.unwrap();

@@ -33,6 +33,10 @@
 //! `keel-bench proxy [scans]`: TLS inventory scans through a real agent's proxy
 //! plugin and the tunnel endpoint, against the same handshakes made directly; see
 //! `keel_bench/proxy.rs`.
+//!
+//! `keel-bench scale [agents] [servers]`: idle agents held by keel-server
+//! processes sharing one port, on PostgreSQL and NATS, against a bare tonic
+//! server holding the same streams; see `keel_bench/scale.rs`.
 #![forbid(unsafe_code)]
 // A benchmark reports failure by panicking, with a message saying what failed.
 #![allow(clippy::expect_used, clippy::unwrap_used)]
@@ -62,6 +66,8 @@ mod filedelivery;
 mod keyrequest;
 #[path = "keel_bench/proxy.rs"]
 mod proxy;
+#[path = "keel_bench/scale.rs"]
+mod scale;
 
 const PAYLOAD_BYTES: usize = 100;
 const BATCH: usize = 4096;
@@ -94,9 +100,21 @@ fn main() {
             let bytes: usize = args.next().and_then(|a| a.parse().ok()).unwrap_or(4096);
             filedelivery::run(files, bytes);
         }
+        "scale" => {
+            let agents: usize = args.next().and_then(|a| a.parse().ok()).unwrap_or(50_000);
+            let servers: usize = args.next().and_then(|a| a.parse().ok()).unwrap_or(3);
+            runtime.block_on(scale::run(agents, servers));
+        }
+        // The scale benchmark's child processes.
+        "scale-sim" => runtime.block_on(scale::sim(&args.next().unwrap_or_default())),
+        "scale-baseline" => {
+            let dir = std::path::PathBuf::from(args.next().unwrap_or_default());
+            let port: u16 = args.next().and_then(|a| a.parse().ok()).unwrap_or(0);
+            runtime.block_on(scale::baseline_server(&dir, port));
+        }
         _ => {
             eprintln!(
-                "usage: keel-bench dataflow [records] | rollout [agents] [batch] | keyrequest [socket_lookups] [exec_lookups] | filedelivery [files] [bytes] | proxy [scans]"
+                "usage: keel-bench dataflow [records] | rollout [agents] [batch] | keyrequest [socket_lookups] [exec_lookups] | filedelivery [files] [bytes] | proxy [scans] | scale [agents] [servers]"
             );
             std::process::exit(64);
         }

@@ -84,3 +84,66 @@ async fn bad_task_requests_get_precise_errors() {
     let (status, body) = api.get("/api/v1/tasks/no-such-token").await;
     assert_eq!(status, 404, "{body}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_agent_list_comes_in_pages_with_a_count_and_a_cursor() {
+    let server = Server::start(ServerOptions::default()).await;
+    let inflight = std::sync::Arc::new(keel_tests::InFlight::default());
+    let mut sims = Vec::new();
+    for id in ["page-a", "page-b", "page-c"] {
+        let sim = keel_tests::SimAgent::start(&server, id, keel_tests::SimBehavior::default(), inflight.clone()).await;
+        sims.push(sim);
+    }
+    let api = server.api();
+    keel_tests::eventually("three agents online", || async {
+        let (_, total, _, _) = api.get_page("/api/v1/agents?online=true").await;
+        (total == Some(3)).then_some(())
+    })
+    .await;
+    let (status, total, next, page) = api.get_page("/api/v1/agents?online=true&limit=2").await;
+    assert_eq!(status, 200, "{page}");
+    let ids: Vec<&str> = page
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| a["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        (ids, total, next.as_deref()),
+        (vec!["page-a", "page-b"], Some(3), Some("page-b"))
+    );
+    let link = api
+        .client()
+        .get(format!("{}/api/v1/agents?online=true&limit=2", server.base_url()))
+        .bearer_auth(&server.admin_token)
+        .send()
+        .await
+        .unwrap()
+        .headers()
+        .get("link")
+        .map(|v| v.to_str().unwrap().to_owned());
+    assert_eq!(
+        link.as_deref(),
+        Some("</api/v1/agents?online=true&limit=2&cursor=page-b>; rel=\"next\"")
+    );
+    let (_, total, next, page) = api.get_page("/api/v1/agents?online=true&limit=2&cursor=page-b").await;
+    assert_eq!(page.as_array().unwrap().len(), 1, "{page}");
+    assert_eq!(page[0]["id"], "page-c");
+    assert_eq!((total, next), (Some(3), None), "the last page has no cursor");
+    let (_, total, _, page) = api.get_page("/api/v1/agents?hostname=RAW-CLIENT&limit=1").await;
+    assert_eq!(
+        (total, page.as_array().unwrap().len()),
+        (Some(3), 1),
+        "host names match ignoring case"
+    );
+    for (query, want) in [
+        ("limit=0", "limit must be 1 to 1000, not 0"),
+        ("limit=1001", "limit must be 1 to 1000, not 1001"),
+        ("limit=many", "invalid query"),
+        ("page=2", "unknown field"),
+    ] {
+        let (status, body) = api.get(&format!("/api/v1/agents?{query}")).await;
+        assert_eq!(status, 400, "{query}: {body}");
+        assert!(body["error"].as_str().unwrap().contains(want), "{query}: {body}");
+    }
+}
