@@ -118,6 +118,17 @@ pub async fn fresh_schema(base: &str) -> Result<String, StoreError> {
     Ok(format!("{base}{sep}options=-c%20search_path%3D{name}"))
 }
 
+/// Rows of three values per statement in the batched writes.
+const BATCH_ROWS: usize = 300;
+
+/// `($1, $2, $3), ($4, $5, $6), …` for `rows` rows of three values.
+fn triples(rows: usize) -> String {
+    (0..rows)
+        .map(|i| format!("(${}, ${}, ${})", 3 * i + 1, 3 * i + 2, 3 * i + 3))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
 fn corrupt(what: &'static str) -> impl FnOnce(serde_json::Error) -> StoreError {
     move |e| StoreError::Corrupt {
         what,

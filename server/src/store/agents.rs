@@ -259,18 +259,12 @@ impl Store {
     /// Stores heartbeats, `(agent, fields as JSON, arrival)`, a few hundred rows
     /// to a statement.
     pub async fn agent_heartbeats(&self, beats: &[(String, String, i64)]) -> Result<(), StoreError> {
-        const ROWS: usize = 300;
-        for chunk in beats.chunks(ROWS) {
-            let mut sql = String::from(
-                "UPDATE agents SET heartbeat = v.column2, last_heartbeat = v.column3, last_seen = v.column3 FROM (VALUES ",
+        for chunk in beats.chunks(super::BATCH_ROWS) {
+            let sql = format!(
+                "UPDATE agents SET heartbeat = v.column2, last_heartbeat = v.column3, last_seen = v.column3 \
+                 FROM (VALUES {}) AS v WHERE agents.id = v.column1",
+                super::triples(chunk.len())
             );
-            for i in 0..chunk.len() {
-                if i > 0 {
-                    sql.push_str(", ");
-                }
-                sql.push_str(&format!("(${}, ${}, ${})", 3 * i + 1, 3 * i + 2, 3 * i + 3));
-            }
-            sql.push_str(") AS v WHERE agents.id = v.column1");
             // Only placeholders are generated; the values are bound.
             let mut q = sqlx::query(sqlx::AssertSqlSafe(sql));
             for (id, json, at) in chunk {

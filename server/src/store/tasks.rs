@@ -138,16 +138,12 @@ impl Store {
     /// Stores the highest persisted batch of each agent, `(agent, epoch, seq)`,
     /// a few hundred rows to a statement.
     pub async fn save_stream_marks(&self, marks: &[(String, u64, u64)]) -> Result<(), StoreError> {
-        const ROWS: usize = 300;
-        for chunk in marks.chunks(ROWS) {
-            let mut sql = String::from("INSERT INTO stream_marks (agent_id, epoch, seq) VALUES ");
-            for i in 0..chunk.len() {
-                if i > 0 {
-                    sql.push_str(", ");
-                }
-                sql.push_str(&format!("(${}, ${}, ${})", 3 * i + 1, 3 * i + 2, 3 * i + 3));
-            }
-            sql.push_str(" ON CONFLICT (agent_id) DO UPDATE SET epoch = excluded.epoch, seq = excluded.seq");
+        for chunk in marks.chunks(super::BATCH_ROWS) {
+            let sql = format!(
+                "INSERT INTO stream_marks (agent_id, epoch, seq) VALUES {} \
+                 ON CONFLICT (agent_id) DO UPDATE SET epoch = excluded.epoch, seq = excluded.seq",
+                super::triples(chunk.len())
+            );
             // Only placeholders are generated; the values are bound.
             let mut q = sqlx::query(sqlx::AssertSqlSafe(sql));
             for (agent, epoch, seq) in chunk {
