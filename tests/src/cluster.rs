@@ -249,7 +249,12 @@ impl OwnNats {
 
     /// Starts it again on the same port and store.
     pub fn start_again(&mut self) {
-        let child = std::process::Command::new("nats-server")
+        // Debian installs it in /usr/sbin, which a non-root PATH may lack.
+        let exe = ["/usr/sbin/nats-server", "/usr/bin/nats-server"]
+            .into_iter()
+            .find(|p| std::path::Path::new(p).exists())
+            .unwrap_or("nats-server");
+        let child = std::process::Command::new(exe)
             .args(["-a", "127.0.0.1", "-p", &self.port.to_string(), "-js", "-sd"])
             .arg(self.dir.path())
             .stdout(std::process::Stdio::null())
