@@ -270,7 +270,7 @@ impl Cluster {
         if let Some(nats) = &self.nats
             && subject_token(token)
         {
-            match nats.subscribe(self.subject("reply", token)).await {
+            match self.subscribe(nats, self.subject("reply", token)).await {
                 Ok(mut sub) => {
                     let agent = agent_id.to_owned();
                     forwarder = Some(tokio::spawn(async move {
@@ -295,6 +295,29 @@ impl Cluster {
             waiting: Arc::clone(&self.waiting),
             forwarder,
         }
+    }
+
+    /// Subscribes to `subject` and returns once NATS has taken the subscription
+    /// in, so that nothing published after this returns is missed. Flushing alone
+    /// only empties the client's write buffer; a request nobody answers comes back
+    /// "no responders" only after the server has read what preceded it on the
+    /// connection.
+    pub async fn subscribe(
+        &self,
+        nats: &async_nats::Client,
+        subject: String,
+    ) -> Result<async_nats::Subscriber, async_nats::SubscribeError> {
+        let sub = nats.subscribe(subject).await?;
+        let barrier = async_nats::Request::new().timeout(Some(self.route_timeout));
+        match nats
+            .send_request(self.subject("barrier", &self.instance), barrier)
+            .await
+        {
+            Ok(_) => {}
+            Err(e) if e.kind() == async_nats::RequestErrorKind::NoResponders => {}
+            Err(e) => warn!(error = %e, "NATS did not confirm a subscription; what is published at once may be missed"),
+        }
+        Ok(sub)
     }
 
     /// An answer arrived on this instance: to its waiter here, or to the instance
@@ -323,7 +346,8 @@ impl Cluster {
             && let Ok(body) = serde_json::to_vec(&reply)
             && let Err(e) = nats.publish(self.subject("reply", &token), body.into()).await
         {
-            debug!(error = %e, "cannot publish a task answer");
+            warn!(agent_id = %reply.agent_id, error = %e,
+                "cannot publish a task answer for the instance waiting for it");
         }
     }
 }
@@ -359,7 +383,7 @@ pub async fn serve_commands(state: Arc<ServerState>, shutdown: CancellationToken
         return;
     };
     let subject = state.cluster.command_subject(&state.cluster.instance);
-    let mut sub = match nats.subscribe(subject.clone()).await {
+    let mut sub = match state.cluster.subscribe(&nats, subject.clone()).await {
         Ok(s) => s,
         Err(e) => {
             warn!(%subject, error = %e, "cannot take routed commands; agents here are reachable only through this instance");
@@ -514,8 +538,6 @@ mod tests {
         let b = Cluster::connect(&b_cfg, "b".into(), None).await.unwrap();
         let token = uuid::Uuid::new_v4().to_string();
         let mut w = a.wait(&token, "db-1").await;
-        a.nats().unwrap().flush().await.unwrap();
-        b.nats().unwrap().flush().await.unwrap();
         b.deliver(reply("intruder", &token)).await;
         b.deliver(reply("db-1", &token)).await;
         b.nats().unwrap().flush().await.unwrap();

@@ -127,7 +127,9 @@ pub async fn expect(
 ) -> Result<TunnelWait, String> {
     let remote = match state.cluster.nats() {
         Some(nats) => Some(
-            nats.subscribe(state.cluster.tunnel_subject(job))
+            state
+                .cluster
+                .subscribe(nats, state.cluster.tunnel_subject(job))
                 .await
                 .map_err(|e| format!("cannot wait for the job's outcome: {e}"))?,
         ),
