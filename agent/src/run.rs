@@ -260,6 +260,7 @@ pub async fn run(
         reconnect: Arc::clone(&reconnect),
         connected: Arc::clone(&connected),
         drain: config.agent.shutdown_grace / 2,
+        heartbeat: config.agent.heartbeat_interval,
     };
     let transport_stop = CancellationToken::new();
     let transport_task = tokio::spawn(transport.run(transport_stop.clone()));

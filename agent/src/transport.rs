@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 use bytes::{BufMut, Bytes};
 use keel_common::backoff::Backoff;
 use keel_proto::grpc::Command;
+use keel_proto::keepalive;
 use prost::Message;
 use serde::Deserialize;
 use tokio::sync::{Notify, mpsc};
@@ -95,6 +96,8 @@ pub struct Transport {
     pub connected: Arc<AtomicBool>,
     /// How long to keep sending after shutdown to drain pending batches.
     pub drain: Duration,
+    /// The heartbeat interval, which sets when to ping (`keel_proto::keepalive`).
+    pub heartbeat: Duration,
 }
 
 /// Why a stream ended.
@@ -206,8 +209,8 @@ impl Transport {
         let endpoint = Endpoint::from_shared(format!("https://{addr}"))?
             .tls_config(tls)?
             .connect_timeout(self.server.connect_timeout)
-            .http2_keep_alive_interval(Duration::from_secs(30))
-            .keep_alive_timeout(Duration::from_secs(20))
+            .http2_keep_alive_interval(keepalive::interval(self.heartbeat))
+            .keep_alive_timeout(keepalive::TIMEOUT)
             .keep_alive_while_idle(true)
             .tcp_nodelay(true);
         Ok(endpoint.connect().await?)

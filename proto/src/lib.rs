@@ -8,6 +8,7 @@
 //!   agent and server produce or read themselves. Plugin payloads are never decoded
 //!   on the data path.
 //! - [`keyproof`]: the proof of key possession in enrollment by key.
+//! - [`keepalive`]: when an agent pings the server to find a dead stream.
 //! - `codec` (with `transport`): the generated client's and server's codec.
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
@@ -22,5 +23,6 @@ pub mod grpc {
 pub mod codec;
 pub mod data_type;
 pub mod frame;
+pub mod keepalive;
 pub mod keyproof;
 pub mod payload;

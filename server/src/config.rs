@@ -302,9 +302,10 @@ pub struct GrpcConfig {
     #[serde(default = "default_handshake_timeout", with = "humantime_serde")]
     pub handshake_timeout: Duration,
     /// HTTP/2 keepalive ping interval (and how long an answer may take); a peer
-    /// that does not answer is dropped. Agents ping the server themselves every
-    /// 30 s and send heartbeats; the server's own pings only find agents that
-    /// vanished, and at tens of thousands of streams each ping costs CPU.
+    /// that does not answer is dropped. Agents send heartbeats and ping when the
+    /// server falls silent (`keel_proto::keepalive`); the server's own pings only
+    /// find agents that vanished, and at tens of thousands of streams each ping
+    /// costs CPU.
     #[serde(default = "default_keepalive", with = "humantime_serde")]
     pub keepalive: Duration,
     /// Largest `PackagedData` accepted, in bytes.

@@ -135,6 +135,16 @@ pub enum SendError {
     Unreachable(String, String),
 }
 
+/// Gives back most of a map's table once it holds under a quarter of what it
+/// has room for: after thousands of agents left, their slots would otherwise stay
+/// allocated for the life of the process.
+pub(crate) fn shrink_sparse<K: Eq + std::hash::Hash, V>(map: &mut HashMap<K, V>) {
+    const KEEP: usize = 64;
+    if map.capacity() > KEEP && map.len() < map.capacity() / 4 {
+        map.shrink_to(map.len().saturating_mul(2).max(KEEP));
+    }
+}
+
 /// Every open stream, by agent ID.
 #[derive(Debug, Default)]
 pub struct Connections {
@@ -164,6 +174,7 @@ impl Connections {
         let mut open = self.lock();
         if open.get(agent_id).is_some_and(|c| c.generation == generation) {
             open.remove(agent_id);
+            shrink_sparse(&mut open);
             true
         } else {
             false
@@ -245,6 +256,24 @@ mod tests {
     fn conn(serial: &str) -> (Connection, mpsc::Receiver<Box<Outbound>>) {
         let (tx, rx) = mpsc::channel(1);
         (Connection::new(serial.into(), None, tx), rx)
+    }
+
+    #[test]
+    fn a_map_left_by_most_of_its_entries_gives_its_room_back() {
+        let mut m: HashMap<u32, u32> = (0..10_000).map(|i| (i, i)).collect();
+        let full = m.capacity();
+        for i in 0..9_000 {
+            m.remove(&i);
+            shrink_sparse(&mut m);
+        }
+        assert_eq!(m.len(), 1_000);
+        assert!(m.capacity() < full / 4, "capacity {} of {full}", m.capacity());
+        assert!(m.values().all(|v| *v >= 9_000), "what stays is kept");
+        let mut small: HashMap<u32, u32> = (0..10).map(|i| (i, i)).collect();
+        let room = small.capacity();
+        small.remove(&0);
+        shrink_sparse(&mut small);
+        assert_eq!(small.capacity(), room, "small maps are left alone");
     }
 
     #[tokio::test]

@@ -480,6 +480,7 @@ impl ServerState {
         let (mark, beat) = {
             let mut p = self.pending_lock();
             p.marks.remove(agent_id);
+            crate::connections::shrink_sparse(&mut p.marks);
             (p.dirty.remove(agent_id), p.beats.remove(agent_id))
         };
         if let Some((epoch, seq)) = mark {

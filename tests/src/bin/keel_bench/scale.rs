@@ -595,8 +595,8 @@ pub async fn sim(spec: &str) {
             .expect("TLS")
             .local_address(Some(spec.source))
             .connect_timeout(Duration::from_secs(60))
-            .http2_keep_alive_interval(Duration::from_secs(30))
-            .keep_alive_timeout(Duration::from_secs(20))
+            .http2_keep_alive_interval(keel_proto::keepalive::interval(HEARTBEAT))
+            .keep_alive_timeout(keel_proto::keepalive::TIMEOUT)
             .keep_alive_while_idle(true);
         let (connected, handshakes) = (Arc::clone(&connected), Arc::clone(&handshakes));
         let (records, recorded, record_done) = (records_rx.clone(), Arc::clone(&recorded), Arc::clone(&record_done));
