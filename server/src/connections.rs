@@ -73,6 +73,10 @@ pub enum Closing {
     Revoked,
     /// The agent broke the protocol.
     Refused(String),
+    /// A message that does not decode.
+    Invalid(String),
+    /// A message over the size limit.
+    TooLarge(String),
     /// The server could not persist data; the agent should resend later.
     Unavailable(String),
     /// The server is shutting down.

@@ -22,7 +22,7 @@ use keel_proto::payload;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::server::{TcpConnectInfo, TlsConnectInfo};
-use tonic::{Request, Response, Status, Streaming};
+use tonic::{Code, Request, Response, Status, Streaming};
 use tracing::{Instrument, debug, info, info_span, warn};
 
 use crate::connections::{Closing, Connection, Outbound};
@@ -150,11 +150,27 @@ fn to_command(o: Outbound) -> Result<Command, Status> {
                 Closing::Replaced => Status::aborted("replaced by a newer stream of this agent"),
                 Closing::Revoked => Status::permission_denied("certificate revoked"),
                 Closing::Refused(why) => Status::permission_denied(why),
+                Closing::Invalid(why) => Status::invalid_argument(why),
+                Closing::TooLarge(why) => Status::resource_exhausted(why),
                 Closing::Unavailable(why) => Status::unavailable(why),
                 Closing::Shutdown => Status::unavailable("server shutting down"),
             });
         }
     })
+}
+
+/// Whether a failed read is the agent's message rather than the stream going
+/// away: tonic reports a message over `grpc.max_message_bytes` as OUT_OF_RANGE (or
+/// RESOURCE_EXHAUSTED when decompressed), and bytes that do not decode as INTERNAL.
+fn refusal(status: &Status) -> Option<Closing> {
+    let message = status.message();
+    match status.code() {
+        Code::OutOfRange | Code::ResourceExhausted => Some(Closing::TooLarge(message.to_owned())),
+        Code::Internal if message.starts_with("failed to decode") || message.starts_with("protocol error") => {
+            Some(Closing::Invalid(message.to_owned()))
+        }
+        _ => None,
+    }
 }
 
 fn meta(pd: &PackagedData) -> AgentMeta {
@@ -214,10 +230,17 @@ impl StreamTask {
                     debug!("agent closed the stream");
                     break None;
                 }
-                Err(status) => {
-                    debug!(code = ?status.code(), message = status.message(), "stream ended");
-                    break None;
-                }
+                Err(status) => match refusal(&status) {
+                    Some(reason) => {
+                        warn!(serial = %self.cert.serial, code = ?status.code(), message = status.message(),
+                            "refused a message the stream cannot take");
+                        break Some(reason);
+                    }
+                    None => {
+                        debug!(code = ?status.code(), message = status.message(), "stream ended");
+                        break None;
+                    }
+                },
             }
         };
         if let Some(reason) = reason {

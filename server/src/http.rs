@@ -104,6 +104,46 @@ impl IntoResponse for ApiError {
     }
 }
 
+/// The longest error text kept when an error that is not JSON yet (from axum's
+/// extractors and router) is turned into JSON.
+const MAX_ERROR_TEXT: usize = 4096;
+
+/// Makes every error answer the JSON `{"error": …}`, including those axum gives
+/// itself: a path that does not decode, an unknown route (404, empty), a method
+/// a route does not take (405), a body over the limit. What the handlers answer
+/// as JSON passes unchanged.
+async fn json_errors(req: Request, next: Next) -> Response {
+    let (method, path) = (req.method().clone(), req.uri().path().to_owned());
+    let resp = next.run(req).await;
+    let status = resp.status();
+    let is_json = resp
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"application/json"));
+    if !(status.is_client_error() || status.is_server_error()) || is_json {
+        return resp;
+    }
+    let (mut parts, body) = resp.into_parts();
+    let text = axum::body::to_bytes(body, MAX_ERROR_TEXT)
+        .await
+        .map(|b| String::from_utf8_lossy(&b).trim().to_owned())
+        .unwrap_or_default();
+    let reason = status.canonical_reason().unwrap_or("error").to_lowercase();
+    let error = if text.is_empty() {
+        format!("{reason}: {method} {path}")
+    } else {
+        text
+    };
+    parts.headers.remove(header::CONTENT_LENGTH);
+    parts.headers.insert(
+        header::CONTENT_TYPE,
+        header::HeaderValue::from_static("application/json"),
+    );
+    let body = serde_json::to_vec(&ErrorBody { error: error.clone() }).unwrap_or_default();
+    parts.extensions.insert(ErrorMessage(error));
+    Response::from_parts(parts, axum::body::Body::from(body))
+}
+
 /// Who is calling, from a valid bearer token.
 #[derive(Debug, Clone)]
 pub struct Principal {
@@ -404,6 +444,7 @@ pub fn router(state: Arc<ServerState>) -> Router {
         .route("/packages/{sha256}", get(components::download))
         .route("/healthz", get(healthz))
         .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY_BYTES))
+        .layer(middleware::from_fn(json_errors))
         .with_state(state)
 }
 

@@ -143,28 +143,15 @@ async fn read_frames(mut pipe: pipe::Receiver, outbox: &Outbox, max: usize, stat
     let mut buf = BytesMut::with_capacity(64 << 10);
     loop {
         let mut records = Vec::new();
-        while buf.len() >= 4 {
-            let len = frame::frame_len([buf[0], buf[1], buf[2], buf[3]], max)?;
-            if buf.len() < 4 + len {
-                buf.reserve(4 + len - buf.len());
-                break;
-            }
-            buf.advance(4);
-            let raw = frame::parse_record(buf.split_to(len).freeze())?;
-            status.bytes.fetch_add(len as u64, Ordering::Relaxed);
-            let timestamp = if raw.timestamp == 0 { now_secs() } else { raw.timestamp };
-            records.push(Record {
-                data_type: raw.data_type,
-                timestamp,
-                data: raw.payload,
-            });
-        }
+        let parsed = parse_frames(&mut buf, max, status, &mut records);
+        // What was whole before a bad frame still goes out; then the fault counts.
         if !records.is_empty() {
             status.records.fetch_add(records.len() as u64, Ordering::Relaxed);
             if !outbox.send_all(records).await {
                 return Ok(());
             }
         }
+        parsed?;
         if buf.capacity() - buf.len() < 16 << 10 {
             buf.reserve(64 << 10);
         }
@@ -180,6 +167,28 @@ async fn read_frames(mut pipe: pipe::Receiver, outbox: &Outbox, max: usize, stat
             return Err(FrameError::Truncated { missing });
         }
     }
+}
+
+/// Moves every whole frame at the front of `buf` into `records`, up to the first
+/// bad one, whose error is returned.
+fn parse_frames(buf: &mut BytesMut, max: usize, status: &Status, records: &mut Vec<Record>) -> Result<(), FrameError> {
+    while buf.len() >= 4 {
+        let len = frame::frame_len([buf[0], buf[1], buf[2], buf[3]], max)?;
+        if buf.len() < 4 + len {
+            buf.reserve(4 + len - buf.len());
+            break;
+        }
+        buf.advance(4);
+        let raw = frame::parse_record(buf.split_to(len).freeze())?;
+        status.bytes.fetch_add(len as u64, Ordering::Relaxed);
+        let timestamp = if raw.timestamp == 0 { now_secs() } else { raw.timestamp };
+        records.push(Record {
+            data_type: raw.data_type,
+            timestamp,
+            data: raw.payload,
+        });
+    }
+    Ok(())
 }
 
 /// Writes tasks to the plugin as they come. A plugin that never reads blocks only

@@ -85,6 +85,30 @@ async fn bad_task_requests_get_precise_errors() {
     assert_eq!(status, 404, "{body}");
 }
 
+#[tokio::test]
+async fn every_error_is_json_that_names_what_was_wrong() {
+    let server = Server::start(ServerOptions::default()).await;
+    let api = server.api();
+    let error = |body: &serde_json::Value| body["error"].as_str().map(str::to_owned).unwrap_or_default();
+
+    let (status, body) = api.get("/api/v1/agents/%FF%FE").await;
+    assert_eq!(status, 400, "a path ID that is not UTF-8: {body}");
+    assert!(error(&body).contains("UTF-8"), "{body}");
+    let (status, body) = api.get("/api/v1/no-such-thing").await;
+    assert_eq!(status, 404, "{body}");
+    assert_eq!(error(&body), "not found: GET /api/v1/no-such-thing");
+    let (status, body) = Api::new(&server.base_url(), "").get("/no-such-page").await;
+    assert_eq!(status, 404, "{body}");
+    assert_eq!(error(&body), "not found: GET /no-such-page");
+    let (status, body) = api.post("/healthz", &json!({})).await;
+    assert_eq!(status, 405, "{body}");
+    assert_eq!(error(&body), "method not allowed: POST /healthz");
+    // What handlers answer themselves is left as it was.
+    let (status, body) = api.get("/api/v1/tasks/no-such-token").await;
+    assert_eq!(status, 404, "{body}");
+    assert!(error(&body).contains("no-such-token"), "{body}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_agent_list_comes_in_pages_with_a_count_and_a_cursor() {
     let server = Server::start(ServerOptions::default()).await;

@@ -347,7 +347,8 @@ async fn misbehaving_plugins_fault_alone_and_the_agent_carries_on() {
     for name in ["good", "crashy", "garbled", "huge", "cut", "deaf"] {
         install(&server, name, "1").await;
     }
-    let garbage = "04000000ffffffff";
+    // Fifty whole records (data_type 6950) and a malformed frame, in one write.
+    let garbage = format!("{}04000000ffffffff", "0300000008a636".repeat(50));
     let huge = "ffffff7f";
     // A 100-byte frame announced, 4 bytes written, then the plugin exits.
     let cut = "6400000008e80710";
@@ -384,6 +385,15 @@ async fn misbehaving_plugins_fault_alone_and_the_agent_carries_on() {
         );
     }
     runtime_result(&server, "garbled", "stopped for a fault").await;
+    // What came whole before the bad frame was kept, at every start.
+    eventually("the records before the bad frame in the sink", || async {
+        let n = sink_records(&server, 6950)
+            .iter()
+            .filter(|r| r["agent_id"] == "faults-1")
+            .count();
+        (n >= 50).then_some(n)
+    })
+    .await;
 
     // A plugin that never reads its tasks: its queue fills, then tasks are refused as busy.
     plugin_where(&api, "faults-1", "deaf", "running", |p| p["state"] == "running").await;

@@ -2,7 +2,8 @@
 
 use keel_proto::grpc::EncodedRecord;
 use keel_tests::{
-    Agent, Server, ServerOptions, agent_pair, batch, ca_signed, eventually, foreign_signed, raw_stream, stream_refusal,
+    Agent, Server, ServerOptions, agent_pair, batch, ca_signed, eventually, foreign_signed, raw_channel, raw_stream,
+    stream_refusal,
 };
 use time::OffsetDateTime;
 
@@ -149,4 +150,67 @@ async fn revocation_closes_the_open_stream_and_refuses_reconnects() {
     .await;
     assert_eq!(api.agent("revoke-api").await.unwrap()["online"], false);
     assert_eq!(api.agent("revoke-cli").await.unwrap()["online"], false);
+}
+
+/// Read as `PackagedData`, its field 1 (`records`) holds bytes that are no record.
+#[derive(Clone, PartialEq, prost::Message)]
+struct Garbled {
+    #[prost(bytes = "vec", tag = "1")]
+    records: Vec<u8>,
+}
+
+#[tokio::test]
+async fn a_message_the_server_cannot_take_ends_the_stream_with_the_reason() {
+    let server = Server::start(ServerOptions::default()).await;
+    let agent = Agent::enrolled(&server, "bad-msg-1");
+    let pair = agent_pair(&agent);
+
+    // Bytes that do not decode: INVALID_ARGUMENT, saying so.
+    let mut grpc = tonic::client::Grpc::new(raw_channel(&server, Some(&pair)).await.unwrap());
+    grpc.ready().await.unwrap();
+    let garbled = tokio_stream::iter(vec![Garbled { records: vec![0xff; 8] }]);
+    let mut rx = grpc
+        .streaming(
+            tonic::Request::new(garbled),
+            tonic::codegen::http::uri::PathAndQuery::from_static("/grpc.Transfer/Transfer"),
+            keel_proto::codec::LeanCodec::<Garbled, keel_proto::grpc::Command>::default(),
+        )
+        .await
+        .unwrap()
+        .into_inner();
+    let status = rx.message().await.expect_err("the stream is refused");
+    assert_eq!(status.code(), tonic::Code::InvalidArgument, "{status:?}");
+    assert!(status.message().contains("decode"), "{status:?}");
+
+    // A message over grpc.max_message_bytes (16 MiB): RESOURCE_EXHAUSTED.
+    let mut s = raw_stream(&server, Some(&pair)).await.unwrap();
+    let huge = EncodedRecord {
+        data_type: 6100,
+        timestamp: 1_700_000_000,
+        data: bytes::Bytes::from(vec![7u8; 17 << 20]),
+    };
+    s.tx.send(batch("bad-msg-1", 1, 1, vec![huge])).await.unwrap();
+    let status = s.rx.message().await.expect_err("the stream is refused");
+    assert_eq!(status.code(), tonic::Code::ResourceExhausted, "{status:?}");
+    assert!(status.message().contains("too large"), "{status:?}");
+
+    // Both are in the server's log, at warn, with the agent's identity.
+    let refusals: Vec<String> = eventually("both refusals in the server's log", || async {
+        let lines: Vec<String> = server
+            .log()
+            .lines()
+            .filter(|l| l.contains("refused a message the stream cannot take"))
+            .map(str::to_owned)
+            .collect();
+        (lines.len() == 2).then_some(lines)
+    })
+    .await;
+    assert!(
+        refusals.iter().all(|l| l.contains("WARN") && l.contains("bad-msg-1")),
+        "{refusals:?}"
+    );
+    // The agent's own stream still works.
+    let mut s = raw_stream(&server, Some(&pair)).await.unwrap();
+    s.tx.send(batch("bad-msg-1", 1, 1, vec![record(1)])).await.unwrap();
+    assert!(s.rx.message().await.unwrap().unwrap().ack.is_some());
 }
