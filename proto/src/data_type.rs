@@ -16,6 +16,12 @@
 //! | 6200–6299 | both | file-delivery plugin: 6200 deliver, 6201 inventory, 6202 remove (down); 6203 host key, 6210 file event (up) | Keel |
 //!
 //! Keel allocates its own agent-level types in 1100–1199. Plugins own their ranges.
+//!
+//! The agent's own types are the agent's alone: a plugin that sends 1000, 1001,
+//! 1050, 1051, 1060 or anything in 1100–1199 faults ([`from_plugin`]), so nothing a
+//! plugin writes can change the registry's view of its host, hide loss, or reach
+//! certificate renewal. A plugin's 1010 (Elkeid's plugin library logs as 1010) is
+//! passed on as 1011, a plugin log: only the agent writes its own error log.
 
 use std::ops::RangeInclusive;
 
@@ -35,6 +41,8 @@ pub const SET_METADATA: i32 = 1051;
 pub const RESTART_AGENT: i32 = 1060;
 /// The agent asks for a new certificate; field `csr` holds a PEM CSR.
 pub const CERT_RENEWAL: i32 = 1100;
+/// Keel's agent-level types.
+pub const AGENT_KEEL: RangeInclusive<i32> = 1100..=1199;
 /// The result of a task, with fields `token`, `status` (`succeeded`/`failed`) and `msg`.
 pub const TASK_RESULT: i32 = 5100;
 
@@ -52,4 +60,49 @@ pub fn is_keel_payload(data_type: i32) -> bool {
         data_type,
         AGENT_HEARTBEAT | PLUGIN_HEARTBEAT | AGENT_ERROR_LOG | PLUGIN_LOG | CERT_RENEWAL | TASK_RESULT
     )
+}
+
+/// What the agent does with a record a plugin sent, by its type.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FromPlugin {
+    /// Passed on unchanged.
+    Pass,
+    /// Passed on as this type instead.
+    As(i32),
+    /// Refused: the type is the agent's own.
+    Refused,
+}
+
+/// Whether a plugin may send `data_type`, and as what.
+pub fn from_plugin(data_type: i32) -> FromPlugin {
+    match data_type {
+        AGENT_ERROR_LOG => FromPlugin::As(PLUGIN_LOG),
+        AGENT_HEARTBEAT | PLUGIN_HEARTBEAT | UPLOAD_FILE | SET_METADATA | RESTART_AGENT => FromPlugin::Refused,
+        t if AGENT_KEEL.contains(&t) => FromPlugin::Refused,
+        _ => FromPlugin::Pass,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn plugins_may_not_send_the_agent_s_own_types() {
+        for t in [
+            AGENT_HEARTBEAT,
+            PLUGIN_HEARTBEAT,
+            UPLOAD_FILE,
+            SET_METADATA,
+            RESTART_AGENT,
+            CERT_RENEWAL,
+            1199,
+        ] {
+            assert_eq!(from_plugin(t), FromPlugin::Refused, "{t}");
+        }
+        assert_eq!(from_plugin(AGENT_ERROR_LOG), FromPlugin::As(PLUGIN_LOG));
+        for t in [PLUGIN_LOG, TASK_RESULT, 1099, 1200, 6001, 6100, 6210, 0, -1] {
+            assert_eq!(from_plugin(t), FromPlugin::Pass, "{t}");
+        }
+    }
 }

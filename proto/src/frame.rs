@@ -46,6 +46,9 @@ pub enum FrameError {
         /// Bytes missing.
         missing: usize,
     },
+    /// The record's type is the agent's own ([`crate::data_type::from_plugin`]).
+    #[error("data_type {0} is the agent's own; a plugin may not send it")]
+    Reserved(i32),
     /// The frame is not a well-formed `Record`.
     #[error("malformed record at byte {offset}: {reason}")]
     Malformed {

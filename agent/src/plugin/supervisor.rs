@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 use bytes::{Buf, BytesMut};
 use keel_common::backoff::Backoff;
 use keel_common::time::now_secs;
+use keel_proto::data_type::{self, FromPlugin};
 use keel_proto::frame::{self, FrameError};
 use keel_proto::grpc::Task;
 use nix::sys::signal::{Signal, killpg};
@@ -180,10 +181,15 @@ fn parse_frames(buf: &mut BytesMut, max: usize, status: &Status, records: &mut V
         }
         buf.advance(4);
         let raw = frame::parse_record(buf.split_to(len).freeze())?;
+        let data_type = match data_type::from_plugin(raw.data_type) {
+            FromPlugin::Pass => raw.data_type,
+            FromPlugin::As(t) => t,
+            FromPlugin::Refused => return Err(FrameError::Reserved(raw.data_type)),
+        };
         status.bytes.fetch_add(len as u64, Ordering::Relaxed);
         let timestamp = if raw.timestamp == 0 { now_secs() } else { raw.timestamp };
         records.push(Record {
-            data_type: raw.data_type,
+            data_type,
             timestamp,
             data: raw.payload,
         });

@@ -344,11 +344,14 @@ async fn misbehaving_plugins_fault_alone_and_the_agent_carries_on() {
     agent.start();
     let api = server.api();
     api.online("faults-1").await;
-    for name in ["good", "crashy", "garbled", "huge", "cut", "deaf"] {
+    for name in ["good", "crashy", "garbled", "huge", "cut", "deaf", "forger"] {
         install(&server, name, "1").await;
     }
-    // Fifty whole records (data_type 6950) and a malformed frame, in one write.
-    let garbage = format!("{}04000000ffffffff", "0300000008a636".repeat(50));
+    // Fifty whole records (data_type 6950), an Elkeid-style plugin log (1010, at
+    // timestamp 12345) and a malformed frame, in one write.
+    let garbage = format!("{}0600000008f20710b96004000000ffffffff", "0300000008a636".repeat(50));
+    // An agent heartbeat (1000) saying `hostname: spoofed`.
+    let forged = "1a00000008e8071a150a130a08686f73746e616d65120773706f6f666564";
     let huge = "ffffff7f";
     // A 100-byte frame announced, 4 bytes written, then the plugin exits.
     let cut = "6400000008e80710";
@@ -359,6 +362,7 @@ async fn misbehaving_plugins_fault_alone_and_the_agent_carries_on() {
         {"name": "huge", "version": "1", "detail": json!({"mode": "raw", "hex": huge}).to_string()},
         {"name": "cut", "version": "1", "detail": json!({"mode": "raw", "hex": cut, "exit": true}).to_string()},
         {"name": "deaf", "version": "1", "detail": json!({"mode": "deaf"}).to_string()},
+        {"name": "forger", "version": "1", "detail": json!({"mode": "raw", "hex": forged}).to_string()},
     ]);
     assert_eq!(server.put_plugins("faults-1", &set).await.0, 200);
 
@@ -374,6 +378,7 @@ async fn misbehaving_plugins_fault_alone_and_the_agent_carries_on() {
         ("garbled", "malformed record"),
         ("huge", "exceeds the 4194304-byte limit"),
         ("cut", "stream ended 96 bytes short"),
+        ("forger", "data_type 1000 is the agent's own"),
     ] {
         let p = plugin_where(&api, "faults-1", name, "a fault", |p| {
             p["heartbeat"]["last_fault"].as_str().is_some_and(|f| !f.is_empty())
@@ -394,6 +399,16 @@ async fn misbehaving_plugins_fault_alone_and_the_agent_carries_on() {
         (n >= 50).then_some(n)
     })
     .await;
+    // The plugin's 1010 went on as a plugin log; the agent's own error log is the agent's.
+    let from_plugin = |t: i64| {
+        sink_records(&server, t)
+            .iter()
+            .filter(|r| r["agent_id"] == "faults-1" && r["timestamp"] == 12345)
+            .count()
+    };
+    assert!(from_plugin(1011) >= 1 && from_plugin(1010) == 0);
+    // The forged heartbeat changed nothing.
+    assert_ne!(api.agent("faults-1").await.unwrap()["hostname"], "spoofed");
 
     // A plugin that never reads its tasks: its queue fills, then tasks are refused as busy.
     plugin_where(&api, "faults-1", "deaf", "running", |p| p["state"] == "running").await;
