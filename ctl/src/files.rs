@@ -165,7 +165,9 @@ impl Item {
 
 /// Sends a task to the agent's file-delivery plugin and waits for its result.
 async fn ask(ctx: &Ctx, agent: &str, data_type: i32, data: &str, timeout: Duration) -> anyhow::Result<Value> {
-    let body = json!({"data_type": data_type, "object_name": PLUGIN, "data": data});
+    // The server ends the task at the same deadline this waits for.
+    let body =
+        json!({"data_type": data_type, "object_name": PLUGIN, "data": data, "timeout_secs": timeout.as_secs().max(1)});
     let created = ctx
         .client
         .call(Method::POST, &["agents", agent, "tasks"], Some(&body))

@@ -144,6 +144,18 @@ async fn json_errors(req: Request, next: Next) -> Response {
     Response::from_parts(parts, axum::body::Body::from(body))
 }
 
+/// A task's `timeout_secs` (default 600, 1 to 604800) in milliseconds.
+fn timeout_ms(secs: Option<u64>) -> Result<i64, ApiError> {
+    const DEFAULT: u64 = 600;
+    const MAX: u64 = 7 * 86400;
+    match secs.unwrap_or(DEFAULT) {
+        s @ 1..=MAX => Ok(i64::try_from(s * 1000).unwrap_or(i64::MAX)),
+        _ => Err(ApiError::bad_request(format!(
+            "timeout_secs must be between 1 and {MAX}"
+        ))),
+    }
+}
+
 /// Who is calling, from a valid bearer token.
 #[derive(Debug, Clone)]
 pub struct Principal {

@@ -149,6 +149,7 @@ async fn run(
                 object_name: PROXY,
                 data: &stored,
                 created_by: by,
+                timeout_ms: i64::try_from(state.config.tunnel.wait.as_millis()).unwrap_or(i64::MAX),
             },
             keel_common::time::now_ms(),
         )

@@ -407,6 +407,7 @@ async fn ask_providers(
                     object_name: PLUGIN,
                     data: task,
                     created_by: "enrollment by key",
+                    timeout_ms: i64::try_from(cfg.provider_timeout.as_millis()).unwrap_or(i64::MAX),
                 },
                 now_ms(),
             )

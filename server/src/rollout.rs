@@ -5,6 +5,10 @@
 //! failure threshold (over the subtasks finished since the task was started or last
 //! resumed): above it the task pauses, otherwise the next batch goes out. Everything
 //! lives in the registry, so a task carries on where it was after a server restart.
+//!
+//! A task sent to one agent (`POST /api/v1/agents/{id}/tasks`, proxy jobs, key
+//! proofs) has a deadline instead; every few seconds whatever is still `sent` past
+//! it ends `timed_out`.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -27,8 +31,12 @@ pub const RESTART_AGENT: &str = "restart-agent";
 /// Any task for a plugin.
 pub const PLUGIN_TASK: &str = "plugin-task";
 
+/// How often tasks sent to single agents are checked against their deadlines.
+const EXPIRE_EVERY_MS: i64 = 5_000;
+
 /// Runs until `shutdown`.
 pub async fn run(state: Arc<ServerState>, shutdown: CancellationToken) {
+    let mut next_expiry = 0;
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => return,
@@ -36,6 +44,14 @@ pub async fn run(state: Arc<ServerState>, shutdown: CancellationToken) {
             _ = tokio::time::sleep(TICK) => {}
         }
         let now = now_ms();
+        if now >= next_expiry {
+            next_expiry = now.saturating_add(EXPIRE_EVERY_MS);
+            match state.store.tasks_expire(now).await {
+                Ok(0) => {}
+                Ok(n) => info!(tasks = n, "tasks ended timed_out: no answer before their deadlines"),
+                Err(e) => warn!(error = %e, "cannot end overdue tasks"),
+            }
+        }
         let lease = i64::try_from(state.config.cluster.lease.as_millis()).unwrap_or(i64::MAX);
         // Only the tasks this instance drives; another takes them over once this
         // instance's lease on them has passed.

@@ -360,6 +360,10 @@ pub struct TaskRequest {
     object_name: String,
     #[serde(default)]
     data: String,
+    /// Seconds the agent has to answer before the task ends `timed_out` (default
+    /// 600, at most 604800).
+    #[serde(default)]
+    timeout_secs: Option<u64>,
 }
 
 fn default_object() -> String {
@@ -395,6 +399,7 @@ pub async fn create_task(
             "data is larger than {MAX_TASK_DATA} bytes"
         )));
     }
+    let timeout_ms = super::timeout_ms(req.timeout_secs)?;
     agent_or_404(&state, &id).await?;
     if !state.is_online(&id).await? {
         return Err(ApiError::conflict(format!("agent {id} is offline")));
@@ -407,6 +412,7 @@ pub async fn create_task(
         object_name: &req.object_name,
         data: &req.data,
         created_by: &who.token_id,
+        timeout_ms,
     };
     state.store.task_sent(&task, now_ms()).await?;
     let cmd = TaskCommand {

@@ -162,10 +162,7 @@ pub async fn create(
     if !(0.0..=1.0).contains(&threshold) {
         return Err(ApiError::bad_request("failure_threshold must be between 0 and 1"));
     }
-    let timeout = n.timeout_secs.unwrap_or(600);
-    if timeout == 0 || timeout > 7 * 86400 {
-        return Err(ApiError::bad_request("timeout_secs must be between 1 and 604800"));
-    }
+    let timeout_ms = super::timeout_ms(n.timeout_secs)?;
     let agents = state.store.list_agents().await?;
     if let Target::Agents(ids) = &n.target
         && let Some(missing) = ids.iter().find(|id| !agents.iter().any(|a| a.id == **id))
@@ -192,7 +189,7 @@ pub async fn create(
         reason: String::new(),
         batch_size,
         failure_threshold: threshold,
-        timeout_ms: i64::try_from(timeout * 1000).unwrap_or(i64::MAX),
+        timeout_ms,
         baseline: (0, 0),
         created_by: who.token_id.clone(),
         created_at: now,

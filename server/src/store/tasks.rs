@@ -21,6 +21,8 @@ pub struct NewTask<'a> {
     pub data: &'a str,
     /// The API token ID that made it.
     pub created_by: &'a str,
+    /// How long the agent has to answer; then the task ends `timed_out`.
+    pub timeout_ms: i64,
 }
 
 /// A task as stored.
@@ -48,8 +50,8 @@ impl Store {
     /// Records a task as sent.
     pub async fn task_sent(&self, t: &NewTask<'_>, now: i64) -> Result<(), StoreError> {
         sqlx::query(
-            "INSERT INTO tasks (token, agent_id, data_type, object_name, data, created_by, created_at, status) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, 'sent')",
+            "INSERT INTO tasks (token, agent_id, data_type, object_name, data, created_by, created_at, status, deadline) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, 'sent', $8)",
         )
         .bind(t.token)
         .bind(t.agent_id)
@@ -58,9 +60,30 @@ impl Store {
         .bind(t.data)
         .bind(t.created_by)
         .bind(now)
+        .bind(now.saturating_add(t.timeout_ms))
         .execute(&self.pool)
         .await?;
         Ok(())
+    }
+
+    /// Ends every task sent to one agent whose deadline passed without an answer
+    /// (`timed_out`): a plugin that never reads its tasks, an agent that went away.
+    /// Returns how many ended.
+    pub async fn tasks_expire(&self, now: i64) -> Result<u64, StoreError> {
+        let result = serde_json::json!({
+            "status": "timed_out",
+            "msg": "no answer before the task's deadline (timeout_secs)",
+        })
+        .to_string();
+        let done = sqlx::query(
+            "UPDATE tasks SET status = 'timed_out', result = $1, finished_at = $2 \
+             WHERE status = 'sent' AND deadline < $2 AND job_id IS NULL",
+        )
+        .bind(result)
+        .bind(now)
+        .execute(&self.pool)
+        .await?;
+        Ok(done.rows_affected())
     }
 
     /// Stores a 5100 result. Only the agent the task was sent to can complete it;
@@ -173,6 +196,7 @@ mod tests {
             object_name: "keel-agent",
             data: "{}",
             created_by: "x",
+            timeout_ms: 1_000,
         };
         store.task_sent(&t, 1).await.unwrap();
         let fields = HashMap::from([("status".to_owned(), "succeeded".to_owned())]);
@@ -182,6 +206,36 @@ mod tests {
         let row = store.get_task("t1").await.unwrap().unwrap();
         assert_eq!(row.status, "succeeded");
         assert_eq!(row.finished_at, Some(3));
+    }
+
+    #[tokio::test]
+    async fn a_task_without_an_answer_by_its_deadline_times_out() {
+        let (store, _dir) = test_store().await;
+        for (token, timeout_ms) in [("quick", 100), ("slow", 10_000), ("answered", 100)] {
+            let t = NewTask {
+                token,
+                agent_id: "a1",
+                data_type: 6900,
+                object_name: "deaf",
+                data: "",
+                created_by: "x",
+                timeout_ms,
+            };
+            store.task_sent(&t, 1_000).await.unwrap();
+        }
+        let fields = HashMap::from([("status".to_owned(), "succeeded".to_owned())]);
+        assert!(store.task_result("answered", "a1", &fields, 1_050).await.unwrap());
+        assert_eq!(store.tasks_expire(1_100).await.unwrap(), 0, "not before the deadline");
+        assert_eq!(store.tasks_expire(1_101).await.unwrap(), 1);
+        let quick = store.get_task("quick").await.unwrap().unwrap();
+        assert_eq!(quick.status, "timed_out");
+        assert_eq!(quick.finished_at, Some(1_101));
+        assert_eq!(quick.result.unwrap()["status"], "timed_out");
+        assert_eq!(store.get_task("slow").await.unwrap().unwrap().status, "sent");
+        assert_eq!(store.get_task("answered").await.unwrap().unwrap().status, "succeeded");
+        // A late answer does not reopen it.
+        assert!(!store.task_result("quick", "a1", &fields, 1_200).await.unwrap());
+        assert_eq!(store.tasks_expire(20_000).await.unwrap(), 1, "slow, in its turn");
     }
 
     #[tokio::test]

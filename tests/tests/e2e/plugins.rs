@@ -414,7 +414,7 @@ async fn misbehaving_plugins_fault_alone_and_the_agent_carries_on() {
     plugin_where(&api, "faults-1", "deaf", "running", |p| p["state"] == "running").await;
     let mut tokens = Vec::new();
     for i in 0..600 {
-        let body = json!({"data_type": 6900, "object_name": "deaf", "data": format!("{i}:{}", "x".repeat(1000))});
+        let body = json!({"data_type": 6900, "object_name": "deaf", "data": format!("{i}:{}", "x".repeat(1000)), "timeout_secs": 3});
         let (status, answer) = api.post("/api/v1/agents/faults-1/tasks", &body).await;
         assert_eq!(status, 202, "{answer}");
         tokens.push(answer["token"].as_str().unwrap().to_owned());
@@ -429,6 +429,24 @@ async fn misbehaving_plugins_fault_alone_and_the_agent_carries_on() {
         busy["result"]["msg"].as_str().unwrap().starts_with("busy: plugin deaf"),
         "{busy}"
     );
+    // What waits in the plugin's queue, never read, ends at its deadline.
+    let first = tokens[0].clone();
+    let overdue = eventually("a task the plugin never read to time out", || async {
+        let (_, t) = api.get(&format!("/api/v1/tasks/{first}")).await;
+        (t["status"] != "sent").then_some(t)
+    })
+    .await;
+    assert_eq!(overdue["status"], "timed_out", "{overdue}");
+    let (_, still) = api.get(&format!("/api/v1/tasks/{last}")).await;
+    assert_eq!(still["status"], "failed", "an answered task keeps its answer");
+    let (status, body) = api
+        .post(
+            "/api/v1/agents/faults-1/tasks",
+            &json!({"data_type": 6900, "object_name": "deaf", "timeout_secs": 0}),
+        )
+        .await;
+    assert_eq!(status, 400, "{body}");
+    assert!(body["error"].as_str().unwrap().contains("timeout_secs"), "{body}");
 
     // The agent and the well-behaved plugin are unaffected.
     let t = task(&api, "faults-1", "good", "still here").await;
