@@ -125,6 +125,10 @@ pub struct TransferSection {
     /// Recent batches also kept in memory, so sending rarely reads the disk.
     #[serde(default = "default_spool_cache")]
     pub spool_cache_bytes: u64,
+    /// Free space the spool leaves on its file system: a fuller disk counts as
+    /// a full spool.
+    #[serde(default = "default_spool_min_free")]
+    pub spool_min_free_bytes: u64,
     /// How often the spool is flushed to stable storage.
     #[serde(default = "default_spool_sync", with = "humantime_serde")]
     pub spool_sync_interval: Duration,
@@ -293,6 +297,9 @@ fn default_spool_bytes() -> u64 {
 fn default_segment_bytes() -> u64 {
     16 << 20
 }
+fn default_spool_min_free() -> u64 {
+    64 << 20
+}
 fn default_spool_cache() -> u64 {
     32 << 20
 }
@@ -367,6 +374,7 @@ impl Default for TransferSection {
             spool_max_bytes: default_spool_bytes(),
             spool_segment_bytes: default_segment_bytes(),
             spool_cache_bytes: default_spool_cache(),
+            spool_min_free_bytes: default_spool_min_free(),
             spool_sync_interval: default_spool_sync(),
         }
     }

@@ -9,14 +9,14 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
 use keel_common::time::now_secs;
 use keel_proto::payload;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
-use tracing::error;
+use tracing::{error, info};
 
 use crate::spool::Spool;
 use crate::transport::Header;
@@ -131,9 +131,13 @@ impl Building {
     }
 }
 
+/// How often a spool that keeps refusing batches is logged.
+const SPOOL_WARN_EVERY: Duration = Duration::from_secs(10);
+
 /// Cuts the record channel into batches until `shutdown` and the channel is
-/// drained, appending each to `spool`. Returns when the spool fails or every
-/// producer is gone.
+/// drained, appending each to `spool`. Returns when every producer is gone. A
+/// batch the spool cannot take is counted there as dropped; this carries on, so
+/// the data flow resumes by itself once the spool has room again.
 pub async fn batcher(
     mut rx: mpsc::Receiver<Vec<Record>>,
     spool: Arc<Spool>,
@@ -142,6 +146,7 @@ pub async fn batcher(
     shutdown: CancellationToken,
 ) {
     let mut stopping = false;
+    let mut refused = Refusals::default();
     loop {
         let first = if stopping {
             rx.try_recv().ok()
@@ -182,15 +187,47 @@ pub async fn batcher(
         let records = u32::try_from(batch.records).unwrap_or(u32::MAX);
         let appended = tokio::task::spawn_blocking(move || spool.append(batch.buf, records)).await;
         match appended {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => {
-                error!(error = %e, "cannot write to the spool; records are held back");
-                return;
-            }
-            Err(e) => {
-                error!(error = %e, "spool task failed");
-                return;
-            }
+            Ok(Ok(())) => refused.recovered(),
+            Ok(Err(e)) => refused.note(&e.to_string(), records),
+            Err(e) => refused.note(&format!("spool task failed: {e}"), records),
+        }
+    }
+}
+
+/// Batches the spool refused, logged at most every [`SPOOL_WARN_EVERY`].
+#[derive(Default)]
+struct Refusals {
+    last_warning: Option<Instant>,
+    batches: u64,
+    records: u64,
+}
+
+impl Refusals {
+    fn note(&mut self, error: &str, records: u32) {
+        self.batches += 1;
+        self.records += u64::from(records);
+        if self.last_warning.is_none_or(|t| t.elapsed() >= SPOOL_WARN_EVERY) {
+            error!(
+                error,
+                batches = self.batches,
+                records = self.records,
+                "the spool refused batches; their records are counted as dropped"
+            );
+            self.last_warning = Some(Instant::now());
+            self.batches = 0;
+            self.records = 0;
+        }
+    }
+
+    fn recovered(&mut self) {
+        if self.last_warning.take().is_some() {
+            info!(
+                refused_since_warning = self.batches,
+                dropped_records = self.records,
+                "the spool takes batches again"
+            );
+            self.batches = 0;
+            self.records = 0;
         }
     }
 }
@@ -220,6 +257,7 @@ mod tests {
                 max_bytes: 1 << 20,
                 segment_bytes: 1 << 20,
                 cache_bytes: 1 << 20,
+                min_free_bytes: 0,
             })
             .unwrap(),
         );

@@ -193,6 +193,7 @@ pub async fn run(
             .min(config.transfer.spool_max_bytes / 8)
             .max(1 << 16),
         cache_bytes: config.transfer.spool_cache_bytes,
+        min_free_bytes: config.transfer.spool_min_free_bytes,
     })?);
 
     let stop = shutdown.child_token();

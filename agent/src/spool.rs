@@ -9,10 +9,14 @@
 //! when the spool is opened again. Recent batches are also kept in memory (up to
 //! `cache_bytes`) so sending rarely reads the disk.
 //!
-//! The spool is bounded by `max_bytes`. While connected, a full spool makes the
-//! batcher wait (backpressure reaches the plugins). While disconnected, the oldest
-//! segment is evicted and its records counted as dropped: the only way a record is
-//! lost, and always reported.
+//! The spool is bounded by `max_bytes`, and by the free space of its file system
+//! less `min_free_bytes`: a full disk is a full spool. While connected, a full
+//! spool makes the batcher wait (backpressure reaches the plugins). While
+//! disconnected, the oldest segment is evicted and its records counted as dropped.
+//! A batch that finds no room even in an empty spool (the disk filled by something
+//! else), or whose write fails, is dropped and counted the same way; the next
+//! batch tries again, so writing resumes on its own when space returns. Eviction
+//! and these drops are the only ways a record is lost, and always reported.
 //!
 //! `epoch` (in `<dir>/epoch`) names the sequence space. It is kept while the spool
 //! holds batches and renewed when the spool opens empty, so the server never takes
@@ -44,6 +48,8 @@ pub struct SpoolOptions {
     pub segment_bytes: u64,
     /// Batches kept in memory as well, to send without reading the disk.
     pub cache_bytes: u64,
+    /// Free space the spool leaves on its file system.
+    pub min_free_bytes: u64,
 }
 
 /// The spool could not be used.
@@ -68,7 +74,8 @@ pub struct SpoolStats {
     pub bytes: u64,
     /// Batches waiting for an acknowledgement.
     pub batches: usize,
-    /// Records evicted because the bound was hit while disconnected.
+    /// Records lost: evicted because the bound was hit while disconnected, or not
+    /// written for want of space or for an I/O error.
     pub dropped_records: u64,
     /// Batches sent more than once.
     pub resent_batches: u64,
@@ -312,10 +319,58 @@ impl Spool {
 
     /// Appends a batch: `body` is an encoded `PackagedData` without seq and epoch,
     /// which are added here. Blocks while the spool is full and connected.
-    pub fn append(&self, mut body: BytesMut, records: u32) -> Result<(), SpoolError> {
-        let mut st = self.lock();
+    ///
+    /// A batch that cannot be written (no room left even with the spool empty, or
+    /// an I/O error) is counted in `dropped_records` and the error returned; the
+    /// spool stays usable.
+    pub fn append(&self, body: BytesMut, records: u32) -> Result<(), SpoolError> {
+        let (mut st, result) = self.append_locked(self.lock(), body, records);
+        if result.is_err() {
+            st.dropped_records += u64::from(records);
+        }
+        drop(st);
+        if result.is_ok() {
+            self.wake.notify_waiters();
+        }
+        result
+    }
+
+    /// How large the spool may grow now: `max_bytes`, or what it holds plus the
+    /// file system's free space less `min_free_bytes`, whichever is smaller.
+    fn bound(&self, st: &State) -> u64 {
+        match nix::sys::statvfs::statvfs(&self.opts.dir) {
+            Ok(fs) => {
+                let free = fs.blocks_available().saturating_mul(fs.fragment_size());
+                self.opts
+                    .max_bytes
+                    .min(st.bytes.saturating_add(free.saturating_sub(self.opts.min_free_bytes)))
+            }
+            Err(_) => self.opts.max_bytes,
+        }
+    }
+
+    fn append_locked<'a>(
+        &'a self,
+        mut st: MutexGuard<'a, State>,
+        mut body: BytesMut,
+        records: u32,
+    ) -> (MutexGuard<'a, State>, Result<(), SpoolError>) {
         let need = (HEADER + body.len() + 22) as u64;
-        while st.bytes + need > self.opts.max_bytes && !st.entries.is_empty() {
+        loop {
+            if st.bytes + need <= self.bound(&st) {
+                break;
+            }
+            if st.entries.is_empty() {
+                let source = std::io::Error::new(
+                    std::io::ErrorKind::StorageFull,
+                    format!(
+                        "no room for a {need}-byte batch with {} bytes left free on the file system (min_free_bytes)",
+                        self.opts.min_free_bytes
+                    ),
+                );
+                let path = self.opts.dir.clone();
+                return (st, Err(SpoolError { path, source }));
+            }
             if st.connected {
                 st = self
                     .space
@@ -336,12 +391,10 @@ impl Spool {
             let id = st.next_segment;
             st.next_segment += 1;
             let path = segment_path(&self.opts.dir, id);
-            let file = OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(&path)
-                .map_err(err(&path))?;
-            st.active = Some(file);
+            match OpenOptions::new().create(true).append(true).open(&path) {
+                Ok(file) => st.active = Some(file),
+                Err(source) => return (st, Err(SpoolError { path, source })),
+            }
             st.segments.push_back(Segment {
                 id,
                 bytes: 0,
@@ -359,10 +412,11 @@ impl Spool {
             .active
             .as_mut()
             .map(|f| f.write_all(&frame).and_then(|()| f.write_all(&data)));
-        if let Some(Err(e)) = write {
-            // The segment may now hold part of an entry: close it so nothing follows the tear.
+        if let Some(Err(source)) = write {
+            // The segment may now hold part of an entry: close it so nothing follows
+            // the tear (it is cut off when the spool is next opened).
             st.active = None;
-            return Err(SpoolError { path, source: e });
+            return (st, Err(SpoolError { path, source }));
         }
         let total = (HEADER + data.len()) as u64;
         if let Some(seg) = st.segments.back_mut() {
@@ -389,9 +443,7 @@ impl Spool {
             }
             i += 1;
         }
-        drop(st);
-        self.wake.notify_waiters();
-        Ok(())
+        (st, Ok(()))
     }
 
     /// Starts over from the oldest unacknowledged batch, for a new stream.
@@ -462,6 +514,8 @@ impl Spool {
             warn!(epoch, "acknowledgement for another epoch ignored");
             return;
         }
+        // Nothing past what was written can be acknowledged.
+        let seq = seq.min(st.next_seq.saturating_sub(1));
         while st.entries.front().is_some_and(|e| e.seq <= seq) {
             if let Some(e) = st.entries.pop_front()
                 && e.data.is_some()
@@ -546,6 +600,7 @@ mod tests {
             max_bytes: max,
             segment_bytes: segment,
             cache_bytes: 64,
+            min_free_bytes: 0,
         }
     }
 
@@ -636,6 +691,52 @@ mod tests {
         assert_eq!(st.dropped_records, 3 * (10 - st.batches as u64));
         let (b, _) = s.next().await.unwrap();
         assert_eq!(seq_of(&b) as usize, 10 - st.batches + 1, "the oldest went first");
+    }
+
+    #[tokio::test]
+    async fn a_full_disk_is_a_full_spool_and_writing_resumes_when_space_returns() {
+        let dir = tempfile::tempdir().unwrap();
+        let _fs = keel_common::testfs::TmpFs::mount(dir.path(), "1m");
+        let mut o = opts(dir.path(), 64 << 20, 64 << 10);
+        o.min_free_bytes = 256 << 10;
+        let s = Spool::open(o).unwrap();
+        let batch = || BytesMut::from(&[7u8; 8 << 10][..]);
+        // Disconnected, 1.6 MB into what the disk leaves: the oldest make room.
+        for _ in 0..200 {
+            s.append(batch(), 10).unwrap();
+        }
+        let st = s.stats();
+        assert!(st.bytes <= (1 << 20) - (256 << 10), "{st:?}");
+        assert!(st.batches > 0 && st.dropped_records > 0, "{st:?}");
+        assert_eq!(st.dropped_records, 10 * (200 - st.batches as u64), "every loss counted");
+
+        // Something else fills the disk: what the spool holds makes room.
+        let ballast = dir.path().join("ballast");
+        let fill = || {
+            let mut f = OpenOptions::new().create(true).append(true).open(&ballast).unwrap();
+            while f.write_all(&[0u8; 4 << 10]).is_ok() {}
+        };
+        fill();
+        s.append(batch(), 10).unwrap();
+        let squeezed = s.stats();
+        assert!(squeezed.batches < st.batches, "{squeezed:?}");
+        assert_eq!(squeezed.dropped_records, 10 * (201 - squeezed.batches as u64));
+
+        // All sent and acknowledged, and the disk filled again: the batch itself is
+        // dropped and counted, and the spool stays usable.
+        s.ack(s.epoch(), u64::MAX);
+        fill();
+        let e = s.append(batch(), 10).unwrap_err().to_string();
+        assert!(e.contains("no room"), "{e}");
+        let full = s.stats();
+        assert_eq!((full.batches, full.bytes), (0, 0), "{full:?}");
+        assert_eq!(full.dropped_records, squeezed.dropped_records + 10, "{full:?}");
+
+        // Space returns: writing resumes by itself.
+        std::fs::remove_file(&ballast).unwrap();
+        s.append(batch(), 10).unwrap();
+        assert_eq!(s.stats().batches, 1);
+        assert_eq!(s.stats().dropped_records, full.dropped_records);
     }
 
     #[tokio::test]

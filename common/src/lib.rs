@@ -10,6 +10,8 @@ pub mod ids;
 pub mod logging;
 pub mod secret;
 pub mod shutdown;
+#[cfg(feature = "test-support")]
+pub mod testfs;
 pub mod time;
 pub mod tls;
 

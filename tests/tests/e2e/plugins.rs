@@ -560,6 +560,18 @@ async fn agents_sharing_a_cgroup_never_touch_each_other_s_plugins() {
     assert!(!agents[1].log().contains("killed by"), "{}", agents[1].log());
 }
 
+/// Installs the emitting test plugin on `agent_id` with `detail` and waits until
+/// it runs.
+async fn run_emitter(server: &Server, agent_id: &str, detail: &Value) {
+    install(server, "emitter", "1").await;
+    let set = json!([{"name": "emitter", "version": "1", "detail": detail.to_string()}]);
+    assert_eq!(server.put_plugins(agent_id, &set).await.0, 200);
+    plugin_where(&server.api(), agent_id, "emitter", "running", |p| {
+        p["state"] == "running"
+    })
+    .await;
+}
+
 /// The `i` fields of the emitted records in the sink.
 fn emitted(server: &Server) -> Vec<u64> {
     sink_records(server, 6100)
@@ -592,16 +604,13 @@ async fn nothing_is_lost_or_doubled_when_the_server_is_killed_mid_stream() {
     agent.start();
     let api = server.api();
     api.online("loss-1").await;
-    install(&server, "emitter", "1").await;
     const K: u64 = 150_000;
-    let detail = json!({"mode": "emit", "count": K, "delay_ms": 2000}).to_string();
-    server
-        .put_plugins(
-            "loss-1",
-            &json!([{"name": "emitter", "version": "1", "detail": detail}]),
-        )
-        .await;
-    plugin_where(&api, "loss-1", "emitter", "running", |p| p["state"] == "running").await;
+    run_emitter(
+        &server,
+        "loss-1",
+        &json!({"mode": "emit", "count": K, "delay_ms": 2000}),
+    )
+    .await;
     let before = records_file_len(&server);
     // Kill the server once the emitted records have started to arrive.
     eventually_within(Duration::from_secs(60), "records to start arriving", || async {
@@ -627,16 +636,13 @@ async fn the_spool_keeps_records_across_an_agent_restart_while_the_server_is_dow
     agent.start();
     let api = server.api();
     api.online("spool-1").await;
-    install(&server, "emitter", "1").await;
     const K: u64 = 20_000;
-    let detail = json!({"mode": "emit", "count": K, "delay_ms": 3000}).to_string();
-    server
-        .put_plugins(
-            "spool-1",
-            &json!([{"name": "emitter", "version": "1", "detail": detail}]),
-        )
-        .await;
-    plugin_where(&api, "spool-1", "emitter", "running", |p| p["state"] == "running").await;
+    run_emitter(
+        &server,
+        "spool-1",
+        &json!({"mode": "emit", "count": K, "delay_ms": 3000}),
+    )
+    .await;
     server.stop();
     let marker = agent.state_dir().join("plugins/emitter/emitted");
     eventually("the plugin to emit everything while the server is down", || async {
@@ -736,4 +742,62 @@ async fn the_local_plugin_set_runs_until_the_server_sends_one() {
     })
     .await;
     assert_eq!(a["heartbeat"]["plugins"], "", "the local set did not come back: {a}");
+}
+
+#[tokio::test]
+async fn a_full_disk_loses_only_what_it_counts_and_the_agent_carries_on() {
+    let mut server = Server::start(server_opts("")).await;
+    let mut agent = Agent::with(&server, "disk-1", "", "[transfer]\nspool_min_free_bytes = 1048576\n");
+    let out = agent.enroll(&server, &server.enrollment_token(1, "10m"), Some(&server.fingerprint()));
+    assert!(out.status.success());
+    // The spool on 6 MB of its own, 1 MB of which it leaves free.
+    let _disk = keel_common::testfs::TmpFs::mount(&agent.state_dir().join("spool"), "6m");
+    agent.start();
+    let api = server.api();
+    api.online("disk-1").await;
+    // About 25 MB of records while the server is down.
+    const K: u64 = 200_000;
+    run_emitter(
+        &server,
+        "disk-1",
+        &json!({"mode": "emit", "count": K, "delay_ms": 3000}),
+    )
+    .await;
+    server.stop();
+    let marker = agent.state_dir().join("plugins/emitter/emitted");
+    eventually_within(Duration::from_secs(60), "the plugin to emit everything", || async {
+        marker.exists().then_some(())
+    })
+    .await;
+
+    // The server returns: the agent sends what it kept and says what it dropped.
+    server.restart().await;
+    let dropped = eventually_within(Duration::from_secs(60), "a heartbeat counting the loss", || async {
+        let a = api.agent("disk-1").await?;
+        let dropped: u64 = a["heartbeat"]["dropped"].as_str()?.parse().ok()?;
+        (a["online"] == true && dropped > 0).then_some(dropped)
+    })
+    .await;
+    let got = eventually_within(Duration::from_secs(60), "what the spool kept in the sink", || async {
+        let got = emitted(&server);
+        let unique = got.iter().collect::<HashSet<_>>().len() as u64;
+        (unique > 0 && unique + dropped >= K).then_some(got)
+    })
+    .await;
+    let unique: HashSet<u64> = got.iter().copied().collect();
+    assert_eq!(unique.len(), got.len(), "nothing arrived twice");
+    // Every record is either in the sink or counted (the count also holds the
+    // agent's own heartbeats and logs from the outage, a few dozen).
+    let kept = unique.len() as u64;
+    assert!(
+        kept + dropped >= K && kept + dropped < K + 1_000,
+        "kept {kept} + dropped {dropped} against {K} emitted"
+    );
+    assert!(kept < K, "the disk was too small to keep everything");
+    // And the agent carries on: heartbeats keep coming.
+    let before = api.agent("disk-1").await.unwrap()["last_heartbeat"].clone();
+    eventually("another heartbeat", || async {
+        api.agent("disk-1").await.filter(|a| a["last_heartbeat"] != before)
+    })
+    .await;
 }
