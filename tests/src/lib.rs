@@ -694,14 +694,32 @@ impl Agent {
 
     /// Starts `keel-agent run`.
     pub fn start(&mut self) {
+        let cmd = self.cmd(&["run"]);
+        self.spawn(cmd);
+    }
+
+    /// Starts `keel-agent run` holding `fd` open without close-on-exec, as a
+    /// careless parent process would leave it.
+    pub fn start_with_inherited_fd(&mut self, fd: u32) {
+        let mut cmd = Command::new("sh");
+        cmd.arg("-c")
+            .arg(format!("exec {fd}</dev/null; exec \"$0\" \"$@\""))
+            .arg(&self.exe)
+            .arg("--config")
+            .arg(&self.config)
+            .arg("run")
+            .env_remove("KEEL_LOG");
+        self.spawn(cmd);
+    }
+
+    fn spawn(&mut self, mut cmd: Command) {
         assert!(self.child.is_none(), "agent already running");
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
             .open(self.log_path())
             .expect("log file");
-        let child = self
-            .cmd(&["run"])
+        let child = cmd
             .env("KEEL_LOG", "info,keel_agent=debug")
             .stdout(Stdio::null())
             .stderr(log)

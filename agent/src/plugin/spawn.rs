@@ -1,7 +1,8 @@
 //! Starting a plugin process with its two pipes on fds 3 and 4.
 //!
 //! This is the agent's only `unsafe`: the `pre_exec` hook that moves the pipe ends
-//! onto fds 3 and 4 and puts the child into its cgroup before `exec`.
+//! onto fds 3 and 4, puts the child into its cgroup and marks every other
+//! descriptor from 5 on close-on-exec, before `exec`.
 //!
 //! Why it is sound: the hook runs in the forked child before `exec`, where only
 //! async-signal-safe calls are allowed. It calls only `dup2(2)` and `write(2)` on
@@ -62,7 +63,8 @@ pub fn spawn(exe: &Path, dir: &Path, env: &[(String, String)], cgroup_procs: Vec
         .process_group(0)
         .kill_on_drop(false);
     #[allow(unsafe_code)]
-    // SAFETY: see the module documentation; the closure only calls dup2 and write.
+    // SAFETY: see the module documentation; the closure only calls dup2, write,
+    // close_range (or fcntl) and getrlimit, all async-signal-safe.
     unsafe {
         cmd.pre_exec(move || {
             if libc_dup2(t, 3) < 0 || libc_dup2(r, 4) < 0 {
@@ -74,6 +76,7 @@ pub fn spawn(exe: &Path, dir: &Path, env: &[(String, String)], cgroup_procs: Vec
                     return Err(std::io::Error::last_os_error());
                 }
             }
+            close_on_exec_from(5);
             Ok(())
         });
     }
@@ -88,6 +91,30 @@ pub fn spawn(exe: &Path, dir: &Path, env: &[(String, String)], cgroup_procs: Vec
         stderr: child.stderr.take(),
         child,
     })
+}
+
+/// Marks every descriptor from `first` on close-on-exec, so the plugin inherits
+/// only 0–4 whatever the agent was given by its parent. Marked rather than closed:
+/// the spawner's own pipe, which reports a failed `exec`, must stay open until then.
+fn close_on_exec_from(first: u32) {
+    const CLOSE_RANGE_CLOEXEC: u32 = 1 << 2;
+    #[allow(unsafe_code)]
+    // SAFETY: close_range takes integers only; it changes descriptor flags.
+    let done = unsafe { nix::libc::syscall(nix::libc::SYS_close_range, first, u32::MAX, CLOSE_RANGE_CLOEXEC) };
+    if done == 0 {
+        return;
+    }
+    // Before Linux 5.11: one descriptor at a time, up to the process's limit.
+    let limit =
+        nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE).map_or(1024, |(soft, _)| soft);
+    let first = i32::try_from(first).unwrap_or(i32::MAX);
+    for fd in first..i32::try_from(limit.min(1 << 20)).unwrap_or(1024) {
+        #[allow(unsafe_code)]
+        // SAFETY: fcntl on an integer descriptor; a closed one gives EBADF.
+        unsafe {
+            nix::libc::fcntl(fd, nix::libc::F_SETFD, nix::libc::FD_CLOEXEC);
+        }
+    }
 }
 
 fn libc_dup2(from: i32, to: i32) -> i32 {

@@ -801,3 +801,38 @@ async fn a_full_disk_loses_only_what_it_counts_and_the_agent_carries_on() {
     })
     .await;
 }
+
+#[tokio::test]
+async fn plugins_inherit_only_descriptors_0_to_4() {
+    let server = Server::start(server_opts("")).await;
+    let mut agent = Agent::enrolled(&server, "fds-1");
+    // The agent's parent left descriptor 7 open and inheritable.
+    agent.start_with_inherited_fd(7);
+    let api = server.api();
+    api.online("fds-1").await;
+    let agent_pid = agent.pid().unwrap();
+    assert!(
+        Path::new(&format!("/proc/{agent_pid}/fd/7")).exists(),
+        "the agent holds descriptor 7"
+    );
+    install(&server, "plain", "1").await;
+    assert_eq!(
+        server
+            .put_plugins(
+                "fds-1",
+                // Deaf: it opens nothing of its own.
+                &json!([{"name": "plain", "version": "1", "detail": json!({"mode": "deaf"}).to_string()}])
+            )
+            .await
+            .0,
+        200
+    );
+    let p = plugin_where(&api, "fds-1", "plain", "running", |p| p["state"] == "running").await;
+    let pid = p["pid"].as_u64().unwrap();
+    let fds: Vec<u32> = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+        .collect();
+    assert!(fds.iter().all(|fd| *fd <= 4), "the plugin's descriptors: {fds:?}");
+    assert!(fds.contains(&3) && fds.contains(&4), "its two pipes: {fds:?}");
+}
