@@ -18,6 +18,11 @@
 //! batch tries again, so writing resumes on its own when space returns. Eviction
 //! and these drops are the only ways a record is lost, and always reported.
 //!
+//! The count of lost records is kept in `<dir>/dropped`, rewritten in place at
+//! each loss, so it survives agent restarts (and kill -9) and the heartbeat's
+//! `dropped` only ever grows: a loss while disconnected is reported once the agent
+//! reconnects, whatever happened in between.
+//!
 //! `epoch` (in `<dir>/epoch`) names the sequence space. It is kept while the spool
 //! holds batches and renewed when the spool opens empty, so the server never takes
 //! a new batch for a resend of an old one.
@@ -113,6 +118,8 @@ struct State {
     highest_sent: u64,
     connected: bool,
     dropped_records: u64,
+    /// `<dir>/dropped`, where `dropped_records` is kept.
+    loss_file: Option<File>,
     resent: u64,
     acked: u64,
 }
@@ -190,6 +197,37 @@ fn read_entry(path: &Path, offset: u64, len: u32, seq: u64, records: u32) -> std
 }
 
 /// Appends protobuf varint field `field` = `value` (PackagedData's seq and epoch).
+/// Opens `<dir>/dropped` (0600) holding `count`, written at its full width now so
+/// that rewriting it needs no new space on a full disk.
+fn open_loss_file(path: &Path, count: u64) -> std::io::Result<File> {
+    use std::os::unix::fs::{FileExt, OpenOptionsExt};
+    let f = OpenOptions::new()
+        .create(true)
+        .write(true)
+        .truncate(false)
+        .mode(0o600)
+        .open(path)?;
+    let text = loss_text(count);
+    f.write_all_at(text.as_bytes(), 0)?;
+    f.set_len(text.len() as u64)?;
+    Ok(f)
+}
+
+fn loss_text(count: u64) -> String {
+    format!("{count:020}\n")
+}
+
+/// Counts `records` as lost, in memory and in `<dir>/dropped`.
+fn record_loss(st: &mut State, records: u64) {
+    use std::os::unix::fs::FileExt;
+    st.dropped_records += records;
+    if let Some(f) = &st.loss_file
+        && let Err(e) = f.write_all_at(loss_text(st.dropped_records).as_bytes(), 0)
+    {
+        warn!(error = %e, dropped = st.dropped_records, "cannot keep the count of lost records on disk");
+    }
+}
+
 fn put_varint_field(buf: &mut BytesMut, field: u32, value: u64) {
     prost::encoding::encode_key(field, prost::encoding::WireType::Varint, buf);
     prost::encoding::encode_varint(value, buf);
@@ -248,6 +286,12 @@ impl Spool {
             );
         }
         let first = entries.first().map_or(next_seq, |e| e.seq);
+        let loss_path = dir.join("dropped");
+        let dropped_records = std::fs::read_to_string(&loss_path)
+            .ok()
+            .and_then(|s| s.trim().parse().ok())
+            .unwrap_or(0);
+        let loss_file = open_loss_file(&loss_path, dropped_records).map_err(err(&loss_path))?;
         let state = State {
             epoch,
             next_seq,
@@ -260,7 +304,8 @@ impl Spool {
             cursor: first,
             highest_sent: next_seq - 1,
             connected: false,
-            dropped_records: 0,
+            dropped_records,
+            loss_file: Some(loss_file),
             resent: 0,
             acked: first - 1,
         };
@@ -303,7 +348,7 @@ impl Spool {
             }
         }
         st.bytes -= seg.bytes;
-        st.dropped_records += dropped;
+        record_loss(st, dropped);
         if st.cursor <= seg.last_seq {
             st.cursor = seg.last_seq + 1;
         }
@@ -326,7 +371,7 @@ impl Spool {
     pub fn append(&self, body: BytesMut, records: u32) -> Result<(), SpoolError> {
         let (mut st, result) = self.append_locked(self.lock(), body, records);
         if result.is_err() {
-            st.dropped_records += u64::from(records);
+            record_loss(&mut st, u64::from(records));
         }
         drop(st);
         if result.is_ok() {
@@ -737,6 +782,30 @@ mod tests {
         s.append(batch(), 10).unwrap();
         assert_eq!(s.stats().batches, 1);
         assert_eq!(s.stats().dropped_records, full.dropped_records);
+    }
+
+    #[tokio::test]
+    async fn the_count_of_lost_records_survives_a_restart() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Spool::open(opts(dir.path(), 350, 150)).unwrap();
+        for n in 1..=10 {
+            s.append(body(n), 3).unwrap();
+        }
+        let lost = s.stats().dropped_records;
+        assert!(lost > 0);
+        // Gone without a word (as after kill -9), then back.
+        drop(s);
+        let s = Spool::open(opts(dir.path(), 350, 150)).unwrap();
+        assert_eq!(s.stats().dropped_records, lost, "the count came back");
+        s.append(body(11), 3).unwrap();
+        s.append(body(12), 3).unwrap();
+        assert!(s.stats().dropped_records > lost, "and goes on from there");
+        let on_disk: u64 = std::fs::read_to_string(dir.path().join("dropped"))
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap();
+        assert_eq!(on_disk, s.stats().dropped_records);
     }
 
     #[tokio::test]

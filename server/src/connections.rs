@@ -271,7 +271,7 @@ mod tests {
             shrink_sparse(&mut m);
         }
         assert_eq!(m.len(), 1_000);
-        assert!(m.capacity() < full / 4, "capacity {} of {full}", m.capacity());
+        assert!(m.capacity() <= full / 4, "capacity {} of {full}", m.capacity());
         assert!(m.values().all(|v| *v >= 9_000), "what stays is kept");
         let mut small: HashMap<u32, u32> = (0..10).map(|i| (i, i)).collect();
         let room = small.capacity();
