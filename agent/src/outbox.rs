@@ -183,13 +183,17 @@ pub async fn batcher(
             let h = header.read().unwrap_or_else(|p| p.into_inner());
             wire::put_header(&mut batch.buf, &h);
         }
-        let spool = Arc::clone(&spool);
+        let writer = Arc::clone(&spool);
         let records = u32::try_from(batch.records).unwrap_or(u32::MAX);
-        let appended = tokio::task::spawn_blocking(move || spool.append(batch.buf, records)).await;
+        let appended = tokio::task::spawn_blocking(move || writer.append(batch.buf, records)).await;
         match appended {
             Ok(Ok(())) => refused.recovered(),
             Ok(Err(e)) => refused.note(&e.to_string(), records),
-            Err(e) => refused.note(&format!("spool task failed: {e}"), records),
+            Err(e) => {
+                // The write never finished (its task panicked): the spool did not count it.
+                spool.count_lost(records);
+                refused.note(&format!("spool task failed: {e}"), records);
+            }
         }
     }
 }

@@ -380,6 +380,11 @@ impl Spool {
         result
     }
 
+    /// Counts `records` that never reached the spool as lost.
+    pub fn count_lost(&self, records: u32) {
+        record_loss(&mut self.lock(), u64::from(records));
+    }
+
     /// How large the spool may grow now: `max_bytes`, or what it holds plus the
     /// file system's free space less `min_free_bytes`, whichever is smaller.
     fn bound(&self, st: &State) -> u64 {

@@ -406,7 +406,11 @@ async fn misbehaving_plugins_fault_alone_and_the_agent_carries_on() {
             .filter(|r| r["agent_id"] == "faults-1" && r["timestamp"] == 12345)
             .count()
     };
-    assert!(from_plugin(1011) >= 1 && from_plugin(1010) == 0);
+    let (as_1011, as_1010) = (from_plugin(1011), from_plugin(1010));
+    assert!(
+        as_1011 >= 1 && as_1010 == 0,
+        "the plugin's 1010 at timestamp 12345: {as_1011} arrived as 1011, {as_1010} as 1010"
+    );
     // The forged heartbeat changed nothing.
     assert_ne!(api.agent("faults-1").await.unwrap()["hostname"], "spoofed");
 
