@@ -29,6 +29,11 @@ usage: ./build.sh <command>
                  scale      simulated agents held by keel-servers sharing one port,
                             on PostgreSQL and NATS JetStream, against a bare tonic
                             server (optional: agents, default 50000; servers, 3)
+  fuzz [SECS]  build the cargo-fuzz targets in fuzz/ and run each for SECS seconds
+               (default 60), one after another on one core, then schemathesis
+               against the HTTP API for as long; prints executions and failures
+               per target and exits non-zero if any failed (crashing inputs in
+               fuzz/artifacts/<target>/)
   help         this text
 USAGE
 }
@@ -72,6 +77,65 @@ case "$cmd" in
         esac
         cargo build --release --workspace --bins --quiet
         exec target/release/keel-bench "$name" "${@:3}"
+        ;;
+    fuzz)
+        seconds="${2:-60}"
+        if ! [[ "$seconds" =~ ^[1-9][0-9]*$ ]]; then
+            echo "build.sh: fuzz takes a number of seconds per target, not: $seconds" >&2
+            exit 64
+        fi
+        if ! cargo fuzz --version >/dev/null 2>&1; then
+            cargo install cargo-fuzz --locked
+        fi
+        # libFuzzer needs unstable flags (-Zsanitizer, sancov): nightly if installed,
+        # else the stable compiler with RUSTC_BOOTSTRAP.
+        if rustup toolchain list 2>/dev/null | grep -q '^nightly'; then
+            fuzz=(cargo +nightly fuzz)
+        else
+            fuzz=(env RUSTC_BOOTSTRAP=1 cargo fuzz)
+        fi
+        # address (the default), or none where the sanitizer runtime is missing.
+        sanitizer="${KEEL_FUZZ_SANITIZER:-address}"
+        "${fuzz[@]}" build --fuzz-dir fuzz --sanitizer "$sanitizer"
+        mapfile -t targets < <("${fuzz[@]}" list --fuzz-dir fuzz)
+        summary="fuzz seconds=$seconds"
+        crashes=0
+        for target in "${targets[@]}"; do
+            # New inputs go to the working corpus under fuzz/target (not in git);
+            # fuzz/corpus/<target> holds the seeds and is only read.
+            work="fuzz/target/corpus/$target"
+            log="fuzz/target/logs/$target.log"
+            mkdir -p "$work" "fuzz/corpus/$target" "$(dirname "$log")"
+            status=ok
+            if ! "${fuzz[@]}" run --fuzz-dir fuzz --sanitizer "$sanitizer" "$target" "$work" "fuzz/corpus/$target" -- \
+                -max_total_time="$seconds" -timeout=30 -print_final_stats=1 >"$log" 2>&1; then
+                status=crashed
+                crashes=$((crashes + 1))
+            fi
+            execs=$(sed -n 's/^stat::number_of_executed_units: *//p' "$log" | tail -n 1)
+            if [[ "$status" == ok ]]; then
+                echo "fuzz $target: ${execs:-0} executions in ${seconds}s, no crash (log: $log)"
+            else
+                echo "fuzz $target: CRASHED after ${execs:-0} executions (log: $log)"
+            fi
+            if [[ "$status" == crashed ]]; then
+                grep -E '^(thread .* panicked|==[0-9]+==ERROR|SUMMARY:|Test unit written to|artifact_prefix)' "$log" | head -n 8 | sed 's/^/    /' || true
+            fi
+            summary+=" $target=${execs:-0}"
+        done
+        # The HTTP API from its own OpenAPI document, against a quickstart server.
+        cargo build --workspace --bins --quiet
+        api=ok
+        if ! fuzz/schemathesis/run.sh "$seconds" >fuzz/target/logs/schemathesis.log 2>&1; then
+            api=failed
+            crashes=$((crashes + 1))
+            tail -n 40 fuzz/target/logs/schemathesis.log | sed 's/^/    /'
+        fi
+        cases=$(sed -n 's/^ *\([0-9]*\) generated.*/\1/p' fuzz/target/logs/schemathesis.log | tail -n 1)
+        echo "fuzz schemathesis: ${cases:-0} API calls in ${seconds}s, $api (log: fuzz/target/logs/schemathesis.log)"
+        summary+=" schemathesis=${cases:-0}"
+        echo "$summary crashes=$crashes"
+        [[ "$crashes" -eq 0 ]]
         ;;
     help | -h | --help)
         usage

@@ -105,7 +105,10 @@ pub struct ServerSection {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TransferSection {
-    /// A batch is sent at least this often while records are waiting.
+    /// How long a batch may gather records in memory before it goes to the spool.
+    /// 0 (the default): records are spooled as soon as they are read, in batches of
+    /// whatever arrived meanwhile, so a kill -9 of the agent loses nothing it had
+    /// read. Longer makes fewer, larger batches, and widens that window.
     #[serde(default = "default_batch_interval", with = "humantime_serde")]
     pub batch_interval: Duration,
     /// A batch is sent once it holds this many records.
@@ -166,6 +169,10 @@ pub struct PluginsSection {
     /// Tasks queued per plugin; beyond it a task is refused as busy.
     #[serde(default = "default_task_queue")]
     pub task_queue: usize,
+    /// When stopping a plugin: how long after closing its task pipe (fd 3) it may
+    /// keep writing records and exit on its own before it gets SIGTERM.
+    #[serde(default = "default_plugin_stop_grace", with = "humantime_serde")]
+    pub plugin_stop_grace: Duration,
     /// Between SIGTERM and SIGKILL when stopping a plugin.
     #[serde(default = "default_grace", with = "humantime_serde")]
     pub stop_grace: Duration,
@@ -273,6 +280,9 @@ fn default_heartbeat() -> Duration {
 fn default_grace() -> Duration {
     Duration::from_secs(10)
 }
+fn default_plugin_stop_grace() -> Duration {
+    Duration::from_secs(5)
+}
 fn default_connect_timeout() -> Duration {
     Duration::from_secs(10)
 }
@@ -283,7 +293,7 @@ fn default_backoff_max() -> Duration {
     Duration::from_secs(60)
 }
 fn default_batch_interval() -> Duration {
-    Duration::from_millis(100)
+    Duration::ZERO
 }
 fn default_batch_records() -> usize {
     4096
@@ -395,6 +405,7 @@ impl Default for PluginsSection {
             release_public_key: String::new(),
             max_frame_bytes: default_max_frame(),
             task_queue: default_task_queue(),
+            plugin_stop_grace: default_plugin_stop_grace(),
             stop_grace: default_grace(),
             restart_backoff_min: default_restart_min(),
             restart_backoff_max: default_backoff_max(),
@@ -563,7 +574,12 @@ impl AgentConfig {
         if self.plugins.task_queue == 0 {
             return Err(err("plugins.task_queue".into(), "must be at least 1".into()));
         }
-        if let Some(name) = self.plugins.local.keys().find(|n| !crate::plugin::valid_name(n)) {
+        if let Some(name) = self
+            .plugins
+            .local
+            .keys()
+            .find(|n| !keel_common::ids::valid_plugin_name(n))
+        {
             return Err(err(
                 format!("plugins.local.{name}"),
                 "a plugin name must match ^[A-Za-z0-9_-]+$".into(),
@@ -609,7 +625,7 @@ mod tests {
         let c = AgentConfig::from_toml("a.toml", "[server]\nprivate = [\"10.0.0.1:6751\"]\n", Purpose::Run).unwrap();
         assert_eq!(c.agent.heartbeat_interval, Duration::from_secs(60));
         assert_eq!(c.server.backoff_max, Duration::from_secs(60));
-        assert_eq!(c.transfer.batch_interval, Duration::from_millis(100));
+        assert_eq!(c.transfer.batch_interval, Duration::ZERO);
     }
 
     #[test]

@@ -3,9 +3,14 @@
 //! Producers (heartbeat, logs, task results, plugin pipes) put records into a
 //! bounded channel and wait when it is full: that wait is the backpressure that
 //! stops the agent reading a plugin's pipe. The batcher cuts records into batches
-//! (by count, size, or every `batch_interval`), encodes each straight into the
-//! bytes of a `PackagedData`, and appends it to the [`Spool`], which waits while
-//! it is full and connected.
+//! (by count and size), encodes each straight into the bytes of a `PackagedData`,
+//! and appends it to the [`Spool`], which waits while it is full and connected.
+//!
+//! A batch holds what is waiting when the batcher takes it: the records that
+//! arrived while the previous batch was being written. So records reach the spool
+//! (the page cache) as soon as they are read, and batches grow with the load, as
+//! a group commit does. A `batch_interval` above zero has a batch wait that long
+//! for more records instead.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
@@ -31,6 +36,19 @@ pub struct Record {
     pub timestamp: i64,
     /// Encoded `Payload`, never decoded on the way.
     pub data: Bytes,
+    /// The plugin run that wrote it; `None` for the agent's own records.
+    pub source: Option<Source>,
+}
+
+/// Where a plugin's record comes from, so the server can count gaps.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Source {
+    /// The plugin's name.
+    pub plugin: Arc<str>,
+    /// Names this run of the plugin; the agent picks it at each start.
+    pub instance: u32,
+    /// The record's number in the run (`Record.seq`); 0 when not numbered.
+    pub seq: u64,
 }
 
 impl Record {
@@ -40,6 +58,7 @@ impl Record {
             data_type,
             timestamp: now_secs(),
             data: payload::encode(fields),
+            source: None,
         }
     }
 }
@@ -96,7 +115,7 @@ impl Outbox {
 /// Limits of one batch.
 #[derive(Debug, Clone, Copy)]
 pub struct BatchLimits {
-    /// Send at least this often while records wait.
+    /// How long a batch may wait for more records; zero: not at all.
     pub interval: Duration,
     /// Cut at this many records.
     pub max_records: usize,
@@ -167,7 +186,7 @@ pub async fn batcher(
         let deadline = tokio::time::sleep(limits.interval);
         tokio::pin!(deadline);
         while !batch.full(&limits) {
-            let more = if stopping {
+            let more = if stopping || limits.interval.is_zero() {
                 rx.try_recv().ok()
             } else {
                 tokio::select! {
@@ -249,6 +268,7 @@ mod tests {
             data_type: 1,
             timestamp: 0,
             data: Bytes::from(vec![n; 10]),
+            source: None,
         }
     }
 

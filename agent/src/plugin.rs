@@ -21,6 +21,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use keel_common::backoff::Backoff;
+use keel_common::ids::valid_plugin_name;
 use keel_proto::data_type;
 use serde::{Deserialize, Serialize};
 use tokio::sync::{Notify, mpsc};
@@ -99,15 +100,6 @@ pub fn parse_kind(s: &str) -> Result<PackageKind, String> {
         "tar.gz" => Ok(PackageKind::TarGz),
         other => Err(other.to_owned()),
     }
-}
-
-/// Whether `name` is a valid plugin name.
-pub fn valid_name(name: &str) -> bool {
-    !name.is_empty()
-        && name.len() <= 64
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
 }
 
 /// What happened to one plugin during a reconciliation.
@@ -190,7 +182,7 @@ impl Runtime {
             None
         } else {
             Some(
-                install::parse_key(&config.plugins.release_public_key)
+                keel_common::keys::ed25519_public(&config.plugins.release_public_key)
                     .map_err(|e| anyhow::anyhow!("plugins.release_public_key: {e}"))?,
             )
         };
@@ -302,7 +294,7 @@ impl Runtime {
         let mut outcomes = Vec::new();
         let mut wanted: BTreeMap<String, PluginConfig> = BTreeMap::new();
         for cfg in desired {
-            if !valid_name(&cfg.name) {
+            if !valid_plugin_name(&cfg.name) {
                 let msg = InstallError::Name(cfg.name.clone()).to_string();
                 warn!(plugin = %cfg.name, %msg, "plugin refused");
                 outcomes.push(self.report(&cfg, false, msg).await);
@@ -516,6 +508,7 @@ impl Runtime {
             version: cfg.version.clone(),
             detail: cfg.detail.clone(),
             max_frame: p.max_frame_bytes,
+            stop_wait: p.plugin_stop_grace,
             grace: p.stop_grace,
             backoff: Backoff::new(p.restart_backoff_min, p.restart_backoff_max, 0.5),
             limits,

@@ -41,6 +41,10 @@ use tracing::{info, warn};
 const HEADER: usize = 20;
 /// No entry is larger than this; a larger length on disk means corruption.
 const MAX_ENTRY: usize = 256 << 20;
+/// Batch numbers and segment IDs count up from 1, one at a time: nothing the spool
+/// wrote comes near this, so a larger one on disk means corruption (and there is
+/// room to count on from any smaller one).
+const MAX_NUMBER: u64 = 1 << 62;
 
 /// Where and how much.
 #[derive(Debug, Clone)]
@@ -146,11 +150,14 @@ fn checksum(seq: u64, records: u32, bytes: &[u8]) -> u32 {
     h.finalize()
 }
 
-/// Reads the entries of one segment; cuts off a torn tail.
+/// Reads the entries of one segment; cuts off a torn tail, and anything from an
+/// entry whose batch number does not follow on from those before it (which the
+/// spool never writes: only a damaged or altered file holds one).
 fn scan(path: &Path, id: u64, out: &mut Vec<Entry>) -> std::io::Result<u64> {
     let mut data = Vec::new();
     File::open(path)?.read_to_end(&mut data)?;
     let mut pos = 0usize;
+    let mut last = out.last().map_or(0, |e| e.seq);
     while pos + HEADER <= data.len() {
         let h = &data[pos..pos + HEADER];
         let len = u32::from_le_bytes([h[0], h[1], h[2], h[3]]) as usize;
@@ -161,6 +168,12 @@ fn scan(path: &Path, id: u64, out: &mut Vec<Entry>) -> std::io::Result<u64> {
         if len > MAX_ENTRY || end > data.len() || checksum(seq, records, &data[pos + HEADER..end]) != crc {
             break;
         }
+        if seq <= last || seq >= MAX_NUMBER {
+            warn!(segment = %path.display(), offset = pos, seq, after = last,
+                "a spool entry out of sequence; cutting it and what follows");
+            break;
+        }
+        last = seq;
         out.push(Entry {
             seq,
             records,
@@ -242,6 +255,8 @@ impl Spool {
             .map_err(err(&dir))?
             .filter_map(|e| e.ok())
             .filter_map(|e| e.file_name().to_str()?.strip_suffix(".seg")?.parse().ok())
+            // Not a name the spool gives a segment: left alone.
+            .filter(|id| *id > 0 && *id < MAX_NUMBER)
             .collect();
         ids.sort_unstable();
         let mut entries = Vec::new();
@@ -556,6 +571,11 @@ impl Spool {
         }
     }
 
+    /// The highest batch of this epoch the server acknowledged.
+    pub fn acked(&self) -> u64 {
+        self.lock().acked
+    }
+
     /// Drops every batch of `epoch` up to `seq`, deleting segments that hold
     /// nothing unacknowledged.
     pub fn ack(&self, epoch: u64, seq: u64) {
@@ -656,6 +676,52 @@ mod tests {
 
     fn body(n: u8) -> BytesMut {
         BytesMut::from(&[n; 40][..])
+    }
+
+    /// An entry as the spool frames it, with a valid checksum.
+    fn raw_entry(seq: u64, data: &[u8]) -> Vec<u8> {
+        let mut e = Vec::new();
+        e.extend_from_slice(&(data.len() as u32).to_le_bytes());
+        e.extend_from_slice(&checksum(seq, 1, data).to_le_bytes());
+        e.extend_from_slice(&seq.to_le_bytes());
+        e.extend_from_slice(&1u32.to_le_bytes());
+        e.extend_from_slice(data);
+        e
+    }
+
+    /// Found by fuzzing (the `spool` target): batch numbers and segment names on
+    /// disk that the spool never writes made it overflow, or loop forever on a
+    /// segment it had deleted. Such entries are cut like a torn tail.
+    #[tokio::test]
+    async fn entries_out_of_sequence_on_disk_are_cut() {
+        for (seqs, kept) in [
+            (vec![u64::MAX], vec![]),
+            (vec![0], vec![]),
+            (vec![u64::MAX - 1], vec![]),
+            (vec![5, 3, 9], vec![5]),
+            (vec![2, 2], vec![2]),
+            (vec![1, 2, 3], vec![1, 2, 3]),
+        ] {
+            let dir = tempfile::tempdir().unwrap();
+            let mut seg = Vec::new();
+            for seq in &seqs {
+                seg.extend(raw_entry(*seq, b"x"));
+            }
+            std::fs::write(segment_path(dir.path(), 1), &seg).unwrap();
+            // A name no segment of the spool's has: left alone.
+            std::fs::write(dir.path().join(format!("{}.seg", u64::MAX)), raw_entry(7, b"y")).unwrap();
+            let s = Spool::open(opts(dir.path(), 1 << 20, 1 << 20)).unwrap();
+            let got: Vec<u64> = s.lock().entries.iter().map(|e| e.seq).collect();
+            assert_eq!(got, kept, "{seqs:?}");
+            // It carries on: sends what it kept, appends, acknowledges.
+            for _ in &kept {
+                s.next().await.unwrap();
+            }
+            s.append(body(1), 1).unwrap();
+            let next = *kept.last().unwrap_or(&0) + 1;
+            s.ack(s.epoch(), next);
+            assert_eq!(s.lock().entries.len(), 0, "{seqs:?}");
+        }
     }
 
     fn seq_of(b: &Bytes) -> u8 {
@@ -782,8 +848,20 @@ mod tests {
         assert_eq!((full.batches, full.bytes), (0, 0), "{full:?}");
         assert_eq!(full.dropped_records, squeezed.dropped_records + 10, "{full:?}");
 
-        // Space returns: writing resumes by itself.
+        // Space returns: writing resumes by itself. The kernel frees the ballast
+        // once no descriptor holds it, and a fork made meanwhile by another test's
+        // thread holds a copy until its child execs: wait for the space to show.
         std::fs::remove_file(&ballast).unwrap();
+        let free = || {
+            let v = nix::sys::statvfs::statvfs(dir.path()).unwrap();
+            v.blocks_available().saturating_mul(v.fragment_size())
+        };
+        for _ in 0..200 {
+            if free() > 512 << 10 {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
         s.append(batch(), 10).unwrap();
         assert_eq!(s.stats().batches, 1);
         assert_eq!(s.stats().dropped_records, full.dropped_records);

@@ -229,10 +229,17 @@ impl Transport {
         self.connected_signal.notify_one();
 
         let send = async {
+            let mut first = true;
             loop {
                 let (batch, records) = match self.spool.next().await {
                     Ok(b) => b,
                     Err(e) => return End::Server(format!("cannot read the spool: {e}")),
+                };
+                // The first batch tells the server how far this agent saw acknowledgements.
+                let batch = if std::mem::take(&mut first) {
+                    with_acked(&batch, self.spool.acked())
+                } else {
+                    batch
                 };
                 self.stats.tx_bytes.fetch_add(batch.len() as u64, Ordering::Relaxed);
                 self.stats.tx_records.fetch_add(u64::from(records), Ordering::Relaxed);
@@ -319,6 +326,14 @@ impl Transport {
     }
 }
 
+/// The first batch of a stream: `batch` with `PackagedData.acked` (field 102).
+fn with_acked(batch: &[u8], acked: u64) -> Bytes {
+    let mut buf = bytes::BytesMut::with_capacity(batch.len() + 11);
+    buf.extend_from_slice(batch);
+    prost::encoding::uint64::encode(102, &acked, &mut buf);
+    buf.freeze()
+}
+
 fn describe(status: &tonic::Status) -> String {
     match std::error::Error::source(status) {
         Some(source) => format!(
@@ -375,4 +390,28 @@ async fn open_stream(channel: Channel, rx: mpsc::Receiver<Bytes>) -> Result<toni
         .streaming(tonic::Request::new(ReceiverStream::new(rx)), path, RawCodec)
         .await?;
     Ok(response.into_inner())
+}
+
+#[cfg(test)]
+mod tests {
+    use keel_proto::grpc::PackagedData;
+    use prost::Message;
+
+    use super::*;
+
+    #[test]
+    fn the_first_batch_of_a_stream_carries_the_acknowledged_point() {
+        let batch = PackagedData {
+            agent_id: "a".into(),
+            seq: 8,
+            epoch: 3,
+            ..Default::default()
+        }
+        .encode_to_vec();
+        let first = PackagedData::decode(with_acked(&batch, 7)).unwrap();
+        assert_eq!(
+            (first.agent_id.as_str(), first.seq, first.epoch, first.acked),
+            ("a", 8, 3, 7)
+        );
+    }
 }

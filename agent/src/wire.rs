@@ -7,21 +7,50 @@
 //! copied once, into the batch.
 
 use bytes::BytesMut;
-use keel_proto::grpc::{EncodedRecord, PackagedData};
+use keel_proto::grpc::PackagedData;
 use prost::Message;
+use prost::encoding::{WireType, encode_key, encode_varint, encoded_len_varint, int32, int64, key_len, uint32, uint64};
 
 use crate::outbox::Record;
 use crate::tasks::PRODUCT;
 use crate::transport::Header;
 
-/// Appends `record` as `PackagedData.records` (field 1).
+/// Appends `record` as `PackagedData.records` (field 1): an `EncodedRecord`, with
+/// its source (fields 100–102) when a plugin wrote it.
 pub fn put_record(buf: &mut BytesMut, record: &Record) {
-    let r = EncodedRecord {
-        data_type: record.data_type,
-        timestamp: record.timestamp,
-        data: record.data.clone(),
+    encode_key(1, WireType::LengthDelimited, buf);
+    encode_varint(body_len(record) as u64, buf);
+    int32::encode(1, &record.data_type, buf);
+    int64::encode(2, &record.timestamp, buf);
+    if !record.data.is_empty() {
+        encode_key(3, WireType::LengthDelimited, buf);
+        encode_varint(record.data.len() as u64, buf);
+        buf.extend_from_slice(&record.data);
+    }
+    if let Some(s) = &record.source {
+        encode_key(100, WireType::LengthDelimited, buf);
+        encode_varint(s.plugin.len() as u64, buf);
+        buf.extend_from_slice(s.plugin.as_bytes());
+        uint32::encode(101, &s.instance, buf);
+        uint64::encode(102, &s.seq, buf);
+    }
+}
+
+/// The encoded size of the `EncodedRecord` of `record`, without its key and length.
+fn body_len(record: &Record) -> usize {
+    let data = if record.data.is_empty() {
+        0
+    } else {
+        1 + encoded_len_varint(record.data.len() as u64) + record.data.len()
     };
-    prost::encoding::message::encode(1, &r, buf);
+    let source = record.source.as_ref().map_or(0, |s| {
+        key_len(100)
+            + encoded_len_varint(s.plugin.len() as u64)
+            + s.plugin.len()
+            + uint32::encoded_len(101, &s.instance)
+            + uint64::encoded_len(102, &s.seq)
+    });
+    int32::encoded_len(1, &record.data_type) + int64::encoded_len(2, &record.timestamp) + data + source
 }
 
 /// Appends the header fields (2–9).
@@ -38,6 +67,7 @@ pub fn put_header(buf: &mut BytesMut, header: &Header) {
         product: PRODUCT.to_owned(),
         seq: 0,
         epoch: 0,
+        acked: 0,
     };
     // Encoding into a BytesMut grows it as needed and cannot fail.
     let _ = h.encode(buf);
@@ -45,13 +75,8 @@ pub fn put_header(buf: &mut BytesMut, header: &Header) {
 
 /// The encoded size of `record` inside a batch.
 pub fn record_len(record: &Record) -> usize {
-    let r = EncodedRecord {
-        data_type: record.data_type,
-        timestamp: record.timestamp,
-        data: record.data.clone(),
-    };
-    let len = r.encoded_len();
-    1 + prost::encoding::encoded_len_varint(len as u64) + len
+    let len = body_len(record);
+    1 + encoded_len_varint(len as u64) + len
 }
 
 #[cfg(test)]
@@ -59,6 +84,7 @@ mod tests {
     use bytes::Bytes;
 
     use super::*;
+    use crate::outbox::Source;
 
     #[test]
     fn incremental_encoding_is_a_valid_packaged_data() {
@@ -67,11 +93,17 @@ mod tests {
             data_type: 6001,
             timestamp: 7,
             data: Bytes::from_static(b"\x0a\x00"),
+            source: Some(Source {
+                plugin: "p1".into(),
+                instance: 9,
+                seq: 300,
+            }),
         };
         let r2 = Record {
             data_type: 1000,
             timestamp: 0,
             data: Bytes::new(),
+            source: None,
         };
         put_record(&mut buf, &r1);
         put_record(&mut buf, &r2);
@@ -85,6 +117,12 @@ mod tests {
         let pd = PackagedData::decode(buf.freeze()).unwrap();
         assert_eq!(pd.records.len(), 2);
         assert_eq!(pd.records[0].data, Bytes::from_static(b"\x0a\x00"));
+        let r = &pd.records[0];
+        assert_eq!((r.data_type, r.timestamp), (6001, 7));
+        assert_eq!((r.plugin.as_str(), r.instance, r.seq), ("p1", 9, 300));
+        let r = &pd.records[1];
+        assert_eq!((r.data_type, r.plugin.as_str(), r.seq), (1000, "", 0));
         assert_eq!((pd.agent_id.as_str(), pd.product.as_str()), ("a1", "keel-agent"));
+        assert_eq!(pd.acked, 0);
     }
 }

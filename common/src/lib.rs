@@ -7,6 +7,7 @@ pub mod config;
 pub mod fingerprint;
 pub mod fsutil;
 pub mod ids;
+pub mod keys;
 pub mod logging;
 pub mod secret;
 pub mod shutdown;

@@ -20,6 +20,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, anyhow, bail};
 use keel_plugin_file_delivery::envelope::{FileSpec, Keeper, check_name, parse_mode};
+use keel_proto::data_type::{FILE_DELIVER, FILE_INVENTORY, FILE_REMOVE};
 use reqwest::Method;
 use serde::Deserialize;
 use serde_json::{Value, json};
@@ -28,10 +29,6 @@ use crate::cli::{FilesCmd, FilesPushArgs, FilesRemoveArgs, FilesTarget};
 use crate::config::{Env, ProcessEnv};
 use crate::{Ctx, EXIT_TASK_UNSUCCESSFUL, output, usage};
 
-/// The plugin's tasks.
-const DELIVER: i32 = 6200;
-const INVENTORY: i32 = 6201;
-const REMOVE: i32 = 6202;
 const PLUGIN: &str = "file-delivery";
 /// How often a task's result is polled.
 const POLL: Duration = Duration::from_millis(100);
@@ -197,7 +194,7 @@ async fn inventory(
     known: &mut KnownHosts,
     agent: &str,
 ) -> anyhow::Result<(String, Vec<Item>)> {
-    let result = ask(ctx, agent, INVENTORY, "{}", Duration::from_secs(target.timeout)).await?;
+    let result = ask(ctx, agent, FILE_INVENTORY, "{}", Duration::from_secs(target.timeout)).await?;
     let host_key = result["host_key"]
         .as_str()
         .filter(|k| k.len() == 64 && k.bytes().all(|b| b.is_ascii_hexdigit()))
@@ -331,7 +328,7 @@ async fn push(ctx: &Ctx, args: &FilesPushArgs) -> anyhow::Result<ExitCode> {
                 .seal(&host_key, &spec, content, next_version(have.map(|h| h.version)))
                 .map_err(|m| usage(format!("{name}: {m}")))?;
             let data = serde_json::to_string(&sealed)?;
-            match ask(ctx, agent, DELIVER, &data, timeout).await {
+            match ask(ctx, agent, FILE_DELIVER, &data, timeout).await {
                 Ok(r) => rows.push(row(agent, name, "sent", r["msg"].as_str().unwrap_or_default())),
                 Err(e) => rows.push(row(agent, name, "failed", format!("{e:#}"))),
             }
@@ -355,7 +352,7 @@ async fn remove(ctx: &Ctx, args: &FilesRemoveArgs) -> anyhow::Result<ExitCode> {
             let env = keeper
                 .removal(&host_key, name, version)
                 .map_err(|m| usage(format!("{name}: {m}")))?;
-            match ask(ctx, agent, REMOVE, &serde_json::to_string(&env)?, timeout).await {
+            match ask(ctx, agent, FILE_REMOVE, &serde_json::to_string(&env)?, timeout).await {
                 Ok(r) => rows.push(row(agent, name, "removed", r["msg"].as_str().unwrap_or_default())),
                 Err(e) => rows.push(row(agent, name, "failed", format!("{e:#}"))),
             }

@@ -7,40 +7,28 @@
 //! echo '{"data_type":6900,"data":"hi","token":"t1"}' | KEEL_PLUGIN_DEBUG=1 cargo run -p keel-plugin-sdk --example echo
 //! ```
 
-use keel_plugin_sdk::logging::AgentLogLayer;
-use keel_plugin_sdk::{Client, Error, detail};
-use tracing_subscriber::layer::SubscriberExt;
-use tracing_subscriber::util::SubscriberInitExt;
+use keel_plugin_sdk::{Client, Error, detail, logging};
 
 /// This example's data types (a real plugin owns a range in the data_type table).
 const HELLO: i32 = 6900;
 const ECHO: i32 = 6901;
 
 fn main() -> Result<(), Error> {
+    // First in main: it also blocks SIGTERM for the SDK's stop handling.
     let client = Client::new()?;
-    tracing_subscriber::registry()
-        .with(AgentLogLayer::new(client.clone(), tracing::Level::INFO))
-        .init();
+    logging::init(&client, tracing::Level::INFO);
     let detail = detail().unwrap_or_default();
     client.send(
         HELLO,
         [("detail", detail.as_str()), ("pid", &std::process::id().to_string())],
     )?;
     tracing::info!("echo plugin started");
-    loop {
-        match client.receive_task() {
-            Ok(task) => {
-                client.send(
-                    ECHO,
-                    [("data", task.data.as_str()), ("object_name", task.object_name.as_str())],
-                )?;
-                client.task_result(&task.token, true, "echoed")?;
-            }
-            Err(Error::Closed) => {
-                tracing::info!("agent closed the pipes; exiting");
-                return client.flush().or(Ok(()));
-            }
-            Err(e) => return Err(e),
-        }
-    }
+    // Until the agent stops the plugin; everything buffered is flushed then.
+    client.serve(|task| {
+        client.send(
+            ECHO,
+            [("data", task.data.as_str()), ("object_name", task.object_name.as_str())],
+        )?;
+        client.task_result(&task.token, true, "echoed")
+    })
 }

@@ -11,7 +11,7 @@ use keel_proto::grpc::{Payload, Record, Task};
 use prost::Message;
 use serde::{Deserialize, Serialize};
 
-use crate::{DEBUG_ENV, fds};
+use crate::{DEBUG_ENV, fds, stop};
 
 /// What can go wrong talking to the agent.
 #[derive(Debug, thiserror::Error)]
@@ -46,6 +46,9 @@ pub struct ClientOptions {
     pub max_task_bytes: usize,
     /// JSON lines on stdin/stdout instead of the pipes. `None`: from `KEEL_PLUGIN_DEBUG`.
     pub debug: Option<bool>,
+    /// SIGTERM and SIGINT flush and exit ([`crate::stop`]). Off for a plugin that
+    /// handles them itself.
+    pub stop_signals: bool,
 }
 
 impl Default for ClientOptions {
@@ -55,6 +58,7 @@ impl Default for ClientOptions {
             buffer_bytes: 64 << 10,
             max_task_bytes: DEFAULT_MAX_FRAME,
             debug: None,
+            stop_signals: true,
         }
     }
 }
@@ -63,10 +67,16 @@ struct Out {
     writer: BufWriter<Box<dyn Write + Send>>,
     scratch: Vec<u8>,
     closed: bool,
+    /// The number of the last record written: records are numbered from 1.
+    seq: u64,
 }
+
+/// What runs on a stop signal before the last flush.
+type StopHook = Box<dyn FnOnce() + Send>;
 
 struct Inner {
     out: Mutex<Out>,
+    on_stop: Mutex<Option<StopHook>>,
     input: Mutex<BufReader<Box<dyn Read + Send>>>,
     debug: bool,
     max_task_bytes: usize,
@@ -106,6 +116,7 @@ struct JsonTask {
 struct JsonRecord<'a> {
     data_type: i32,
     timestamp: i64,
+    seq: u64,
     fields: &'a HashMap<String, String>,
 }
 
@@ -122,18 +133,39 @@ impl Client {
         Self::with_options(ClientOptions::default())
     }
 
-    /// Attaches to the agent: fds 3 and 4, or stdin/stdout in debug mode.
+    /// Attaches to the agent: fds 3 and 4, or stdin/stdout in debug mode; with
+    /// `stop_signals`, sets up the stop handling of [`crate::stop`].
     pub fn with_options(opts: ClientOptions) -> Result<Self, Error> {
         let debug = opts
             .debug
             .unwrap_or_else(|| std::env::var(DEBUG_ENV).is_ok_and(|v| v == "1" || v == "true"));
+        // Before the flush thread starts, so that it inherits the blocked signals.
+        let signals = if opts.stop_signals {
+            Some(stop::block_signals().map_err(|e| Error::Io(e.into()))?)
+        } else {
+            None
+        };
         let (input, output): (Box<dyn Read + Send>, Box<dyn Write + Send>) = if debug {
             (Box::new(std::io::stdin()), Box::new(std::io::stdout()))
         } else {
             let (tasks, records) = fds::take()?;
             (Box::new(tasks), Box::new(records))
         };
-        Ok(Self::from_parts(input, output, debug, &opts))
+        let client = Self::from_parts(input, output, debug, &opts);
+        if let Some(signals) = signals {
+            let inner = Arc::downgrade(&client.inner);
+            stop::wait_then(signals, move || {
+                if let Some(inner) = inner.upgrade() {
+                    let hook = inner.on_stop.lock().unwrap_or_else(|p| p.into_inner()).take();
+                    if let Some(hook) = hook {
+                        hook();
+                    }
+                    let mut out = inner.out.lock().unwrap_or_else(|p| p.into_inner());
+                    let _ = out.writer.flush();
+                }
+            })?;
+        }
+        Ok(client)
     }
 
     /// A client over any reader and writer, for tests of plugin code.
@@ -157,7 +189,9 @@ impl Client {
                 writer: BufWriter::with_capacity(opts.buffer_bytes.max(4096), output),
                 scratch: Vec::new(),
                 closed: false,
+                seq: 0,
             }),
+            on_stop: Mutex::new(None),
             input: Mutex::new(BufReader::with_capacity(64 << 10, input)),
             debug,
             max_task_bytes: opts.max_task_bytes,
@@ -177,7 +211,9 @@ impl Client {
 
     /// Queues a record. It is written when the buffer fills or at the next flush.
     /// A `timestamp` of 0 is replaced with the current time, so that the fields are
-    /// always all present (Elkeid's agent reads them at fixed positions).
+    /// always all present (Elkeid's agent reads them at fixed positions). The
+    /// record's `seq` is set here: the records of one run are numbered from 1
+    /// without gaps, so the server can tell if any went missing.
     pub fn send_record(&self, record: &Record) -> Result<(), Error> {
         if record.timestamp == 0 {
             return self.send_record(&Record {
@@ -189,12 +225,14 @@ impl Client {
         if out.closed {
             return Err(Error::Closed);
         }
+        let seq = out.seq + 1;
         let result = if self.inner.debug {
             let empty = HashMap::new();
             let fields = record.data.as_ref().map_or(&empty, |p| &p.fields);
             let line = JsonRecord {
                 data_type: record.data_type,
                 timestamp: record.timestamp,
+                seq,
                 fields,
             };
             serde_json::to_writer(&mut out.writer, &line)
@@ -203,17 +241,41 @@ impl Client {
         } else {
             let Out { writer, scratch, .. } = &mut *out;
             scratch.clear();
-            scratch.extend_from_slice(&(record.encoded_len() as u32).to_le_bytes());
-            // Encoding into a Vec grows it as needed and cannot fail.
-            let _ = record.encode(scratch);
+            encode_numbered(record, seq, scratch);
             writer.write_all(scratch)
         };
-        result.map_err(|e| {
-            let e = io(e);
-            if matches!(e, Error::Closed) {
-                out.closed = true;
+        match result {
+            Ok(()) => {
+                out.seq = seq;
+                Ok(())
             }
-            e
+            Err(e) => {
+                let e = io(e);
+                if matches!(e, Error::Closed) {
+                    out.closed = true;
+                }
+                Err(e)
+            }
+        }
+    }
+
+    /// What runs when a stop signal arrives, before the SDK flushes and exits:
+    /// e.g. answering the tasks still in progress. Replaces an earlier hook.
+    pub fn on_stop(&self, hook: impl FnOnce() + Send + 'static) {
+        *self.inner.on_stop.lock().unwrap_or_else(|p| p.into_inner()) = Some(Box::new(hook));
+    }
+
+    /// The task loop with stop handling, the one call most plugins need: calls
+    /// `handle` for each task until the agent closes the task pipe (it is stopping
+    /// the plugin), then flushes every buffered record. Return from `main` after
+    /// it. A stop signal meanwhile flushes and exits ([`crate::stop`]).
+    pub fn serve(&self, mut handle: impl FnMut(Task) -> Result<(), Error>) -> Result<(), Error> {
+        while let Some(task) = self.next_task()? {
+            handle(task)?;
+        }
+        self.flush().or_else(|e| match e {
+            Error::Closed => Ok(()),
+            e => Err(e),
         })
     }
 
@@ -228,6 +290,7 @@ impl Client {
             data_type,
             timestamp: now_secs(),
             data: Some(Payload { fields }),
+            seq: 0,
         })
     }
 
@@ -312,6 +375,34 @@ impl Client {
     }
 }
 
+/// A record frame: length prefix, then the record's fields as prost writes them
+/// (zero scalars left out), with `seq` (field 100) last.
+fn encode_numbered(record: &Record, seq: u64, out: &mut Vec<u8>) {
+    use prost::encoding::{int32, int64, message, uint64};
+    let len = (if record.data_type != 0 {
+        int32::encoded_len(1, &record.data_type)
+    } else {
+        0
+    }) + (if record.timestamp != 0 {
+        int64::encoded_len(2, &record.timestamp)
+    } else {
+        0
+    }) + record.data.as_ref().map_or(0, |d| message::encoded_len(3, d))
+        + uint64::encoded_len(100, &seq);
+    out.reserve(4 + len);
+    out.extend_from_slice(&(len as u32).to_le_bytes());
+    if record.data_type != 0 {
+        int32::encode(1, &record.data_type, out);
+    }
+    if record.timestamp != 0 {
+        int64::encode(2, &record.timestamp, out);
+    }
+    if let Some(d) = &record.data {
+        message::encode(3, d, out);
+    }
+    uint64::encode(100, &seq, out);
+}
+
 fn spawn_flusher(inner: Weak<Inner>, every: Duration) {
     let spawned = std::thread::Builder::new()
         .name("keel-sdk-flush".into())
@@ -393,13 +484,14 @@ mod tests {
             data: Some(Payload {
                 fields: [("k".to_owned(), "v".to_owned())].into(),
             }),
+            seq: 0,
         };
         c.send_record(&record).unwrap();
         c.flush().unwrap();
         let hex: Vec<String> = out.0.lock().unwrap().iter().map(|b| format!("{b:02x}")).collect();
         assert_eq!(
             hex.join(" "),
-            "13 00 00 00 08 f1 2e 10 80 e2 cf aa 06 1a 08 0a 06 0a 01 6b 12 01 76"
+            "16 00 00 00 08 f1 2e 10 80 e2 cf aa 06 1a 08 0a 06 0a 01 6b 12 01 76 a0 06 01"
         );
     }
 
@@ -426,6 +518,7 @@ mod tests {
             data_type: 6002,
             timestamp: 0,
             data: Some(Payload::default()),
+            seq: 0,
         })
         .unwrap();
         c.send(6003, [("a", "b")]).unwrap();
@@ -444,9 +537,75 @@ mod tests {
             );
             pos += 1;
             let payload_len = varint(&bytes, &mut pos) as usize;
-            assert_eq!(pos + payload_len, end, "the payload fills the rest of the frame");
+            // Elkeid takes the rest of the frame as the payload: the record number
+            // after it is an unknown field there, which decoders skip.
+            let rest = Payload::decode(&bytes[pos..end]).unwrap();
+            let payload = Payload::decode(&bytes[pos..pos + payload_len]).unwrap();
+            assert_eq!(rest, payload);
             pos = end;
         }
+    }
+
+    #[test]
+    fn records_are_numbered_from_one_without_gaps() {
+        let out = Shared::default();
+        let c = Client::from_io(std::io::empty(), out.clone(), opts(false));
+        for i in 0..3 {
+            c.send_record(&Record {
+                data_type: 6001,
+                timestamp: 1,
+                data: None,
+                // What the caller sets is replaced.
+                seq: 99,
+            })
+            .unwrap();
+            c.send(6002, [("i", i.to_string())]).unwrap();
+        }
+        c.flush().unwrap();
+        let bytes = out.0.lock().unwrap().clone();
+        let mut seqs = Vec::new();
+        let mut pos = 0;
+        while pos < bytes.len() {
+            let len = u32::from_le_bytes(bytes[pos..pos + 4].try_into().unwrap()) as usize;
+            let body = Bytes::from(bytes[pos + 4..pos + 4 + len].to_vec());
+            assert_eq!(
+                Record::decode(body.clone()).unwrap().seq,
+                frame::parse_record(body).unwrap().seq
+            );
+            seqs.push(Record::decode(&bytes[pos + 4..pos + 4 + len]).unwrap().seq);
+            pos += 4 + len;
+        }
+        assert_eq!(seqs, [1, 2, 3, 4, 5, 6]);
+    }
+
+    #[test]
+    fn serve_answers_every_task_then_flushes() {
+        let mut input = Vec::new();
+        for i in 0..3 {
+            input.extend_from_slice(&frame::encode_task(&Task {
+                data_type: 6000,
+                token: format!("t{i}"),
+                ..Default::default()
+            }));
+        }
+        let out = Shared::default();
+        let c = Client::from_io(std::io::Cursor::new(input), out.clone(), opts(false));
+        let mut seen = Vec::new();
+        c.serve(|task| {
+            seen.push(task.token.clone());
+            // Buffered, not flushed: serve flushes when the task pipe ends.
+            c.send(6001, [("token", task.token.as_str())])
+        })
+        .unwrap();
+        assert_eq!(seen, ["t0", "t1", "t2"]);
+        let bytes = out.0.lock().unwrap().clone();
+        let mut n = 0;
+        let mut pos = 0;
+        while pos < bytes.len() {
+            pos += 4 + u32::from_le_bytes(bytes[pos..pos + 4].try_into().unwrap()) as usize;
+            n += 1;
+        }
+        assert_eq!(n, 3, "every record written before serve returned");
     }
 
     #[test]

@@ -12,20 +12,15 @@
 //! use keel_plugin_sdk::{Client, Error};
 //!
 //! fn main() -> Result<(), Error> {
+//!     // First in main: it also sets up the stop handling (see `stop`).
 //!     let client = Client::new()?;
 //!     // Records are buffered and flushed every 100 ms and whenever 64 KiB are waiting.
 //!     client.send(6100, [("event", "started")])?;
-//!     loop {
-//!         match client.receive_task() {
-//!             Ok(task) => {
-//!                 client.send(6101, [("echo", task.data.as_str())])?;
-//!                 client.task_result(&task.token, true, "done")?;
-//!             }
-//!             // The agent closed the pipes: it is stopping this plugin.
-//!             Err(Error::Closed) => return Ok(()),
-//!             Err(e) => return Err(e),
-//!         }
-//!     }
+//!     // Until the agent stops the plugin; then every buffered record is flushed.
+//!     client.serve(|task| {
+//!         client.send(6101, [("echo", task.data.as_str())])?;
+//!         client.task_result(&task.token, true, "done")
+//!     })
 //! }
 //! ```
 //!
@@ -35,8 +30,12 @@
 //! - [`logging::AgentLogLayer`] sends `tracing` events upstream as plugin logs
 //!   (data_type 1011).
 //! - [`logging::init`] sets both up: events to the agent and to stderr.
-//! - [`Client::next_task`] is the task loop; [`Client::refuse_all`] is what a
-//!   plugin that cannot work (bad configuration) does instead.
+//! - [`Client::serve`] is the task loop with stop handling: it returns, with
+//!   everything flushed, when the agent stops the plugin; [`Client::next_task`]
+//!   is the loop to write by hand; [`Client::refuse_all`] is what a plugin that
+//!   cannot work (bad configuration) does instead.
+//! - Records are numbered ([`Record::seq`]), so the server counts any that go
+//!   missing; [`stop`] says how a plugin stops without losing any.
 //! - [`local::check_trusted`] says whether a local file (a plugin's trust
 //!   anchors: keys, allow lists) is one that only root can change, and
 //!   [`local::config_path`] reads which file `DETAIL` names.
@@ -47,6 +46,7 @@ mod client;
 mod fds;
 pub mod local;
 pub mod logging;
+pub mod stop;
 
 pub use client::{Client, ClientOptions, Error};
 pub use keel_proto::data_type;

@@ -48,10 +48,31 @@ pub const TASK_RESULT: i32 = 5100;
 
 /// The key-request plugin's range.
 pub const KEY_REQUEST: RangeInclusive<i32> = 6000..=6099;
+/// key-request task: look an agent up; answered with a `KEY_LOOKUP` record.
+pub const KEY_LOOKUP: i32 = 6000;
+/// key-request task: look an agent up and check a key proof; answered with a
+/// `KEY_PROOF` record.
+pub const KEY_PROOF: i32 = 6001;
 /// The proxy plugin's range.
 pub const PROXY: RangeInclusive<i32> = 6100..=6199;
+/// proxy task: run an audit job (data: the job as JSON).
+pub const PROXY_JOB: i32 = 6100;
+/// proxy record: a job ended (fields `job`, `target`, `address`, `outcome`,
+/// `sent`, `received`, `ms`).
+pub const PROXY_JOB_EVENT: i32 = 6101;
 /// The file-delivery plugin's range.
 pub const FILE_DELIVERY: RangeInclusive<i32> = 6200..=6299;
+/// file-delivery task: deliver a file (data: a sealed envelope).
+pub const FILE_DELIVER: i32 = 6200;
+/// file-delivery task: report the host key and every delivered file's digest; the
+/// 5100 result carries `host_key` and `files`.
+pub const FILE_INVENTORY: i32 = 6201;
+/// file-delivery task: remove a file (data: a signed removal envelope).
+pub const FILE_REMOVE: i32 = 6202;
+/// file-delivery record: the host key (field `host_key`), sent at start.
+pub const FILE_HOST_KEY: i32 = 6203;
+/// file-delivery record: a file changed (fields `name`, `action`, `version`, `keeper`).
+pub const FILE_EVENT: i32 = 6210;
 
 /// Whether records of this type carry a `Payload` that Keel itself produces, so the
 /// server may decode it for storage. Everything else stays opaque bytes.
@@ -83,6 +104,13 @@ pub fn from_plugin(data_type: i32) -> FromPlugin {
     }
 }
 
+/// Whether `data_type` is the agent's alone: what the server reads from such a
+/// record (heartbeats, renewals) it takes only from the agent itself, never from a
+/// record that names a plugin.
+pub fn agent_only(data_type: i32) -> bool {
+    from_plugin(data_type) != FromPlugin::Pass
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -99,10 +127,13 @@ mod tests {
             1199,
         ] {
             assert_eq!(from_plugin(t), FromPlugin::Refused, "{t}");
+            assert!(agent_only(t), "{t}");
         }
+        assert!(agent_only(AGENT_ERROR_LOG));
         assert_eq!(from_plugin(AGENT_ERROR_LOG), FromPlugin::As(PLUGIN_LOG));
         for t in [PLUGIN_LOG, TASK_RESULT, 1099, 1200, 6001, 6100, 6210, 0, -1] {
             assert_eq!(from_plugin(t), FromPlugin::Pass, "{t}");
+            assert!(!agent_only(t), "{t}");
         }
     }
 }

@@ -2,8 +2,9 @@
 //! that many bytes of protobuf.
 //!
 //! Plugin → agent frames are `Record { int32 data_type = 1; int64 timestamp = 2;
-//! Payload data = 3; }`. The agent never decodes the `Payload`: [`parse_record`]
-//! walks the record's top-level fields, takes `data_type` and `timestamp`, and
+//! Payload data = 3; uint64 seq = 100; }`. The agent never decodes the `Payload`:
+//! [`parse_record`] walks the record's top-level fields, takes `data_type`,
+//! `timestamp` and `seq` (the SDK's record number), and
 //! returns the payload as a zero-copy slice of the frame. Fields may come in any
 //! order, zero values may be absent (protobuf omits them), and unknown fields are
 //! skipped; anything that is not well-formed protobuf is refused.
@@ -27,6 +28,8 @@ pub struct RawRecord {
     pub timestamp: i64,
     /// The bytes of field 3 (an encoded `Payload`), as the plugin wrote them.
     pub payload: Bytes,
+    /// Field 100, the record's number in this run of the plugin; 0 when absent.
+    pub seq: u64,
 }
 
 /// Why a frame was refused.
@@ -85,6 +88,7 @@ pub fn parse_record(frame: Bytes) -> Result<RawRecord, FrameError> {
     let mut pos = 0;
     let mut data_type = 0i32;
     let mut timestamp = 0i64;
+    let mut seq = 0u64;
     let mut payload: Option<(usize, usize)> = None;
     let mut extra_payload: Vec<(usize, usize)> = Vec::new();
     while pos < buf.len() {
@@ -101,6 +105,7 @@ pub fn parse_record(frame: Bytes) -> Result<RawRecord, FrameError> {
                 match field {
                     1 => data_type = v as i32,
                     2 => timestamp = v as i64,
+                    100 => seq = v,
                     _ => {}
                 }
             }
@@ -150,6 +155,7 @@ pub fn parse_record(frame: Bytes) -> Result<RawRecord, FrameError> {
         data_type,
         timestamp,
         payload,
+        seq,
     })
 }
 
@@ -195,6 +201,7 @@ mod tests {
             data_type,
             timestamp,
             data: Some(Payload { fields }),
+            seq: 0,
         }
     }
 
@@ -206,6 +213,18 @@ mod tests {
         let raw = parse_record(body).unwrap();
         assert_eq!(raw.data_type, 6001);
         assert_eq!(raw.timestamp, 1_700_000_000);
+        assert_eq!(raw.payload, Bytes::from(r.data.unwrap().encode_to_vec()));
+        assert_eq!(raw.seq, 0);
+    }
+
+    #[test]
+    fn the_record_number_is_read_and_kept_out_of_the_payload() {
+        let r = Record {
+            seq: 300,
+            ..record(6001, 1, &[("a", "b")])
+        };
+        let raw = parse_record(encode_record(&r).slice(4..)).unwrap();
+        assert_eq!(raw.seq, 300);
         assert_eq!(raw.payload, Bytes::from(r.data.unwrap().encode_to_vec()));
     }
 
@@ -261,6 +280,7 @@ mod tests {
             data_type: -5,
             timestamp: -1,
             data: None,
+            seq: 0,
         };
         let raw = parse_record(encode_record(&r).slice(4..)).unwrap();
         assert_eq!((raw.data_type, raw.timestamp), (-5, -1));

@@ -486,7 +486,7 @@ mod tests {
     fn reply(agent: &str, token: &str) -> Reply {
         Reply {
             agent_id: agent.into(),
-            data_type: 6001,
+            data_type: keel_proto::data_type::KEY_PROOF,
             fields: HashMap::from([("token".to_owned(), token.to_owned())]),
         }
     }

@@ -4,6 +4,7 @@
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
+use keel_common::ids::valid_plugin_name;
 use keel_common::time::now_ms;
 use sha2::{Digest, Sha256};
 
@@ -74,11 +75,6 @@ pub struct PackageMeta {
     pub by: String,
 }
 
-/// Whether `s` is a valid component name.
-pub fn valid_name(s: &str) -> bool {
-    !s.is_empty() && s.len() <= 64 && s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
-}
-
 fn valid_version(s: &str) -> bool {
     !s.is_empty()
         && s.len() <= 64
@@ -90,7 +86,7 @@ impl PackageMeta {
     /// Checks the fields, naming the one at fault.
     pub fn validate(&self) -> Result<(), ComponentError> {
         let bad = |m: String| Err(ComponentError::Invalid(m));
-        if !valid_name(&self.name) {
+        if !valid_plugin_name(&self.name) {
             return bad(format!(
                 "invalid component name {:?}: must match ^[A-Za-z0-9_-]+$",
                 self.name

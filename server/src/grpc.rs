@@ -26,8 +26,9 @@ use tonic::{Code, Request, Response, Status, Streaming};
 use tracing::{Instrument, debug, info, info_span, warn};
 
 use crate::connections::{Closing, Connection, Outbound};
+use crate::gaps::{Gaps, Tally};
 use crate::pki::{self, PeerCert};
-use crate::sink::{Batch, Record};
+use crate::sink::{Batch, JsonFields, Record};
 use crate::state::ServerState;
 use crate::store::AgentMeta;
 
@@ -173,15 +174,17 @@ fn refusal(status: &Status) -> Option<Closing> {
     }
 }
 
-fn meta(pd: &PackagedData) -> AgentMeta {
+/// Moves what a batch says about its host out of it (no copies: every batch
+/// carries it, and it rarely changes).
+fn take_meta(pd: &mut PackagedData) -> AgentMeta {
     AgentMeta {
-        hostname: pd.hostname.clone(),
-        version: pd.version.clone(),
-        product: pd.product.clone(),
-        intranet_ipv4: pd.intranet_ipv4.clone(),
-        extranet_ipv4: pd.extranet_ipv4.clone(),
-        intranet_ipv6: pd.intranet_ipv6.clone(),
-        extranet_ipv6: pd.extranet_ipv6.clone(),
+        hostname: std::mem::take(&mut pd.hostname),
+        version: std::mem::take(&mut pd.version),
+        product: std::mem::take(&mut pd.product),
+        intranet_ipv4: std::mem::take(&mut pd.intranet_ipv4),
+        extranet_ipv4: std::mem::take(&mut pd.extranet_ipv4),
+        intranet_ipv6: std::mem::take(&mut pd.intranet_ipv6),
+        extranet_ipv6: std::mem::take(&mut pd.extranet_ipv6),
     }
 }
 
@@ -192,6 +195,10 @@ struct Session {
     mark: Option<(u64, u64)>,
     /// The plugin list of the last heartbeat, to write only changes.
     plugins: Option<String>,
+    /// The plugins' record numbering, to find records lost on the way.
+    gaps: Gaps,
+    /// Where that numbering stood after the last batch, as stored with its mark.
+    sources: Arc<str>,
 }
 
 /// The longest pause between tries to write a batch the sink refused.
@@ -222,7 +229,7 @@ impl StreamTask {
             match msg {
                 // Boxed: the work on a batch needs far more room than waiting for
                 // one, and a stream spends its life waiting.
-                Ok(Some(pd)) => match Box::pin(self.handle(pd)).await {
+                Ok(Some(pd)) => match Box::pin(self.handle(Box::new(pd))).await {
                     Step::Continue => {}
                     Step::Close(reason) => break Some(reason),
                 },
@@ -248,7 +255,9 @@ impl StreamTask {
             // The receiver may already be gone; then there is nobody to tell.
             let _ = self.conn.commands.try_send(Box::new(Outbound::Close(reason)));
         }
-        self.finish().await;
+        // Boxed like the work on a batch: closing needs the store, whose futures
+        // would otherwise widen every waiting stream's task.
+        Box::pin(self.finish()).await;
     }
 
     async fn finish(self) {
@@ -266,7 +275,57 @@ impl StreamTask {
         }
     }
 
-    async fn handle(&mut self, pd: PackagedData) -> Step {
+    /// The first valid batch of a stream: registers it, marks the agent online
+    /// here, restores where its numbering stood, and sends the desired plugin set.
+    async fn open(&mut self, agent_id: &str, meta: AgentMeta, epoch: u64, acked: u64, now: i64) -> Result<(), Step> {
+        let generation = self.state.connections.register(agent_id, self.conn.clone());
+        let instance = &self.state.cluster.instance;
+        if let Err(e) = self.state.store.agent_connected(agent_id, &meta, now, instance).await {
+            return Err(unavailable("registry", e));
+        }
+        let (mark, stored) = self
+            .state
+            .stream_start(agent_id)
+            .await
+            .map_err(|e| unavailable("registry", e))?;
+        let mut gaps = match stored {
+            Some((epoch, seq, sources)) => Gaps::restore(epoch, seq, &sources),
+            None => Gaps::default(),
+        };
+        gaps.resumed(epoch, acked);
+        info!(version = %meta.version, hostname = %meta.hostname, "agent online");
+        let keel_agent = meta.product == "keel-agent";
+        self.session = Some(Session {
+            generation,
+            meta,
+            mark,
+            plugins: None,
+            gaps,
+            // Replaced by the first numbered batch's snapshot.
+            sources: Arc::from(""),
+        });
+        // Every (re)connect gets the desired plugin set, if the server manages it.
+        if keel_agent && let Err(e) = self.state.push_config(agent_id, None).await {
+            warn!(error = %e, "cannot send the desired plugin set");
+        }
+        Ok(())
+    }
+
+    /// The host facts a batch carries changed: stored, then kept for comparison.
+    async fn host_changed(&mut self, agent_id: &str, meta: AgentMeta, now: i64) -> Result<(), Step> {
+        if let Err(e) = self.state.store.agent_meta(agent_id, &meta, now).await {
+            return Err(unavailable("registry", e));
+        }
+        if let Some(s) = &mut self.session {
+            s.meta = meta;
+        }
+        Ok(())
+    }
+
+    /// One batch. The message comes boxed so that the future does not carry a
+    /// copy of it: with it, the future would outgrow the allocator's per-thread
+    /// cache, and an idle server makes one such future per heartbeat.
+    async fn handle(&mut self, mut pd: Box<PackagedData>) -> Step {
         let agent_id = self.cert.agent_id.clone();
         if pd.agent_id != agent_id {
             warn!(claimed = %pd.agent_id, serial = %self.cert.serial,
@@ -277,56 +336,72 @@ impl StreamTask {
             )));
         }
         let now = now_ms();
-        let meta = meta(&pd);
+        let meta = take_meta(&mut pd);
+        // Only these stay; the rest of the message is dropped before any wait.
+        let PackagedData {
+            records: incoming,
+            epoch,
+            seq,
+            acked,
+            ..
+        } = *pd;
+        // What is rare (the first batch, changed host facts, lost records, store
+        // writes for control records) is awaited boxed, so that the future of an
+        // ordinary batch stays small enough for the allocator's per-thread cache.
         match &mut self.session {
             None => {
-                let generation = self.state.connections.register(&agent_id, self.conn.clone());
-                let instance = &self.state.cluster.instance;
-                if let Err(e) = self.state.store.agent_connected(&agent_id, &meta, now, instance).await {
-                    return unavailable("registry", e);
-                }
-                let mark = match self.state.mark(&agent_id).await {
-                    Ok(m) => m,
-                    Err(e) => return unavailable("registry", e),
-                };
-                info!(version = %meta.version, hostname = %meta.hostname, "agent online");
-                let keel_agent = meta.product == "keel-agent";
-                self.session = Some(Session {
-                    generation,
-                    meta,
-                    mark,
-                    plugins: None,
-                });
-                // Every (re)connect gets the desired plugin set, if the server manages it.
-                if keel_agent && let Err(e) = self.state.push_config(&agent_id, None).await {
-                    warn!(error = %e, "cannot send the desired plugin set");
+                if let Err(step) = Box::pin(self.open(&agent_id, meta, epoch, acked, now)).await {
+                    return step;
                 }
             }
             Some(s) if s.meta != meta => {
-                if let Err(e) = self.state.store.agent_meta(&agent_id, &meta, now).await {
-                    return unavailable("registry", e);
+                if let Err(step) = Box::pin(self.host_changed(&agent_id, meta, now)).await {
+                    return step;
                 }
-                s.meta = meta;
             }
             Some(_) => {}
         }
-        let numbered = pd.seq > 0;
+        let numbered = seq > 0;
         let mark = self.session.as_ref().and_then(|s| s.mark);
-        if numbered && mark.is_some_and(|(epoch, seq)| epoch == pd.epoch && pd.seq <= seq) {
-            debug!(seq = pd.seq, "duplicate batch dropped");
-            return self.ack(pd.epoch, pd.seq).await;
+        if numbered && mark.is_some_and(|(e, s)| e == epoch && seq <= s) {
+            debug!(seq, "duplicate batch dropped");
+            return self.ack(epoch, seq).await;
         }
-        let records: Vec<Record> = pd
-            .records
-            .into_iter()
-            .map(|r| Record {
-                data_type: r.data_type,
-                timestamp: r.timestamp,
-                data: r.data,
-            })
-            .collect();
+        let mut lost: HashMap<String, Tally> = HashMap::new();
+        let mut records = Vec::with_capacity(incoming.len());
+        if let Some(s) = &mut self.session {
+            s.gaps.batch(epoch, seq);
+            for r in incoming {
+                if let Some(l) = s.gaps.record(&r.plugin, r.instance, r.seq) {
+                    lost.entry(l.plugin.clone())
+                        .and_modify(|t| t.add(&l))
+                        .or_insert_with(|| Tally::new(&l));
+                }
+                records.push((
+                    !r.plugin.is_empty(),
+                    Record {
+                        data_type: r.data_type,
+                        timestamp: r.timestamp,
+                        data: r.data,
+                    },
+                ));
+            }
+        }
+        for (plugin, t) in lost {
+            warn!(%plugin, instance = t.instance, gaps = t.gaps, first = t.first, last = t.last,
+                records = t.records, "records of a plugin went missing on the way");
+            if let Err(e) = Box::pin(self.state.store.plugin_records_lost(&agent_id, &plugin, t.records, now)).await {
+                return unavailable("registry", e);
+            }
+        }
         let mut data = Vec::with_capacity(records.len());
-        for r in records {
+        for (from_plugin, r) in records {
+            if from_plugin && data_type::agent_only(r.data_type) {
+                // The agent refuses these from plugins; a record claiming otherwise
+                // is data, not an instruction.
+                data.push(r);
+                continue;
+            }
             match self.control(&r, now).await {
                 Ok(true) => data.push(r),
                 Ok(false) => {}
@@ -338,19 +413,22 @@ impl StreamTask {
                 agent_id: &agent_id,
                 server_time: now,
                 records: &data,
-                epoch: pd.epoch,
-                seq: pd.seq,
+                epoch,
+                seq,
             };
             if let Err(reason) = self.write(batch).await {
                 return Step::Close(reason);
             }
         }
         if numbered {
-            self.state.set_mark(&agent_id, pd.epoch, pd.seq);
             if let Some(s) = &mut self.session {
-                s.mark = Some((pd.epoch, pd.seq));
+                if let Some(sources) = s.gaps.snapshot() {
+                    s.sources = Arc::from(sources);
+                }
+                s.mark = Some((epoch, seq));
+                self.state.set_mark(&agent_id, epoch, seq, Arc::clone(&s.sources));
             }
-            return self.ack(pd.epoch, pd.seq).await;
+            return self.ack(epoch, seq).await;
         }
         Step::Continue
     }
@@ -359,11 +437,16 @@ impl StreamTask {
     /// the sink refuses, for as long as the stream lasts: the agent keeps it in
     /// its spool meanwhile, so an outage of the sink loses nothing.
     async fn write(&self, batch: Batch<'_>) -> Result<(), Closing> {
+        match self.state.sink.write(batch).await {
+            Ok(()) => Ok(()),
+            // Boxed: the timer and the retries are for outages only.
+            Err(e) => Box::pin(self.write_again(batch, e)).await,
+        }
+    }
+
+    async fn write_again(&self, batch: Batch<'_>, mut error: crate::sink::SinkError) -> Result<(), Closing> {
         let mut delay = Duration::from_millis(100);
         loop {
-            let Err(e) = self.state.sink.write(batch).await else {
-                return Ok(());
-            };
             let now = now_ms();
             let last = LAST_SINK_WARNING.load(Ordering::Relaxed);
             if now - last >= SINK_WARN_EVERY_MS
@@ -371,22 +454,32 @@ impl StreamTask {
                     .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
                     .is_ok()
             {
-                tracing::error!(error = %e, "the sink refused a batch; agents keep their records until it takes them again");
+                tracing::error!(error = %error, "the sink refused a batch; agents keep their records until it takes them again");
             } else {
-                debug!(error = %e, "the sink refused a batch; trying again");
+                debug!(error = %error, "the sink refused a batch; trying again");
             }
             tokio::select! {
                 reason = self.conn.closed() => return Err(reason),
                 () = tokio::time::sleep(delay) => {}
             }
             delay = (delay * 2).min(SINK_RETRY_MAX);
+            let Err(e) = self.state.sink.write(batch).await else {
+                return Ok(());
+            };
+            error = e;
         }
     }
 
     async fn ack(&self, epoch: u64, seq: u64) -> Step {
         // Waiting here when the agent does not read its commands stops this stream's
         // reads too: backpressure, not unbounded buffering.
-        match self.conn.commands.send(Box::new(Outbound::Ack { epoch, seq })).await {
+        let ack = match self.conn.commands.try_send(Box::new(Outbound::Ack { epoch, seq })) {
+            Ok(()) => return Step::Continue,
+            Err(mpsc::error::TrySendError::Full(ack)) => ack,
+            Err(mpsc::error::TrySendError::Closed(_)) => return Step::Close(Closing::Shutdown),
+        };
+        // Boxed: waiting for room is the exception.
+        match Box::pin(self.conn.commands.send(ack)).await {
             Ok(()) => Step::Continue,
             Err(_) => Step::Close(Closing::Shutdown),
         }
@@ -398,24 +491,31 @@ impl StreamTask {
         let agent_id = &self.cert.agent_id;
         match r.data_type {
             data_type::AGENT_HEARTBEAT => {
-                if let Some(fields) = decode(r) {
-                    let json = serde_json::to_string(&fields).unwrap_or_else(|_| "{}".into());
-                    self.state.set_heartbeat(agent_id, json, now);
-                    if let Some(list) = fields.get("plugins")
-                        && self.session.as_ref().is_none_or(|s| s.plugins.as_ref() != Some(list))
-                    {
-                        let names = list.split(',').filter(|n| !n.is_empty()).map(str::to_owned).collect();
-                        self.state.store.plugins_present(agent_id, &names).await?;
-                        if let Some(s) = &mut self.session {
-                            s.plugins = Some(list.clone());
-                        }
+                // Read in place: a heartbeat every minute from every agent is most
+                // of what an idle server does.
+                let fields = match payload::fields(&r.data) {
+                    Ok(f) => f,
+                    Err(e) => {
+                        warn!(data_type = r.data_type, error = %e, "undecodable payload in a Keel record");
+                        return Ok(true);
+                    }
+                };
+                let json = serde_json::to_string(&JsonFields(&fields)).unwrap_or_else(|_| "{}".into());
+                self.state.set_heartbeat(agent_id, json, now);
+                if let Some(list) = fields.get("plugins")
+                    && self.session.as_ref().is_none_or(|s| s.plugins.as_deref() != Some(list))
+                {
+                    let names = list.split(',').filter(|n| !n.is_empty()).map(str::to_owned).collect();
+                    Box::pin(self.state.store.plugins_present(agent_id, &names)).await?;
+                    if let Some(s) = &mut self.session {
+                        s.plugins = Some(list.to_owned());
                     }
                 }
                 Ok(true)
             }
             data_type::PLUGIN_HEARTBEAT => {
                 if let Some(fields) = decode(r) {
-                    self.state.store.plugin_heartbeat(agent_id, &fields, now).await?;
+                    Box::pin(self.state.store.plugin_heartbeat(agent_id, &fields, now)).await?;
                 }
                 Ok(true)
             }
@@ -423,8 +523,8 @@ impl StreamTask {
                 if let Some(fields) = decode(r)
                     && let Some(token) = fields.get("token").filter(|t| !t.is_empty()).cloned()
                 {
-                    let stored = self.state.store.task_result(&token, agent_id, &fields, now).await?;
-                    self.reply(r.data_type, fields).await;
+                    let stored = Box::pin(self.state.store.task_result(&token, agent_id, &fields, now)).await?;
+                    Box::pin(self.reply(r.data_type, fields)).await;
                     if stored {
                         self.state.rollout_wake.notify_one();
                     } else {
@@ -434,12 +534,12 @@ impl StreamTask {
                 Ok(true)
             }
             data_type::CERT_RENEWAL => {
-                self.renew(r).await;
+                Box::pin(self.renew(r)).await;
                 Ok(false)
             }
-            crate::keyenroll::KEY_PROOF => {
+            data_type::KEY_PROOF => {
                 if let Some(fields) = decode(r) {
-                    self.reply(r.data_type, fields).await;
+                    Box::pin(self.reply(r.data_type, fields)).await;
                 }
                 Ok(true)
             }

@@ -430,11 +430,53 @@ fn api() -> (Router<Arc<ServerState>>, utoipa::openapi::OpenApi) {
         )
         .split_for_parts();
     let mut prefixed = utoipa::openapi::path::Paths::new();
-    for (path, item) in std::mem::take(&mut doc.paths.paths) {
+    for (path, mut item) in std::mem::take(&mut doc.paths.paths) {
+        document_errors(&mut item);
         prefixed.paths.insert(format!("/api/v1{path}"), item);
     }
     doc.paths = prefixed;
+    let components = doc.components.get_or_insert_with(Default::default);
+    components
+        .schemas
+        .insert("ErrorBody".into(), <ErrorBody as utoipa::PartialSchema>::schema());
     (router, doc)
+}
+
+/// Every operation may answer any 4xx or 5xx with an [`ErrorBody`]: said once
+/// here, for all of them, as the `4XX` and `5XX` ranges.
+fn document_errors(item: &mut utoipa::openapi::PathItem) {
+    use utoipa::openapi::{ContentBuilder, Ref, RefOr, ResponseBuilder};
+    let error = |description: &str| {
+        RefOr::T(
+            ResponseBuilder::new()
+                .description(description)
+                .content(
+                    "application/json",
+                    ContentBuilder::new()
+                        .schema(Some(Ref::from_schema_name("ErrorBody")))
+                        .build(),
+                )
+                .build(),
+        )
+    };
+    for op in [
+        &mut item.get,
+        &mut item.put,
+        &mut item.post,
+        &mut item.delete,
+        &mut item.patch,
+    ]
+    .into_iter()
+    .flatten()
+    {
+        let responses = &mut op.responses.responses;
+        responses
+            .entry("4XX".into())
+            .or_insert_with(|| error("The request was refused; `error` says why."));
+        responses
+            .entry("5XX".into())
+            .or_insert_with(|| error("The server could not serve it now; `error` says why."));
+    }
 }
 
 /// The whole HTTP application.

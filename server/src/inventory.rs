@@ -12,6 +12,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures::StreamExt;
+use keel_proto::data_type::PROXY_JOB;
 use rustls::pki_types::{CertificateDer, ServerName};
 use serde::Serialize;
 use sha2::{Digest, Sha256};
@@ -23,8 +24,6 @@ use crate::connections::{Outbound, TaskCommand};
 use crate::state::ServerState;
 use crate::store::{CertRow, NewTask};
 
-/// The proxy plugin's job task.
-pub const PROXY_JOB: i32 = 6100;
 /// The proxy plugin's name.
 pub const PROXY: &str = "proxy";
 
@@ -177,12 +176,23 @@ async fn run(
             None => std::future::pending().await,
         }
     };
+    // What the agent said of a job that succeeded, for the error if the outcome
+    // from the tunnel's side then never comes.
+    let mut agent_said = None;
     let refusal = async {
         while let Some(reply) = answers.recv().await {
-            if reply.data_type == keel_proto::data_type::TASK_RESULT {
-                let msg = reply.fields.get("msg").map_or("no message", String::as_str);
-                return format!("agent {agent_id}: {msg}");
+            if reply.data_type != keel_proto::data_type::TASK_RESULT {
+                continue;
             }
+            let msg = reply.fields.get("msg").map_or("no message", String::as_str);
+            // A job that succeeded ended after its tunnel closed; the outcome
+            // comes from the tunnel's side, which may be another instance whose
+            // word arrives after the agent's.
+            if reply.fields.get("status").is_some_and(|s| s == "succeeded") {
+                agent_said = Some(msg.to_owned());
+                continue;
+            }
+            return format!("agent {agent_id}: {msg}");
         }
         std::future::pending().await
     };
@@ -191,7 +201,13 @@ async fn run(
         outcome = remote_outcome => return outcome.map(|cert| (cert, false)),
         msg = refusal => return Err(msg),
         () = tokio::time::sleep(wait) => {
-            return Err(format!("agent {agent_id}'s proxy did not connect back within {} s", wait.as_secs()));
+            return Err(match agent_said {
+                Some(msg) => format!(
+                    "agent {agent_id} reports \"{msg}\", but no outcome came from the instance its tunnel reached within {} s",
+                    wait.as_secs()
+                ),
+                None => format!("agent {agent_id}'s proxy did not connect back within {} s", wait.as_secs()),
+            });
         }
     };
     let chain = handshake(stream, target, wait).await?;

@@ -34,8 +34,6 @@ use crate::store::{NewTask, StoreError};
 
 /// The CSR subject CN of a host that does not know its ID yet.
 pub const UNKNOWN_ID_CN: &str = "keel-key-enrollment";
-/// The task that checks a key proof.
-pub const KEY_PROOF: i32 = 6001;
 /// The plugin that answers it.
 pub const PLUGIN: &str = "key-request";
 /// Longest accepted host name.
@@ -403,7 +401,7 @@ async fn ask_providers(
                 &NewTask {
                     token: &token,
                     agent_id: provider,
-                    data_type: KEY_PROOF,
+                    data_type: data_type::KEY_PROOF,
                     object_name: PLUGIN,
                     data: task,
                     created_by: "enrollment by key",
@@ -413,7 +411,7 @@ async fn ask_providers(
             )
             .await?;
         let cmd = TaskCommand {
-            data_type: KEY_PROOF,
+            data_type: data_type::KEY_PROOF,
             object_name: PLUGIN.to_owned(),
             data: task.to_owned(),
             token: token.clone(),
@@ -448,7 +446,7 @@ async fn ask_providers(
 async fn key_answer(answers: &mut crate::cluster::ReplyWait) -> Result<HashMap<String, String>, String> {
     while let Some(reply) = answers.recv().await {
         match reply.data_type {
-            KEY_PROOF => return Ok(reply.fields),
+            data_type::KEY_PROOF => return Ok(reply.fields),
             data_type::TASK_RESULT if reply.fields.get("status").map(String::as_str) == Some("failed") => {
                 return Err(reply.fields.get("msg").cloned().unwrap_or_default());
             }

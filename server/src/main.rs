@@ -13,11 +13,6 @@ use keel_server::config::{Overrides, ServerConfig};
 use keel_server::store::Role;
 use keel_server::{quickstart, serve};
 
-// jemalloc: what thousands of streams free goes back to the system (its
-// background threads purge it within seconds), where glibc's allocator kept it.
-#[global_allocator]
-static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
-
 #[derive(Parser)]
 #[command(name = "keel-server", version = keel_common::VERSION, about = "The Keel server")]
 struct Cli {
@@ -144,10 +139,6 @@ fn load(cli: &Cli, serve: Option<&ServeArgs>) -> Result<ServerConfig, ConfigErro
 }
 
 fn main() -> ExitCode {
-    // Purge freed memory even while nothing allocates (after agents left).
-    if let Err(e) = tikv_jemalloc_ctl::background_thread::write(true) {
-        eprintln!("keel-server: cannot start the allocator's background threads: {e}");
-    }
     let cli = Cli::parse();
     let config = match &cli.command {
         Cmd::Quickstart(_) => None,
@@ -177,6 +168,15 @@ fn main() -> ExitCode {
     }
 }
 
+/// For the long-running commands: what departed streams freed goes back to the
+/// system ([`keel_server::memory`]).
+fn give_memory_back() {
+    keel_server::memory::tune();
+    if let Err(e) = keel_server::memory::spawn_trimmer() {
+        tracing::warn!(error = %e, "cannot start the memory trimmer; freed memory stays with the process");
+    }
+}
+
 fn init_logging(config: Option<&ServerConfig>, stderr_filter: &str) -> anyhow::Result<logging::LogGuard> {
     let opts = LogOptions {
         dir: config.and_then(|c| c.log.dir.clone()),
@@ -193,6 +193,7 @@ async fn run(cli: Cli, config: Option<ServerConfig>) -> anyhow::Result<()> {
         Cmd::Serve(args) => {
             let config = config.ok_or_else(|| anyhow::anyhow!("no configuration"))?;
             let _log = init_logging(Some(&config), "info")?;
+            give_memory_back();
             let shutdown = keel_common::shutdown::on_signal();
             serve::run(config, shutdown, args.ready_file).await
         }
@@ -219,6 +220,7 @@ async fn run(cli: Cli, config: Option<ServerConfig>) -> anyhow::Result<()> {
                 },
                 Vec::new(),
             )?;
+            give_memory_back();
             quickstart::run(opts, keel_common::shutdown::on_signal()).await
         }
         Cmd::Ca(cmd) => {

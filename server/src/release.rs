@@ -66,14 +66,6 @@ pub enum SignatureError {
     NoKey,
 }
 
-fn parse_public(hex_key: &str) -> Result<VerifyingKey, String> {
-    let bytes: [u8; 32] = hex::decode(hex_key.trim())
-        .map_err(|e| e.to_string())?
-        .try_into()
-        .map_err(|_| "not 32 bytes".to_owned())?;
-    VerifyingKey::from_bytes(&bytes).map_err(|e| e.to_string())
-}
-
 /// Creates `release.key` and `release.pub` in `dir`. Returns the public key, hex.
 pub fn generate(dir: &Path) -> Result<String, ReleaseError> {
     keel_common::fsutil::create_dir(dir, 0o700).map_err(|e| ReleaseError::Io(format!("{}: {e}", dir.display())))?;
@@ -128,10 +120,12 @@ impl Release {
         let public = match (&signer, config.release.public_key.as_str()) {
             (Some(s), _) => Some(s.verifying_key()),
             (None, "") => None,
-            (None, hex_key) => Some(parse_public(hex_key).map_err(|m| ReleaseError::Invalid {
-                path: PathBuf::from("release.public_key"),
-                message: m,
-            })?),
+            (None, hex_key) => Some(
+                keel_common::keys::ed25519_public(hex_key).map_err(|m| ReleaseError::Invalid {
+                    path: PathBuf::from("release.public_key"),
+                    message: m,
+                })?,
+            ),
         };
         Ok(Self { signer, public })
     }

@@ -96,16 +96,26 @@ struct Line<'a> {
     #[serde(skip_serializing_if = "Option::is_none")]
     seq: Option<u64>,
     #[serde(skip_serializing_if = "Option::is_none")]
-    fields: Option<HashMap<String, String>>,
+    fields: Option<JsonFields<'a, 'a>>,
     #[serde(skip_serializing_if = "Option::is_none")]
     data: Option<String>,
+}
+
+/// A payload's fields as one JSON object, in key order, written from the borrowed
+/// strings.
+pub(crate) struct JsonFields<'f, 'a>(pub &'f payload::Fields<'a>);
+
+impl Serialize for JsonFields<'_, '_> {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.collect_map(self.0.iter())
+    }
 }
 
 /// Appends `r` of `batch` to `out` as one JSON object (no newline).
 fn write_json(batch: &Batch<'_>, r: &Record, out: &mut Vec<u8>) {
     let numbered = batch.seq > 0;
     let fields = if data_type::is_keel_payload(r.data_type) {
-        payload::decode(&r.data).ok()
+        payload::fields(&r.data).ok()
     } else {
         None
     };
@@ -120,7 +130,7 @@ fn write_json(batch: &Batch<'_>, r: &Record, out: &mut Vec<u8>) {
         server_time: batch.server_time,
         epoch: numbered.then(|| format!("{:016x}", batch.epoch)),
         seq: numbered.then_some(batch.seq),
-        fields,
+        fields: fields.as_ref().map(JsonFields),
         data,
     };
     // Serialising plain strings and integers into a Vec cannot fail.

@@ -15,7 +15,7 @@ use crate::pki::{self, Ca, CsrError, IssuedCert, PkiError};
 use crate::policy::{self, AgentFacts, Effective, Policy};
 use crate::release::Release;
 use crate::sink::Sink;
-use crate::store::{Store, StoreError};
+use crate::store::{Store, StoreError, StreamMark};
 
 /// The server's shared state.
 #[derive(Debug)]
@@ -54,6 +54,10 @@ pub struct ServerState {
     pub tunnels: crate::tunnel::Tunnels,
 }
 
+/// A new stream's mark, and the stored mark with its sources: see
+/// [`ServerState::stream_start`].
+pub type StreamStart = (Option<(u64, u64)>, Option<(u64, u64, String)>);
+
 /// How often marks and heartbeats are written to the store.
 pub const FLUSH_EVERY: Duration = Duration::from_secs(2);
 
@@ -62,8 +66,9 @@ pub const FLUSH_EVERY: Duration = Duration::from_secs(2);
 struct Pending {
     /// Highest persisted batch per agent connected here: (epoch, seq).
     marks: HashMap<String, (u64, u64)>,
-    /// Marks changed since the last flush.
-    dirty: HashMap<String, (u64, u64)>,
+    /// Marks changed since the last flush, with where the agent's plugins'
+    /// record numbering stood at each ([`crate::gaps`]).
+    dirty: HashMap<String, (u64, u64, Arc<str>)>,
     /// Heartbeats not written yet: fields as JSON, arrival time.
     beats: HashMap<String, (String, i64)>,
 }
@@ -124,8 +129,14 @@ impl ServerState {
     ) -> Self {
         // What the sink itself knows it persisted is the newest truth after a crash.
         let recovered = sink.recovered_marks();
+        // Where the numbering stood at these marks is not known here: stored as
+        // unknown, unless the store holds the same mark with what it knows.
+        let unknown: Arc<str> = Arc::from("");
         let pending = Mutex::new(Pending {
-            dirty: recovered.clone(),
+            dirty: recovered
+                .iter()
+                .map(|(a, (e, s))| (a.clone(), (*e, *s, Arc::clone(&unknown))))
+                .collect(),
             marks: recovered,
             beats: HashMap::new(),
         });
@@ -427,19 +438,22 @@ impl ServerState {
         self.grpc_addr().to_string()
     }
 
-    /// The agent's highest persisted batch, from memory or the store.
-    pub async fn mark(&self, agent_id: &str) -> Result<Option<(u64, u64)>, StoreError> {
-        if let Some(m) = self.pending_lock().marks.get(agent_id) {
-            return Ok(Some(*m));
-        }
-        self.store.stream_mark(agent_id).await
+    /// For a new stream, with one read of the store: the agent's highest persisted
+    /// batch (from memory, else the store), and the stored mark with where its
+    /// plugins' record numbering stood then (`Store::stream_sources`).
+    pub async fn stream_start(&self, agent_id: &str) -> Result<StreamStart, StoreError> {
+        let stored = self.store.stream_sources(agent_id).await?;
+        let pending = self.pending_lock().marks.get(agent_id).copied();
+        let mark = pending.or_else(|| stored.as_ref().map(|(e, s, _)| (*e, *s)));
+        Ok((mark, stored))
     }
 
-    /// Records a persisted batch; it reaches the store with the next flush.
-    pub fn set_mark(&self, agent_id: &str, epoch: u64, seq: u64) {
+    /// Records a persisted batch, and where the agent's plugins' record numbering
+    /// stood after it; both reach the store with the next flush.
+    pub fn set_mark(&self, agent_id: &str, epoch: u64, seq: u64, sources: Arc<str>) {
         let mut p = self.pending_lock();
         p.marks.insert(agent_id.to_owned(), (epoch, seq));
-        p.dirty.insert(agent_id.to_owned(), (epoch, seq));
+        p.dirty.insert(agent_id.to_owned(), (epoch, seq, sources));
     }
 
     /// Keeps a heartbeat (its fields as JSON) for the next flush.
@@ -454,7 +468,7 @@ impl ServerState {
             let mut p = self.pending_lock();
             (std::mem::take(&mut p.dirty), std::mem::take(&mut p.beats))
         };
-        let marks_rows: Vec<(String, u64, u64)> = marks.iter().map(|(a, (e, s))| (a.clone(), *e, *s)).collect();
+        let marks_rows: Vec<StreamMark> = marks.iter().map(|(a, m)| stream_mark(a, m)).collect();
         let beat_rows: Vec<(String, String, i64)> =
             beats.iter().map(|(a, (j, t))| (a.clone(), j.clone(), *t)).collect();
         let result = async {
@@ -483,10 +497,8 @@ impl ServerState {
             crate::connections::shrink_sparse(&mut p.marks);
             (p.dirty.remove(agent_id), p.beats.remove(agent_id))
         };
-        if let Some((epoch, seq)) = mark {
-            self.store
-                .save_stream_marks(&[(agent_id.to_owned(), epoch, seq)])
-                .await?;
+        if let Some(m) = mark {
+            self.store.save_stream_marks(&[stream_mark(agent_id, &m)]).await?;
         }
         if let Some((json, at)) = beat {
             self.store.agent_heartbeats(&[(agent_id.to_owned(), json, at)]).await?;
@@ -496,5 +508,14 @@ impl ServerState {
 
     fn pending_lock(&self) -> std::sync::MutexGuard<'_, Pending> {
         self.pending.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+fn stream_mark(agent_id: &str, (epoch, seq, sources): &(u64, u64, Arc<str>)) -> StreamMark {
+    StreamMark {
+        agent_id: agent_id.to_owned(),
+        epoch: *epoch,
+        seq: *seq,
+        sources: Arc::clone(sources),
     }
 }

@@ -24,7 +24,7 @@ pub use cluster::{InstanceRow, TunnelJobRow};
 pub use inventory::CertRow;
 pub use jobs::{JobRow, PendingSubtask, SubtaskCounts};
 pub use plugins::{DesiredPlugin, PackageRow, ReportedPlugin};
-pub use tasks::{NewTask, TaskRow};
+pub use tasks::{NewTask, StreamMark, TaskRow};
 pub use tokens::{NewToken, Role, TokenRefusal, TokenRow};
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
@@ -118,13 +118,32 @@ pub async fn fresh_schema(base: &str) -> Result<String, StoreError> {
     Ok(format!("{base}{sep}options=-c%20search_path%3D{name}"))
 }
 
-/// Rows of three values per statement in the batched writes.
-const BATCH_ROWS: usize = 300;
+/// The most rows one statement of a batched write carries.
+const BATCH_ROWS: usize = 256;
 
-/// `($1, $2, $3), ($4, $5, $6), …` for `rows` rows of three values.
-fn triples(rows: usize) -> String {
+/// `rows` cut into batches of a power of two rows each, at most `BATCH_ROWS`:
+/// so a batched write is one of nine statements, each prepared once per
+/// connection and then reused, however many rows each flush has.
+fn batches<T>(mut rows: &[T]) -> impl Iterator<Item = &[T]> {
+    std::iter::from_fn(move || {
+        if rows.is_empty() {
+            return None;
+        }
+        let n = rows.len().min(BATCH_ROWS);
+        let size = 1 << n.ilog2();
+        let (batch, rest) = rows.split_at(size);
+        rows = rest;
+        Some(batch)
+    })
+}
+
+/// `($1, …, $width), ($width+1, …)`: the placeholders of `rows` rows.
+fn tuples(rows: usize, width: usize) -> String {
     (0..rows)
-        .map(|i| format!("(${}, ${}, ${})", 3 * i + 1, 3 * i + 2, 3 * i + 3))
+        .map(|i| {
+            let row: Vec<String> = (1..=width).map(|c| format!("${}", width * i + c)).collect();
+            format!("({})", row.join(", "))
+        })
         .collect::<Vec<_>>()
         .join(", ")
 }
@@ -162,4 +181,27 @@ pub(crate) async fn test_store() -> (Store, tempfile::TempDir) {
         format!("sqlite://{}", dir.path().join("t.db").display())
     };
     (Store::open(&url).await.unwrap(), dir)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn batches_are_powers_of_two_and_cover_every_row_in_order() {
+        let sizes = |n: usize| {
+            let rows: Vec<usize> = (0..n).collect();
+            let cut: Vec<&[usize]> = batches(&rows).collect();
+            assert_eq!(cut.concat(), rows);
+            cut.iter().map(|b| b.len()).collect::<Vec<_>>()
+        };
+        assert_eq!(sizes(0), Vec::<usize>::new());
+        assert_eq!(sizes(7), vec![4, 2, 1]);
+        assert_eq!(sizes(1600), vec![256, 256, 256, 256, 256, 256, 64]);
+        // Whatever the count, only nine statement shapes are ever used.
+        let mut shapes: Vec<usize> = (0..2000).flat_map(sizes).collect();
+        shapes.sort_unstable();
+        shapes.dedup();
+        assert_eq!(shapes, vec![1, 2, 4, 8, 16, 32, 64, 128, 256]);
+    }
 }

@@ -9,6 +9,7 @@
 
 pub mod cluster;
 pub mod mariadb;
+pub mod netns;
 pub mod proxy;
 
 use std::future::Future;
@@ -140,6 +141,8 @@ pub struct ServerOptions {
     pub ports: (u16, u16),
     /// Share the gRPC, HTTP and tunnel ports with other processes (SO_REUSEPORT).
     pub reuse_port: bool,
+    /// The address gRPC listens on; unset: 127.0.0.1.
+    pub grpc_host: Option<String>,
 }
 
 /// The registry URL a test server uses when none is given: a fresh PostgreSQL
@@ -201,8 +204,9 @@ impl Server {
         }
         let (grpc_port, tunnel_port) = opts.ports;
         let reuse = opts.reuse_port;
+        let grpc_host = opts.grpc_host.as_deref().unwrap_or("127.0.0.1");
         let text = format!(
-            "data_dir = {}\n{}\n{sections}[grpc]\nlisten = \"127.0.0.1:{grpc_port}\"\nreuse_port = {reuse}\n\
+            "data_dir = {}\n{}\n{sections}[grpc]\nlisten = \"{grpc_host}:{grpc_port}\"\nreuse_port = {reuse}\n\
              [tunnel]\nlisten = \"127.0.0.1:{tunnel_port}\"\nreuse_port = {reuse}\n\
              [http]\nlisten = \"127.0.0.1:0\"\ntls = {}\n",
             toml_path(&dir.path().join("data")),
@@ -624,7 +628,7 @@ impl Agent {
         let text = format!(
             "[agent]\nid = {id:?}\nstate_dir = {}\nlog_dir = {}\nheartbeat_interval = \"2s\"\nshutdown_grace = \"5s\"\n\
              [server]\nprivate = [\"{}\"]\nbackoff_min = \"200ms\"\nbackoff_max = \"1s\"\n\
-             [plugins]\nrelease_public_key = {key:?}\nstop_grace = \"2s\"\nrestart_backoff_min = \"200ms\"\nrestart_backoff_max = \"2s\"\n{plugins}\n{extra}\n",
+             [plugins]\nrelease_public_key = {key:?}\nplugin_stop_grace = \"1s\"\nstop_grace = \"2s\"\nrestart_backoff_min = \"200ms\"\nrestart_backoff_max = \"2s\"\n{plugins}\n{extra}\n",
             toml_path(&dir.path().join("state")),
             toml_path(&dir.path().join("log")),
             server.grpc
@@ -698,6 +702,18 @@ impl Agent {
         self.spawn(cmd);
     }
 
+    /// Runs the agent inside network namespace `ns` (see [`netns::NetNs`]).
+    pub fn start_in(&mut self, ns: &netns::NetNs) {
+        let mut cmd = Command::new("ip");
+        cmd.args(["netns", "exec", &ns.name])
+            .arg(&self.exe)
+            .arg("--config")
+            .arg(&self.config)
+            .arg("run")
+            .env_remove("KEEL_LOG");
+        self.spawn(cmd);
+    }
+
     /// Starts `keel-agent run` holding `fd` open without close-on-exec, as a
     /// careless parent process would leave it.
     pub fn start_with_inherited_fd(&mut self, fd: u32) {
@@ -731,6 +747,14 @@ impl Agent {
     /// The process ID while running.
     pub fn pid(&self) -> Option<u32> {
         self.child.as_ref().map(Child::id)
+    }
+
+    /// SIGKILLs the agent (its plugins live on until they find their pipes gone).
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
     }
 
     /// SIGTERM, and the exit status if it stopped within `limit`.
@@ -1002,6 +1026,7 @@ fn record(data_type: i32, fields: &[(&str, &str)]) -> keel_proto::grpc::EncodedR
         data_type,
         timestamp: 1_700_000_000,
         data: payload(fields),
+        ..Default::default()
     }
 }
 

@@ -13,9 +13,10 @@ use std::path::{Component, Path, PathBuf};
 use std::time::Duration;
 
 use ed25519_dalek::{Signature, VerifyingKey};
+use keel_common::ids::valid_plugin_name;
 use sha2::{Digest, Sha256};
 
-use super::{PackageKind, PluginConfig, valid_name};
+use super::{PackageKind, PluginConfig};
 
 /// Entries accepted in one archive.
 const MAX_ENTRIES: usize = 10_000;
@@ -83,15 +84,6 @@ pub struct Installer {
     client: reqwest::Client,
     timeout: Duration,
     max_bytes: u64,
-}
-
-/// Parses a hex Ed25519 public key.
-pub fn parse_key(hex_key: &str) -> Result<VerifyingKey, String> {
-    let bytes: [u8; 32] = hex::decode(hex_key)
-        .map_err(|e| format!("not hex: {e}"))?
-        .try_into()
-        .map_err(|_| "not 32 bytes".to_owned())?;
-    VerifyingKey::from_bytes(&bytes).map_err(|e| format!("not an Ed25519 public key: {e}"))
 }
 
 fn random_suffix() -> String {
@@ -218,7 +210,7 @@ impl Installer {
 
     /// Downloads and verifies a package, and unpacks it into a staging directory.
     pub async fn stage(&self, cfg: &PluginConfig) -> Result<PathBuf, InstallError> {
-        if !valid_name(&cfg.name) {
+        if !valid_plugin_name(&cfg.name) {
             return Err(InstallError::Name(cfg.name.clone()));
         }
         let kind = cfg.kind.clone().map_err(InstallError::Kind)?;
@@ -629,6 +621,5 @@ pub(crate) mod tests {
         verify(&vk, b"package", &sig).unwrap();
         assert!(verify(&vk, b"tampered", &sig).is_err());
         assert!(verify(&vk, b"package", "zz").is_err());
-        assert_eq!(parse_key(&hex::encode(vk.to_bytes())).unwrap(), vk);
     }
 }

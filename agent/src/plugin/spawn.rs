@@ -80,7 +80,7 @@ pub fn spawn(exe: &Path, dir: &Path, env: &[(String, String)], cgroup_procs: Vec
             Ok(())
         });
     }
-    let mut child = cmd.spawn()?;
+    let mut child = spawn_when_not_busy(&mut cmd)?;
     drop((child_tasks, child_records, cgroup_procs));
     let pid = child.id().unwrap_or_default();
     Ok(Spawned {
@@ -91,6 +91,31 @@ pub fn spawn(exe: &Path, dir: &Path, env: &[(String, String)], cgroup_procs: Vec
         stderr: child.stderr.take(),
         child,
     })
+}
+
+/// How often a start refused with ETXTBSY is tried again, and how long apart.
+const BUSY_TRIES: u32 = 20;
+const BUSY_PAUSE: std::time::Duration = std::time::Duration::from_millis(5);
+
+/// `cmd.spawn()`, tried again while `exec` says the file is busy (ETXTBSY).
+///
+/// A freshly installed executable was written through a descriptor that is closed
+/// by the time it starts, but a fork made meanwhile by another thread (another
+/// plugin starting) holds a copy of that descriptor until its child execs and the
+/// copy closes on exec. For that moment, Linux refuses to execute the file. It
+/// passes within milliseconds, so the start is tried again, at most
+/// `BUSY_TRIES` times, `BUSY_PAUSE` apart (a blocking pause: 100 ms at worst).
+fn spawn_when_not_busy(cmd: &mut Command) -> std::io::Result<Child> {
+    let mut tries = 1;
+    loop {
+        match cmd.spawn() {
+            Err(e) if e.raw_os_error() == Some(nix::libc::ETXTBSY) && tries < BUSY_TRIES => {
+                tries += 1;
+                std::thread::sleep(BUSY_PAUSE);
+            }
+            other => return other,
+        }
+    }
 }
 
 /// Marks every descriptor from `first` on close-on-exec, so the plugin inherits
@@ -130,5 +155,49 @@ fn libc_write(fd: i32, bytes: &[u8]) -> isize {
     // SAFETY: `bytes` is a live slice for the duration of the call.
     unsafe {
         nix::libc::write(fd, bytes.as_ptr().cast(), bytes.len())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+
+    use super::*;
+
+    /// A script that would exit 0, in a directory of its own, still open for writing.
+    fn script_open_for_writing() -> (tempfile::TempDir, std::path::PathBuf, std::fs::File) {
+        let dir = tempfile::tempdir().unwrap();
+        let exe = dir.path().join("plugin");
+        let mut writer = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o755)
+            .open(&exe)
+            .unwrap();
+        writer.write_all(b"#!/bin/sh\nexit 0\n").unwrap();
+        (dir, exe, writer)
+    }
+
+    #[tokio::test]
+    async fn a_start_waits_out_a_descriptor_still_open_for_writing() {
+        let (dir, exe, writer) = script_open_for_writing();
+        // While the file is open for writing, exec refuses it; the writer lets go
+        // 30 ms later, as a sibling's fork does when its child execs.
+        let held = std::thread::spawn(move || {
+            std::thread::sleep(std::time::Duration::from_millis(30));
+            drop(writer);
+        });
+        let mut spawned = spawn(&exe, dir.path(), &[], Vec::new()).expect("started once the file was free");
+        held.join().unwrap();
+        assert!(spawned.child.wait().await.unwrap().success());
+    }
+
+    #[tokio::test]
+    async fn a_file_that_stays_busy_fails_with_the_reason() {
+        let (dir, exe, writer) = script_open_for_writing();
+        let e = spawn(&exe, dir.path(), &[], Vec::new()).unwrap_err();
+        assert_eq!(e.raw_os_error(), Some(nix::libc::ETXTBSY), "{e}");
+        drop(writer);
     }
 }

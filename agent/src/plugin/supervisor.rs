@@ -27,7 +27,7 @@ use super::cgroup::{Cgroups, PluginCgroup};
 use super::logfile::{self, RotatingLog};
 use super::spawn;
 use crate::config::PluginLimits;
-use crate::outbox::{Outbox, Record};
+use crate::outbox::{Outbox, Record, Source};
 use crate::tasks::{self, TaskRequest};
 
 /// A run shorter than this counts towards a crash loop; a longer one resets the backoff.
@@ -94,6 +94,8 @@ pub struct Supervisor {
     pub detail: String,
     /// Largest frame accepted.
     pub max_frame: usize,
+    /// After closing fd 3, how long a stopping plugin may keep writing before SIGTERM.
+    pub stop_wait: Duration,
     /// SIGTERM to SIGKILL.
     pub grace: Duration,
     /// Restart schedule.
@@ -140,11 +142,17 @@ fn describe_exit(status: std::process::ExitStatus) -> String {
 
 /// Reads frames until the pipe closes, handing records to the outbox. Waiting on a
 /// full outbox stops the reading, so the plugin's writes block: backpressure.
-async fn read_frames(mut pipe: pipe::Receiver, outbox: &Outbox, max: usize, status: &Status) -> Result<(), FrameError> {
+async fn read_frames(
+    mut pipe: pipe::Receiver,
+    outbox: &Outbox,
+    max: usize,
+    status: &Status,
+    run: &Run,
+) -> Result<(), FrameError> {
     let mut buf = BytesMut::with_capacity(64 << 10);
     loop {
         let mut records = Vec::new();
-        let parsed = parse_frames(&mut buf, max, status, &mut records);
+        let parsed = parse_frames(&mut buf, max, status, run, &mut records);
         // What was whole before a bad frame still goes out; then the fault counts.
         if !records.is_empty() {
             status.records.fetch_add(records.len() as u64, Ordering::Relaxed);
@@ -170,9 +178,22 @@ async fn read_frames(mut pipe: pipe::Receiver, outbox: &Outbox, max: usize, stat
     }
 }
 
+/// One run of a plugin process, named in each of its records.
+#[derive(Debug)]
+struct Run {
+    plugin: Arc<str>,
+    instance: u32,
+}
+
 /// Moves every whole frame at the front of `buf` into `records`, up to the first
 /// bad one, whose error is returned.
-fn parse_frames(buf: &mut BytesMut, max: usize, status: &Status, records: &mut Vec<Record>) -> Result<(), FrameError> {
+fn parse_frames(
+    buf: &mut BytesMut,
+    max: usize,
+    status: &Status,
+    run: &Run,
+    records: &mut Vec<Record>,
+) -> Result<(), FrameError> {
     while buf.len() >= 4 {
         let len = frame::frame_len([buf[0], buf[1], buf[2], buf[3]], max)?;
         if buf.len() < 4 + len {
@@ -192,6 +213,11 @@ fn parse_frames(buf: &mut BytesMut, max: usize, status: &Status, records: &mut V
             data_type,
             timestamp,
             data: raw.payload,
+            source: Some(Source {
+                plugin: Arc::clone(&run.plugin),
+                instance: run.instance,
+                seq: raw.seq,
+            }),
         });
     }
     Ok(())
@@ -370,7 +396,11 @@ impl Supervisor {
             pumps.push(tokio::spawn(logfile::pump(err, Arc::clone(&log))));
         }
         let mut child = spawned.child;
-        let reader = read_frames(spawned.records, &self.outbox, self.max_frame, &self.status);
+        let run = Run {
+            plugin: Arc::from(self.name.as_str()),
+            instance: rand::random::<u32>().max(1),
+        };
+        let reader = read_frames(spawned.records, &self.outbox, self.max_frame, &self.status, &run);
         tokio::pin!(reader);
         let mut writer = Box::pin(write_tasks(spawned.tasks, &mut self.tasks, &self.status));
         let mut reader_done = false;
@@ -412,19 +442,35 @@ impl Supervisor {
         drop(writer);
         if let Ended::Stopped = outcome {
             self.status.update(|s| s.state = "stopping");
-            signal_group(pid, Signal::SIGTERM);
-            let wait = async {
-                if reader_done {
+            // Asked by the closed pipe, it flushes and exits on its own: read all it
+            // writes until then, for at most `stop_wait`.
+            let mut read_all = reader_done;
+            let on_its_own = {
+                let drain = async {
+                    if !read_all {
+                        let _ = (&mut reader).await;
+                        read_all = true;
+                    }
                     let _ = child.wait().await;
-                } else {
-                    // Keep reading so a plugin flushing its last records can finish.
-                    let _ = tokio::join!(child.wait(), &mut reader);
-                }
+                };
+                tokio::time::timeout(self.stop_wait, drain).await.is_ok()
             };
-            if tokio::time::timeout(self.grace, wait).await.is_err() {
-                warn!(plugin = %self.name, grace = ?self.grace, "plugin ignored SIGTERM; killing its process group");
-                signal_group(pid, Signal::SIGKILL);
-                let _ = child.wait().await;
+            if !on_its_own {
+                info!(plugin = %self.name, wait = ?self.stop_wait, "plugin still running after its task pipe closed; sending SIGTERM");
+                signal_group(pid, Signal::SIGTERM);
+                let wait = async {
+                    if read_all {
+                        let _ = child.wait().await;
+                    } else {
+                        // Keep reading so a plugin flushing its last records can finish.
+                        let _ = tokio::join!(child.wait(), &mut reader);
+                    }
+                };
+                if tokio::time::timeout(self.grace, wait).await.is_err() {
+                    warn!(plugin = %self.name, grace = ?self.grace, "plugin ignored SIGTERM; killing its process group");
+                    signal_group(pid, Signal::SIGKILL);
+                    let _ = child.wait().await;
+                }
             }
             info!(plugin = %self.name, "plugin stopped");
         }

@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use ed25519_dalek::VerifyingKey;
 use serde::Deserialize;
 
-use crate::envelope::parse_keeper_key;
+use keel_common::keys::ed25519_public;
 
 /// Where the configuration is unless `DETAIL` says otherwise.
 pub const DEFAULT_PATH: &str = "/etc/keel/file-delivery.toml";
@@ -83,7 +83,7 @@ pub fn parse(path: &Path, text: &str) -> Result<Config, String> {
         .keeper_keys
         .iter()
         .enumerate()
-        .map(|(i, k)| parse_keeper_key(k).map_err(|m| at(&format!("keeper_keys[{i}]"), m)))
+        .map(|(i, k)| ed25519_public(k).map_err(|m| at(&format!("keeper_keys[{i}]"), m)))
         .collect::<Result<Vec<_>, _>>()?;
     for (key, dir) in [("files_dir", &raw.files_dir), ("state_dir", &raw.state_dir)] {
         if !dir.is_absolute() {
@@ -140,7 +140,7 @@ mod tests {
         assert_eq!(c.max_files, 1024);
         for (text, want) in [
             ("keeper_keys = []", "keeper_keys: empty"),
-            ("keeper_keys = [\"00\"]", "keeper_keys[0]: not 32 bytes of hex"),
+            ("keeper_keys = [\"00\"]", "keeper_keys[0]: must be 32 bytes, not 1"),
             (
                 &format!("keeper_keys = [\"{KEY}\"]\nlisten = \"0.0.0.0:2080\""),
                 "listen: 0.0.0.0:2080 is not a loopback address",

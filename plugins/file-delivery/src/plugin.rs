@@ -7,25 +7,13 @@
 
 use std::sync::Arc;
 
-use keel_plugin_sdk::data_type::TASK_RESULT;
+use keel_plugin_sdk::data_type::{FILE_DELIVER, FILE_EVENT, FILE_HOST_KEY, FILE_INVENTORY, FILE_REMOVE, TASK_RESULT};
 use keel_plugin_sdk::{Client, Error, Task};
 
 use crate::config::{self, Config};
 use crate::envelope::{Envelope, HostKey, Op};
 use crate::server;
 use crate::store::{Outcome, Store};
-
-/// Task: deliver a file (data: a sealed [`Envelope`]).
-pub const DELIVER: i32 = 6200;
-/// Task: report the host key and every delivered file's digest; the 5100 result
-/// carries `host_key` and `files` (a JSON array of `{name, version, digest, state}`).
-pub const INVENTORY: i32 = 6201;
-/// Task: remove a file (data: a signed removal [`Envelope`]).
-pub const REMOVE: i32 = 6202;
-/// Record: the host key (field `host_key`), sent at start.
-pub const HOST_KEY: i32 = 6203;
-/// Record: a file changed (fields `name`, `action`, `version`, `keeper`).
-pub const FILE_EVENT: i32 = 6210;
 
 /// Runs the plugin until the agent closes the task pipe.
 pub fn run(client: Client, detail: &str) -> Result<(), Error> {
@@ -53,7 +41,7 @@ fn serve(client: &Client, config: &Config, store: &Arc<Store>, host: &HostKey) -
         Some(addr) => start_file_server(addr, Arc::clone(store)),
         None => None,
     };
-    client.send(HOST_KEY, [("host_key", host.public_hex())])?;
+    client.send(FILE_HOST_KEY, [("host_key", host.public_hex())])?;
     tracing::info!(
         host_key = %host.public_hex(),
         files_dir = %config.files_dir.display(),
@@ -63,7 +51,7 @@ fn serve(client: &Client, config: &Config, store: &Arc<Store>, host: &HostKey) -
     );
     client.flush()?;
     while let Some(task) = client.next_task()? {
-        if task.data_type == INVENTORY {
+        if task.data_type == FILE_INVENTORY {
             inventory(client, store, host, &task.token)?;
             continue;
         }
@@ -106,11 +94,11 @@ fn start_file_server(addr: std::net::SocketAddr, store: Arc<Store>) -> Option<st
 /// One task; its result message, or why it was refused.
 fn handle(client: &Client, config: &Config, store: &Store, host: &HostKey, task: &Task) -> Result<String, String> {
     let op = match task.data_type {
-        DELIVER => Op::Deliver,
-        REMOVE => Op::Remove,
+        FILE_DELIVER => Op::Deliver,
+        FILE_REMOVE => Op::Remove,
         other => {
             return Err(format!(
-                "data_type {other} is not a file-delivery task ({DELIVER} deliver, {INVENTORY} inventory, {REMOVE} remove)"
+                "data_type {other} is not a file-delivery task ({FILE_DELIVER} deliver, {FILE_INVENTORY} inventory, {FILE_REMOVE} remove)"
             ));
         }
     };

@@ -568,7 +568,7 @@ mod tests {
                 .unwrap();
             let opened = env
                 .open(
-                    &[envelope::parse_keeper_key(&self.keeper.public_hex()).unwrap()],
+                    &[keel_common::keys::ed25519_public(&self.keeper.public_hex()).unwrap()],
                     &self.host,
                 )
                 .unwrap();

@@ -26,20 +26,7 @@ pub mod queue;
 pub mod reply;
 pub mod request;
 
-use nix::sys::signal::{SigSet, Signal};
 use tracing::Level;
 
 /// The log level sent to the agent and written to stderr.
 pub const LOG_LEVEL: Level = Level::INFO;
-
-/// Blocks SIGTERM and SIGINT in the calling thread and so in every thread it starts
-/// later; [`plugin::run`] waits for them on a thread of its own. Call it first,
-/// before anything starts a thread. (Programs the plugin runs start with no signal
-/// blocked: the standard library clears the mask in the child.)
-pub fn block_stop_signals() -> nix::Result<SigSet> {
-    let mut set = SigSet::empty();
-    set.add(Signal::SIGTERM);
-    set.add(Signal::SIGINT);
-    set.thread_block()?;
-    Ok(set)
-}

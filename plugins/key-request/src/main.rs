@@ -4,18 +4,12 @@
 
 use std::process::ExitCode;
 
-use keel_plugin_key_request::{block_stop_signals, plugin};
+use keel_plugin_key_request::plugin;
 use keel_plugin_sdk::Client;
 
 fn main() -> ExitCode {
-    // Before any thread starts, so that every thread inherits the blocked mask.
-    let signals = match block_stop_signals() {
-        Ok(s) => s,
-        Err(e) => {
-            eprintln!("key-request: cannot block the stop signals: {e}");
-            return ExitCode::FAILURE;
-        }
-    };
+    // First, before any thread starts: it blocks the stop signals for its own
+    // signal thread, and every later thread inherits the mask.
     let client = match Client::new() {
         Ok(c) => c,
         Err(e) => {
@@ -25,7 +19,7 @@ fn main() -> ExitCode {
     };
     keel_plugin_sdk::logging::init(&client, keel_plugin_key_request::LOG_LEVEL);
     let detail = keel_plugin_sdk::detail().unwrap_or_default();
-    match plugin::run(client, &detail, signals) {
+    match plugin::run(client, &detail) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("key-request: {e}");

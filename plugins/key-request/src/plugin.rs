@@ -12,16 +12,18 @@ use std::time::Duration;
 use keel_plugin_sdk::data_type::TASK_RESULT;
 use keel_plugin_sdk::{Client, Error};
 use keel_proto::keyproof;
-use nix::sys::signal::SigSet;
 
 use crate::config::{self, Config};
 use crate::provider::{Children, Provider};
 use crate::queue::Queue;
 use crate::reply::{self, AgentEntry};
-use crate::request::{self, KEY_PROOF, LOOKUP, Lookup, ProofCheck};
+use keel_proto::data_type::{KEY_LOOKUP, KEY_PROOF};
+
+use crate::request::{self, Lookup, ProofCheck};
 
 /// How long the plugin keeps answering waiting tasks after the agent closed the
-/// task pipe (the agent's default grace before SIGKILL).
+/// task pipe (the agent sends SIGTERM after its `plugin_stop_grace`, 5 s by
+/// default; the stop hook then answers what is left).
 pub const DRAIN_LIMIT: Duration = Duration::from_secs(10);
 /// The answer to tasks still waiting when the plugin stops.
 const STOPPING: &str = "key-request is stopping";
@@ -33,25 +35,20 @@ struct Waiter {
     proof: Option<ProofCheck>,
 }
 
-/// Runs the plugin until the agent closes the task pipe or a stop signal arrives.
-/// `signals` are the stop signals the caller blocked in every thread (before any
-/// was started); a thread here waits for them.
-pub fn run(client: Client, detail: &str, signals: SigSet) -> Result<(), Error> {
+/// Runs the plugin until the agent closes the task pipe or a stop signal arrives
+/// (the SDK's stop handling runs [`stop`] then).
+pub fn run(client: Client, detail: &str) -> Result<(), Error> {
     match config::parse(detail) {
-        Ok(config) => serve(client, config, signals),
+        Ok(config) => serve(client, config),
         Err(e) => {
             let msg = format!("configuration invalid: {e}");
             tracing::error!(error = %e, "configuration invalid: every task is refused until it is fixed");
-            let on_signal = client.clone();
-            spawn_signal_thread(signals, move || {
-                let _ = on_signal.flush();
-            });
             client.refuse_all(&msg)
         }
     }
 }
 
-fn serve(client: Client, config: Config, signals: SigSet) -> Result<(), Error> {
+fn serve(client: Client, config: Config) -> Result<(), Error> {
     let children = Arc::new(Children::default());
     let provider = Arc::new(Provider::new(&config, Arc::clone(&children)));
     provider.check_at_start();
@@ -65,7 +62,7 @@ fn serve(client: Client, config: Config, signals: SigSet) -> Result<(), Error> {
     }
     {
         let (client, queue, children) = (client.clone(), Arc::clone(&queue), Arc::clone(&children));
-        spawn_signal_thread(signals, move || stop(&client, &queue, &children));
+        client.clone().on_stop(move || stop(&client, &queue, &children));
     }
     tracing::info!(
         socket = config
@@ -146,7 +143,7 @@ fn answer(client: &Client, w: Waiter, outcome: &Result<AgentEntry, String>) -> R
     ];
     match &w.proof {
         None => {
-            client.send(LOOKUP, base)?;
+            client.send(KEY_LOOKUP, base)?;
             result(
                 client,
                 &w.token,
@@ -183,18 +180,4 @@ fn stop(client: &Client, queue: &Queue<Lookup, Waiter>, children: &Children) {
     }
     children.kill_all();
     let _ = client.flush();
-}
-
-/// A thread that waits for one of `signals`, runs `on_signal` and exits the process.
-fn spawn_signal_thread(signals: SigSet, on_signal: impl FnOnce() + Send + 'static) {
-    let spawned = std::thread::Builder::new().name("signals".into()).spawn(move || {
-        if let Ok(sig) = signals.wait() {
-            tracing::info!(signal = %sig, "stopping");
-            on_signal();
-            std::process::exit(0);
-        }
-    });
-    if let Err(e) = spawned {
-        tracing::warn!(error = %e, "cannot start the signal thread: stop signals are ignored");
-    }
 }

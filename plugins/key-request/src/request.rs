@@ -3,13 +3,10 @@
 
 use std::net::IpAddr;
 
+use keel_proto::data_type::{KEY_LOOKUP, KEY_PROOF};
 use keel_proto::keyproof::NONCE_BYTES;
 use serde::Deserialize;
 
-/// Task: look an agent up; answered with a [`LOOKUP`] record.
-pub const LOOKUP: i32 = 6000;
-/// Task: look an agent up and check a key proof; answered with a [`KEY_PROOF`] record.
-pub const KEY_PROOF: i32 = 6001;
 /// The longest agent ID a lookup may ask for, in digits.
 pub const MAX_ID_DIGITS: usize = 8;
 /// The longest IP address a lookup may ask for, in characters (Wazuh's `IPSIZE`).
@@ -108,7 +105,7 @@ pub struct Request {
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum RequestError {
     /// Not a data_type of this plugin.
-    #[error("unknown task data_type {0}: key-request takes {LOOKUP} (lookup) and {KEY_PROOF} (key-proof check)")]
+    #[error("unknown task data_type {0}: key-request takes {KEY_LOOKUP} (lookup) and {KEY_PROOF} (key-proof check)")]
     DataType(i32),
     /// The task data is not the JSON expected.
     #[error("invalid task data: {0}")]
@@ -151,7 +148,7 @@ fn json<'a, T: Deserialize<'a>>(data: &'a str) -> Result<T, RequestError> {
 /// Parses and checks a task's data for `data_type`.
 pub fn parse(data_type: i32, data: &str) -> Result<Request, RequestError> {
     match data_type {
-        LOOKUP => {
+        KEY_LOOKUP => {
             let d: LookupData = json(data)?;
             Ok(Request {
                 lookup: Lookup::new(d.by, &d.value)?,
@@ -209,15 +206,18 @@ mod tests {
 
     #[test]
     fn lookups_by_id_and_ip() {
-        let r = parse(LOOKUP, r#"{"by":"id","value":"001"}"#).unwrap();
+        let r = parse(KEY_LOOKUP, r#"{"by":"id","value":"001"}"#).unwrap();
         assert_eq!(r.lookup.wire(), "id:001");
         assert!(r.proof.is_none());
         for ip in ["10.1.2.3", "::1", "fe80::1", "2001:db8::42"] {
-            let r = parse(LOOKUP, &format!(r#"{{"by":"ip","value":"{ip}"}}"#)).unwrap();
+            let r = parse(KEY_LOOKUP, &format!(r#"{{"by":"ip","value":"{ip}"}}"#)).unwrap();
             assert_eq!(r.lookup.wire(), format!("ip:{ip}"));
         }
         assert_eq!(
-            parse(LOOKUP, r#"{"by":"id","value":"12345678"}"#).unwrap().lookup.value,
+            parse(KEY_LOOKUP, r#"{"by":"id","value":"12345678"}"#)
+                .unwrap()
+                .lookup
+                .value,
             "12345678"
         );
     }
@@ -225,31 +225,34 @@ mod tests {
     #[test]
     fn injections_and_malformed_values_are_refused() {
         assert_eq!(
-            err(LOOKUP, r#"{"by":"id","value":"001' OR '1'='1"}"#),
+            err(KEY_LOOKUP, r#"{"by":"id","value":"001' OR '1'='1"}"#),
             r#"invalid id "001' OR '1'='1": must be 1 to 8 ASCII digits"#
         );
-        assert!(err(LOOKUP, r#"{"by":"id","value":""}"#).starts_with("invalid id \"\""));
-        assert!(err(LOOKUP, r#"{"by":"id","value":"123456789"}"#).contains("1 to 8 ASCII digits"));
-        assert!(err(LOOKUP, r#"{"by":"id","value":"１２"}"#).contains("1 to 8 ASCII digits"));
+        assert!(err(KEY_LOOKUP, r#"{"by":"id","value":""}"#).starts_with("invalid id \"\""));
+        assert!(err(KEY_LOOKUP, r#"{"by":"id","value":"123456789"}"#).contains("1 to 8 ASCII digits"));
+        assert!(err(KEY_LOOKUP, r#"{"by":"id","value":"１２"}"#).contains("1 to 8 ASCII digits"));
         assert_eq!(
-            err(LOOKUP, r#"{"by":"ip","value":"10.0.0.1; rm -rf /"}"#),
+            err(KEY_LOOKUP, r#"{"by":"ip","value":"10.0.0.1; rm -rf /"}"#),
             r#"invalid ip "10.0.0.1; rm -rf /": must be an IPv4 or IPv6 address of at most 19 characters"#
         );
-        assert!(err(LOOKUP, r#"{"by":"ip","value":"2001:db8:1:2:3:4:5:6"}"#).contains("at most 19"));
-        assert!(err(LOOKUP, r#"{"by":"ip","value":"010.1.2.3"}"#).starts_with("invalid ip"));
+        assert!(err(KEY_LOOKUP, r#"{"by":"ip","value":"2001:db8:1:2:3:4:5:6"}"#).contains("at most 19"));
+        assert!(err(KEY_LOOKUP, r#"{"by":"ip","value":"010.1.2.3"}"#).starts_with("invalid ip"));
         let long = "x".repeat(100);
-        assert!(err(LOOKUP, &format!(r#"{{"by":"id","value":"{long}"}}"#)).contains("xxx\"..."));
+        assert!(err(KEY_LOOKUP, &format!(r#"{{"by":"id","value":"{long}"}}"#)).contains("xxx\"..."));
     }
 
     #[test]
     fn json_problems_name_the_field() {
-        assert!(err(LOOKUP, r#"{"by":"id"}"#).starts_with("invalid task data: missing field `value` at line 1"));
+        assert!(err(KEY_LOOKUP, r#"{"by":"id"}"#).starts_with("invalid task data: missing field `value` at line 1"));
         assert!(
-            err(LOOKUP, r#"{"by":"name","value":"a"}"#).starts_with("invalid task data: by: unknown variant `name`")
+            err(KEY_LOOKUP, r#"{"by":"name","value":"a"}"#)
+                .starts_with("invalid task data: by: unknown variant `name`")
         );
-        assert!(err(LOOKUP, r#"{"by":"id","value":1}"#).starts_with("invalid task data: value: invalid type: integer"));
-        assert!(err(LOOKUP, r#"{"by":"id","value":"1","x":2}"#).contains("unknown field `x`"));
-        assert!(err(LOOKUP, "not json").starts_with("invalid task data: expected"));
+        assert!(
+            err(KEY_LOOKUP, r#"{"by":"id","value":1}"#).starts_with("invalid task data: value: invalid type: integer")
+        );
+        assert!(err(KEY_LOOKUP, r#"{"by":"id","value":"1","x":2}"#).contains("unknown field `x`"));
+        assert!(err(KEY_LOOKUP, "not json").starts_with("invalid task data: expected"));
         assert_eq!(
             err(6050, "{}"),
             "unknown task data_type 6050: key-request takes 6000 (lookup) and 6001 (key-proof check)"

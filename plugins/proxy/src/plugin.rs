@@ -8,17 +8,12 @@
 
 use std::sync::Arc;
 
+use keel_plugin_sdk::data_type::{PROXY_JOB, PROXY_JOB_EVENT};
 use keel_plugin_sdk::{Client, Error, Task};
 use tokio::sync::Semaphore;
 
 use crate::config;
 use crate::job::{self, Request};
-
-/// Task: run an audit job (data: [`Request`] as JSON).
-pub const JOB: i32 = 6100;
-/// Record: a job ended (fields `job`, `target`, `address`, `outcome`, `sent`,
-/// `received`, `ms`).
-pub const JOB_EVENT: i32 = 6101;
 
 /// Runs the plugin until the agent closes the task pipe.
 pub fn run(client: Client, detail: &str) -> Result<(), Error> {
@@ -47,11 +42,14 @@ pub fn run(client: Client, detail: &str) -> Result<(), Error> {
     );
     client.flush()?;
     while let Some(task) = client.next_task()? {
-        if task.data_type != JOB {
+        if task.data_type != PROXY_JOB {
             client.task_result(
                 &task.token,
                 false,
-                &format!("data_type {} is not a proxy task ({JOB} runs a job)", task.data_type),
+                &format!(
+                    "data_type {} is not a proxy task ({PROXY_JOB} runs a job)",
+                    task.data_type
+                ),
             )?;
             continue;
         }
@@ -87,7 +85,7 @@ fn report(client: &Client, task: &Task, req: &Request, outcome: Result<job::Outc
             let ms = o.elapsed.as_millis().to_string();
             let how = o.cut.clone().unwrap_or_else(|| "closed".into());
             client.send(
-                JOB_EVENT,
+                PROXY_JOB_EVENT,
                 [
                     ("job", req.job.as_str()),
                     ("target", req.target.as_str()),
@@ -110,7 +108,7 @@ fn report(client: &Client, task: &Task, req: &Request, outcome: Result<job::Outc
         }
         Err(e) => {
             client.send(
-                JOB_EVENT,
+                PROXY_JOB_EVENT,
                 [
                     ("job", req.job.as_str()),
                     ("target", req.target.as_str()),

@@ -27,6 +27,8 @@ pub struct PluginView {
     updated_at: String,
     #[schema(value_type = Object)]
     heartbeat: serde_json::Map<String, serde_json::Value>,
+    /// Its records the server found missing by a gap in their numbers.
+    lost_records: i64,
 }
 
 impl From<ReportedPlugin> for PluginView {
@@ -38,6 +40,7 @@ impl From<ReportedPlugin> for PluginView {
             pid: p.pid,
             updated_at: rfc3339_ms(p.updated_at),
             heartbeat: p.heartbeat,
+            lost_records: p.lost_records,
         }
     }
 }

@@ -250,7 +250,7 @@ pub async fn put_plugins(
     let set = json_body(body)?;
     let mut seen = HashSet::new();
     for p in &set {
-        if !crate::components::valid_name(&p.name) {
+        if !keel_common::ids::valid_plugin_name(&p.name) {
             return Err(ApiError::bad_request(format!(
                 "invalid plugin name {:?}: must match ^[A-Za-z0-9_-]+$",
                 p.name

@@ -104,20 +104,29 @@ impl NatsSink {
     }
 
     async fn publish(&self, batch: Batch<'_>) -> Result<(), SinkError> {
-        self.ensure_stream().await?;
+        // Boxed, and only until the stream exists: creating it is a large future
+        // that every later write would otherwise carry.
+        if !self.ready.initialized() {
+            Box::pin(self.ensure_stream()).await?;
+        }
         for (chunk_index, chunk) in batch.records.chunks(ACKS_IN_FLIGHT).enumerate() {
             let first = chunk_index * ACKS_IN_FLIGHT;
             let share = u32::try_from(chunk.len()).unwrap_or(u32::MAX);
-            let _permits = self
-                .in_flight
-                .acquire_many(share)
-                .await
-                .map_err(|e| SinkError::Nats(e.to_string()))?;
+            // The futures that wait (for permits, for the publish) are boxed: one
+            // record a minute from an idle agent is the common case, and a small
+            // write future is what keeps it cheap.
+            let _permits = match self.in_flight.try_acquire_many(share) {
+                Ok(p) => p,
+                Err(_) => Box::pin(self.in_flight.acquire_many(share))
+                    .await
+                    .map_err(|e| SinkError::Nats(e.to_string()))?,
+            };
             let mut acks = Vec::with_capacity(chunk.len());
             for (i, r) in chunk.iter().enumerate() {
-                let ack = self
-                    .js
-                    .publish_with_headers(self.subject(r), headers(&batch, r, first + i), body(&batch, r))
+                let publish =
+                    self.js
+                        .publish_with_headers(self.subject(r), headers(&batch, r, first + i), body(&batch, r));
+                let ack = Box::pin(publish)
                     .await
                     .map_err(|e| SinkError::Nats(format!("publish: {e}")))?;
                 acks.push(ack.into_future());

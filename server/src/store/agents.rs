@@ -259,11 +259,11 @@ impl Store {
     /// Stores heartbeats, `(agent, fields as JSON, arrival)`, a few hundred rows
     /// to a statement.
     pub async fn agent_heartbeats(&self, beats: &[(String, String, i64)]) -> Result<(), StoreError> {
-        for chunk in beats.chunks(super::BATCH_ROWS) {
+        for chunk in super::batches(beats) {
             let sql = format!(
                 "UPDATE agents SET heartbeat = v.column2, last_heartbeat = v.column3, last_seen = v.column3 \
                  FROM (VALUES {}) AS v WHERE agents.id = v.column1",
-                super::triples(chunk.len())
+                super::tuples(chunk.len(), 3)
             );
             // Only placeholders are generated; the values are bound.
             let mut q = sqlx::query(sqlx::AssertSqlSafe(sql));

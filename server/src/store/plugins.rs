@@ -56,6 +56,8 @@ pub struct ReportedPlugin {
     pub heartbeat: serde_json::Map<String, serde_json::Value>,
     /// When, Unix ms.
     pub updated_at: i64,
+    /// Its records found missing by a gap in their numbers.
+    pub lost_records: i64,
 }
 
 fn package(row: &AnyRow) -> Result<PackageRow, StoreError> {
@@ -262,6 +264,22 @@ impl Store {
         Ok(())
     }
 
+    /// Adds `lost` to the count of a plugin's records found missing.
+    pub async fn plugin_records_lost(&self, agent_id: &str, name: &str, lost: u64, now: i64) -> Result<(), StoreError> {
+        let lost = i64::try_from(lost).unwrap_or(i64::MAX);
+        sqlx::query(
+            "INSERT INTO agent_plugins (agent_id, name, updated_at, lost_records) VALUES ($1, $2, $3, $4) \
+             ON CONFLICT (agent_id, name) DO UPDATE SET lost_records = agent_plugins.lost_records + excluded.lost_records",
+        )
+        .bind(agent_id)
+        .bind(name)
+        .bind(now)
+        .bind(lost)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
     /// Forgets reported plugins the agent no longer runs.
     pub async fn plugins_present(&self, agent_id: &str, names: &HashSet<String>) -> Result<(), StoreError> {
         let known: Vec<String> = sqlx::query_scalar("SELECT name FROM agent_plugins WHERE agent_id = $1")
@@ -297,7 +315,7 @@ impl Store {
         last: &str,
     ) -> Result<HashMap<String, Vec<ReportedPlugin>>, StoreError> {
         let rows = sqlx::query(
-            "SELECT agent_id, name, version, state, pid, heartbeat, updated_at FROM agent_plugins \
+            "SELECT agent_id, name, version, state, pid, heartbeat, updated_at, lost_records FROM agent_plugins \
              WHERE $1 = '' OR (agent_id >= $1 AND agent_id <= $2) ORDER BY agent_id, name",
         )
         .bind(first)
@@ -314,6 +332,7 @@ impl Store {
                 pid: r.try_get("pid")?,
                 heartbeat: serde_json::from_str(&heartbeat).map_err(corrupt("plugin heartbeat"))?,
                 updated_at: r.try_get("updated_at")?,
+                lost_records: r.try_get("lost_records")?,
             });
         }
         Ok(out)
@@ -394,5 +413,14 @@ mod tests {
         let r = store.reported_plugins(Some("a")).await.unwrap();
         assert_eq!(r["a"].len(), 1);
         assert_eq!((r["a"][0].name.as_str(), r["a"][0].pid), ("p2", Some(42)));
+        // Losses add up, and a later heartbeat keeps the count.
+        store.plugin_records_lost("a", "p2", 5, 2).await.unwrap();
+        store.plugin_records_lost("a", "p2", 7, 3).await.unwrap();
+        store.plugin_heartbeat("a", &hb("p2"), 4).await.unwrap();
+        // A plugin not reported yet gets a row for its count.
+        store.plugin_records_lost("a", "p3", 1, 4).await.unwrap();
+        let r = store.reported_plugins(Some("a")).await.unwrap();
+        let lost: Vec<(&str, i64)> = r["a"].iter().map(|p| (p.name.as_str(), p.lost_records)).collect();
+        assert_eq!(lost, [("p2", 12), ("p3", 1)]);
     }
 }

@@ -142,9 +142,10 @@ impl Store {
         }))
     }
 
-    /// The highest persisted batch of an agent: (epoch, seq).
-    pub async fn stream_mark(&self, agent_id: &str) -> Result<Option<(u64, u64)>, StoreError> {
-        let row = sqlx::query("SELECT epoch, seq FROM stream_marks WHERE agent_id = $1")
+    /// Where the plugins' record numbering stood at the agent's stored mark:
+    /// `(epoch, seq, sources)`, `sources` as [`StreamMark::sources`] has it.
+    pub async fn stream_sources(&self, agent_id: &str) -> Result<Option<(u64, u64, String)>, StoreError> {
+        let row = sqlx::query("SELECT epoch, seq, sources FROM stream_marks WHERE agent_id = $1")
             .bind(agent_id)
             .fetch_optional(&self.pool)
             .await?;
@@ -155,30 +156,49 @@ impl Store {
             what: "stream epoch",
             message: e.to_string(),
         })?;
-        Ok(Some((epoch, u64::try_from(seq).unwrap_or(0))))
+        Ok(Some((epoch, u64::try_from(seq).unwrap_or(0), row.try_get("sources")?)))
     }
 
-    /// Stores the highest persisted batch of each agent, `(agent, epoch, seq)`,
-    /// a few hundred rows to a statement.
-    pub async fn save_stream_marks(&self, marks: &[(String, u64, u64)]) -> Result<(), StoreError> {
-        for chunk in marks.chunks(super::BATCH_ROWS) {
+    /// Stores the highest persisted batch of each agent, with where its plugins'
+    /// record numbering stood then, a few hundred rows to a statement. An empty
+    /// `sources` (not known) keeps what is stored for the same mark.
+    pub async fn save_stream_marks(&self, marks: &[StreamMark]) -> Result<(), StoreError> {
+        for chunk in super::batches(marks) {
             let sql = format!(
-                "INSERT INTO stream_marks (agent_id, epoch, seq) VALUES {} \
-                 ON CONFLICT (agent_id) DO UPDATE SET epoch = excluded.epoch, seq = excluded.seq",
-                super::triples(chunk.len())
+                "INSERT INTO stream_marks (agent_id, epoch, seq, sources) VALUES {} \
+                 ON CONFLICT (agent_id) DO UPDATE SET epoch = excluded.epoch, seq = excluded.seq, \
+                 sources = CASE WHEN excluded.sources = '' AND stream_marks.epoch = excluded.epoch \
+                 AND stream_marks.seq = excluded.seq THEN stream_marks.sources ELSE excluded.sources END",
+                super::tuples(chunk.len(), 4)
             );
             // Only placeholders are generated; the values are bound.
             let mut q = sqlx::query(sqlx::AssertSqlSafe(sql));
-            for (agent, epoch, seq) in chunk {
+            for m in chunk {
                 q = q
-                    .bind(agent.clone())
-                    .bind(format!("{epoch:016x}"))
-                    .bind(i64::try_from(*seq).unwrap_or(i64::MAX));
+                    .bind(m.agent_id.clone())
+                    .bind(format!("{:016x}", m.epoch))
+                    .bind(i64::try_from(m.seq).unwrap_or(i64::MAX))
+                    .bind(m.sources.to_string());
             }
             q.execute(&self.pool).await?;
         }
         Ok(())
     }
+}
+
+/// An agent's highest persisted batch, and where its plugins' record numbering
+/// stood when it was persisted.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StreamMark {
+    /// The agent.
+    pub agent_id: String,
+    /// Its sequence space.
+    pub epoch: u64,
+    /// Its highest persisted batch.
+    pub seq: u64,
+    /// JSON as `gaps` writes it (`{"complete", "runs": {"<plugin>": [instance,
+    /// last seq]}}`); empty when not known.
+    pub sources: std::sync::Arc<str>,
 }
 
 #[cfg(test)]
@@ -241,13 +261,33 @@ mod tests {
     #[tokio::test]
     async fn stream_marks_round_trip_full_u64() {
         let (store, _dir) = test_store().await;
-        assert_eq!(store.stream_mark("a").await.unwrap(), None);
-        store.save_stream_marks(&[("a".into(), u64::MAX, 7)]).await.unwrap();
-        store.save_stream_marks(&[("a".into(), u64::MAX, 9)]).await.unwrap();
-        assert_eq!(store.stream_mark("a").await.unwrap(), Some((u64::MAX, 9)));
+        assert_eq!(store.stream_sources("a").await.unwrap(), None);
+        let mark = |agent: &str, epoch, seq, sources: &str| StreamMark {
+            agent_id: agent.into(),
+            epoch,
+            seq,
+            sources: sources.into(),
+        };
+        store.save_stream_marks(&[mark("a", u64::MAX, 7, "{}")]).await.unwrap();
+        store
+            .save_stream_marks(&[mark("a", u64::MAX, 9, r#"{"p":[1,5]}"#)])
+            .await
+            .unwrap();
+        assert_eq!(
+            store.stream_sources("a").await.unwrap(),
+            Some((u64::MAX, 9, r#"{"p":[1,5]}"#.to_owned()))
+        );
+        // Not known at the same mark keeps what is stored; at another, it is unknown.
+        store.save_stream_marks(&[mark("a", u64::MAX, 9, "")]).await.unwrap();
+        assert_eq!(store.stream_sources("a").await.unwrap().unwrap().2, r#"{"p":[1,5]}"#);
+        store.save_stream_marks(&[mark("a", u64::MAX, 10, "")]).await.unwrap();
+        assert_eq!(store.stream_sources("a").await.unwrap().unwrap().2, "");
         // Many at once, across statements.
-        let many: Vec<(String, u64, u64)> = (0..700).map(|i| (format!("b{i}"), 1, i)).collect();
+        let many: Vec<StreamMark> = (0..700).map(|i| mark(&format!("b{i}"), 1, i, "{}")).collect();
         store.save_stream_marks(&many).await.unwrap();
-        assert_eq!(store.stream_mark("b699").await.unwrap(), Some((1, 699)));
+        assert_eq!(
+            store.stream_sources("b699").await.unwrap(),
+            Some((1, 699, "{}".to_owned()))
+        );
     }
 }

@@ -214,6 +214,7 @@ async fn baseline(n: u64) -> f64 {
             data_type: 6100,
             timestamp: 1_700_000_000,
             data: payload(i),
+            ..Default::default()
         })
         .collect();
     let batch = PackagedData {

@@ -6,6 +6,14 @@
 //! - `emit`: sends `count` records of data_type `data_type` with ~`payload_bytes`
 //!   each as fast as it can (or `per_second`), once (a `emitted` file in its
 //!   directory remembers), then behaves like `echo`; `delay_ms` waits first.
+//! - `stream`: sends data_type 6100 records numbered by their `i` field, `per_second`
+//!   (default 1000), buffered with a flush every `flush_ms` (default 100), and
+//!   answers tasks like `echo`. Each record's `run` field is `<run>-<pid>`.
+//!   Stopped, it stops sending and sends a 6199 record whose `sent` field says how
+//!   many 6100 records it sent. With `"deaf": true` it never reads its tasks, so
+//!   only SIGTERM stops it (the SDK's stop handling). With `sent_dir` it also
+//!   writes the count to `<sent_dir>/<pid>` when it ends, however it ends (its
+//!   pipe broken by a killed agent, too).
 //! - `raw`: writes the bytes of `hex` to fd 4 verbatim (hand-built frames), then idles
 //!   (or exits, with `"exit": true`).
 //! - `crash`: sends one record and exits with status 3.
@@ -14,9 +22,11 @@
 #![forbid(unsafe_code)]
 
 use std::io::Write;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use keel_plugin_sdk::{Client, Error, Payload, Record};
+use keel_plugin_sdk::{Client, ClientOptions, Error, Payload, Record};
 use serde_json::Value;
 
 fn main() {
@@ -30,6 +40,7 @@ fn main() {
         "deaf" => idle(),
         "memhog" => memhog(),
         "emit" => emit(&detail).and_then(|c| echo(&c)),
+        "stream" => stream(&detail),
         _ => Client::new().and_then(|c| echo(&c)),
     };
     if let Err(e) = result {
@@ -75,6 +86,7 @@ fn emit(detail: &Value) -> Result<Client, Error> {
         data_type,
         timestamp: 1_700_000_000,
         data: Some(Payload::default()),
+        seq: 0,
     };
     let per_second = detail["per_second"].as_u64().filter(|r| *r > 0);
     let start = std::time::Instant::now();
@@ -93,6 +105,70 @@ fn emit(detail: &Value) -> Result<Client, Error> {
     client.flush()?;
     std::fs::write(marker, count.to_string()).map_err(Error::Io)?;
     Ok(client)
+}
+
+fn stream(detail: &Value) -> Result<(), Error> {
+    let client = Client::with_options(ClientOptions {
+        flush_interval: Duration::from_millis(detail["flush_ms"].as_u64().unwrap_or(100)),
+        ..Default::default()
+    })?;
+    let per_second = detail["per_second"].as_u64().unwrap_or(1000).max(1);
+    let run = format!("{}-{}", detail["run"].as_str().unwrap_or(""), std::process::id());
+    let sent_dir = detail["sent_dir"].as_str().map(std::path::PathBuf::from);
+    let running = Arc::new(AtomicBool::new(true));
+    let sent = Arc::new(AtomicU64::new(0));
+    let emitter = {
+        let (client, running, sent, run) = (client.clone(), Arc::clone(&running), Arc::clone(&sent), run.clone());
+        std::thread::spawn(move || {
+            let start = std::time::Instant::now();
+            let mut i = 0u64;
+            while running.load(Ordering::SeqCst) {
+                if client.send(6100, [("i", i.to_string()), ("run", run.clone())]).is_err() {
+                    if let Some(dir) = &sent_dir {
+                        let _ = std::fs::write(dir.join(std::process::id().to_string()), i.to_string());
+                    }
+                    std::process::exit(0);
+                }
+                i += 1;
+                sent.store(i, Ordering::SeqCst);
+                let due = Duration::from_micros(i * 1_000_000 / per_second);
+                if let Some(wait) = due.checked_sub(start.elapsed()) {
+                    std::thread::sleep(wait);
+                }
+            }
+        })
+    };
+    let emitter = Arc::new(Mutex::new(Some(emitter)));
+    // Stops the emitter and reports its count; buffered, flushed by the SDK.
+    let finish = {
+        let client = client.clone();
+        let sent_dir = detail["sent_dir"].as_str().map(std::path::PathBuf::from);
+        move || {
+            running.store(false, Ordering::SeqCst);
+            if let Some(e) = emitter.lock().unwrap_or_else(|p| p.into_inner()).take() {
+                let _ = e.join();
+            }
+            if let Some(dir) = &sent_dir {
+                let n = sent.load(Ordering::SeqCst).to_string();
+                let _ = std::fs::write(dir.join(std::process::id().to_string()), n);
+            }
+            let _ = client.send(
+                6199,
+                [("sent", sent.load(Ordering::SeqCst).to_string()), ("run", run.clone())],
+            );
+        }
+    };
+    let on_signal = finish.clone();
+    client.on_stop(on_signal);
+    if detail["deaf"].as_bool() == Some(true) {
+        return idle();
+    }
+    client.serve(|task| {
+        client.send(6901, [("data", task.data.as_str())])?;
+        client.task_result(&task.token, true, "ok")
+    })?;
+    finish();
+    client.flush()
 }
 
 fn raw(detail: &Value) -> Result<(), Error> {

@@ -295,3 +295,59 @@ async fn the_console_is_served_with_a_strict_policy() {
         .unwrap();
     assert_eq!(r.status(), 401, "the API still wants a token");
 }
+
+#[tokio::test]
+async fn the_agent_list_pages_through_the_fleet() {
+    let server = Server::start(ServerOptions::default()).await;
+    // 230 agents: three pages of 100, 100 and 30, in ID order.
+    const N: usize = 230;
+    let inflight = std::sync::Arc::new(keel_tests::InFlight::default());
+    let mut sims = Vec::new();
+    for i in 0..N {
+        sims.push(
+            keel_tests::SimAgent::start(
+                &server,
+                &format!("page-{i:03}"),
+                keel_tests::SimBehavior::default(),
+                std::sync::Arc::clone(&inflight),
+            )
+            .await,
+        );
+    }
+    let b = Browser::start().await;
+    b.client.goto(&server.base_url()).await.unwrap();
+    b.type_into("#token", &server.admin_token).await;
+    b.click("#login-form button").await;
+    let first_row = |id: &'static str| move |t: &str| t.starts_with(id);
+    b.text_until("#agents-table tbody tr", "the first page", first_row("page-000"))
+        .await;
+    assert_eq!(b.text("#agents-count").await, format!("({N})"));
+    assert_eq!(b.text("#agents-range").await, format!("1\u{2013}100 of {N}"));
+    let rows = b.client.find_all(Locator::Css("#agents-table tbody tr")).await.unwrap();
+    assert_eq!(rows.len(), 100);
+
+    b.click("#agents-next").await;
+    b.text_until("#agents-table tbody tr", "the second page", first_row("page-100"))
+        .await;
+    assert_eq!(b.text("#agents-range").await, format!("101\u{2013}200 of {N}"));
+
+    b.click("#agents-next").await;
+    b.text_until("#agents-table tbody tr", "the last page", first_row("page-200"))
+        .await;
+    assert_eq!(b.text("#agents-range").await, format!("201\u{2013}230 of {N}"));
+    let rows = b.client.find_all(Locator::Css("#agents-table tbody tr")).await.unwrap();
+    assert_eq!(rows.len(), 30);
+    let next = b.client.find(Locator::Id("agents-next")).await.unwrap();
+    assert_eq!(
+        next.attr("disabled").await.unwrap().as_deref(),
+        Some("true"),
+        "no page after the last"
+    );
+
+    b.click("#agents-first").await;
+    b.text_until("#agents-table tbody tr", "the first page again", first_row("page-000"))
+        .await;
+    assert_eq!(b.text("#agents-range").await, format!("1\u{2013}100 of {N}"));
+    b.stop().await;
+    drop(sims);
+}

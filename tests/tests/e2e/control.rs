@@ -61,6 +61,22 @@ async fn every_mutating_endpoint_needs_a_token_and_the_role_and_is_audited() {
         401,
         "the document is under /api/v1 too"
     );
+    // Every operation documents its errors as the one JSON shape.
+    for (path, item) in doc["paths"].as_object().unwrap() {
+        for (method, op) in ["get", "put", "post", "delete", "patch"]
+            .into_iter()
+            .filter_map(|m| Some((m, item.get(m)?)))
+        {
+            for range in ["4XX", "5XX"] {
+                assert_eq!(
+                    op["responses"][range]["content"]["application/json"]["schema"]["$ref"],
+                    "#/components/schemas/ErrorBody",
+                    "{method} {path} {range}"
+                );
+            }
+        }
+    }
+    assert!(doc["components"]["schemas"]["ErrorBody"]["properties"]["error"].is_object());
     let mut mutating = Vec::new();
     for (path, item) in doc["paths"].as_object().unwrap() {
         for method in ["post", "put", "delete"] {

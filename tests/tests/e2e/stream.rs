@@ -60,6 +60,7 @@ fn record(n: u8) -> EncodedRecord {
         data_type: 6100,
         timestamp: 1_700_000_000,
         data: bytes::Bytes::from(vec![n; 4]),
+        ..Default::default()
     }
 }
 
@@ -188,6 +189,7 @@ async fn a_message_the_server_cannot_take_ends_the_stream_with_the_reason() {
         data_type: 6100,
         timestamp: 1_700_000_000,
         data: bytes::Bytes::from(vec![7u8; 17 << 20]),
+        ..Default::default()
     };
     s.tx.send(batch("bad-msg-1", 1, 1, vec![huge])).await.unwrap();
     let status = s.rx.message().await.expect_err("the stream is refused");

@@ -91,7 +91,7 @@ struct Pending {
 /// Serves on `path` with `threads` workers until SIGTERM or SIGINT.
 pub fn run(settings: Settings, path: &Path, threads: usize) -> Result<(), ServeError> {
     // Before any thread starts, so that only the signal thread takes them.
-    let signals = crate::block_stop_signals().map_err(ServeError::Signals)?;
+    let signals = keel_plugin_sdk::stop::block_signals().map_err(ServeError::Signals)?;
     let listener = bind(path)?;
     let io = |what: &'static str| {
         move |error| ServeError::Io {

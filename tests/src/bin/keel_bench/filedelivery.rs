@@ -14,7 +14,8 @@ use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use keel_plugin_file_delivery::envelope::{Envelope, FileSpec, Keeper, parse_keeper_key};
+use keel_common::keys::ed25519_public;
+use keel_plugin_file_delivery::envelope::{Envelope, FileSpec, Keeper};
 use keel_plugin_file_delivery::store::{Outcome, Store};
 
 fn per(d: Duration, n: usize) -> f64 {
@@ -59,7 +60,7 @@ pub fn run(files: usize, bytes: usize) {
     let store = Store::open(&dir.path().join("files"), &dir.path().join("state"), 4096).unwrap();
     let host = store.host_key().unwrap();
     let keeper = Keeper::from_seed(&[7; 32]);
-    let trusted = [parse_keeper_key(&keeper.public_hex()).unwrap()];
+    let trusted = [ed25519_public(&keeper.public_hex()).unwrap()];
     let spec = |i: usize| FileSpec {
         name: format!("f{i}"),
         mode: "0600".into(),

@@ -70,11 +70,23 @@ fn agent_id(i: usize) -> String {
 
 /// VmRSS of a process, KiB.
 fn rss_kb(pid: u32) -> u64 {
+    status_kb(pid, "VmRSS")
+}
+
+/// The anonymous part of a process's RSS, KiB: its heap and stacks, without the
+/// pages of its binary and libraries.
+fn anon_kb(pid: u32) -> u64 {
+    status_kb(pid, "RssAnon")
+}
+
+/// One `kB` figure of `/proc/<pid>/status`.
+fn status_kb(pid: u32, key: &str) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
         .unwrap_or_default()
         .lines()
         .find_map(|l| {
-            l.strip_prefix("VmRSS:")
+            l.strip_prefix(key)
+                .and_then(|v| v.strip_prefix(':'))
                 .map(|v| v.trim().trim_end_matches(" kB").trim().parse().unwrap_or(0))
         })
         .unwrap_or(0)
@@ -302,6 +314,7 @@ pub async fn run(agents: usize, servers: usize) {
     let pids: Vec<u32> = instances.iter().map(|i| i.child.id()).collect();
     tokio::time::sleep(Duration::from_secs(2)).await;
     let rss_before: Vec<u64> = pids.iter().map(|p| rss_kb(*p)).collect();
+    let anon_before: Vec<u64> = pids.iter().map(|p| anon_kb(*p)).collect();
     let grpc: SocketAddr = ([127, 0, 0, 1], grpc_port).into();
     println!("scale: {agents} agents, {servers} servers sharing {grpc} (SO_REUSEPORT), PostgreSQL + NATS JetStream");
 
@@ -393,11 +406,14 @@ pub async fn run(agents: usize, servers: usize) {
     }
     tokio::time::sleep(idle_period()).await;
     for (k, pid) in pids.iter().enumerate() {
-        let after = rss_kb(*pid);
+        let (after, anon) = (rss_kb(*pid), anon_kb(*pid));
         println!(
-            "server s{k}: RSS {} s after every agent left {after} KiB, {:.2}x the RSS before they came",
+            "server s{k}: {} s after every agent left: RSS {after} KiB, {:.2}x the RSS before they came; \
+             anonymous {anon} KiB, {:.2}x before ({} KiB)",
             idle_period().as_secs(),
-            after as f64 / rss_before[k].max(1) as f64
+            after as f64 / rss_before[k].max(1) as f64,
+            anon as f64 / anon_before[k].max(1) as f64,
+            anon_before[k],
         );
     }
     drop(instances);
@@ -687,6 +703,7 @@ impl SimAgent {
                 ("dropped", "0"),
                 ("plugins", ""),
             ]),
+            ..Default::default()
         }
     }
 
@@ -766,6 +783,7 @@ impl SimAgent {
                                 data_type: keel_proto::data_type::TASK_RESULT,
                                 timestamp: 0,
                                 data: fields(&[("token", &task.token), ("status", "succeeded"), ("msg", "done")]),
+                                ..Default::default()
                             };
                             if tx.send(self.batch(seq, vec![result])).await.is_err() {
                                 return;
@@ -820,6 +838,7 @@ impl SimAgent {
                     ("i", &i.to_string()),
                     ("pad", &"p".repeat(60)),
                 ]),
+                ..Default::default()
             })
             .collect()
     }
