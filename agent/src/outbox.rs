@@ -2,7 +2,9 @@
 //!
 //! Producers (heartbeat, logs, task results, plugin pipes) put records into a
 //! bounded channel and wait when it is full: that wait is the backpressure that
-//! stops the agent reading a plugin's pipe. The batcher cuts records into batches
+//! stops the agent reading a plugin's pipe. A second channel, the high-priority
+//! lane (what plugins write on fd 5), has its own room and is always taken from
+//! first, so its records go into the next batch ahead of any waiting normal ones. The batcher cuts records into batches
 //! (by count and size), encodes each straight into the bytes of a `PackagedData`,
 //! and appends it to the [`Spool`], which waits while it is full and connected.
 //!
@@ -68,20 +70,62 @@ impl Record {
 #[derive(Debug, Clone)]
 pub struct Outbox {
     tx: mpsc::Sender<Vec<Record>>,
+    high: mpsc::Sender<Vec<Record>>,
     dropped: Arc<AtomicU64>,
 }
 
+/// The batcher's end of the two lanes.
+#[derive(Debug)]
+pub struct Lanes {
+    high: mpsc::Receiver<Vec<Record>>,
+    normal: mpsc::Receiver<Vec<Record>>,
+}
+
+impl Lanes {
+    /// The next chunk, high-priority first; `None` once every producer is gone
+    /// and both lanes are empty.
+    async fn recv(&mut self) -> Option<Vec<Record>> {
+        tokio::select! {
+            biased;
+            Some(r) = self.high.recv() => Some(r),
+            r = self.normal.recv() => match r {
+                Some(r) => Some(r),
+                // Both senders live in the same `Outbox`es: gone together.
+                None => self.high.try_recv().ok(),
+            },
+        }
+    }
+
+    /// A chunk already waiting, high-priority first.
+    fn try_recv(&mut self) -> Option<Vec<Record>> {
+        self.high.try_recv().or_else(|_| self.normal.try_recv()).ok()
+    }
+
+    fn close(&mut self) {
+        self.high.close();
+        self.normal.close();
+    }
+}
+
 impl Outbox {
-    /// A channel of `capacity` chunks; the receiver goes to [`batcher`].
-    pub fn channel(capacity: usize) -> (Self, mpsc::Receiver<Vec<Record>>) {
-        let (tx, rx) = mpsc::channel(capacity.max(1));
+    /// Two lanes of `capacity` chunks each; the receivers go to [`batcher`].
+    pub fn channel(capacity: usize) -> (Self, Lanes) {
+        let (tx, normal) = mpsc::channel(capacity.max(1));
+        let (high_tx, high) = mpsc::channel(capacity.max(1));
         (
             Self {
                 tx,
+                high: high_tx,
                 dropped: Arc::new(AtomicU64::new(0)),
             },
-            rx,
+            Lanes { high, normal },
         )
+    }
+
+    /// Queues records on the high-priority lane, waiting while it is full.
+    /// Returns false after shutdown.
+    pub async fn send_all_high(&self, records: Vec<Record>) -> bool {
+        records.is_empty() || self.high.send(records).await.is_ok()
     }
 
     /// Queues a record, waiting while the queue is full. Returns false after shutdown.
@@ -158,7 +202,7 @@ const SPOOL_WARN_EVERY: Duration = Duration::from_secs(10);
 /// batch the spool cannot take is counted there as dropped; this carries on, so
 /// the data flow resumes by itself once the spool has room again.
 pub async fn batcher(
-    mut rx: mpsc::Receiver<Vec<Record>>,
+    mut rx: Lanes,
     spool: Arc<Spool>,
     header: Arc<RwLock<Header>>,
     limits: BatchLimits,
@@ -168,7 +212,7 @@ pub async fn batcher(
     let mut refused = Refusals::default();
     loop {
         let first = if stopping {
-            rx.try_recv().ok()
+            rx.try_recv()
         } else {
             tokio::select! {
                 r = rx.recv() => r,
@@ -187,7 +231,7 @@ pub async fn batcher(
         tokio::pin!(deadline);
         while !batch.full(&limits) {
             let more = if stopping || limits.interval.is_zero() {
-                rx.try_recv().ok()
+                rx.try_recv()
             } else {
                 tokio::select! {
                     r = rx.recv() => r,
@@ -270,6 +314,23 @@ mod tests {
             data: Bytes::from(vec![n; 10]),
             source: None,
         }
+    }
+
+    #[tokio::test]
+    async fn the_high_lane_is_taken_first_and_both_drain_after_the_producers_go() {
+        let (outbox, mut lanes) = Outbox::channel(10);
+        assert!(outbox.send(rec(1)).await);
+        assert!(outbox.send(rec(2)).await);
+        assert!(outbox.send_all_high(vec![rec(9)]).await);
+        assert_eq!(lanes.recv().await.unwrap(), vec![rec(9)]);
+        assert!(outbox.send_all_high(vec![rec(8)]).await);
+        assert_eq!(lanes.try_recv().unwrap(), vec![rec(8)]);
+        assert_eq!(lanes.recv().await.unwrap(), vec![rec(1)]);
+        assert!(outbox.send_all_high(vec![rec(7)]).await);
+        drop(outbox);
+        assert_eq!(lanes.recv().await.unwrap(), vec![rec(7)]);
+        assert_eq!(lanes.recv().await.unwrap(), vec![rec(2)]);
+        assert_eq!(lanes.recv().await, None);
     }
 
     #[tokio::test]

@@ -10,7 +10,7 @@ use serde::{Deserialize, Serialize};
 use crate::outbox::Record;
 
 /// The object_name of tasks for the agent, and its product name.
-pub const PRODUCT: &str = "keel-agent";
+pub const PRODUCT: &str = keel_proto::product::KEEL_AGENT;
 
 /// A task from the server.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -9,6 +9,7 @@
 //!   on the data path.
 //! - [`keyproof`]: the proof of key possession in enrollment by key.
 //! - [`keepalive`]: when an agent pings the server to find a dead stream.
+//! - [`product`]: agent products and what the server does differently for each.
 //! - `codec` (with `transport`): the generated client's and server's codec.
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
@@ -26,3 +27,4 @@ pub mod frame;
 pub mod keepalive;
 pub mod keyproof;
 pub mod payload;
+pub mod product;

@@ -98,7 +98,7 @@ impl PackageMeta {
                 self.version
             ));
         }
-        let kinds: &[&str] = if self.name == crate::state::AGENT_COMPONENT {
+        let kinds: &[&str] = if self.name == keel_proto::product::KEEL_AGENT {
             &["deb", "rpm"]
         } else {
             &["exec", "tar.gz"]

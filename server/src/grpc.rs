@@ -19,8 +19,10 @@ use keel_proto::data_type;
 use keel_proto::grpc::transfer_server::{Transfer, TransferServer};
 use keel_proto::grpc::{Ack, CertificateRenewal, Command, Config, PackagedData, Task};
 use keel_proto::payload;
+use keel_proto::product::Product;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
+use tonic::codec::CompressionEncoding;
 use tonic::transport::server::{TcpConnectInfo, TlsConnectInfo};
 use tonic::{Code, Request, Response, Status, Streaming};
 use tracing::{Instrument, debug, info, info_span, warn};
@@ -28,6 +30,7 @@ use tracing::{Instrument, debug, info, info_span, warn};
 use crate::connections::{Closing, Connection, Outbound};
 use crate::gaps::{Gaps, Tally};
 use crate::pki::{self, PeerCert};
+use crate::plugin_sync::{self, Round};
 use crate::sink::{Batch, JsonFields, Record};
 use crate::state::ServerState;
 use crate::store::AgentMeta;
@@ -45,7 +48,13 @@ impl TransferService {
     /// The service, ready to add to a tonic server.
     pub fn server(state: Arc<ServerState>) -> TransferServer<Self> {
         let max = state.config.grpc.max_message_bytes;
-        TransferServer::new(Self { state }).max_decoding_message_size(max)
+        // Snappy, Elkeid's, is decoded in front of tonic (`crate::encoding`).
+        TransferServer::new(Self { state })
+            .max_decoding_message_size(max)
+            .accept_compressed(CompressionEncoding::Gzip)
+            .accept_compressed(CompressionEncoding::Zstd)
+            .send_compressed(CompressionEncoding::Gzip)
+            .send_compressed(CompressionEncoding::Zstd)
     }
 }
 
@@ -162,11 +171,14 @@ fn to_command(o: Outbound) -> Result<Command, Status> {
 
 /// Whether a failed read is the agent's message rather than the stream going
 /// away: tonic reports a message over `grpc.max_message_bytes` as OUT_OF_RANGE (or
-/// RESOURCE_EXHAUSTED when decompressed), and bytes that do not decode as INTERNAL.
+/// RESOURCE_EXHAUSTED when decompressed), bytes that do not decode as INTERNAL,
+/// and a snappy message that does not decompress as INVALID_ARGUMENT
+/// ([`crate::encoding`]).
 fn refusal(status: &Status) -> Option<Closing> {
     let message = status.message();
     match status.code() {
         Code::OutOfRange | Code::ResourceExhausted => Some(Closing::TooLarge(message.to_owned())),
+        Code::InvalidArgument => Some(Closing::Invalid(message.to_owned())),
         Code::Internal if message.starts_with("failed to decode") || message.starts_with("protocol error") => {
             Some(Closing::Invalid(message.to_owned()))
         }
@@ -199,6 +211,13 @@ struct Session {
     gaps: Gaps,
     /// Where that numbering stood after the last batch, as stored with its mark.
     sources: Arc<str>,
+    /// What the agent is: only Keel's agent answers sync-config itself.
+    product: Product,
+    /// For any other product, the last round of heartbeats, by which its
+    /// sync-config is judged ([`crate::plugin_sync`]), and whether this batch
+    /// added to it.
+    round: Option<Round>,
+    round_changed: bool,
 }
 
 /// The longest pause between tries to write a batch the sink refused.
@@ -294,9 +313,11 @@ impl StreamTask {
         };
         gaps.resumed(epoch, acked);
         info!(version = %meta.version, hostname = %meta.hostname, "agent online");
-        let keel_agent = meta.product == "keel-agent";
         self.session = Some(Session {
             generation,
+            product: Product::of(&meta.product),
+            round: None,
+            round_changed: false,
             meta,
             mark,
             plugins: None,
@@ -304,8 +325,9 @@ impl StreamTask {
             // Replaced by the first numbered batch's snapshot.
             sources: Arc::from(""),
         });
-        // Every (re)connect gets the desired plugin set, if the server manages it.
-        if keel_agent && let Err(e) = self.state.push_config(agent_id, None).await {
+        // Every (re)connect gets the desired plugin set, if the server manages it,
+        // whatever the product.
+        if let Err(e) = self.state.push_config(agent_id, None).await {
             warn!(error = %e, "cannot send the desired plugin set");
         }
         Ok(())
@@ -317,6 +339,7 @@ impl StreamTask {
             return Err(unavailable("registry", e));
         }
         if let Some(s) = &mut self.session {
+            s.product = Product::of(&meta.product);
             s.meta = meta;
         }
         Ok(())
@@ -420,6 +443,13 @@ impl StreamTask {
                 return Step::Close(reason);
             }
         }
+        if let Some(s) = &mut self.session
+            && std::mem::take(&mut s.round_changed)
+            && let Some(round) = &s.round
+            && let Err(e) = Box::pin(plugin_sync::judge(&self.state, &agent_id, round, false, now)).await
+        {
+            return unavailable("registry", e);
+        }
         if numbered {
             if let Some(s) = &mut self.session {
                 if let Some(sources) = s.gaps.snapshot() {
@@ -502,6 +532,16 @@ impl StreamTask {
                 };
                 let json = serde_json::to_string(&JsonFields(&fields)).unwrap_or_else(|_| "{}".into());
                 self.state.set_heartbeat(agent_id, json, now);
+                if let Some(s) = &mut self.session
+                    && s.product != Product::Keel
+                {
+                    // A new round of heartbeats: the last one is complete.
+                    let last = s.round.replace(Round::begin(now));
+                    s.round_changed = true;
+                    if let Some(last) = last {
+                        Box::pin(plugin_sync::judge(&self.state, agent_id, &last, true, now)).await?;
+                    }
+                }
                 if let Some(list) = fields.get("plugins")
                     && self.session.as_ref().is_none_or(|s| s.plugins.as_deref() != Some(list))
                 {
@@ -516,6 +556,12 @@ impl StreamTask {
             data_type::PLUGIN_HEARTBEAT => {
                 if let Some(fields) = decode(r) {
                     Box::pin(self.state.store.plugin_heartbeat(agent_id, &fields, now)).await?;
+                    if let Some(s) = &mut self.session
+                        && let Some(round) = &mut s.round
+                    {
+                        round.plugin(&fields);
+                        s.round_changed = true;
+                    }
                 }
                 Ok(true)
             }

@@ -122,6 +122,9 @@ pub async fn run_with_state(
         .http2_keepalive_interval(Some(config.grpc.keepalive))
         .http2_keepalive_timeout(Some(config.grpc.keepalive))
         .tcp_keepalive(Some(config.grpc.keepalive))
+        .layer(crate::encoding::EncodingsLayer {
+            max_message_bytes: config.grpc.max_message_bytes,
+        })
         .add_service(TransferService::server(Arc::clone(&state)))
         .serve_with_incoming_shutdown(
             ReceiverStream::new(incoming),

@@ -7,6 +7,7 @@ use std::sync::{Arc, Mutex, OnceLock, RwLock};
 use std::time::Duration;
 
 use keel_common::time::now_ms;
+use keel_proto::product::{KEEL_AGENT, Product};
 
 use crate::cluster::Cluster;
 use crate::config::ServerConfig;
@@ -72,9 +73,6 @@ struct Pending {
     /// Heartbeats not written yet: fields as JSON, arrival time.
     beats: HashMap<String, (String, i64)>,
 }
-
-/// The component name of the agent itself.
-pub const AGENT_COMPONENT: &str = "keel-agent";
 
 /// Why a desired plugin set cannot be sent.
 #[derive(Debug, thiserror::Error)]
@@ -268,6 +266,7 @@ impl ServerState {
             .filter(|a| !a.is_empty())
             .unwrap_or_else(|| std::env::consts::ARCH.to_owned());
         let package_type = hb("package_type");
+        let product = Product::of(agent.as_ref().map_or("", |a| a.meta.product.as_str()));
         let running = agent.as_ref().map(|a| a.meta.version.clone()).unwrap_or_default();
         let base = self.public_url();
         let urls = |sha: &str| -> Vec<String> {
@@ -281,12 +280,16 @@ impl ServerState {
         };
         let mut out = Vec::with_capacity(entries.len());
         for e in entries.values() {
+            if e.component == KEEL_AGENT && product != Product::Keel {
+                // Keel's own package (a deb or rpm) is nothing another agent can run.
+                continue;
+            }
             let missing = |arch: &str| PushError::NoPackage {
                 name: e.component.clone(),
                 version: e.version.clone(),
                 arch: arch.to_owned(),
             };
-            let (pkg, detail) = if e.component == AGENT_COMPONENT {
+            let (pkg, detail) = if e.component == KEEL_AGENT {
                 if package_type.is_empty() {
                     return Err(PushError::NoPackageManager(agent_id.to_owned()));
                 }
@@ -316,13 +319,21 @@ impl ServerState {
                     .ok_or_else(|| missing(&arch))?;
                 (pkg, e.detail.clone())
             };
+            // Elkeid checks the executable it runs against a SHA-256: for an
+            // `exec` package that is the package's; a `tar.gz` one it then checks
+            // against the package's digest and downloads again at each start.
+            let signature = match (product.signature_is_sha256(), pkg.kind.as_str()) {
+                (false, _) => pkg.signature,
+                (true, "exec") => pkg.sha256.clone(),
+                (true, _) => String::new(),
+            };
             out.push(PluginCommand {
                 name: e.component.clone(),
                 kind: pkg.kind,
                 version: e.version.clone(),
                 download_urls: urls(&pkg.sha256),
+                signature,
                 sha256: pkg.sha256,
-                signature: pkg.signature,
                 detail,
             });
         }
@@ -414,7 +425,21 @@ impl ServerState {
     }
 
     /// Hands a command to the agent's stream, here or at the instance holding it.
-    pub async fn send(&self, agent_id: &str, cmd: Outbound) -> Result<(), SendError> {
+    /// A task for the agent itself (`keel-agent`) goes to the name the agent's
+    /// product answers to ([`keel_proto::product::addressed`]).
+    pub async fn send(&self, agent_id: &str, mut cmd: Outbound) -> Result<(), SendError> {
+        if let Outbound::Task(t) = &mut cmd
+            && t.object_name == KEEL_AGENT
+        {
+            let agent = self
+                .store
+                .get_agent(agent_id)
+                .await
+                .map_err(|e| SendError::Unreachable(agent_id.to_owned(), format!("registry: {e}")))?;
+            if let Some(a) = agent {
+                t.object_name = keel_proto::product::addressed(KEEL_AGENT, &a.meta.product).to_owned();
+            }
+        }
         if self.connections.is_online(agent_id) {
             return self.connections.send(agent_id, cmd);
         }

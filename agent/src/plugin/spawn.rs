@@ -1,15 +1,17 @@
-//! Starting a plugin process with its two pipes on fds 3 and 4.
+//! Starting a plugin process with its pipes: tasks on fd 3, records on fd 4, and
+//! high-priority records on fd 5 (Elkeid's, announced by
+//! `ELKEID_PLUGIN_HIGH_PRIORITY_PIPE`).
 //!
 //! This is the agent's only `unsafe`: the `pre_exec` hook that moves the pipe ends
-//! onto fds 3 and 4, puts the child into its cgroup and marks every other
-//! descriptor from 5 on close-on-exec, before `exec`.
+//! onto fds 3, 4 and 5, puts the child into its cgroup and marks every other
+//! descriptor from 6 on close-on-exec, before `exec`.
 //!
 //! Why it is sound: the hook runs in the forked child before `exec`, where only
 //! async-signal-safe calls are allowed. It calls only `dup2(2)` and `write(2)` on
 //! descriptors opened before the fork, allocates nothing, takes no lock, and
 //! reports failure with `io::Error::last_os_error()`, which does not allocate.
 //! The source descriptors were moved to numbers ≥ 10 in the parent first, so a
-//! `dup2` onto 3 or 4 can never clobber the other source.
+//! `dup2` onto 3, 4 or 5 can never clobber another source.
 
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::path::Path;
@@ -30,33 +32,47 @@ pub struct Spawned {
     pub tasks: pipe::Sender,
     /// Records come out here (the plugin writes them on fd 4).
     pub records: pipe::Receiver,
+    /// High-priority records come out here (the plugin writes them on fd 5).
+    pub high: pipe::Receiver,
     /// The plugin's stdout.
     pub stdout: Option<ChildStdout>,
     /// The plugin's stderr.
     pub stderr: Option<ChildStderr>,
 }
 
-fn high(fd: OwnedFd) -> std::io::Result<OwnedFd> {
+fn above_10(fd: OwnedFd) -> std::io::Result<OwnedFd> {
     let raw = fcntl(&fd, FcntlArg::F_DUPFD_CLOEXEC(10)).map_err(std::io::Error::from)?;
     #[allow(unsafe_code)]
     // SAFETY: `raw` is a descriptor fcntl just created and nothing else owns.
     Ok(unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(raw) })
 }
 
-/// Starts `exe` in `dir` with only `env`, its own process group, the pipes on fds 3
-/// and 4, and (if given) the cgroup `procs` files it writes itself into.
+/// The variable that tells a plugin fd 5 is its high-priority pipe (Elkeid's
+/// plugin libraries look for it).
+pub const HIGH_PRIORITY_ENV: &str = "ELKEID_PLUGIN_HIGH_PRIORITY_PIPE";
+
+/// Starts `exe` in `dir` with only `env` (and [`HIGH_PRIORITY_ENV`]), its own
+/// process group, the pipes on fds 3, 4 and 5, and (if given) the cgroup `procs`
+/// files it writes itself into.
 pub fn spawn(exe: &Path, dir: &Path, env: &[(String, String)], cgroup_procs: Vec<OwnedFd>) -> std::io::Result<Spawned> {
     let (task_read, task_write) = nix::unistd::pipe2(OFlag::O_CLOEXEC).map_err(std::io::Error::from)?;
     let (record_read, record_write) = nix::unistd::pipe2(OFlag::O_CLOEXEC).map_err(std::io::Error::from)?;
-    let child_tasks = high(task_read)?;
-    let child_records = high(record_write)?;
-    let (t, r) = (child_tasks.as_raw_fd(), child_records.as_raw_fd());
+    let (high_read, high_write) = nix::unistd::pipe2(OFlag::O_CLOEXEC).map_err(std::io::Error::from)?;
+    let child_tasks = above_10(task_read)?;
+    let child_records = above_10(record_write)?;
+    let child_high = above_10(high_write)?;
+    let (t, r, h) = (
+        child_tasks.as_raw_fd(),
+        child_records.as_raw_fd(),
+        child_high.as_raw_fd(),
+    );
     let procs: Vec<i32> = cgroup_procs.iter().map(AsRawFd::as_raw_fd).collect();
 
     let mut cmd = Command::new(exe);
     cmd.current_dir(dir)
         .env_clear()
         .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+        .env(HIGH_PRIORITY_ENV, "5")
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -67,7 +83,7 @@ pub fn spawn(exe: &Path, dir: &Path, env: &[(String, String)], cgroup_procs: Vec
     // close_range (or fcntl) and getrlimit, all async-signal-safe.
     unsafe {
         cmd.pre_exec(move || {
-            if libc_dup2(t, 3) < 0 || libc_dup2(r, 4) < 0 {
+            if libc_dup2(t, 3) < 0 || libc_dup2(r, 4) < 0 || libc_dup2(h, 5) < 0 {
                 return Err(std::io::Error::last_os_error());
             }
             for fd in &procs {
@@ -76,17 +92,18 @@ pub fn spawn(exe: &Path, dir: &Path, env: &[(String, String)], cgroup_procs: Vec
                     return Err(std::io::Error::last_os_error());
                 }
             }
-            close_on_exec_from(5);
+            close_on_exec_from(6);
             Ok(())
         });
     }
     let mut child = spawn_when_not_busy(&mut cmd)?;
-    drop((child_tasks, child_records, cgroup_procs));
+    drop((child_tasks, child_records, child_high, cgroup_procs));
     let pid = child.id().unwrap_or_default();
     Ok(Spawned {
         pid,
         tasks: pipe::Sender::from_owned_fd(task_write)?,
         records: pipe::Receiver::from_owned_fd(record_read)?,
+        high: pipe::Receiver::from_owned_fd(high_read)?,
         stdout: child.stdout.take(),
         stderr: child.stderr.take(),
         child,
@@ -119,7 +136,7 @@ fn spawn_when_not_busy(cmd: &mut Command) -> std::io::Result<Child> {
 }
 
 /// Marks every descriptor from `first` on close-on-exec, so the plugin inherits
-/// only 0–4 whatever the agent was given by its parent. Marked rather than closed:
+/// only 0–5 whatever the agent was given by its parent. Marked rather than closed:
 /// the spawner's own pipe, which reports a failed `exec`, must stay open until then.
 fn close_on_exec_from(first: u32) {
     const CLOSE_RANGE_CLOEXEC: u32 = 1 << 2;

@@ -140,23 +140,34 @@ fn describe_exit(status: std::process::ExitStatus) -> String {
     }
 }
 
-/// Reads frames until the pipe closes, handing records to the outbox. Waiting on a
-/// full outbox stops the reading, so the plugin's writes block: backpressure.
+/// Reads frames until the pipe closes, handing records to the outbox's normal or
+/// `high` lane. Waiting on a full lane stops the reading, so the plugin's writes
+/// block: backpressure. The buffer is allocated at the first byte: most plugins
+/// never write on fd 5.
 async fn read_frames(
     mut pipe: pipe::Receiver,
     outbox: &Outbox,
+    high: bool,
     max: usize,
     status: &Status,
     run: &Run,
 ) -> Result<(), FrameError> {
-    let mut buf = BytesMut::with_capacity(64 << 10);
+    let mut buf = BytesMut::new();
+    if pipe.readable().await.is_err() {
+        return Ok(());
+    }
     loop {
         let mut records = Vec::new();
         let parsed = parse_frames(&mut buf, max, status, run, &mut records);
         // What was whole before a bad frame still goes out; then the fault counts.
         if !records.is_empty() {
             status.records.fetch_add(records.len() as u64, Ordering::Relaxed);
-            if !outbox.send_all(records).await {
+            let sent = if high {
+                outbox.send_all_high(records).await
+            } else {
+                outbox.send_all(records).await
+            };
+            if !sent {
                 return Ok(());
             }
         }
@@ -400,7 +411,14 @@ impl Supervisor {
             plugin: Arc::from(self.name.as_str()),
             instance: rand::random::<u32>().max(1),
         };
-        let reader = read_frames(spawned.records, &self.outbox, self.max_frame, &self.status, &run);
+        // Both pipes, until both close or one fails.
+        let reader = async {
+            tokio::try_join!(
+                read_frames(spawned.records, &self.outbox, false, self.max_frame, &self.status, &run),
+                read_frames(spawned.high, &self.outbox, true, self.max_frame, &self.status, &run),
+            )
+            .map(drop)
+        };
         tokio::pin!(reader);
         let mut writer = Box::pin(write_tasks(spawned.tasks, &mut self.tasks, &self.status));
         let mut reader_done = false;

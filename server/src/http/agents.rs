@@ -370,7 +370,7 @@ pub struct TaskRequest {
 }
 
 fn default_object() -> String {
-    "keel-agent".into()
+    keel_proto::product::KEEL_AGENT.into()
 }
 
 /// Largest task data accepted.

@@ -9,6 +9,7 @@ use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
 use axum::{Extension, Json};
 use keel_common::time::{now_ms, rfc3339_ms};
+use keel_proto::product::KEEL_AGENT;
 use serde::{Deserialize, Serialize};
 use utoipa::{IntoParams, ToSchema};
 
@@ -125,10 +126,10 @@ pub async fn create(
     who.require(Role::Operator)?;
     let n = json_body(body)?;
     let (data_type, object_name, data) = match n.kind.as_str() {
-        SYNC_CONFIG => (0, "keel-agent".to_owned(), String::new()),
+        SYNC_CONFIG => (0, KEEL_AGENT.to_owned(), String::new()),
         RESTART_AGENT => (
             keel_proto::data_type::RESTART_AGENT,
-            "keel-agent".to_owned(),
+            KEEL_AGENT.to_owned(),
             String::new(),
         ),
         PLUGIN_TASK => {

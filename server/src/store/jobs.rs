@@ -292,6 +292,19 @@ impl Store {
         Ok(())
     }
 
+    /// The agent's subtasks sent and not answered in tasks of `kind`, with when
+    /// each was sent (Unix ms).
+    pub async fn sent_subtasks_of_kind(&self, agent_id: &str, kind: &str) -> Result<Vec<(String, i64)>, StoreError> {
+        Ok(sqlx::query_as(
+            "SELECT t.token, t.sent_at FROM tasks t JOIN jobs j ON j.id = t.job_id \
+             WHERE t.agent_id = $1 AND t.status = 'sent' AND j.kind = $2 AND t.sent_at IS NOT NULL",
+        )
+        .bind(agent_id)
+        .bind(kind)
+        .fetch_all(&self.pool)
+        .await?)
+    }
+
     /// Sent subtasks of a task whose answer is overdue.
     pub async fn job_overdue(&self, id: &str, sent_before: i64) -> Result<Vec<String>, StoreError> {
         Ok(

@@ -16,6 +16,10 @@
 //!   pipe broken by a killed agent, too).
 //! - `raw`: writes the bytes of `hex` to fd 4 verbatim (hand-built frames), then idles
 //!   (or exits, with `"exit": true`).
+//! - `high`: Elkeid's high-priority pipe. Writes the first half of a 6950 record
+//!   frame to fd 4 and a whole 6951 record to fd 5 (exits with status 2 unless
+//!   `ELKEID_PLUGIN_HIGH_PRIORITY_PIPE` is set), waits for a task on fd 3, then
+//!   writes the rest of the 6950 frame, and idles.
 //! - `crash`: sends one record and exits with status 3.
 //! - `deaf`: never reads its tasks.
 //! - `memhog`: allocates and touches memory until something stops it.
@@ -36,6 +40,7 @@ fn main() {
     let mode = detail["mode"].as_str().unwrap_or("echo");
     let result = match mode {
         "raw" => raw(&detail),
+        "high" => high(),
         "crash" => crash(),
         "deaf" => idle(),
         "memhog" => memhog(),
@@ -182,6 +187,43 @@ fn raw(detail: &Value) -> Result<(), Error> {
     if detail["exit"].as_bool() == Some(true) {
         std::process::exit(0);
     }
+    idle()
+}
+
+fn high() -> Result<(), Error> {
+    use std::io::Read;
+    if std::env::var_os("ELKEID_PLUGIN_HIGH_PRIORITY_PIPE").is_none_or(|v| v.is_empty()) {
+        eprintln!("no ELKEID_PLUGIN_HIGH_PRIORITY_PIPE in the environment");
+        std::process::exit(2);
+    }
+    let open = |fd: u32| {
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(format!("/proc/self/fd/{fd}"))
+    };
+    let record = |data_type: i32, lane: &str| {
+        keel_proto::frame::encode_record(&keel_proto::grpc::Record {
+            data_type,
+            timestamp: 1_700_000_000,
+            data: Some(keel_proto::grpc::Payload {
+                fields: [("lane".to_owned(), lane.to_owned())].into(),
+            }),
+            seq: 0,
+        })
+    };
+    let normal = record(6950, "normal");
+    let (first, rest) = normal.split_at(normal.len() / 2);
+    let mut fd4 = open(4).map_err(Error::Io)?;
+    fd4.write_all(first).map_err(Error::Io)?;
+    open(5)
+        .map_err(Error::Io)?
+        .write_all(&record(6951, "high"))
+        .map_err(Error::Io)?;
+    let mut byte = [0u8; 1];
+    std::fs::File::open("/proc/self/fd/3")
+        .and_then(|mut tasks| tasks.read_exact(&mut byte))
+        .map_err(Error::Io)?;
+    fd4.write_all(rest).map_err(Error::Io)?;
     idle()
 }
 

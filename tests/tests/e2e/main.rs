@@ -6,6 +6,7 @@ mod api;
 mod cluster;
 mod console;
 mod control;
+mod elkeid;
 mod enrollment;
 mod file_delivery;
 mod keelctl;

@@ -338,6 +338,45 @@ async fn bad_packages_are_refused_with_the_failed_check_and_nothing_starts() {
 }
 
 #[tokio::test]
+async fn high_priority_records_on_fd_5_pass_a_held_up_fd_4() {
+    let server = Server::start(server_opts("")).await;
+    let mut agent = Agent::enrolled(&server, "high-1");
+    agent.start();
+    let api = server.api();
+    api.online("high-1").await;
+    install(&server, "lanes", "1").await;
+    let detail = json!({"mode": "high"}).to_string();
+    let set = json!([{"name": "lanes", "version": "1", "detail": detail}]);
+    assert_eq!(server.put_plugins("high-1", &set).await.0, 200);
+    // fd 4 holds half a frame; the record on fd 5 gets through all the same.
+    let high = eventually("the fd 5 record in the sink", || async {
+        sink_records(&server, 6951).into_iter().next()
+    })
+    .await;
+    let lane = |line: &Value| {
+        let bytes = base64::engine::general_purpose::STANDARD
+            .decode(line["data"].as_str().unwrap())
+            .unwrap();
+        keel_proto::payload::decode(&bytes).unwrap()["lane"].clone()
+    };
+    assert_eq!(lane(&high), "high");
+    assert!(
+        sink_records(&server, 6950).is_empty(),
+        "the fd 4 record is not whole yet"
+    );
+    // A task lets the plugin finish its fd 4 frame.
+    let task = json!({"data_type": 6900, "object_name": "lanes", "data": "go"});
+    let (status, body) = api.post("/api/v1/agents/high-1/tasks", &task).await;
+    assert_eq!(status, 202, "{body}");
+    let normal = eventually("the fd 4 record in the sink", || async {
+        sink_records(&server, 6950).into_iter().next()
+    })
+    .await;
+    assert_eq!(lane(&normal), "normal");
+    plugin_where(&api, "high-1", "lanes", "running", |p| p["state"] == "running").await;
+}
+
+#[tokio::test]
 async fn misbehaving_plugins_fault_alone_and_the_agent_carries_on() {
     let server = Server::start(server_opts("")).await;
     let mut agent = Agent::enrolled_with(&server, "faults-1", "task_queue = 4\n");
@@ -831,7 +870,7 @@ async fn a_full_disk_loses_only_what_it_counts_and_the_agent_carries_on() {
 }
 
 #[tokio::test]
-async fn plugins_inherit_only_descriptors_0_to_4() {
+async fn plugins_inherit_only_descriptors_0_to_5() {
     let server = Server::start(server_opts("")).await;
     let mut agent = Agent::enrolled(&server, "fds-1");
     // The agent's parent left descriptor 7 open and inheritable.
@@ -861,8 +900,11 @@ async fn plugins_inherit_only_descriptors_0_to_4() {
         .unwrap()
         .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
         .collect();
-    assert!(fds.iter().all(|fd| *fd <= 4), "the plugin's descriptors: {fds:?}");
-    assert!(fds.contains(&3) && fds.contains(&4), "its two pipes: {fds:?}");
+    assert!(fds.iter().all(|fd| *fd <= 5), "the plugin's descriptors: {fds:?}");
+    assert!(
+        fds.contains(&3) && fds.contains(&4) && fds.contains(&5),
+        "its three pipes: {fds:?}"
+    );
 }
 
 /// A plugin run's tag and a number: a record's `i`, or a run's count.
@@ -996,13 +1038,17 @@ async fn a_killed_agent_loses_at_most_what_was_in_the_pipe() {
     })
     .await;
     // Back up, the agent sends what its spool holds: every record it had read.
+    // The streamer it starts again is stopped, so that its spool can run empty.
     agent.start();
+    api.online("kill-1").await;
+    assert_eq!(server.put_plugins("kill-1", &json!([])).await.0, 200);
     let run = format!("k-{pid}");
     let got: Vec<u64> = eventually("the spool to be sent", || async {
         let a = api.agent("kill-1").await?;
         let records = streamed(&server).0;
-        (a["online"] == true && a["heartbeat"]["spool_batches"].as_str()? == "0")
-            .then(|| records.iter().filter(|(r, _)| *r == run).map(|(_, i)| *i).collect())
+        let beat = &a["heartbeat"];
+        let drained = beat["plugins"].as_str()?.is_empty() && beat["spool_batches"].as_str()? == "0";
+        (a["online"] == true && drained).then(|| records.iter().filter(|(r, _)| *r == run).map(|(_, i)| *i).collect())
     })
     .await;
     let unique: HashSet<u64> = got.iter().copied().collect();
