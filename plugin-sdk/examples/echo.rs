@@ -1,27 +1,28 @@
-//! A complete Keel plugin: it answers every task with a record echoing the task's
-//! data and a 5100 result, logs through the agent, and says hello on start.
+//! A complete Keel plugin: it says hello on start, answers every task with a
+//! record echoing the task's data and a 5100 result, logs through the agent, and
+//! flushes everything when the agent stops it.
 //!
-//! Try it by hand in debug mode:
+//! Try it by hand in debug mode (tasks in and records out as JSON lines):
 //!
 //! ```sh
-//! echo '{"data_type":6900,"data":"hi","token":"t1"}' | KEEL_PLUGIN_DEBUG=1 cargo run -p keel-plugin-sdk --example echo
+//! echo '{"data_type":20001,"data":"hi","token":"t1"}' | KEEL_PLUGIN_DEBUG=1 cargo run -p keel-plugin-sdk --example echo
 //! ```
 
-use keel_plugin_sdk::{Client, Error, detail, logging};
+use std::process::ExitCode;
 
-/// This example's data types (a real plugin owns a range in the data_type table).
-const HELLO: i32 = 6900;
-const ECHO: i32 = 6901;
+use keel_plugin_sdk::{Client, Error};
 
-fn main() -> Result<(), Error> {
-    // First in main: it also blocks SIGTERM for the SDK's stop handling.
-    let client = Client::new()?;
-    logging::init(&client, tracing::Level::INFO);
-    let detail = detail().unwrap_or_default();
-    client.send(
-        HELLO,
-        [("detail", detail.as_str()), ("pid", &std::process::id().to_string())],
-    )?;
+/// This plugin's data types, from the range Keel leaves to third-party plugins
+/// (`keel_plugin_sdk::data_type::THIRD_PARTY`).
+const HELLO: i32 = 20_000;
+const ECHO: i32 = 20_001;
+
+fn main() -> ExitCode {
+    keel_plugin_sdk::run("echo", tracing::Level::INFO, echo)
+}
+
+fn echo(client: Client, detail: &str) -> Result<(), Error> {
+    client.send(HELLO, [("detail", detail), ("pid", &std::process::id().to_string())])?;
     tracing::info!("echo plugin started");
     // Until the agent stops the plugin; everything buffered is flushed then.
     client.serve(|task| {

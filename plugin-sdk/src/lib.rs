@@ -11,19 +11,23 @@
 //! ```no_run
 //! use keel_plugin_sdk::{Client, Error};
 //!
-//! fn main() -> Result<(), Error> {
-//!     // First in main: it also sets up the stop handling (see `stop`).
-//!     let client = Client::new()?;
-//!     // Records are buffered and flushed every 100 ms and whenever 64 KiB are waiting.
-//!     client.send(6100, [("event", "started")])?;
-//!     // Until the agent stops the plugin; then every buffered record is flushed.
-//!     client.serve(|task| {
-//!         client.send(6101, [("echo", task.data.as_str())])?;
-//!         client.task_result(&task.token, true, "done")
+//! fn main() -> std::process::ExitCode {
+//!     // Attaches, logs to the agent, reads DETAIL, runs this, and exits with its outcome.
+//!     keel_plugin_sdk::run("hello", tracing::Level::INFO, |client: Client, detail: &str| {
+//!         // Records are buffered and flushed every 100 ms and whenever 64 KiB are waiting.
+//!         client.send(20_000, [("event", "started"), ("detail", detail)])?;
+//!         // Until the agent stops the plugin; then every buffered record is flushed.
+//!         client.serve(|task| {
+//!             client.send(20_001, [("echo", task.data.as_str())])?;
+//!             client.task_result(&task.token, true, "done")
+//!         })
 //!     })
 //! }
+//! # fn _unused(_: Error) {}
 //! ```
 //!
+//! - [`run`] is the whole skeleton: attach, logging, `DETAIL`, the plugin's own
+//!   function, exit code.
 //! - [`Client::new`] attaches to fds 3 and 4, or, with `KEEL_PLUGIN_DEBUG=1`, to
 //!   stdin and stdout as JSON lines, so a plugin can be run and tried by hand.
 //! - [`detail`] returns the plugin's configuration string (`DETAIL`).
@@ -60,4 +64,37 @@ pub const DETAIL_ENV: &str = "DETAIL";
 /// The plugin's configuration string from `DETAIL`, if set.
 pub fn detail() -> Option<String> {
     std::env::var(DETAIL_ENV).ok()
+}
+
+/// Runs a plugin whole, as its `main` would: attaches to the agent (first, before
+/// any thread starts, for the stop handling: see [`stop`]), sends `tracing`
+/// events at `level` and above to the agent and to stderr ([`logging::init`]),
+/// reads `DETAIL`, and calls `plugin` with the client and the detail. `plugin`
+/// returns when the agent stops the plugin ([`Client::serve`] does that) or with
+/// an error. The exit code is success, or failure with the error logged: to the
+/// agent as a plugin log, and to stderr, which the agent keeps in the plugin's
+/// log file.
+pub fn run<E: std::fmt::Display>(
+    name: &str,
+    level: tracing::Level,
+    plugin: impl FnOnce(Client, &str) -> Result<(), E>,
+) -> std::process::ExitCode {
+    let client = match Client::new() {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("{name}: cannot attach to the agent: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    logging::init(&client, level);
+    let detail = detail().unwrap_or_default();
+    let logs = client.clone();
+    match plugin(client, &detail) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!(plugin = name, "{e}");
+            let _ = logs.flush();
+            std::process::ExitCode::FAILURE
+        }
+    }
 }

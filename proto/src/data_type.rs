@@ -14,8 +14,13 @@
 //! | 6000–6099 | both | key-request plugin | Keel |
 //! | 6100–6199 | both | proxy plugin: 6100 audit job (down); 6101 job ended (up) | Keel |
 //! | 6200–6299 | both | file-delivery plugin: 6200 deliver, 6201 inventory, 6202 remove (down); 6203 host key, 6210 file event (up) | Keel |
+//! | 6900–6999 | both | Keel's test plugin | Keel |
+//! | 20000–29999 | both | third-party plugins ([`THIRD_PARTY`]): Keel never allocates here | yours |
 //!
 //! Keel allocates its own agent-level types in 1100–1199. Plugins own their ranges.
+//! A plugin written outside Keel takes its types from [`THIRD_PARTY`] (one
+//! hundred per plugin is the custom); below 1000 and in 5000–5999 are Elkeid's
+//! plugins' (its driver and collector), which Keel passes through untouched.
 //!
 //! The agent's own types are the agent's alone: a plugin that sends 1000, 1001,
 //! 1050, 1051, 1060 or anything in 1100–1199 faults ([`from_plugin`]), so nothing a
@@ -73,6 +78,9 @@ pub const FILE_REMOVE: i32 = 6202;
 pub const FILE_HOST_KEY: i32 = 6203;
 /// file-delivery record: a file changed (fields `name`, `action`, `version`, `keeper`).
 pub const FILE_EVENT: i32 = 6210;
+
+/// The range third-party plugins allocate their types from; Keel never uses it.
+pub const THIRD_PARTY: RangeInclusive<i32> = 20_000..=29_999;
 
 /// Whether records of this type carry a `Payload` that Keel itself produces, so the
 /// server may decode it for storage. Everything else stays opaque bytes.

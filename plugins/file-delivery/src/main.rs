@@ -7,7 +7,6 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use keel_plugin_file_delivery::{config, plugin};
-use keel_plugin_sdk::Client;
 
 /// The file-delivery plugin.
 #[derive(Debug, Parser)]
@@ -42,23 +41,6 @@ fn main() -> ExitCode {
                 }
             }
         }
-        None => {
-            let client = match Client::new() {
-                Ok(c) => c,
-                Err(e) => {
-                    eprintln!("file-delivery: cannot attach to the agent: {e}");
-                    return ExitCode::FAILURE;
-                }
-            };
-            keel_plugin_sdk::logging::init(&client, tracing::Level::INFO);
-            let detail = keel_plugin_sdk::detail().unwrap_or_default();
-            match plugin::run(client, &detail) {
-                Ok(()) => ExitCode::SUCCESS,
-                Err(e) => {
-                    eprintln!("file-delivery: {e}");
-                    ExitCode::FAILURE
-                }
-            }
-        }
+        None => keel_plugin_sdk::run("file-delivery", tracing::Level::INFO, plugin::run),
     }
 }
