@@ -40,11 +40,16 @@ use crate::plugin::PluginConfig;
 use crate::plugin::install::Installer;
 
 /// The component name of the agent in the configuration.
-pub const COMPONENT: &str = "keel-agent";
+pub const COMPONENT: &str = keel_proto::product::KEEL_AGENT;
 
 /// A watchdog that disappears without finishing is given up on after this much
 /// more than its window.
 const STALE_AFTER: Duration = Duration::from_secs(600);
+/// How often the watchdog looks whether the new version is connected.
+const WATCHDOG_POLL: Duration = Duration::from_millis(250);
+/// How long a new upgrade waits for the last one's watchdog, which has seen this
+/// version connected, to finish.
+const FINISHING: Duration = Duration::from_secs(2);
 
 /// The attempt in progress, shared by the old agent, the watchdog and the new agent.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -140,6 +145,22 @@ fn install_command(cfg: &AgentConfig, kind: &str) -> Vec<String> {
     }
 }
 
+/// Refuses while another upgrade is in progress. The upgrade to this very
+/// version may still be finishing: this process has said it is connected, and
+/// the watchdog cleans up within a poll, which is waited for (at most
+/// [`FINISHING`]).
+async fn none_in_progress(up: &Path) -> Result<(), String> {
+    let deadline = Instant::now() + FINISHING;
+    while let Some(p) = read::<Pending>(&up.join("pending.json")) {
+        let alive = std::fs::read_to_string(up.join("alive")).is_ok_and(|v| v.trim() == p.to);
+        if p.to != keel_common::VERSION || !alive || Instant::now() >= deadline {
+            return Err(format!("an upgrade from {} to {} is already in progress", p.from, p.to));
+        }
+        tokio::time::sleep(WATCHDOG_POLL / 5).await;
+    }
+    Ok(())
+}
+
 /// Starts an upgrade to `entry`. `Ok` means the watchdog runs and will stop this
 /// process; the outcome is reported on `token` by whichever version runs next.
 pub async fn begin(
@@ -151,9 +172,7 @@ pub async fn begin(
 ) -> Result<(), String> {
     let state = &cfg.agent.state_dir;
     let up = dir(state);
-    if let Some(p) = read::<Pending>(&up.join("pending.json")) {
-        return Err(format!("an upgrade from {} to {} is already in progress", p.from, p.to));
-    }
+    none_in_progress(&up).await?;
     let kind = package_type(cfg).ok_or("no package manager (dpkg or rpm) found; set upgrade.package_type")?;
     let running = keel_common::VERSION;
     keel_common::fsutil::create_dir(&up, 0o700).map_err(|e| format!("{}: {e}", up.display()))?;
@@ -441,7 +460,7 @@ pub fn watchdog(state_dir: &Path) -> Result<(), String> {
             }
             return Ok(());
         }
-        std::thread::sleep(Duration::from_millis(250));
+        std::thread::sleep(WATCHDOG_POLL);
     }
     warn!(to = %p.to, "new version did not prove itself in time");
     fail(
@@ -527,6 +546,28 @@ mod tests {
             matches!(on_start(state.path()), Found::RolledBack { .. }),
             "a watchdog that vanished is given up on"
         );
+    }
+
+    #[tokio::test]
+    async fn a_new_upgrade_waits_only_for_the_last_one_finishing() {
+        let state = tempfile::tempdir().unwrap();
+        let up = dir(state.path());
+        assert_eq!(none_in_progress(&up).await, Ok(()));
+        pending(state.path(), "99.0.0", now_ms());
+        let err = none_in_progress(&up).await.unwrap_err();
+        assert!(err.contains("from 0.0.1 to 99.0.0 is already in progress"), "{err}");
+        // This version, not yet seen connected: in progress.
+        pending(state.path(), keel_common::VERSION, now_ms());
+        assert!(none_in_progress(&up).await.is_err());
+        // Seen connected: the watchdog finishes within a poll.
+        mark_alive(state.path()).unwrap();
+        let pending_file = up.join("pending.json");
+        let watchdog = tokio::spawn(async move {
+            tokio::time::sleep(WATCHDOG_POLL).await;
+            std::fs::remove_file(pending_file).unwrap();
+        });
+        assert_eq!(none_in_progress(&up).await, Ok(()));
+        watchdog.await.unwrap();
     }
 
     #[test]
