@@ -1,6 +1,6 @@
 //! `keelctl certs`: the TLS inventory. `scan` has an agent's proxy plugin reach
 //! targets and the server record their certificates; `list` shows the inventory,
-//! soonest expiry first.
+//! soonest expiry first; `findings` what is wrong with it, most severe first.
 
 use std::process::ExitCode;
 
@@ -18,6 +18,39 @@ const PER_REQUEST: usize = 8;
 pub async fn run(ctx: &Ctx, cmd: CertsCmd) -> anyhow::Result<ExitCode> {
     match cmd {
         CertsCmd::Scan { agent, targets } => scan(ctx, &agent, &targets).await,
+        CertsCmd::Findings { agent, min_severity } => {
+            let mut query = Vec::new();
+            if let Some(a) = agent {
+                query.push(("agent", a));
+            }
+            if let Some(s) = min_severity {
+                query.push(("min_severity", s));
+            }
+            let list = ctx.client.get(&["certificates", "findings"], &query).await?;
+            let serious = output::rows(&list)
+                .iter()
+                .any(|f| f["severity"] == "high" || f["severity"] == "critical");
+            if ctx.json {
+                output::json(&list)?;
+            } else {
+                let mut t = output::table(&["severity", "target", "agent", "finding", "detail"]);
+                for f in output::rows(&list) {
+                    t.add_row(vec![
+                        output::cell(&f["severity"]),
+                        output::cell(&f["target"]),
+                        output::cell(&f["agent_id"]),
+                        output::cell(&f["code"]),
+                        output::cell(&f["message"]),
+                    ]);
+                }
+                output::print(&t)?;
+            }
+            Ok(if serious {
+                ExitCode::from(EXIT_TASK_UNSUCCESSFUL)
+            } else {
+                ExitCode::SUCCESS
+            })
+        }
         CertsCmd::List { agent, expiring_within } => {
             let mut query = Vec::new();
             if let Some(a) = agent {

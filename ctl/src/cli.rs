@@ -109,6 +109,16 @@ pub enum CertsCmd {
         #[arg(long, value_name = "DAYS")]
         expiring_within: Option<u32>,
     },
+    /// What the last scans found wrong (expired, weak key, hostname mismatch,
+    /// untrusted root, …), most severe first; exits 2 if any is high or critical.
+    Findings {
+        /// Only targets scanned through this agent.
+        #[arg(long, value_name = "ID")]
+        agent: Option<String>,
+        /// Only findings this severe or worse.
+        #[arg(long, value_name = "SEVERITY", value_parser = ["low", "medium", "high", "critical"])]
+        min_severity: Option<String>,
+    },
 }
 
 /// `keelctl files …`

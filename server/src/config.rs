@@ -254,6 +254,12 @@ pub struct TunnelConfig {
     /// Set SO_REUSEPORT, so several processes on one host share the port.
     #[serde(default)]
     pub reuse_port: bool,
+    /// Whether scanned chains are judged against the system's trust bundle.
+    #[serde(default = "default_true")]
+    pub inventory_system_roots: bool,
+    /// A private CA bundle (PEM) scanned chains may also lead to.
+    #[serde(default)]
+    pub inventory_ca_bundle: Option<PathBuf>,
 }
 
 impl Default for TunnelConfig {
@@ -265,6 +271,8 @@ impl Default for TunnelConfig {
             max_targets: default_scan_targets(),
             scan_concurrency: default_scan_concurrency(),
             reuse_port: false,
+            inventory_system_roots: true,
+            inventory_ca_bundle: None,
         }
     }
 }

@@ -422,6 +422,7 @@ fn api() -> (Router<Arc<ServerState>>, utoipa::openapi::OpenApi) {
         .routes(routes!(audit::list))
         .routes(routes!(inventory::scan))
         .routes(routes!(inventory::certificates))
+        .routes(routes!(inventory::findings))
         // Uploads are streamed and capped by the component store itself.
         .merge(
             OpenApiRouter::new()

@@ -15,11 +15,11 @@ use futures::StreamExt;
 use keel_proto::data_type::PROXY_JOB;
 use rustls::pki_types::{CertificateDer, ServerName};
 use serde::Serialize;
-use sha2::{Digest, Sha256};
 use tokio::io::AsyncWriteExt;
 use utoipa::ToSchema;
-use x509_parser::prelude::{FromDer, GeneralName, X509Certificate};
 
+use crate::certinfo;
+use crate::findings::{self, Trust};
 use crate::connections::{Outbound, TaskCommand};
 use crate::state::ServerState;
 use crate::store::{CertRow, NewTask};
@@ -211,7 +211,7 @@ async fn run(
         }
     };
     let chain = handshake(stream, target, wait).await?;
-    describe(agent_id, target, &chain, keel_common::time::now_ms()).map(|cert| (cert, true))
+    describe(agent_id, target, &chain, keel_common::time::now_ms(), &state.inventory_trust).map(|cert| (cert, true))
 }
 
 /// Runs another instance's job whose tunnel landed here: the handshake, the
@@ -219,7 +219,13 @@ async fn run(
 pub async fn run_for(state: &ServerState, job: &crate::store::TunnelJobRow, tunnel: crate::tunnel::Tunnel) {
     let wait = state.config.tunnel.wait;
     let outcome = match handshake(tunnel, &job.target, wait).await {
-        Ok(chain) => describe(&job.agent_id, &job.target, &chain, keel_common::time::now_ms()),
+        Ok(chain) => describe(
+            &job.agent_id,
+            &job.target,
+            &chain,
+            keel_common::time::now_ms(),
+            &state.inventory_trust,
+        ),
         Err(e) => Err(e),
     };
     let outcome = match outcome {
@@ -261,55 +267,54 @@ where
     Ok(chain)
 }
 
-/// What a certificate chain says, as an inventory row.
-pub fn describe(agent_id: &str, target: &str, chain: &[CertificateDer<'_>], now: i64) -> Result<CertRow, String> {
-    let leaf = chain.first().ok_or_else(|| format!("{target}: no certificate"))?;
-    let (_, cert) =
-        X509Certificate::from_der(leaf.as_ref()).map_err(|e| format!("{target}: unreadable certificate: {e}"))?;
-    let mut names = Vec::new();
-    if let Ok(Some(san)) = cert.subject_alternative_name() {
-        for n in &san.value.general_names {
-            match n {
-                GeneralName::DNSName(d) => names.push((*d).to_owned()),
-                GeneralName::IPAddress(b) => match b.len() {
-                    4 => names.push(std::net::Ipv4Addr::from(<[u8; 4]>::try_from(*b).unwrap_or_default()).to_string()),
-                    16 => {
-                        names.push(std::net::Ipv6Addr::from(<[u8; 16]>::try_from(*b).unwrap_or_default()).to_string())
-                    }
-                    _ => {}
-                },
-                _ => {}
-            }
-        }
+/// What a certificate chain says, as an inventory row: the leaf's fields in the
+/// row, every certificate's in `chain` ([`crate::certinfo`]), and what an auditor
+/// would flag ([`crate::findings`]).
+pub fn describe(
+    agent_id: &str,
+    target: &str,
+    chain: &[CertificateDer<'_>],
+    now: i64,
+    trust: &Trust,
+) -> Result<CertRow, String> {
+    if chain.is_empty() {
+        return Err(format!("{target}: no certificate"));
     }
-    let public_key = match cert.public_key().parsed() {
-        Ok(x509_parser::public_key::PublicKey::RSA(k)) => format!("RSA {}", k.key_size()),
-        Ok(x509_parser::public_key::PublicKey::EC(p)) => format!("EC {}", p.key_size()),
-        _ => oid_name(&cert.public_key().algorithm.algorithm),
-    };
+    let infos = chain
+        .iter()
+        .enumerate()
+        .map(|(i, der)| certinfo::describe(der.as_ref()).map_err(|e| format!("{target}: certificate {i}: {e}")))
+        .collect::<Result<Vec<_>, _>>()?;
+    let (host, _) = target.rsplit_once(':').unwrap_or((target, ""));
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    let findings = findings::assess(chain, &infos, host, now, trust);
+    let leaf = &infos[0];
+    // The row's names are those a hostname is matched against.
+    let names = leaf
+        .sans
+        .iter()
+        .filter_map(|n| n.strip_prefix("DNS:").or_else(|| n.strip_prefix("IP Address:")))
+        .map(str::to_owned)
+        .collect();
     Ok(CertRow {
         agent_id: agent_id.to_owned(),
         target: target.to_owned(),
-        fingerprint: hex::encode(Sha256::digest(leaf.as_ref())),
-        subject: cert.subject().to_string(),
-        issuer: cert.issuer().to_string(),
+        fingerprint: leaf.fingerprint.clone(),
+        subject: leaf.subject.clone(),
+        issuer: leaf.issuer.clone(),
         names,
-        serial: hex::encode(cert.raw_serial()),
-        not_before: cert.validity().not_before.timestamp() * 1000,
-        not_after: cert.validity().not_after.timestamp() * 1000,
-        public_key,
-        signature: oid_name(&cert.signature_algorithm.algorithm),
+        serial: leaf.serial.clone(),
+        not_before: leaf.not_before,
+        not_after: leaf.not_after,
+        public_key: format!("{} {}", leaf.key_type, leaf.key_bits),
+        signature: leaf.signature.clone(),
         chain_length: i64::try_from(chain.len()).unwrap_or(i64::MAX),
-        self_signed: cert.subject() == cert.issuer(),
+        self_signed: leaf.self_signed,
         first_seen: now,
         last_seen: now,
+        findings,
+        chain: infos,
     })
-}
-
-fn oid_name(oid: &x509_parser::der_parser::oid::Oid<'_>) -> String {
-    x509_parser::objects::oid2sn(oid, x509_parser::objects::oid_registry())
-        .map(str::to_owned)
-        .unwrap_or_else(|_| oid.to_id_string())
 }
 
 /// A client that records the certificate instead of judging it, but still checks
@@ -330,6 +335,8 @@ fn recording_config() -> rustls::ClientConfig {
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used)]
+    use sha2::{Digest, Sha256};
+
     use super::*;
 
     #[test]
@@ -348,7 +355,9 @@ mod tests {
         let mut params = rcgen::CertificateParams::new(vec!["db.internal".into(), "10.1.2.3".into()]).unwrap();
         params.distinguished_name.push(rcgen::DnType::CommonName, "db.internal");
         let cert = params.self_signed(&key).unwrap();
-        let row = describe("a1", "db.internal:443", &[cert.der().clone()], 5).unwrap();
+        let nobody = Trust::load(false, None).unwrap();
+        let now = keel_common::time::now_ms();
+        let row = describe("a1", "db.internal:443", &[cert.der().clone()], now, &nobody).unwrap();
         assert_eq!(row.subject, "CN=db.internal");
         assert!(row.self_signed);
         assert_eq!(row.names, ["db.internal", "10.1.2.3"]);
@@ -356,6 +365,12 @@ mod tests {
         assert_eq!(row.signature, "ecdsa-with-SHA256");
         assert_eq!(row.fingerprint, hex::encode(Sha256::digest(cert.der().as_ref())));
         assert!(row.not_after > row.not_before);
-        assert!(describe("a1", "x:1", &[], 5).unwrap_err().contains("no certificate"));
+        assert_eq!(
+            row.findings.iter().map(|f| f.code.as_str()).collect::<Vec<_>>(),
+            ["untrusted_root", "self_signed"]
+        );
+        assert_eq!(row.chain.len(), 1);
+        assert_eq!(row.chain[0].sans, ["DNS:db.internal", "IP Address:10.1.2.3"]);
+        assert!(describe("a1", "x:1", &[], now, &nobody).unwrap_err().contains("no certificate"));
     }
 }

@@ -10,11 +10,13 @@
 #![deny(unsafe_code)]
 
 pub mod admin;
+pub mod certinfo;
 pub mod cluster;
 pub mod components;
 pub mod config;
 pub mod connections;
 pub mod encoding;
+pub mod findings;
 pub mod gaps;
 pub mod grpc;
 pub mod http;

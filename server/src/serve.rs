@@ -69,7 +69,12 @@ pub async fn open_state(config: ServerConfig) -> anyhow::Result<Arc<ServerState>
         ),
     };
     let release = Release::load(&config)?;
-    Ok(Arc::new(ServerState::new(config, store, ca, sink, release, cluster)))
+    let trust = crate::findings::Trust::load(
+        config.tunnel.inventory_system_roots,
+        config.tunnel.inventory_ca_bundle.as_deref(),
+    )
+    .map_err(|e| anyhow::anyhow!("tunnel.inventory_ca_bundle: {e}"))?;
+    Ok(Arc::new(ServerState::new(config, store, ca, sink, release, cluster, trust)))
 }
 
 /// Runs the server until `shutdown`, then drains. `ready` receives the bound

@@ -53,6 +53,8 @@ pub struct ServerState {
     pub key_enrollment: crate::keyenroll::KeyEnrollment,
     /// Audit jobs waiting for their tunnels.
     pub tunnels: crate::tunnel::Tunnels,
+    /// The trust anchors the TLS inventory judges chains against.
+    pub inventory_trust: crate::findings::Trust,
 }
 
 /// A new stream's mark, and the stored mark with its sources: see
@@ -124,6 +126,7 @@ impl ServerState {
         sink: Arc<dyn Sink>,
         release: Release,
         cluster: Cluster,
+        inventory_trust: crate::findings::Trust,
     ) -> Self {
         // What the sink itself knows it persisted is the newest truth after a crash.
         let recovered = sink.recovered_marks();
@@ -157,6 +160,7 @@ impl ServerState {
             rollout_wake: tokio::sync::Notify::new(),
             key_enrollment,
             tunnels,
+            inventory_trust,
         }
     }
 

@@ -1,16 +1,18 @@
 //! The TLS inventory: `POST /api/v1/scans` runs audit jobs through an agent's
-//! proxy plugin; `GET /api/v1/certificates` lists what they found.
+//! proxy plugin; `GET /api/v1/certificates` lists what they found, and
+//! `GET /api/v1/certificates/findings` what an auditor would flag in it.
 
 use std::sync::Arc;
 
 use axum::extract::rejection::JsonRejection;
 use axum::extract::{Query, State};
 use axum::{Extension, Json};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use utoipa::{IntoParams, ToSchema};
 
 use super::agents::{agent_or_404, json_body};
 use super::{ApiError, ErrorBody, Principal};
+use crate::findings::Severity;
 use crate::inventory::{self, ScanResult};
 use crate::state::ServerState;
 use crate::store::{CertRow, Role};
@@ -76,4 +78,78 @@ pub async fn certificates(
         .expiring_within_days
         .map(|d| keel_common::time::now_ms() + i64::from(d) * 86_400_000);
     Ok(Json(state.store.certificates(q.agent.as_deref(), before).await?))
+}
+
+/// Filters of the findings.
+#[derive(Debug, Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+pub struct FindingQuery {
+    /// Only targets scanned through this agent.
+    agent: Option<String>,
+    /// Only findings this severe or worse: `low`, `medium`, `high`, `critical`.
+    min_severity: Option<Severity>,
+}
+
+/// One finding, with the target it is about.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct TargetFinding {
+    /// The agent whose proxy reached the target.
+    agent_id: String,
+    /// `host:port` as scanned.
+    target: String,
+    /// The leaf's subject.
+    subject: String,
+    /// The leaf's expiry, Unix ms.
+    not_after: i64,
+    /// How bad it is.
+    severity: Severity,
+    /// What it is (`expired`, `weak_key`, `hostname_mismatch`, …).
+    code: String,
+    /// What exactly.
+    message: String,
+}
+
+/// What the inventory's last scans found wrong, most severe first.
+#[utoipa::path(get, path = "/certificates/findings", tag = "inventory", params(FindingQuery),
+    responses((status = 200, body = [TargetFinding]), (status = 400, body = ErrorBody)))]
+pub async fn findings(
+    State(state): State<Arc<ServerState>>,
+    Extension(who): Extension<Principal>,
+    q: Result<Query<FindingQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Json<Vec<TargetFinding>>, ApiError> {
+    who.require(Role::Viewer)?;
+    let Query(q) = q.map_err(|e| ApiError::bad_request(format!("invalid query: {}", e.body_text())))?;
+    let min = q.min_severity.unwrap_or(Severity::Low);
+    let mut out: Vec<TargetFinding> = state
+        .store
+        .certificates(q.agent.as_deref(), None)
+        .await?
+        .into_iter()
+        .flat_map(|c| {
+            let CertRow {
+                agent_id,
+                target,
+                subject,
+                not_after,
+                findings,
+                ..
+            } = c;
+            findings.into_iter().filter(|f| f.severity >= min).map(move |f| TargetFinding {
+                agent_id: agent_id.clone(),
+                target: target.clone(),
+                subject: subject.clone(),
+                not_after,
+                severity: f.severity,
+                code: f.code,
+                message: f.message,
+            })
+        })
+        .collect();
+    out.sort_by(|a, b| {
+        b.severity
+            .cmp(&a.severity)
+            .then_with(|| a.not_after.cmp(&b.not_after))
+            .then_with(|| a.target.cmp(&b.target))
+    });
+    Ok(Json(out))
 }

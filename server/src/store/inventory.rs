@@ -5,6 +5,8 @@ use sqlx::Row;
 use utoipa::ToSchema;
 
 use super::{Store, StoreError, corrupt};
+use crate::certinfo::CertInfo;
+use crate::findings::Finding;
 
 /// A target's certificate as the inventory holds it.
 #[derive(Debug, Clone, Serialize, serde::Deserialize, ToSchema, PartialEq, Eq)]
@@ -15,26 +17,32 @@ pub struct CertRow {
     pub target: String,
     /// SHA-256 of the leaf certificate (DER), hex.
     pub fingerprint: String,
-    /// Subject DN.
+    /// Subject DN, RFC 4514.
     pub subject: String,
-    /// Issuer DN.
+    /// Issuer DN, RFC 4514.
     pub issuer: String,
     /// DNS names and IP addresses (subjectAltName).
     pub names: Vec<String>,
-    /// Serial, hex.
+    /// Serial, uppercase hex without the DER sign byte.
     pub serial: String,
     /// Valid from, Unix ms.
     pub not_before: i64,
     /// Valid until, Unix ms.
     pub not_after: i64,
-    /// Key type and size, e.g. `RSA 2048`, `EC 256`.
+    /// Key type and exact size, e.g. `RSA 2049`, `EC 384`.
     pub public_key: String,
     /// Signature algorithm, e.g. `ecdsa-with-SHA256`.
     pub signature: String,
     /// Certificates the target sent.
     pub chain_length: i64,
-    /// Issuer equals subject.
+    /// The leaf's signature verifies with its own key.
     pub self_signed: bool,
+    /// What an auditor flags, most severe first.
+    #[serde(default)]
+    pub findings: Vec<Finding>,
+    /// Every certificate the target sent, leaf first, field by field.
+    #[serde(default)]
+    pub chain: Vec<CertInfo>,
     /// When this certificate was first seen at the target, Unix ms.
     pub first_seen: i64,
     /// When the target was last scanned, Unix ms.
@@ -45,17 +53,20 @@ impl Store {
     /// Records a scan's certificate; `first_seen` stays while the fingerprint does.
     pub async fn save_certificate(&self, c: &CertRow) -> Result<(), StoreError> {
         let names = serde_json::to_string(&c.names).map_err(corrupt("certificate names"))?;
+        let chain = serde_json::to_string(&c.chain).map_err(corrupt("certificate chain"))?;
+        let findings = serde_json::to_string(&c.findings).map_err(corrupt("certificate findings"))?;
         sqlx::query(
             "INSERT INTO tls_certificates (agent_id, target, fingerprint, subject, issuer, names, serial, not_before, \
-             not_after, public_key, signature, chain_length, self_signed, first_seen, last_seen) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $14) \
+             not_after, public_key, signature, chain_length, self_signed, first_seen, last_seen, chain, findings) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $14, $15, $16) \
              ON CONFLICT (agent_id, target) DO UPDATE SET \
              first_seen = CASE WHEN tls_certificates.fingerprint = excluded.fingerprint \
                           THEN tls_certificates.first_seen ELSE excluded.first_seen END, \
              fingerprint = excluded.fingerprint, subject = excluded.subject, issuer = excluded.issuer, \
              names = excluded.names, serial = excluded.serial, not_before = excluded.not_before, \
              not_after = excluded.not_after, public_key = excluded.public_key, signature = excluded.signature, \
-             chain_length = excluded.chain_length, self_signed = excluded.self_signed, last_seen = excluded.last_seen",
+             chain_length = excluded.chain_length, self_signed = excluded.self_signed, last_seen = excluded.last_seen, \
+             chain = excluded.chain, findings = excluded.findings",
         )
         .bind(&c.agent_id)
         .bind(&c.target)
@@ -71,6 +82,8 @@ impl Store {
         .bind(c.chain_length)
         .bind(i64::from(c.self_signed))
         .bind(c.last_seen)
+        .bind(chain)
+        .bind(findings)
         .execute(&self.pool)
         .await?;
         Ok(())
@@ -81,7 +94,7 @@ impl Store {
     pub async fn certificates(&self, agent: Option<&str>, before: Option<i64>) -> Result<Vec<CertRow>, StoreError> {
         let rows = sqlx::query(
             "SELECT agent_id, target, fingerprint, subject, issuer, names, serial, not_before, not_after, public_key, \
-             signature, chain_length, self_signed, first_seen, last_seen FROM tls_certificates \
+             signature, chain_length, self_signed, first_seen, last_seen, chain, findings FROM tls_certificates \
              WHERE ($1 = '' OR agent_id = $1) AND ($2 = 0 OR not_after < $2) ORDER BY not_after, agent_id, target",
         )
         .bind(agent.unwrap_or(""))
@@ -92,6 +105,8 @@ impl Store {
             .map(|r| {
                 let names: String = r.try_get("names")?;
                 let self_signed: i64 = r.try_get("self_signed")?;
+                let chain: String = r.try_get("chain")?;
+                let findings: String = r.try_get("findings")?;
                 Ok(CertRow {
                     agent_id: r.try_get("agent_id")?,
                     target: r.try_get("target")?,
@@ -108,6 +123,8 @@ impl Store {
                     self_signed: self_signed != 0,
                     first_seen: r.try_get("first_seen")?,
                     last_seen: r.try_get("last_seen")?,
+                    findings: serde_json::from_str(&findings).map_err(corrupt("certificate findings"))?,
+                    chain: serde_json::from_str(&chain).map_err(corrupt("certificate chain"))?,
                 })
             })
             .collect()
@@ -136,6 +153,8 @@ mod tests {
             self_signed: false,
             first_seen: seen,
             last_seen: seen,
+            findings: Vec::new(),
+            chain: Vec::new(),
         }
     }
 
@@ -152,6 +171,7 @@ mod tests {
         );
         assert_eq!((all[1].first_seen, all[1].last_seen), (10, 20));
         assert_eq!(all[1].names, ["db.internal"]);
+        assert!(all[1].chain.is_empty());
         store.save_certificate(&row("db:443", "cc", 3_000, 30)).await.unwrap();
         let db = store.certificates(Some("a1"), Some(5_000)).await.unwrap();
         let db = db.iter().find(|c| c.target == "db:443").unwrap();

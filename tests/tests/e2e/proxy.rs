@@ -77,6 +77,8 @@ async fn the_inventory_reaches_only_what_the_host_allows() {
     assert_eq!(cert["names"], json!(["db.internal.test", "127.0.0.1"]));
     assert_eq!(cert["self_signed"], true);
     assert_eq!(cert["public_key"], "EC 256");
+    assert_eq!(cert["chain"][0]["sans"], json!(["DNS:db.internal.test", "IP Address:127.0.0.1"]));
+    assert_eq!(cert["chain"][0]["curve"], "P-256");
 
     // The inventory, soonest expiry first, and filtered.
     let (_, list) = api.get("/api/v1/certificates").await;
@@ -91,6 +93,29 @@ async fn the_inventory_reaches_only_what_the_host_allows() {
     let (_, none) = api.get("/api/v1/certificates?expiring_within_days=0").await;
     assert_eq!(none, json!([]), "nothing has expired");
     let (status, body) = api.get("/api/v1/certificates?expiring_within_days=x").await;
+    assert_eq!(status, 400, "{body}");
+
+    // What an auditor flags: a self-signed leaf that no trust anchor names and,
+    // scanned by a name it does not carry, a hostname mismatch.
+    let (_, found) = api.get("/api/v1/certificates/findings").await;
+    let codes = |found: &Value, t: &str| -> Vec<String> {
+        found
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|f| f["target"] == t)
+            .map(|f| f["code"].as_str().unwrap().to_owned())
+            .collect()
+    };
+    assert_eq!(codes(&found, &targets[0]), ["untrusted_root", "self_signed"], "{found}");
+    assert_eq!(
+        codes(&found, &targets[1]),
+        ["hostname_mismatch", "untrusted_root", "self_signed"],
+        "{found}"
+    );
+    let (_, high) = api.get("/api/v1/certificates/findings?min_severity=high").await;
+    assert_eq!(codes(&high, &targets[0]), ["untrusted_root"], "{high}");
+    let (status, body) = api.get("/api/v1/certificates/findings?min_severity=dire").await;
     assert_eq!(status, 400, "{body}");
 
     // Bad requests are refused before anything is sent.
@@ -118,6 +143,12 @@ async fn the_inventory_reaches_only_what_the_host_allows() {
     let out = keelctl(&["certs", "list", "--json"]);
     let via_ctl: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(via_ctl, list);
+    let out = keelctl(&["certs", "findings"]);
+    assert_eq!(out.status.code(), Some(2), "high findings: {out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("hostname_mismatch"),
+        "{out:?}"
+    );
     let out = keelctl(&["certs", "scan", "--agent", AGENT, &targets[2]]);
     assert_eq!(out.status.code(), Some(2), "{out:?}");
     assert!(
