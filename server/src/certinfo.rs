@@ -98,7 +98,11 @@ pub fn describe(der: &[u8]) -> Result<CertInfo, String> {
                     (ku.encipher_only(), "Encipher Only"),
                     (ku.decipher_only(), "Decipher Only"),
                 ];
-                info.key_usage = flags.iter().filter(|(on, _)| *on).map(|(_, n)| (*n).to_owned()).collect();
+                info.key_usage = flags
+                    .iter()
+                    .filter(|(on, _)| *on)
+                    .map(|(_, n)| (*n).to_owned())
+                    .collect();
             }
             ParsedExtension::ExtendedKeyUsage(eku) => {
                 let known = [
@@ -213,7 +217,10 @@ pub fn rfc4514(name: &X509Name<'_>) -> String {
                     let value = match atv.as_str() {
                         Ok(s) => escape(s),
                         // Not a string type RFC 4514 spells out: `#` and the DER.
-                        Err(_) => format!("#{}", hex::encode(atv.attr_value().to_der_vec().unwrap_or_default())),
+                        Err(_) => format!(
+                            "#{}",
+                            hex::encode(x509_parser::asn1_rs::ToDer::to_der_vec(atv.attr_value()).unwrap_or_default())
+                        ),
                     };
                     format!("{key}={value}")
                 })
@@ -316,7 +323,11 @@ mod tests {
     /// Runs the openssl command line in `dir`; its stdout.
     fn openssl(dir: &Path, args: &[&str]) -> String {
         let out = Command::new("openssl").args(args).current_dir(dir).output().unwrap();
-        assert!(out.status.success(), "openssl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "openssl {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         String::from_utf8(out.stdout).unwrap()
     }
 
@@ -327,8 +338,18 @@ mod tests {
         let theirs = openssl(
             dir,
             &[
-                "x509", "-in", pem, "-noout", "-subject", "-issuer", "-serial", "-fingerprint", "-sha256", "-text",
-                "-nameopt", "RFC2253",
+                "x509",
+                "-in",
+                pem,
+                "-noout",
+                "-subject",
+                "-issuer",
+                "-serial",
+                "-fingerprint",
+                "-sha256",
+                "-text",
+                "-nameopt",
+                "RFC2253",
             ],
         );
         (ours, theirs)
@@ -344,7 +365,9 @@ mod tests {
     /// The line after openssl's `-text` heading for an extension.
     fn after<'a>(text: &'a str, heading: &str) -> &'a str {
         let mut lines = text.lines();
-        lines.find(|l| l.trim_start().starts_with(heading)).unwrap_or_else(|| panic!("no {heading}"));
+        lines
+            .find(|l| l.trim_start().starts_with(heading))
+            .unwrap_or_else(|| panic!("no {heading}"));
         lines.next().unwrap().trim()
     }
 
@@ -352,17 +375,45 @@ mod tests {
     fn every_field_reads_as_openssl_reads_it() {
         let dir = tempfile::tempdir().unwrap();
         let d = dir.path();
-        // A 2049-bit RSA key, an O that tries to pass for a CN, every SAN type.
+        // A 2050-bit RSA key (not a whole number of bytes; OpenSSL 3 rounds an
+        // odd size down), an O that tries to pass for a CN, every SAN type.
         openssl(
             d,
             &[
-                "req", "-x509", "-newkey", "rsa:2049", "-nodes", "-keyout", "a.key", "-out", "a.pem", "-days", "30",
-                "-sha256", "-subj", "/CN=real.example/O=Acme, CN=spoofed.example",
-                "-addext", "subjectAltName=DNS:a.example,IP:10.0.0.1,IP:fd00::1,email:ops@example.com,URI:https://example.com/x",
-                "-addext", "keyUsage=critical,digitalSignature,keyEncipherment",
-                "-addext", "extendedKeyUsage=serverAuth,clientAuth",
-                "-addext", "basicConstraints=critical,CA:FALSE",
-                "-addext", "authorityInfoAccess=OCSP;URI:http://ocsp.example,caIssuers;URI:http://ca.example/ca.crt",
+                "genpkey",
+                "-algorithm",
+                "RSA",
+                "-pkeyopt",
+                "rsa_keygen_bits:2050",
+                "-out",
+                "a.key",
+            ],
+        );
+        openssl(
+            d,
+            &[
+                "req",
+                "-x509",
+                "-key",
+                "a.key",
+                "-nodes",
+                "-out",
+                "a.pem",
+                "-days",
+                "30",
+                "-sha256",
+                "-subj",
+                "/CN=real.example/O=Acme, CN=spoofed.example",
+                "-addext",
+                "subjectAltName=DNS:a.example,IP:10.0.0.1,IP:fd00::1,email:ops@example.com,URI:https://example.com/x",
+                "-addext",
+                "keyUsage=critical,digitalSignature,keyEncipherment",
+                "-addext",
+                "extendedKeyUsage=serverAuth,clientAuth",
+                "-addext",
+                "basicConstraints=critical,CA:FALSE",
+                "-addext",
+                "authorityInfoAccess=OCSP;URI:http://ocsp.example,caIssuers;URI:http://ca.example/ca.crt",
             ],
         );
         let (a, text) = both(d, "a.pem");
@@ -375,7 +426,10 @@ mod tests {
             line(&text, "sha256 Fingerprint=").replace(':', "").to_lowercase()
         );
         assert!(text.contains(&format!("Public-Key: ({} bit)", a.key_bits)), "{text}");
-        assert_eq!((a.key_type.as_str(), a.key_bits, a.curve.as_deref()), ("RSA", 2049, None));
+        assert_eq!(
+            (a.key_type.as_str(), a.key_bits, a.curve.as_deref()),
+            ("RSA", 2050, None)
+        );
         assert_eq!(a.sans.join(", "), after(&text, "X509v3 Subject Alternative Name"));
         assert_eq!(a.key_usage.join(", "), after(&text, "X509v3 Key Usage"));
         assert_eq!(a.extended_key_usage, ["serverAuth", "clientAuth"]);
@@ -387,12 +441,54 @@ mod tests {
 
         // Issuer and subject alike, but signed by another key: not self-signed.
         for args in [
-            &["req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-384", "-nodes", "-keyout", "ca.key",
-                "-out", "ca.pem", "-days", "30", "-subj", "/CN=same"][..],
-            &["req", "-new", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-384", "-nodes", "-keyout", "b.key",
-                "-out", "b.csr", "-subj", "/CN=same"][..],
-            &["x509", "-req", "-in", "b.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-out", "b.pem", "-days", "30",
-                "-set_serial", "0xF3A1"][..],
+            &[
+                "req",
+                "-x509",
+                "-newkey",
+                "ec",
+                "-pkeyopt",
+                "ec_paramgen_curve:P-384",
+                "-nodes",
+                "-keyout",
+                "ca.key",
+                "-out",
+                "ca.pem",
+                "-days",
+                "30",
+                "-subj",
+                "/CN=same",
+            ][..],
+            &[
+                "req",
+                "-new",
+                "-newkey",
+                "ec",
+                "-pkeyopt",
+                "ec_paramgen_curve:P-384",
+                "-nodes",
+                "-keyout",
+                "b.key",
+                "-out",
+                "b.csr",
+                "-subj",
+                "/CN=same",
+            ][..],
+            &[
+                "x509",
+                "-req",
+                "-in",
+                "b.csr",
+                "-CA",
+                "ca.pem",
+                "-CAkey",
+                "ca.key",
+                "-out",
+                "b.pem",
+                "-days",
+                "30",
+                "-set_serial",
+                "0xF3A1",
+            ][..],
         ] {
             openssl(d, args);
         }
@@ -401,7 +497,10 @@ mod tests {
         assert!(!b.self_signed, "signed by the other CN=same");
         assert_eq!(b.serial, "F3A1");
         assert_eq!(b.serial, line(&text, "serial="));
-        assert_eq!((b.key_type.as_str(), b.key_bits, b.curve.as_deref()), ("EC", 384, Some("P-384")));
+        assert_eq!(
+            (b.key_type.as_str(), b.key_bits, b.curve.as_deref()),
+            ("EC", 384, Some("P-384"))
+        );
         assert!(text.contains("NIST CURVE: P-384"), "{text}");
         let (ca, _) = both(d, "ca.pem");
         assert!(ca.self_signed);
@@ -410,8 +509,20 @@ mod tests {
         openssl(
             d,
             &[
-                "req", "-x509", "-newkey", "rsa:1024", "-sha1", "-nodes", "-keyout", "w.key", "-out", "w.pem", "-days",
-                "30", "-subj", "/CN=old.example",
+                "req",
+                "-x509",
+                "-newkey",
+                "rsa:1024",
+                "-sha1",
+                "-nodes",
+                "-keyout",
+                "w.key",
+                "-out",
+                "w.pem",
+                "-days",
+                "30",
+                "-subj",
+                "/CN=old.example",
             ],
         );
         let (w, text) = both(d, "w.pem");

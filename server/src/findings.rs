@@ -170,16 +170,28 @@ pub fn assess(chain: &[CertificateDer<'_>], infos: &[CertInfo], host: &str, now:
         }
     }
     if leaf.self_signed {
-        out.push(finding(Severity::Medium, "self_signed", format!("the leaf ({}) signed itself", leaf.subject)));
+        out.push(finding(
+            Severity::Medium,
+            "self_signed",
+            format!("the leaf ({}) signed itself", leaf.subject),
+        ));
     }
     let Ok(ee) = webpki::EndEntityCert::try_from(leaf_der) else {
-        out.push(finding(Severity::Medium, "invalid_chain", "the leaf does not parse as a webpki end-entity".into()));
+        out.push(finding(
+            Severity::Medium,
+            "invalid_chain",
+            "the leaf does not parse as a webpki end-entity".into(),
+        ));
         return out;
     };
     if let Ok(name) = ServerName::try_from(host)
         && ee.verify_is_valid_for_subject_name(&name).is_err()
     {
-        let names = if leaf.sans.is_empty() { "no subject alternative names".to_owned() } else { leaf.sans.join(", ") };
+        let names = if leaf.sans.is_empty() {
+            "no subject alternative names".to_owned()
+        } else {
+            leaf.sans.join(", ")
+        };
         out.push(finding(
             Severity::High,
             "hostname_mismatch",
@@ -187,9 +199,12 @@ pub fn assess(chain: &[CertificateDer<'_>], infos: &[CertInfo], host: &str, now:
         ));
     }
     // Judged within the leaf's validity: expiry is reported above, on its own.
-    let at = now.clamp(leaf.not_before, leaf.not_after);
+    // (Not `clamp`: a certificate may claim to end before it begins.)
+    let at = now.max(leaf.not_before).min(leaf.not_after);
     let at = UnixTime::since_unix_epoch(Duration::from_millis(u64::try_from(at).unwrap_or(0)));
-    let algs = rustls::crypto::ring::default_provider().signature_verification_algorithms.all;
+    let algs = rustls::crypto::ring::default_provider()
+        .signature_verification_algorithms
+        .all;
     let verified = ee.verify_for_usage(
         algs,
         &trust.anchors,
@@ -220,14 +235,22 @@ pub fn assess(chain: &[CertificateDer<'_>], infos: &[CertInfo], host: &str, now:
                 ));
             }
         }
-        Err(e) => out.push(finding(Severity::Medium, "invalid_chain", format!("the chain does not verify: {e}"))),
+        Err(e) => out.push(finding(
+            Severity::Medium,
+            "invalid_chain",
+            format!("the chain does not verify: {e}"),
+        )),
     }
     out.sort_by(|a, b| b.severity.cmp(&a.severity).then_with(|| a.code.cmp(&b.code)));
     out
 }
 
 fn which(i: usize, c: &CertInfo) -> String {
-    if i == 0 { format!("the leaf ({})", c.subject) } else { format!("certificate {i} ({})", c.subject) }
+    if i == 0 {
+        format!("the leaf ({})", c.subject)
+    } else {
+        format!("certificate {i} ({})", c.subject)
+    }
 }
 
 #[cfg(test)]
@@ -241,7 +264,11 @@ mod tests {
     }
 
     /// A CA, and a leaf for `names` it issued, valid from now for `days`.
-    fn pki(names: &[&str], days: i64, key: &'static rcgen::SignatureAlgorithm) -> (rcgen::Certificate, rcgen::Certificate) {
+    fn pki(
+        names: &[&str],
+        days: i64,
+        key: &'static rcgen::SignatureAlgorithm,
+    ) -> (rcgen::Certificate, rcgen::Certificate) {
         let ca_key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
         let mut ca = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
         ca.distinguished_name.push(rcgen::DnType::CommonName, "Test Root");
@@ -249,11 +276,12 @@ mod tests {
         let ca_cert = ca.self_signed(&ca_key).unwrap();
         let issuer = rcgen::Issuer::new(ca, ca_key);
         let key = rcgen::KeyPair::generate_for(key).unwrap();
-        let mut leaf = rcgen::CertificateParams::new(names.iter().map(|n| (*n).to_owned()).collect::<Vec<_>>()).unwrap();
+        let mut leaf =
+            rcgen::CertificateParams::new(names.iter().map(|n| (*n).to_owned()).collect::<Vec<_>>()).unwrap();
         leaf.distinguished_name.push(rcgen::DnType::CommonName, names[0]);
         let now = time::OffsetDateTime::now_utc();
-        leaf.not_before = now - time::Duration::days(1);
         leaf.not_after = now + time::Duration::days(days);
+        leaf.not_before = leaf.not_after.min(now) - time::Duration::days(10);
         (leaf.signed_by(&key, &issuer).unwrap(), ca_cert)
     }
 
@@ -283,8 +311,14 @@ mod tests {
         assert!(f[0].message.contains("DNS:db.internal"), "{f:?}");
 
         let nobody = Trust::load(false, None).unwrap();
-        assert_eq!(codes(&assess_chain(&[&leaf, &ca], "db.internal", &nobody)), ["untrusted_root"]);
-        assert_eq!(codes(&assess_chain(&[&leaf], "db.internal", &nobody)), ["incomplete_chain"]);
+        assert_eq!(
+            codes(&assess_chain(&[&leaf, &ca], "db.internal", &nobody)),
+            ["untrusted_root"]
+        );
+        assert_eq!(
+            codes(&assess_chain(&[&leaf], "db.internal", &nobody)),
+            ["incomplete_chain"]
+        );
 
         let (soon, ca2) = pki(&["db.internal"], 10, &rcgen::PKCS_ECDSA_P256_SHA256);
         let trust2 = trust_in(dir.path(), &ca2);
@@ -297,6 +331,18 @@ mod tests {
         let f = assess_chain(&[&expired], "db.internal", &trust3);
         assert_eq!(codes(&f), ["expired"], "the chain is judged apart from the expiry");
         assert_eq!(f[0].severity, Severity::Critical);
+    }
+
+    #[test]
+    fn a_certificate_that_ends_before_it_begins_is_judged_without_a_panic() {
+        let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+        let mut p = rcgen::CertificateParams::new(vec!["db.internal".to_owned()]).unwrap();
+        let now = time::OffsetDateTime::now_utc();
+        p.not_before = now + time::Duration::days(5);
+        p.not_after = now - time::Duration::days(5);
+        let cert = p.self_signed(&key).unwrap();
+        let f = assess_chain(&[&cert], "db.internal", &Trust::load(false, None).unwrap());
+        assert_eq!(f[0].code, "expired", "{f:?}");
     }
 
     #[test]

@@ -19,8 +19,8 @@ use tokio::io::AsyncWriteExt;
 use utoipa::ToSchema;
 
 use crate::certinfo;
-use crate::findings::{self, Trust};
 use crate::connections::{Outbound, TaskCommand};
+use crate::findings::{self, Trust};
 use crate::state::ServerState;
 use crate::store::{CertRow, NewTask};
 
@@ -211,7 +211,14 @@ async fn run(
         }
     };
     let chain = handshake(stream, target, wait).await?;
-    describe(agent_id, target, &chain, keel_common::time::now_ms(), &state.inventory_trust).map(|cert| (cert, true))
+    describe(
+        agent_id,
+        target,
+        &chain,
+        keel_common::time::now_ms(),
+        &state.inventory_trust,
+    )
+    .map(|cert| (cert, true))
 }
 
 /// Runs another instance's job whose tunnel landed here: the handshake, the
@@ -371,6 +378,10 @@ mod tests {
         );
         assert_eq!(row.chain.len(), 1);
         assert_eq!(row.chain[0].sans, ["DNS:db.internal", "IP Address:10.1.2.3"]);
-        assert!(describe("a1", "x:1", &[], now, &nobody).unwrap_err().contains("no certificate"));
+        assert!(
+            describe("a1", "x:1", &[], now, &nobody)
+                .unwrap_err()
+                .contains("no certificate")
+        );
     }
 }

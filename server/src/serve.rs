@@ -74,7 +74,9 @@ pub async fn open_state(config: ServerConfig) -> anyhow::Result<Arc<ServerState>
         config.tunnel.inventory_ca_bundle.as_deref(),
     )
     .map_err(|e| anyhow::anyhow!("tunnel.inventory_ca_bundle: {e}"))?;
-    Ok(Arc::new(ServerState::new(config, store, ca, sink, release, cluster, trust)))
+    Ok(Arc::new(ServerState::new(
+        config, store, ca, sink, release, cluster, trust,
+    )))
 }
 
 /// Runs the server until `shutdown`, then drains. `ready` receives the bound

@@ -134,15 +134,18 @@ pub async fn findings(
                 findings,
                 ..
             } = c;
-            findings.into_iter().filter(|f| f.severity >= min).map(move |f| TargetFinding {
-                agent_id: agent_id.clone(),
-                target: target.clone(),
-                subject: subject.clone(),
-                not_after,
-                severity: f.severity,
-                code: f.code,
-                message: f.message,
-            })
+            findings
+                .into_iter()
+                .filter(|f| f.severity >= min)
+                .map(move |f| TargetFinding {
+                    agent_id: agent_id.clone(),
+                    target: target.clone(),
+                    subject: subject.clone(),
+                    not_after,
+                    severity: f.severity,
+                    code: f.code,
+                    message: f.message,
+                })
         })
         .collect();
     out.sort_by(|a, b| {

@@ -77,7 +77,10 @@ async fn the_inventory_reaches_only_what_the_host_allows() {
     assert_eq!(cert["names"], json!(["db.internal.test", "127.0.0.1"]));
     assert_eq!(cert["self_signed"], true);
     assert_eq!(cert["public_key"], "EC 256");
-    assert_eq!(cert["chain"][0]["sans"], json!(["DNS:db.internal.test", "IP Address:127.0.0.1"]));
+    assert_eq!(
+        cert["chain"][0]["sans"],
+        json!(["DNS:db.internal.test", "IP Address:127.0.0.1"])
+    );
     assert_eq!(cert["chain"][0]["curve"], "P-256");
 
     // The inventory, soonest expiry first, and filtered.

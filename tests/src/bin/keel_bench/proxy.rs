@@ -18,13 +18,21 @@ use serde_json::json;
 const CONCURRENCY: usize = 8;
 const PER_REQUEST: usize = 64;
 
+/// The trust anchors the server judges chains against, for the baseline to do
+/// the same work.
+fn trust() -> &'static keel_server::findings::Trust {
+    static TRUST: std::sync::OnceLock<keel_server::findings::Trust> = std::sync::OnceLock::new();
+    TRUST.get_or_init(|| keel_server::findings::Trust::load(true, None).expect("the system trust bundle"))
+}
+
 async fn direct(target: &str) {
     let tcp = tokio::net::TcpStream::connect(target).await.expect("connect");
     let _ = tcp.set_nodelay(true);
     let chain = keel_server::inventory::handshake(tcp, target, Duration::from_secs(10))
         .await
         .expect("direct handshake");
-    keel_server::inventory::describe("bench", target, &chain, 0).expect("certificate");
+    keel_server::inventory::describe("bench", target, &chain, keel_common::time::now_ms(), trust())
+        .expect("certificate");
 }
 
 /// Runs the benchmark.
