@@ -167,20 +167,14 @@ fn key(cert: &X509Certificate<'_>) -> (String, u32, Option<String>) {
             };
             ("EC".into(), bits, Some(curve))
         }
-        Ok(PublicKey::Unknown(_)) | Err(_) | Ok(_) => {
-            let name = oid_name(&spki.algorithm.algorithm);
-            let bits = match name.as_str() {
-                "ED25519" | "Ed25519" => 256,
-                "ED448" | "Ed448" => 456,
-                _ => u32::try_from(spki.subject_public_key.data.len() * 8).unwrap_or(0),
-            };
-            let name = match name.as_str() {
-                "ED25519" => "Ed25519".to_owned(),
-                "ED448" => "Ed448".to_owned(),
-                _ => name,
-            };
-            (name, bits, None)
-        }
+        _ => match spki.algorithm.algorithm.to_id_string().as_str() {
+            "1.3.101.112" => ("Ed25519".into(), 256, None),
+            "1.3.101.113" => ("Ed448".into(), 456, None),
+            _ => {
+                let bits = u32::try_from(spki.subject_public_key.data.len() * 8).unwrap_or(0);
+                (oid_name(&spki.algorithm.algorithm), bits, None)
+            }
+        },
     }
 }
 

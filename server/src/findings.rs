@@ -122,6 +122,11 @@ impl Trust {
     pub fn is_empty(&self) -> bool {
         self.anchors.is_empty()
     }
+
+    /// The bundles they came from.
+    pub fn sources(&self) -> &[PathBuf] {
+        &self.sources
+    }
 }
 
 /// The findings for a chain sent by `host`, at `now` (Unix ms). `infos` are the

@@ -9,8 +9,8 @@
 
 use std::collections::HashMap;
 use std::pin::Pin;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use futures::{Stream, StreamExt};
@@ -19,7 +19,7 @@ use keel_proto::data_type;
 use keel_proto::grpc::transfer_server::{Transfer, TransferServer};
 use keel_proto::grpc::{Ack, CertificateRenewal, Command, Config, PackagedData, Task};
 use keel_proto::payload;
-use keel_proto::product::Product;
+use keel_proto::product::{KEEL_AGENT, Product};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::codec::CompressionEncoding;
@@ -86,14 +86,20 @@ impl Transfer for TransferService {
         let (tx, rx) = mpsc::channel(COMMAND_QUEUE);
         let conn = Connection::new(cert.serial.clone(), peer, tx);
         let span = info_span!("stream", agent_id = %cert.agent_id, peer = ?peer);
+        // The agent's product, known from its first batch, before anything can
+        // be sent to it: tasks for the agent itself are addressed by it.
+        let product: Arc<OnceLock<String>> = Arc::default();
         let stream = StreamTask {
             state: Arc::clone(&self.state),
             cert,
             conn,
             session: None,
+            product: Arc::clone(&product),
         };
         tokio::spawn(stream.run(request.into_inner()).instrument(span));
-        let out = close_after_error(ReceiverStream::new(rx).map(|o| to_command(*o)));
+        let out = close_after_error(
+            ReceiverStream::new(rx).map(move |o| to_command(*o, product.get().map_or(KEEL_AGENT, String::as_str))),
+        );
         Ok(Response::new(Box::pin(out)))
     }
 }
@@ -111,12 +117,17 @@ fn close_after_error(
     })
 }
 
-fn to_command(o: Outbound) -> Result<Command, Status> {
+/// The command for an agent of `product`.
+fn to_command(o: Outbound, product: &str) -> Result<Command, Status> {
     Ok(match o {
         Outbound::Task(t) => Command {
             task: Some(Task {
                 data_type: t.data_type,
-                object_name: t.object_name,
+                // A task for the agent itself goes to the name its product answers to.
+                object_name: match keel_proto::product::addressed(&t.object_name, product) {
+                    a if a == t.object_name => t.object_name,
+                    a => a.to_owned(),
+                },
                 data: t.data,
                 token: t.token,
             }),
@@ -211,9 +222,7 @@ struct Session {
     gaps: Gaps,
     /// Where that numbering stood after the last batch, as stored with its mark.
     sources: Arc<str>,
-    /// What the agent is: only Keel's agent answers sync-config itself.
-    product: Product,
-    /// For any other product, the last round of heartbeats, by which its
+    /// For an agent that does not answer sync-config itself, the last round of heartbeats, by which its
     /// sync-config is judged ([`crate::plugin_sync`]), and whether this batch
     /// added to it.
     round: Option<Round>,
@@ -231,6 +240,8 @@ struct StreamTask {
     cert: PeerCert,
     conn: Connection,
     session: Option<Session>,
+    /// Shared with the stream of commands ([`to_command`]).
+    product: Arc<OnceLock<String>>,
 }
 
 enum Step {
@@ -297,6 +308,8 @@ impl StreamTask {
     /// The first valid batch of a stream: registers it, marks the agent online
     /// here, restores where its numbering stood, and sends the desired plugin set.
     async fn open(&mut self, agent_id: &str, meta: AgentMeta, epoch: u64, acked: u64, now: i64) -> Result<(), Step> {
+        // Before the stream can be reached: commands are addressed by it.
+        let _ = self.product.set(meta.product.clone());
         let generation = self.state.connections.register(agent_id, self.conn.clone());
         let instance = &self.state.cluster.instance;
         if let Err(e) = self.state.store.agent_connected(agent_id, &meta, now, instance).await {
@@ -315,7 +328,6 @@ impl StreamTask {
         info!(version = %meta.version, hostname = %meta.hostname, "agent online");
         self.session = Some(Session {
             generation,
-            product: Product::of(&meta.product),
             round: None,
             round_changed: false,
             meta,
@@ -339,7 +351,6 @@ impl StreamTask {
             return Err(unavailable("registry", e));
         }
         if let Some(s) = &mut self.session {
-            s.product = Product::of(&meta.product);
             s.meta = meta;
         }
         Ok(())
@@ -533,7 +544,7 @@ impl StreamTask {
                 let json = serde_json::to_string(&JsonFields(&fields)).unwrap_or_else(|_| "{}".into());
                 self.state.set_heartbeat(agent_id, json, now);
                 if let Some(s) = &mut self.session
-                    && s.product != Product::Keel
+                    && !Product::of(&s.meta.product).answers_config_token()
                 {
                     // A new round of heartbeats: the last one is complete.
                     let last = s.round.replace(Round::begin(now));

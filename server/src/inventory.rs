@@ -256,9 +256,7 @@ pub async fn handshake<S>(stream: S, target: &str, limit: Duration) -> Result<Ve
 where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
 {
-    let (host, _) = target.rsplit_once(':').unwrap_or((target, ""));
-    let host = host.trim_start_matches('[').trim_end_matches(']');
-    let name = ServerName::try_from(host.to_owned()).map_err(|e| e.to_string())?;
+    let name = ServerName::try_from(host_of(target).to_owned()).map_err(|e| e.to_string())?;
     let connector = tokio_rustls::TlsConnector::from(Arc::new(recording_config()));
     let mut tls = tokio::time::timeout(limit, connector.connect(name, stream))
         .await
@@ -272,6 +270,12 @@ where
         .unwrap_or_default();
     let _ = tls.shutdown().await;
     Ok(chain)
+}
+
+/// The host of a `host:port` target, without an IPv6 address's brackets.
+fn host_of(target: &str) -> &str {
+    let (host, _) = target.rsplit_once(':').unwrap_or((target, ""));
+    host.trim_start_matches('[').trim_end_matches(']')
 }
 
 /// What a certificate chain says, as an inventory row: the leaf's fields in the
@@ -292,9 +296,7 @@ pub fn describe(
         .enumerate()
         .map(|(i, der)| certinfo::describe(der.as_ref()).map_err(|e| format!("{target}: certificate {i}: {e}")))
         .collect::<Result<Vec<_>, _>>()?;
-    let (host, _) = target.rsplit_once(':').unwrap_or((target, ""));
-    let host = host.trim_start_matches('[').trim_end_matches(']');
-    let findings = findings::assess(chain, &infos, host, now, trust);
+    let findings = findings::assess(chain, &infos, host_of(target), now, trust);
     let leaf = &infos[0];
     // The row's names are those a hostname is matched against.
     let names = leaf

@@ -74,6 +74,15 @@ pub async fn open_state(config: ServerConfig) -> anyhow::Result<Arc<ServerState>
         config.tunnel.inventory_ca_bundle.as_deref(),
     )
     .map_err(|e| anyhow::anyhow!("tunnel.inventory_ca_bundle: {e}"))?;
+    if trust.is_empty() {
+        // Every scanned chain would then be an untrusted root: say so once.
+        tracing::warn!(
+            tried = ?crate::findings::SYSTEM_BUNDLES,
+            "no trust anchors for the TLS inventory: no system bundle found and no tunnel.inventory_ca_bundle"
+        );
+    } else {
+        tracing::info!(anchors = trust.len(), sources = ?trust.sources(), "TLS inventory trust anchors loaded");
+    }
     Ok(Arc::new(ServerState::new(
         config, store, ca, sink, release, cluster, trust,
     )))

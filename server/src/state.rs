@@ -429,21 +429,7 @@ impl ServerState {
     }
 
     /// Hands a command to the agent's stream, here or at the instance holding it.
-    /// A task for the agent itself (`keel-agent`) goes to the name the agent's
-    /// product answers to ([`keel_proto::product::addressed`]).
-    pub async fn send(&self, agent_id: &str, mut cmd: Outbound) -> Result<(), SendError> {
-        if let Outbound::Task(t) = &mut cmd
-            && t.object_name == KEEL_AGENT
-        {
-            let agent = self
-                .store
-                .get_agent(agent_id)
-                .await
-                .map_err(|e| SendError::Unreachable(agent_id.to_owned(), format!("registry: {e}")))?;
-            if let Some(a) = agent {
-                t.object_name = keel_proto::product::addressed(KEEL_AGENT, &a.meta.product).to_owned();
-            }
-        }
+    pub async fn send(&self, agent_id: &str, cmd: Outbound) -> Result<(), SendError> {
         if self.connections.is_online(agent_id) {
             return self.connections.send(agent_id, cmd);
         }

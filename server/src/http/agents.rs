@@ -127,7 +127,8 @@ pub(super) fn json_body<T>(body: Result<Json<T>, JsonRejection>) -> Result<T, Ap
         .map_err(|e| ApiError::bad_request(format!("invalid request body: {}", e.body_text())))
 }
 
-fn query<T>(q: Result<Query<T>, axum::extract::rejection::QueryRejection>) -> Result<T, ApiError> {
+/// A query string, or a 400 that says what is wrong with it.
+pub(super) fn query<T>(q: Result<Query<T>, axum::extract::rejection::QueryRejection>) -> Result<T, ApiError> {
     q.map(|Query(t)| t)
         .map_err(|e| ApiError::bad_request(format!("invalid query: {}", e.body_text())))
 }

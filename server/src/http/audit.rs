@@ -60,7 +60,7 @@ pub async fn list(
     q: Result<Query<AuditQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Json<Vec<AuditView>>, ApiError> {
     who.require(Role::Operator)?;
-    let Query(q) = q.map_err(|e| ApiError::bad_request(format!("invalid query: {}", e.body_text())))?;
+    let q = super::agents::query(q)?;
     let filter = AuditFilter {
         since: parse_time("since", &q.since)?,
         until: parse_time("until", &q.until)?,

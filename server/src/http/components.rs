@@ -105,7 +105,7 @@ pub async fn upload(
     body: Body,
 ) -> Result<(StatusCode, Json<PackageView>), ApiError> {
     who.require(Role::Operator)?;
-    let Query(q) = query.map_err(|e| ApiError::bad_request(format!("invalid query: {}", e.body_text())))?;
+    let q = super::agents::query(query)?;
     let meta = PackageMeta {
         name,
         version: q.version,

@@ -73,7 +73,7 @@ pub async fn certificates(
     q: Result<Query<CertQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Json<Vec<CertRow>>, ApiError> {
     who.require(Role::Viewer)?;
-    let Query(q) = q.map_err(|e| ApiError::bad_request(format!("invalid query: {}", e.body_text())))?;
+    let q = super::agents::query(q)?;
     let before = q
         .expiring_within_days
         .map(|d| keel_common::time::now_ms() + i64::from(d) * 86_400_000);
@@ -118,7 +118,7 @@ pub async fn findings(
     q: Result<Query<FindingQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Json<Vec<TargetFinding>>, ApiError> {
     who.require(Role::Viewer)?;
-    let Query(q) = q.map_err(|e| ApiError::bad_request(format!("invalid query: {}", e.body_text())))?;
+    let q = super::agents::query(q)?;
     let min = q.min_severity.unwrap_or(Severity::Low);
     let mut out: Vec<TargetFinding> = state
         .store

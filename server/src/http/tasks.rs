@@ -231,7 +231,7 @@ pub async fn list(
     q: Result<Query<TaskQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Json<Vec<TaskView>>, ApiError> {
     who.require(Role::Viewer)?;
-    let Query(q) = q.map_err(|e| ApiError::bad_request(format!("invalid query: {}", e.body_text())))?;
+    let q = super::agents::query(q)?;
     let mut out = Vec::new();
     for j in state.store.jobs(q.state.as_deref(), q.limit.unwrap_or(100)).await? {
         let counts = state.store.job_counts(&j.id).await?;

@@ -170,7 +170,7 @@ impl ElkeidStream {
         }
     }
 
-    /// The next command that is not a bare keepalive of nothing.
+    /// The next command `pick` accepts; the others are skipped.
     async fn next_with(&mut self, what: &str, pick: impl Fn(&Command) -> bool) -> Command {
         loop {
             let cmd = self
@@ -297,7 +297,21 @@ async fn an_elkeid_agent_connects_with_snappy_and_gets_its_plugins_tasks_and_syn
         "elkeid-1",
         vec![heartbeat(), record(1001, &[("name", "collector"), ("pversion", "0")])],
     ));
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // A second batch of the same round; once it shows, the server has judged the
+    // first (a stream's batches are handled in order).
+    s.send(&elkeid_batch(
+        "elkeid-1",
+        vec![record(1001, &[("name", "probe"), ("pversion", "1")])],
+    ));
+    eventually("the round's second batch", || async {
+        let a = api.agent("elkeid-1").await?;
+        a["plugins"]
+            .as_array()?
+            .iter()
+            .any(|p| p["name"] == "probe")
+            .then_some(())
+    })
+    .await;
     let (_, t) = api.get(&format!("/api/v1/tasks/{id}")).await;
     assert_eq!(t["state"], "running", "{t}");
     s.send(&elkeid_batch(
