@@ -18,6 +18,96 @@ const PER_REQUEST: usize = 8;
 pub async fn run(ctx: &Ctx, cmd: CertsCmd) -> anyhow::Result<ExitCode> {
     match cmd {
         CertsCmd::Scan { agent, targets } => scan(ctx, &agent, &targets).await,
+        CertsCmd::Schedule { agent, every, targets } => {
+            let body = json!({"agent": agent, "targets": targets, "every": every});
+            let row = ctx
+                .client
+                .call(Method::POST, &["scans", "schedules"], Some(&body))
+                .await?;
+            if ctx.json {
+                output::json(&row)?;
+            } else {
+                println!("{}", output::cell(&row["id"]));
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        CertsCmd::Schedules => {
+            let list = ctx.client.get(&["scans", "schedules"], &[]).await?;
+            if ctx.json {
+                output::json(&list)?;
+            } else {
+                let mut t = output::table(&[
+                    "id", "agent", "every", "next run", "last run", "ok", "failed", "targets",
+                ]);
+                for s in output::rows(&list) {
+                    let every = s["interval_ms"]
+                        .as_u64()
+                        .map(|ms| humantime::format_duration(std::time::Duration::from_millis(ms)).to_string())
+                        .unwrap_or_default();
+                    let targets: Vec<&str> = output::rows(&s["targets"]).iter().filter_map(Value::as_str).collect();
+                    t.add_row(vec![
+                        output::cell(&s["id"]),
+                        output::cell(&s["agent_id"]),
+                        every,
+                        when(&s["next_run"]),
+                        when(&s["last_run"]),
+                        output::cell(&s["last_ok"]),
+                        output::cell(&s["last_failed"]),
+                        targets.join(" "),
+                    ]);
+                }
+                output::print(&t)?;
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        CertsCmd::Unschedule { id } => {
+            ctx.client
+                .call(Method::DELETE, &["scans", "schedules", &id], None)
+                .await?;
+            Ok(ExitCode::SUCCESS)
+        }
+        CertsCmd::History { agent, target, limit } => {
+            let mut query = vec![("limit", limit.to_string())];
+            if let Some(a) = agent {
+                query.push(("agent", a));
+            }
+            if let Some(t) = target {
+                query.push(("target", t));
+            }
+            let list = ctx.client.get(&["certificates", "history"], &query).await?;
+            if ctx.json {
+                output::json(&list)?;
+            } else {
+                let mut t = output::table(&[
+                    "scanned",
+                    "target",
+                    "agent",
+                    "fingerprint",
+                    "changed",
+                    "findings",
+                    "error",
+                ]);
+                for e in output::rows(&list) {
+                    let codes: Vec<&str> = output::rows(&e["findings"]).iter().filter_map(Value::as_str).collect();
+                    let fp = e["fingerprint"].as_str().unwrap_or_default();
+                    t.add_row(vec![
+                        when(&e["scanned_at"]),
+                        output::cell(&e["target"]),
+                        output::cell(&e["agent_id"]),
+                        fp.chars().take(16).collect(),
+                        if e["changed"] == true {
+                            "changed".into()
+                        } else {
+                            String::new()
+                        },
+                        codes.join(" "),
+                        output::cell(&e["error"]),
+                    ]);
+                }
+                output::print(&t)?;
+            }
+            Ok(ExitCode::SUCCESS)
+        }
         CertsCmd::Findings { agent, min_severity } => {
             let mut query = Vec::new();
             if let Some(a) = agent {
@@ -63,7 +153,7 @@ pub async fn run(ctx: &Ctx, cmd: CertsCmd) -> anyhow::Result<ExitCode> {
             if ctx.json {
                 output::json(&list)?;
             } else {
-                let mut t = output::table(&["target", "agent", "subject", "expires", "days", "key"]);
+                let mut t = output::table(&["target", "agent", "subject", "expires", "days", "key", "protocols"]);
                 for c in output::rows(&list) {
                     t.add_row(vec![
                         output::cell(&c["target"]),
@@ -72,6 +162,7 @@ pub async fn run(ctx: &Ctx, cmd: CertsCmd) -> anyhow::Result<ExitCode> {
                         expires(&c["not_after"]),
                         days_left(&c["not_after"]),
                         output::cell(&c["public_key"]),
+                        protocols(&c["tls"]),
                     ]);
                 }
                 output::print(&t)?;
@@ -92,7 +183,7 @@ async fn scan(ctx: &Ctx, agent: &str, targets: &[String]) -> anyhow::Result<Exit
     if ctx.json {
         output::json(&Value::Array(all))?;
     } else {
-        let mut t = output::table(&["target", "status", "subject", "expires", "detail"]);
+        let mut t = output::table(&["target", "status", "subject", "expires", "protocols", "detail"]);
         for r in &all {
             let c = &r["certificate"];
             t.add_row(vec![
@@ -100,6 +191,7 @@ async fn scan(ctx: &Ctx, agent: &str, targets: &[String]) -> anyhow::Result<Exit
                 output::cell(&r["status"]),
                 output::cell(&c["subject"]),
                 expires(&c["not_after"]),
+                protocols(&c["tls"]),
                 output::cell(&r["error"]),
             ]);
         }
@@ -110,6 +202,24 @@ async fn scan(ctx: &Ctx, agent: &str, targets: &[String]) -> anyhow::Result<Exit
     } else {
         ExitCode::from(EXIT_TASK_UNSUCCESSFUL)
     })
+}
+
+/// The protocol versions a target accepted, oldest first.
+fn protocols(tls: &Value) -> String {
+    output::rows(&tls["protocols"])
+        .iter()
+        .filter(|p| p["accepted"] == true)
+        .filter_map(|p| p["version"].as_str())
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// A time as RFC 3339 to the second, or `-` for none (0).
+fn when(ms: &Value) -> String {
+    match ms.as_i64() {
+        Some(ms) if ms > 0 => keel_common::time::rfc3339_ms(ms).chars().take(19).collect(),
+        _ => "-".into(),
+    }
 }
 
 fn expires(ms: &Value) -> String {
@@ -134,5 +244,16 @@ mod tests {
         assert_eq!(expires(&Value::Null), "-");
         let in_ten_days = keel_common::time::now_ms() + 10 * 86_400_000 + 60_000;
         assert_eq!(days_left(&json!(in_ten_days)), "10");
+    }
+
+    #[test]
+    fn protocols_are_the_accepted_versions() {
+        let tls = json!({"protocols": [
+            {"version": "TLSv1.0", "accepted": true},
+            {"version": "TLSv1.1", "accepted": false},
+            {"version": "TLSv1.3", "accepted": true}
+        ]});
+        assert_eq!(protocols(&tls), "TLSv1.0 TLSv1.3");
+        assert_eq!(protocols(&Value::Null), "");
     }
 }

@@ -119,6 +119,38 @@ pub enum CertsCmd {
         #[arg(long, value_name = "SEVERITY", value_parser = ["low", "medium", "high", "critical"])]
         min_severity: Option<String>,
     },
+    /// Scan targets through an agent now and then every interval, keeping each
+    /// scan in the history; prints the schedule's ID.
+    Schedule {
+        /// The agent whose proxy reaches the targets.
+        #[arg(long, value_name = "ID")]
+        agent: String,
+        /// How often, e.g. `6h`, `1d`.
+        #[arg(long, value_name = "DURATION")]
+        every: String,
+        /// `host:port` targets.
+        #[arg(required = true, value_name = "HOST:PORT")]
+        targets: Vec<String>,
+    },
+    /// The scheduled audits, soonest run first.
+    Schedules,
+    /// Stop a scheduled audit (its history stays).
+    Unschedule {
+        /// The schedule's ID.
+        id: String,
+    },
+    /// Every scan, newest first, and whether the certificate changed.
+    History {
+        /// Only scans through this agent.
+        #[arg(long, value_name = "ID")]
+        agent: Option<String>,
+        /// Only scans of this target.
+        #[arg(long, value_name = "HOST:PORT")]
+        target: Option<String>,
+        /// At most this many.
+        #[arg(long, default_value_t = 100)]
+        limit: u32,
+    },
 }
 
 /// `keelctl files …`

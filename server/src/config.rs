@@ -260,6 +260,12 @@ pub struct TunnelConfig {
     /// A private CA bundle (PEM) scanned chains may also lead to.
     #[serde(default)]
     pub inventory_ca_bundle: Option<PathBuf>,
+    /// The shortest interval a scheduled audit may have.
+    #[serde(default = "default_min_audit_interval", with = "humantime_serde")]
+    pub min_audit_interval: Duration,
+    /// Scheduled audits at most.
+    #[serde(default = "default_max_schedules")]
+    pub max_schedules: usize,
 }
 
 impl Default for TunnelConfig {
@@ -273,6 +279,8 @@ impl Default for TunnelConfig {
             reuse_port: false,
             inventory_system_roots: true,
             inventory_ca_bundle: None,
+            min_audit_interval: default_min_audit_interval(),
+            max_schedules: default_max_schedules(),
         }
     }
 }
@@ -291,6 +299,12 @@ fn default_scan_targets() -> usize {
 }
 fn default_scan_concurrency() -> usize {
     8
+}
+fn default_min_audit_interval() -> Duration {
+    Duration::from_secs(60)
+}
+fn default_max_schedules() -> usize {
+    1000
 }
 
 /// gRPC transfer listener (mTLS).

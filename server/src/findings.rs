@@ -13,6 +13,12 @@
 //! | `incomplete_chain` | medium | no path from what was sent to a trust anchor: intermediates are missing |
 //! | `invalid_chain` | medium | a path exists but does not verify (the reason is named) |
 //! | `self_signed` | medium | the leaf signed itself |
+//! | `sslv3_enabled` | high | the target completes an SSL 3.0 hello |
+//! | `tls10_enabled`, `tls11_enabled` | medium | the target completes a TLS 1.0 (1.1) hello |
+//! | `no_current_protocol` | high | neither TLS 1.2 nor TLS 1.3 |
+//! | `weak_cipher` | critical (NULL, EXPORT, anonymous) or high (RC4, 3DES) | the target chooses a weak suite when offered only those |
+//! | `ocsp_revoked` | critical | the stapled OCSP response says revoked |
+//! | `ocsp_stale` | medium | the stapled OCSP response is past its next update |
 //!
 //! The trust anchors are the system's bundle and, optionally, a private CA bundle
 //! (`[tunnel] inventory_ca_bundle`); the chain is judged at a time within the
@@ -27,6 +33,7 @@ use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
 use crate::certinfo::CertInfo;
+use crate::tlsprobe::Profile;
 
 /// How soon an expiry is a finding.
 pub const EXPIRES_SOON: Duration = Duration::from_secs(30 * 24 * 3600);
@@ -246,7 +253,60 @@ pub fn assess(chain: &[CertificateDer<'_>], infos: &[CertInfo], host: &str, now:
             format!("the chain does not verify: {e}"),
         )),
     }
-    out.sort_by(|a, b| b.severity.cmp(&a.severity).then_with(|| a.code.cmp(&b.code)));
+    order(&mut out);
+    out
+}
+
+/// Sorts findings most severe first.
+pub fn order(findings: &mut [Finding]) {
+    findings.sort_by(|a, b| b.severity.cmp(&a.severity).then_with(|| a.code.cmp(&b.code)));
+}
+
+/// What an auditor flags in what a target accepts: old protocols, a weak suite,
+/// no current protocol, a revoked or stale staple.
+pub fn of_profile(p: &Profile, now: i64) -> Vec<Finding> {
+    let mut out = Vec::new();
+    let accepted = |v: &str| p.protocols.iter().any(|s| s.version == v && s.accepted);
+    for (version, code, severity) in [
+        ("SSLv3", "sslv3_enabled", Severity::High),
+        ("TLSv1.0", "tls10_enabled", Severity::Medium),
+        ("TLSv1.1", "tls11_enabled", Severity::Medium),
+    ] {
+        if accepted(version) {
+            out.push(finding(severity, code, format!("accepts {version}")));
+        }
+    }
+    if !p.protocols.is_empty() && !accepted("TLSv1.2") && !accepted("TLSv1.3") {
+        out.push(finding(
+            Severity::High,
+            "no_current_protocol",
+            "accepts neither TLS 1.2 nor TLS 1.3".into(),
+        ));
+    }
+    if let Some(suite) = &p.weak_suite {
+        // No encryption, export grade or no authentication: broken now.
+        let severity = if ["NULL", "EXPORT", "anon"].iter().any(|w| suite.contains(w)) {
+            Severity::Critical
+        } else {
+            Severity::High
+        };
+        out.push(finding(severity, "weak_cipher", format!("accepts {suite}")));
+    }
+    if let Some(staple) = &p.ocsp {
+        if staple.status == "revoked" {
+            out.push(finding(
+                Severity::Critical,
+                "ocsp_revoked",
+                "the stapled OCSP response says the certificate is revoked".into(),
+            ));
+        } else if staple.next_update.is_some_and(|n| n < now) {
+            out.push(finding(
+                Severity::Medium,
+                "ocsp_stale",
+                "the stapled OCSP response is past its next update".into(),
+            ));
+        }
+    }
     out
 }
 

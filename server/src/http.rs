@@ -423,6 +423,9 @@ fn api() -> (Router<Arc<ServerState>>, utoipa::openapi::OpenApi) {
         .routes(routes!(inventory::scan))
         .routes(routes!(inventory::certificates))
         .routes(routes!(inventory::findings))
+        .routes(routes!(inventory::history))
+        .routes(routes!(inventory::schedule, inventory::schedules))
+        .routes(routes!(inventory::unschedule))
         // Uploads are streamed and capped by the component store itself.
         .merge(
             OpenApiRouter::new()

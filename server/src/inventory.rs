@@ -14,15 +14,17 @@ use std::time::Duration;
 use futures::StreamExt;
 use keel_proto::data_type::PROXY_JOB;
 use rustls::pki_types::{CertificateDer, ServerName};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use tokio::io::AsyncWriteExt;
 use utoipa::ToSchema;
 
 use crate::certinfo;
 use crate::connections::{Outbound, TaskCommand};
 use crate::findings::{self, Trust};
+use crate::ocsp;
 use crate::state::ServerState;
 use crate::store::{CertRow, NewTask};
+use crate::tlsprobe::{self, Answer, Legacy, Profile, ProtocolSeen};
 
 /// The proxy plugin's name.
 pub const PROXY: &str = "proxy";
@@ -86,15 +88,94 @@ pub async fn scan_all(state: &Arc<ServerState>, agent_id: &str, targets: &[Strin
         .await
 }
 
-/// Scans one target through `agent_id`'s proxy and records its certificate.
+/// Scans one target through `agent_id`'s proxy and records its certificate and
+/// what it accepts: every [`Probe`] over its own tunnel, all at once.
 pub async fn scan(state: &ServerState, agent_id: &str, target: &str, by: &str) -> Result<CertRow, String> {
     check_target(target)?;
+    let seen = futures::future::join_all(Probe::ALL.map(|p| look_through(state, agent_id, target, p, by))).await;
+    let now = keel_common::time::now_ms();
+    let outcome = assemble(agent_id, target, &seen, now, &state.inventory_trust);
+    if let Ok(cert) = &outcome {
+        state.store.save_certificate(cert).await.map_err(|e| e.to_string())?;
+    }
+    // Every scan goes into the history, a failed one too.
+    let codes: Vec<String> = outcome
+        .iter()
+        .flat_map(|c| c.findings.iter().map(|f| f.code.clone()))
+        .collect();
+    let recorded = match &outcome {
+        Ok(cert) => Ok((cert.fingerprint.as_str(), codes.as_slice())),
+        Err(e) => Err(e.as_str()),
+    };
+    match state.store.scan_recorded(agent_id, target, now, recorded).await {
+        Ok(true) => tracing::info!(%agent_id, %target, "the target's certificate changed"),
+        Ok(false) => {}
+        Err(e) => tracing::warn!(%agent_id, %target, error = %e, "cannot record a scan in the history"),
+    }
+    outcome
+}
+
+/// One connection's worth of questions to a target.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Probe {
+    /// A full handshake by rustls (TLS 1.3, else 1.2): what a modern client gets.
+    Handshake,
+    /// A ClientHello for exactly this version, with ordinary suites.
+    Version(Legacy),
+    /// A ClientHello up to TLS 1.2 offering only weak suites.
+    WeakSuites,
+}
+
+impl Probe {
+    /// What a scan asks.
+    pub const ALL: [Probe; 6] = [
+        Probe::Handshake,
+        Probe::Version(Legacy::Tls12),
+        Probe::Version(Legacy::Tls11),
+        Probe::Version(Legacy::Tls10),
+        Probe::Version(Legacy::Ssl3),
+        Probe::WeakSuites,
+    ];
+}
+
+/// What one probe saw.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Seen {
+    /// The version and suite the target chose; none when it refused.
+    pub chose: Option<(String, String)>,
+    /// How it refused.
+    pub refused: Option<String>,
+    /// The chain it sent (DER, leaf first).
+    pub chain: Vec<Vec<u8>>,
+    /// The OCSP response it stapled (DER).
+    pub ocsp: Option<Vec<u8>>,
+}
+
+impl Seen {
+    fn refused(why: String) -> Self {
+        Seen {
+            refused: Some(why),
+            ..Seen::default()
+        }
+    }
+}
+
+/// Runs one probe through its own job and tunnel. An error is the job's (the
+/// proxy refused, the tunnel never came); a target that refuses is a [`Seen`].
+async fn look_through(
+    state: &ServerState,
+    agent_id: &str,
+    target: &str,
+    probe: Probe,
+    by: &str,
+) -> Result<Seen, String> {
     let job = uuid::Uuid::new_v4().to_string();
     let mut secret = [0u8; 32];
     getrandom::fill(&mut secret).map_err(|e| format!("no entropy: {e}"))?;
     let secret = hex::encode(secret);
     let wait = state.config.tunnel.wait;
-    let tunnel = crate::tunnel::expect(state, &job, agent_id, &secret, target, wait).await?;
+    let tunnel = crate::tunnel::expect(state, &job, agent_id, &secret, target, probe, wait).await?;
     let task_token = uuid::Uuid::new_v4().to_string();
     let answers = state.cluster.wait(&task_token, agent_id).await;
     let ids = JobIds {
@@ -102,13 +183,9 @@ pub async fn scan(state: &ServerState, agent_id: &str, target: &str, by: &str) -
         secret: &secret,
         task_token: &task_token,
     };
-    let outcome = run(state, agent_id, target, &ids, (tunnel, answers), by).await;
+    let outcome = run(state, agent_id, target, probe, &ids, (tunnel, answers), by).await;
     crate::tunnel::forget(state, &job).await;
-    let (cert, save) = outcome?;
-    if save {
-        state.store.save_certificate(&cert).await.map_err(|e| e.to_string())?;
-    }
-    Ok(cert)
+    outcome
 }
 
 /// A job's identifiers: its ID, its one-time secret and its task's token.
@@ -119,25 +196,25 @@ struct JobIds<'a> {
     task_token: &'a str,
 }
 
-/// Sends the job and waits for its tunnel (or its refusal, or its outcome from
-/// the instance the tunnel reached). Returns the certificate and whether it is
-/// still to be stored.
+/// Sends the job and waits for its tunnel (or its refusal, or what the instance
+/// the tunnel reached saw).
 async fn run(
     state: &ServerState,
     agent_id: &str,
     target: &str,
+    probe: Probe,
     ids: &JobIds<'_>,
     (tunnel, mut answers): (crate::tunnel::TunnelWait, crate::cluster::ReplyWait),
     by: &str,
-) -> Result<(CertRow, bool), String> {
+) -> Result<Seen, String> {
     let JobIds {
         job,
         secret,
         task_token,
     } = *ids;
     let data = serde_json::json!({"job": job, "target": target, "token": secret}).to_string();
-    // The stored copy leaves the one-time token out.
-    let stored = serde_json::json!({"job": job, "target": target, "token": "<redacted>"}).to_string();
+    // The stored copy leaves the one-time token out, and says what was asked.
+    let stored = serde_json::json!({"job": job, "target": target, "probe": probe, "token": "<redacted>"}).to_string();
     state
         .store
         .task_sent(
@@ -169,7 +246,7 @@ async fn run(
     let remote_outcome = async move {
         match remote {
             Some(mut sub) => match sub.next().await {
-                Some(msg) => serde_json::from_slice::<Result<CertRow, String>>(&msg.payload)
+                Some(msg) => serde_json::from_slice::<Result<Seen, String>>(&msg.payload)
                     .unwrap_or_else(|e| Err(format!("undecodable outcome from another instance: {e}"))),
                 None => Err("the cluster connection ended".to_owned()),
             },
@@ -198,7 +275,7 @@ async fn run(
     };
     let stream = tokio::select! {
         t = local => t.map_err(|_| "the job was dropped".to_owned())?,
-        outcome = remote_outcome => return outcome.map(|cert| (cert, false)),
+        outcome = remote_outcome => return outcome,
         msg = refusal => return Err(msg),
         () = tokio::time::sleep(wait) => {
             return Err(match agent_said {
@@ -210,37 +287,15 @@ async fn run(
             });
         }
     };
-    let chain = handshake(stream, target, wait).await?;
-    describe(
-        agent_id,
-        target,
-        &chain,
-        keel_common::time::now_ms(),
-        &state.inventory_trust,
-    )
-    .map(|cert| (cert, true))
+    look(probe, stream, target, wait).await
 }
 
-/// Runs another instance's job whose tunnel landed here: the handshake, the
-/// inventory row, and the outcome published to the instance waiting for it.
+/// Runs another instance's probe whose tunnel landed here, and publishes what it
+/// saw to the instance waiting for it.
 pub async fn run_for(state: &ServerState, job: &crate::store::TunnelJobRow, tunnel: crate::tunnel::Tunnel) {
-    let wait = state.config.tunnel.wait;
-    let outcome = match handshake(tunnel, &job.target, wait).await {
-        Ok(chain) => describe(
-            &job.agent_id,
-            &job.target,
-            &chain,
-            keel_common::time::now_ms(),
-            &state.inventory_trust,
-        ),
-        Err(e) => Err(e),
-    };
-    let outcome = match outcome {
-        Ok(cert) => match state.store.save_certificate(&cert).await {
-            Ok(()) => Ok(cert),
-            Err(e) => Err(format!("registry: {e}")),
-        },
-        Err(e) => Err(e),
+    let outcome = match serde_json::from_str::<Probe>(&job.probe) {
+        Ok(probe) => look(probe, tunnel, &job.target, state.config.tunnel.wait).await,
+        Err(e) => Err(format!("unknown probe {:?}: {e}", job.probe)),
     };
     if let Some(nats) = state.cluster.nats()
         && let Ok(body) = serde_json::to_vec(&outcome)
@@ -250,26 +305,179 @@ pub async fn run_for(state: &ServerState, job: &crate::store::TunnelJobRow, tunn
     }
 }
 
-/// A TLS handshake with `target` over `stream` that records the certificate chain
-/// the target presents (and checks only the handshake signature), then closes.
-pub async fn handshake<S>(stream: S, target: &str, limit: Duration) -> Result<Vec<CertificateDer<'static>>, String>
+/// Asks `target` one probe's questions over `stream`, within `limit`.
+pub async fn look<S>(probe: Probe, mut stream: S, target: &str, limit: Duration) -> Result<Seen, String>
 where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
 {
-    let name = ServerName::try_from(host_of(target).to_owned()).map_err(|e| e.to_string())?;
-    let connector = tokio_rustls::TlsConnector::from(Arc::new(recording_config()));
-    let mut tls = tokio::time::timeout(limit, connector.connect(name, stream))
+    let host = host_of(target);
+    // SNI carries names, never addresses.
+    let sni = host.parse::<std::net::IpAddr>().is_err().then_some(host);
+    let asked = async {
+        match probe {
+            Probe::Handshake => Ok(handshake(stream, target).await),
+            Probe::Version(v) => tlsprobe::probe(&mut stream, v, tlsprobe::ORDINARY, sni, true)
+                .await
+                .map(seen),
+            Probe::WeakSuites => tlsprobe::probe(&mut stream, Legacy::Tls12, tlsprobe::WEAK, sni, false)
+                .await
+                .map(seen),
+        }
+    };
+    tokio::time::timeout(limit, asked)
         .await
-        .map_err(|_| format!("{target}: TLS handshake timed out"))?
-        .map_err(|e| format!("{target}: TLS handshake failed: {e}"))?;
-    let chain = tls
-        .get_ref()
-        .1
+        .map_err(|_| format!("{target}: no answer within {} s", limit.as_secs()))?
+}
+
+fn seen(answer: Answer) -> Seen {
+    match answer {
+        Answer::Accepted(h) => Seen {
+            chose: Some((version_name(h.version), tlsprobe::suite_name(h.suite))),
+            refused: None,
+            chain: h.chain,
+            ocsp: h.ocsp,
+        },
+        Answer::Refused(why) => Seen::refused(why),
+    }
+}
+
+fn version_name(v: u16) -> String {
+    Legacy::ALL
+        .iter()
+        .find(|l| l.wire() == v)
+        .map_or_else(|| format!("0x{v:04X}"), |l| l.name().to_owned())
+}
+
+/// A TLS handshake with `target` over `stream` that records what the target
+/// chose, its chain and its staple (and checks only the handshake signature),
+/// then closes. A failed handshake is what the target refused.
+pub async fn handshake<S>(stream: S, target: &str) -> Seen
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    let name = match ServerName::try_from(host_of(target).to_owned()) {
+        Ok(n) => n,
+        Err(e) => return Seen::refused(e.to_string()),
+    };
+    let (config, staple) = recording_config();
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
+    let mut tls = match connector.connect(name, stream).await {
+        Ok(tls) => tls,
+        Err(e) => return Seen::refused(format!("TLS handshake failed: {e}")),
+    };
+    let conn = tls.get_ref().1;
+    let chose = conn
+        .protocol_version()
+        .zip(conn.negotiated_cipher_suite())
+        .map(|(v, s)| {
+            let version = match v {
+                rustls::ProtocolVersion::TLSv1_3 => "TLSv1.3".to_owned(),
+                other => version_name(u16::from(other)),
+            };
+            (version, tlsprobe::suite_name(u16::from(s.suite())))
+        });
+    let chain = conn
         .peer_certificates()
-        .map(|c| c.iter().map(|d| d.clone().into_owned()).collect())
+        .map(|c| c.iter().map(|d| d.as_ref().to_vec()).collect())
         .unwrap_or_default();
     let _ = tls.shutdown().await;
-    Ok(chain)
+    Seen {
+        chose,
+        refused: None,
+        chain,
+        ocsp: staple.take(),
+    }
+}
+
+/// Puts a scan's probes together: the chain a modern client gets (else the one
+/// the newest accepted version sent), what each version was answered, the weak
+/// suite taken, the staple; the row, with its findings.
+pub fn assemble(
+    agent_id: &str,
+    target: &str,
+    seen: &[Result<Seen, String>],
+    now: i64,
+    trust: &Trust,
+) -> Result<CertRow, String> {
+    let by = |p: Probe| {
+        Probe::ALL
+            .iter()
+            .position(|q| *q == p)
+            .and_then(|i| seen.get(i))
+            .and_then(|r| r.as_ref().ok())
+    };
+    let handshake = by(Probe::Handshake);
+    let modern = handshake.and_then(|s| s.chose.as_ref()).map(|(v, _)| v.as_str());
+    let mut protocols = Vec::new();
+    for v in Legacy::ALL {
+        let got = by(Probe::Version(v));
+        let chose = got
+            .and_then(|s| s.chose.clone())
+            .or_else(|| handshake.and_then(|s| s.chose.clone()).filter(|(hv, _)| hv == v.name()));
+        protocols.push(ProtocolSeen {
+            version: v.name().to_owned(),
+            accepted: chose.is_some(),
+            suite: chose.map(|(_, s)| s),
+            refused: got.and_then(|s| s.refused.clone()),
+        });
+    }
+    protocols.push(ProtocolSeen {
+        version: "TLSv1.3".to_owned(),
+        accepted: modern == Some("TLSv1.3"),
+        suite: handshake
+            .and_then(|s| s.chose.clone())
+            .filter(|(v, _)| v == "TLSv1.3")
+            .map(|(_, s)| s),
+        refused: match handshake {
+            Some(s) if modern != Some("TLSv1.3") => s.refused.clone().or_else(|| modern.map(|v| format!("chose {v}"))),
+            _ => None,
+        },
+    });
+    let weak = by(Probe::WeakSuites).and_then(|s| s.chose.clone());
+    // The chain: what a modern client is sent, else the newest version's.
+    let order = [
+        Probe::Handshake,
+        Probe::Version(Legacy::Tls12),
+        Probe::Version(Legacy::Tls11),
+        Probe::Version(Legacy::Tls10),
+        Probe::Version(Legacy::Ssl3),
+        Probe::WeakSuites,
+    ];
+    let Some(source) = order.iter().filter_map(|p| by(*p)).find(|s| !s.chain.is_empty()) else {
+        let why: Vec<String> = Probe::ALL
+            .iter()
+            .zip(seen)
+            .filter_map(|(p, r)| match r {
+                Err(e) => Some(format!("{}: {e}", probe_name(*p))),
+                Ok(s) => s.refused.as_ref().map(|w| format!("{}: {w}", probe_name(*p))),
+            })
+            .collect();
+        return Err(format!("{target}: no certificate ({})", why.join("; ")));
+    };
+    let ocsp = order
+        .iter()
+        .filter_map(|p| by(*p))
+        .find_map(|s| s.ocsp.as_deref())
+        .map(|der| ocsp::read(der).unwrap_or_else(|e| ocsp::Staple::unreadable(&e)));
+    let profile = Profile {
+        protocols,
+        weak_suite: weak.map(|(v, s)| format!("{s} ({v})")),
+        ocsp,
+    };
+    let chain: Vec<CertificateDer<'_>> = source
+        .chain
+        .iter()
+        .map(|d| CertificateDer::from(d.as_slice()))
+        .collect();
+    describe(agent_id, target, &chain, profile, now, trust)
+}
+
+fn probe_name(p: Probe) -> String {
+    match p {
+        Probe::Handshake => "handshake".to_owned(),
+        Probe::Version(v) => v.name().to_owned(),
+        Probe::WeakSuites => "weak suites".to_owned(),
+    }
 }
 
 /// The host of a `host:port` target, without an IPv6 address's brackets.
@@ -285,6 +493,7 @@ pub fn describe(
     agent_id: &str,
     target: &str,
     chain: &[CertificateDer<'_>],
+    tls: Profile,
     now: i64,
     trust: &Trust,
 ) -> Result<CertRow, String> {
@@ -296,7 +505,9 @@ pub fn describe(
         .enumerate()
         .map(|(i, der)| certinfo::describe(der.as_ref()).map_err(|e| format!("{target}: certificate {i}: {e}")))
         .collect::<Result<Vec<_>, _>>()?;
-    let findings = findings::assess(chain, &infos, host_of(target), now, trust);
+    let mut findings = findings::assess(chain, &infos, host_of(target), now, trust);
+    findings.extend(findings::of_profile(&tls, now));
+    findings::order(&mut findings);
     let leaf = &infos[0];
     // The row's names are those a hostname is matched against.
     let names = leaf
@@ -323,22 +534,79 @@ pub fn describe(
         last_seen: now,
         findings,
         chain: infos,
+        tls,
     })
 }
 
 /// A client that records the certificate instead of judging it, but still checks
-/// the handshake signature against it.
-fn recording_config() -> rustls::ClientConfig {
+/// the handshake signature against it; and where the staple it is sent will be.
+fn recording_config() -> (rustls::ClientConfig, Arc<Recorder>) {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let verifier = Arc::new(keel_common::tls::AnyCertificate::new());
+    let recorder = Arc::new(Recorder::default());
     let mut config = rustls::ClientConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
         .unwrap_or_else(|_| unreachable!("the ring provider supports the default versions"))
         .dangerous()
-        .with_custom_certificate_verifier(verifier)
+        .with_custom_certificate_verifier(Arc::clone(&recorder) as Arc<dyn rustls::client::danger::ServerCertVerifier>)
         .with_no_client_auth();
     config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
-    config
+    (config, recorder)
+}
+
+/// Accepts any certificate (checking the handshake signature) and keeps the OCSP
+/// response stapled to it.
+#[derive(Debug, Default)]
+struct Recorder {
+    any: keel_common::tls::AnyCertificate,
+    staple: std::sync::Mutex<Option<Vec<u8>>>,
+}
+
+impl Recorder {
+    fn take(&self) -> Option<Vec<u8>> {
+        self.staple
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .take()
+    }
+}
+
+impl rustls::client::danger::ServerCertVerifier for Recorder {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        server_name: &ServerName<'_>,
+        ocsp_response: &[u8],
+        now: rustls::pki_types::UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        if !ocsp_response.is_empty() {
+            *self.staple.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(ocsp_response.to_vec());
+        }
+        self.any
+            .verify_server_cert(end_entity, intermediates, server_name, ocsp_response, now)
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        self.any.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        self.any.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.any.supported_verify_schemes()
+    }
 }
 
 #[cfg(test)]
@@ -366,7 +634,15 @@ mod tests {
         let cert = params.self_signed(&key).unwrap();
         let nobody = Trust::load(false, None).unwrap();
         let now = keel_common::time::now_ms();
-        let row = describe("a1", "db.internal:443", &[cert.der().clone()], now, &nobody).unwrap();
+        let row = describe(
+            "a1",
+            "db.internal:443",
+            &[cert.der().clone()],
+            Profile::default(),
+            now,
+            &nobody,
+        )
+        .unwrap();
         assert_eq!(row.subject, "CN=db.internal");
         assert!(row.self_signed);
         assert_eq!(row.names, ["db.internal", "10.1.2.3"]);
@@ -381,7 +657,7 @@ mod tests {
         assert_eq!(row.chain.len(), 1);
         assert_eq!(row.chain[0].sans, ["DNS:db.internal", "IP Address:10.1.2.3"]);
         assert!(
-            describe("a1", "x:1", &[], now, &nobody)
+            describe("a1", "x:1", &[], Profile::default(), now, &nobody)
                 .unwrap_err()
                 .contains("no certificate")
         );

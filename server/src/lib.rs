@@ -2,7 +2,8 @@
 //! tests can drive every part.
 //!
 //! Only [`grpc`] and [`tls`] see prost/tonic types, and only they, [`tunnel`] and
-//! [`inventory`] (which speak TLS through agents' tunnels) see rustls; the rest
+//! [`inventory`] (which speak TLS through agents' tunnels) see rustls ([`tlsprobe`]
+//! reads TLS 1.2 and older handshakes itself); the rest
 //! works on domain types ([`sink::Record`], [`connections::Outbound`]).
 //!
 //! `unsafe` is denied everywhere but [`memory`], which asks glibc to give freed
@@ -10,6 +11,7 @@
 #![deny(unsafe_code)]
 
 pub mod admin;
+pub mod audits;
 pub mod certinfo;
 pub mod cluster;
 pub mod components;
@@ -23,6 +25,7 @@ pub mod http;
 pub mod inventory;
 pub mod keyenroll;
 pub mod memory;
+pub mod ocsp;
 pub mod pki;
 pub mod plugin_sync;
 pub mod policy;
@@ -34,4 +37,5 @@ pub mod sink;
 pub mod state;
 pub mod store;
 pub mod tls;
+pub mod tlsprobe;
 pub mod tunnel;

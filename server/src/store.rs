@@ -1,4 +1,5 @@
-//! The registry: agents, tokens, certificates, tasks, the TLS inventory. One set of portable SQL
+//! The registry: agents, tokens, certificates, tasks, the TLS inventory and its
+//! schedules. One set of portable SQL
 //! statements serves SQLite (the embedded default) and PostgreSQL, through sqlx's
 //! `Any` driver with `$N` placeholders.
 
@@ -10,6 +11,7 @@ mod inventory;
 mod jobs;
 mod plugins;
 mod policies;
+mod schedules;
 mod tasks;
 mod tokens;
 
@@ -24,6 +26,7 @@ pub use cluster::{InstanceRow, TunnelJobRow};
 pub use inventory::CertRow;
 pub use jobs::{JobRow, PendingSubtask, SubtaskCounts};
 pub use plugins::{DesiredPlugin, PackageRow, ReportedPlugin};
+pub use schedules::{HISTORY_PER_TARGET, ScanEvent, ScheduleRow};
 pub use tasks::{NewTask, StreamMark, TaskRow};
 pub use tokens::{NewToken, Role, TokenRefusal, TokenRow};
 

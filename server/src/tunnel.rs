@@ -116,13 +116,14 @@ impl Tunnels {
 }
 
 /// Announces a job: where `target` is to be reached through `agent_id`'s tunnel,
-/// for the holder of `token`, within `wait`.
+/// for the holder of `token`, within `wait`, to ask it `probe`.
 pub async fn expect(
     state: &ServerState,
     job: &str,
     agent_id: &str,
     token: &str,
     target: &str,
+    probe: crate::inventory::Probe,
     wait: Duration,
 ) -> Result<TunnelWait, String> {
     let remote = match state.cluster.nats() {
@@ -142,6 +143,7 @@ pub async fn expect(
         token_sha256: token_digest(token),
         instance: state.cluster.instance.clone(),
         target: target.to_owned(),
+        probe: serde_json::to_string(&probe).map_err(|e| e.to_string())?,
         expires_at: now.saturating_add(i64::try_from(wait.as_millis()).unwrap_or(i64::MAX)),
     };
     let (tx, rx) = oneshot::channel();
@@ -318,6 +320,7 @@ mod tests {
             token_sha256: token_digest(token),
             instance: instance.into(),
             target: "db:443".into(),
+            probe: r#""handshake""#.into(),
             expires_at: keel_common::time::now_ms() + 60_000,
         };
         assert!(store.tunnel_job_add(&row, 0, 10).await.unwrap());

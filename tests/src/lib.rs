@@ -143,6 +143,8 @@ pub struct ServerOptions {
     pub reuse_port: bool,
     /// The address gRPC listens on; unset: 127.0.0.1.
     pub grpc_host: Option<String>,
+    /// Extra lines of the `[tunnel]` section.
+    pub tunnel_toml: String,
 }
 
 /// The registry URL a test server uses when none is given: a fresh PostgreSQL
@@ -207,10 +209,11 @@ impl Server {
         let grpc_host = opts.grpc_host.as_deref().unwrap_or("127.0.0.1");
         let text = format!(
             "data_dir = {}\n{}\n{sections}[grpc]\nlisten = \"{grpc_host}:{grpc_port}\"\nreuse_port = {reuse}\n\
-             [tunnel]\nlisten = \"127.0.0.1:{tunnel_port}\"\nreuse_port = {reuse}\n\
+             [tunnel]\nlisten = \"127.0.0.1:{tunnel_port}\"\nreuse_port = {reuse}\n{}\n\
              [http]\nlisten = \"127.0.0.1:0\"\ntls = {}\n",
             toml_path(&dir.path().join("data")),
             opts.extra_toml,
+            opts.tunnel_toml,
             opts.https
         );
         std::fs::write(&config, text).expect("write server.toml");

@@ -1,7 +1,10 @@
 //! The proxy plugin's fixtures: an agent running the packaged-style plugin with
-//! an allow list, and TLS and TCP targets on 127.0.0.1 that count connections.
+//! an allow list, TLS and TCP targets on 127.0.0.1 that count connections, and
+//! `openssl s_server` targets.
 
 use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
@@ -125,4 +128,71 @@ pub async fn closed_target() -> (u16, Arc<AtomicUsize>) {
         }
     });
     (port, count)
+}
+
+/// Runs the openssl command line in `dir`; its stdout.
+pub fn openssl(dir: &Path, args: &[&str]) -> String {
+    let out = Command::new("openssl")
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .expect("run openssl");
+    assert!(
+        out.status.success(),
+        "openssl {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// `openssl s_server` on 127.0.0.1, run from `dir` with `args`; stopped when
+/// dropped.
+#[derive(Debug)]
+pub struct OpensslTarget {
+    /// Its port.
+    pub port: u16,
+    child: Child,
+}
+
+impl OpensslTarget {
+    /// Starts one and waits until it accepts connections.
+    pub async fn start(dir: &Path, args: &[&str]) -> OpensslTarget {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("a free port")
+            .port();
+        Self::start_on(dir, port, args).await
+    }
+
+    /// Starts one on `port` (another's, stopped: the same service, changed).
+    pub async fn start_on(dir: &Path, port: u16, args: &[&str]) -> OpensslTarget {
+        let child = Command::new("openssl")
+            .arg("s_server")
+            .arg("-accept")
+            .arg(format!("127.0.0.1:{port}"))
+            .arg("-quiet")
+            // Answers an HTTP request after the handshake rather than reading
+            // stdin, whose end would stop the server.
+            .arg("-www")
+            .args(args)
+            .current_dir(dir)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start openssl s_server");
+        let target = OpensslTarget { port, child };
+        eventually("openssl s_server accepting", || async {
+            tokio::net::TcpStream::connect(("127.0.0.1", port)).await.ok().map(drop)
+        })
+        .await;
+        target
+    }
+}
+
+impl Drop for OpensslTarget {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
 }

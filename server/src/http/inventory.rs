@@ -1,11 +1,14 @@
 //! The TLS inventory: `POST /api/v1/scans` runs audit jobs through an agent's
-//! proxy plugin; `GET /api/v1/certificates` lists what they found, and
-//! `GET /api/v1/certificates/findings` what an auditor would flag in it.
+//! proxy plugin, `/api/v1/scans/schedules` runs them every interval;
+//! `GET /api/v1/certificates` lists what they found,
+//! `GET /api/v1/certificates/findings` what an auditor would flag in it, and
+//! `GET /api/v1/certificates/history` every scan.
 
 use std::sync::Arc;
 
 use axum::extract::rejection::JsonRejection;
-use axum::extract::{Query, State};
+use axum::extract::{Path, Query, State};
+use axum::http::StatusCode;
 use axum::{Extension, Json};
 use serde::{Deserialize, Serialize};
 use utoipa::{IntoParams, ToSchema};
@@ -15,7 +18,7 @@ use super::{ApiError, ErrorBody, Principal};
 use crate::findings::Severity;
 use crate::inventory::{self, ScanResult};
 use crate::state::ServerState;
-use crate::store::{CertRow, Role};
+use crate::store::{CertRow, Role, ScanEvent, ScheduleRow};
 
 /// A scan: targets reached through one agent's proxy.
 #[derive(Debug, Deserialize, ToSchema)]
@@ -155,4 +158,136 @@ pub async fn findings(
             .then_with(|| a.target.cmp(&b.target))
     });
     Ok(Json(out))
+}
+
+/// A scheduled audit to make.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ScheduleRequest {
+    /// The agent whose proxy plugin reaches the targets.
+    agent: String,
+    /// `host:port` targets, at most `tunnel.max_targets`.
+    targets: Vec<String>,
+    /// How often, e.g. `6h` or `1d`: at least `tunnel.min_audit_interval`, at
+    /// most 30 days.
+    every: String,
+}
+
+/// The longest interval of a scheduled audit.
+const MAX_AUDIT_INTERVAL: std::time::Duration = std::time::Duration::from_secs(30 * 24 * 3600);
+
+/// Schedules an audit: the targets are scanned through the agent now and then
+/// every interval, each scan kept in the history.
+#[utoipa::path(post, path = "/scans/schedules", tag = "inventory", request_body = ScheduleRequest,
+    responses((status = 201, body = ScheduleRow), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
+pub async fn schedule(
+    State(state): State<Arc<ServerState>>,
+    Extension(who): Extension<Principal>,
+    body: Result<Json<ScheduleRequest>, JsonRejection>,
+) -> Result<(StatusCode, Json<ScheduleRow>), ApiError> {
+    who.require(Role::Operator)?;
+    let req = json_body(body)?;
+    let max = state.config.tunnel.max_targets;
+    if req.targets.is_empty() || req.targets.len() > max {
+        return Err(ApiError::bad_request(format!("targets: give 1-{max} targets")));
+    }
+    for t in &req.targets {
+        inventory::check_target(t).map_err(|e| ApiError::bad_request(format!("targets: {e}")))?;
+    }
+    let every = humantime::parse_duration(&req.every)
+        .map_err(|e| ApiError::bad_request(format!("every: {:?} is not a duration ({e})", req.every)))?;
+    let min = state.config.tunnel.min_audit_interval;
+    if every < min || every > MAX_AUDIT_INTERVAL {
+        return Err(ApiError::bad_request(format!(
+            "every: {} is outside {} to {} (tunnel.min_audit_interval)",
+            req.every,
+            humantime::format_duration(min),
+            humantime::format_duration(MAX_AUDIT_INTERVAL)
+        )));
+    }
+    agent_or_404(&state, &req.agent).await?;
+    let count = state.store.schedules().await?.len();
+    let limit = state.config.tunnel.max_schedules;
+    if count >= limit {
+        return Err(ApiError::conflict(format!(
+            "{count} audits are scheduled already (tunnel.max_schedules = {limit})"
+        )));
+    }
+    let now = keel_common::time::now_ms();
+    let row = ScheduleRow {
+        id: uuid::Uuid::new_v4().to_string(),
+        agent_id: req.agent,
+        targets: req.targets,
+        interval_ms: i64::try_from(every.as_millis()).unwrap_or(i64::MAX),
+        // The first run is due at once.
+        next_run: now,
+        created_by: who.token_id.clone(),
+        created_at: now,
+        last_run: 0,
+        last_ok: 0,
+        last_failed: 0,
+    };
+    state.store.schedule_add(&row).await?;
+    Ok((StatusCode::CREATED, Json(row)))
+}
+
+/// The scheduled audits, soonest run first.
+#[utoipa::path(get, path = "/scans/schedules", tag = "inventory", responses((status = 200, body = [ScheduleRow])))]
+pub async fn schedules(
+    State(state): State<Arc<ServerState>>,
+    Extension(who): Extension<Principal>,
+) -> Result<Json<Vec<ScheduleRow>>, ApiError> {
+    who.require(Role::Viewer)?;
+    Ok(Json(state.store.schedules().await?))
+}
+
+/// Removes a scheduled audit (its history stays).
+#[utoipa::path(delete, path = "/scans/schedules/{id}", tag = "inventory", params(("id" = String, Path, description = "schedule ID")),
+    responses((status = 204), (status = 404, body = ErrorBody)))]
+pub async fn unschedule(
+    State(state): State<Arc<ServerState>>,
+    Extension(who): Extension<Principal>,
+    Path(id): Path<String>,
+) -> Result<StatusCode, ApiError> {
+    who.require(Role::Operator)?;
+    if state.store.schedule_remove(&id).await? {
+        Ok(StatusCode::NO_CONTENT)
+    } else {
+        Err(ApiError::not_found(format!("no scheduled audit {id}")))
+    }
+}
+
+/// Filters of the scan history.
+#[derive(Debug, Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+pub struct HistoryQuery {
+    /// Only scans through this agent.
+    agent: Option<String>,
+    /// Only scans of this `host:port`.
+    target: Option<String>,
+    /// At most this many, newest first (default 100, at most 1000).
+    limit: Option<u32>,
+}
+
+/// Every scan, newest first: its certificate's fingerprint or its error, whether
+/// the certificate changed since the scan before, its findings' codes.
+#[utoipa::path(get, path = "/certificates/history", tag = "inventory", params(HistoryQuery),
+    responses((status = 200, body = [ScanEvent]), (status = 400, body = ErrorBody)))]
+pub async fn history(
+    State(state): State<Arc<ServerState>>,
+    Extension(who): Extension<Principal>,
+    q: Result<Query<HistoryQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Json<Vec<ScanEvent>>, ApiError> {
+    who.require(Role::Viewer)?;
+    let q = super::agents::query(q)?;
+    let limit = q.limit.unwrap_or(100);
+    if !(1..=1000).contains(&limit) {
+        return Err(ApiError::bad_request(format!("limit: {limit} is outside 1-1000")));
+    }
+    Ok(Json(
+        state
+            .store
+            .scan_history(q.agent.as_deref(), q.target.as_deref(), i64::from(limit))
+            .await?,
+    ))
 }

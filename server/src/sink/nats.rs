@@ -17,7 +17,7 @@ use std::sync::Mutex;
 use std::time::Duration;
 
 use async_nats::jetstream::{self, Context};
-use async_nats::{HeaderMap, HeaderValue};
+use async_nats::{HeaderMap, HeaderName, HeaderValue};
 use futures::future::{BoxFuture, try_join_all};
 use tokio::sync::OnceCell;
 
@@ -154,16 +154,22 @@ impl NatsSink {
     }
 }
 
+/// The header names, made once: a name built from a `&str` is parsed and copied
+/// on every record.
+const AGENT_ID: HeaderName = HeaderName::from_static("Keel-Agent-Id");
+const DATA_TYPE: HeaderName = HeaderName::from_static("Keel-Data-Type");
+const TIMESTAMP: HeaderName = HeaderName::from_static("Keel-Timestamp");
+
 /// The headers of record `index` of `batch`.
 fn headers(batch: &Batch<'_>, r: &super::Record, index: usize) -> HeaderMap {
     let mut headers = HeaderMap::new();
     if batch.seq > 0 {
         let id = format!("{}.{:016x}.{}.{index}", batch.agent_id, batch.epoch, batch.seq);
-        headers.insert("Nats-Msg-Id", HeaderValue::from(id.as_str()));
+        headers.insert(async_nats::header::NATS_MESSAGE_ID, HeaderValue::from(id));
     }
-    headers.insert("Keel-Agent-Id", HeaderValue::from(batch.agent_id));
-    headers.insert("Keel-Data-Type", HeaderValue::from(r.data_type.to_string().as_str()));
-    headers.insert("Keel-Timestamp", HeaderValue::from(r.timestamp.to_string().as_str()));
+    headers.insert(AGENT_ID, HeaderValue::from(batch.agent_id));
+    headers.insert(DATA_TYPE, HeaderValue::from(r.data_type.to_string()));
+    headers.insert(TIMESTAMP, HeaderValue::from(r.timestamp.to_string()));
     headers
 }
 

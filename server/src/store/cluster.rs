@@ -36,6 +36,8 @@ pub struct TunnelJobRow {
     pub instance: String,
     /// `host:port`.
     pub target: String,
+    /// What the tunnel carries: an `inventory::Probe`, as JSON.
+    pub probe: String,
     /// Unix ms after which nobody waits.
     pub expires_at: i64,
 }
@@ -189,14 +191,15 @@ impl Store {
             return Ok(false);
         }
         sqlx::query(
-            "INSERT INTO tunnel_jobs (job, agent_id, token_sha256, instance, target, expires_at) \
-             VALUES ($1, $2, $3, $4, $5, $6)",
+            "INSERT INTO tunnel_jobs (job, agent_id, token_sha256, instance, target, probe, expires_at) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7)",
         )
         .bind(&j.job)
         .bind(&j.agent_id)
         .bind(&j.token_sha256)
         .bind(&j.instance)
         .bind(&j.target)
+        .bind(&j.probe)
         .bind(j.expires_at)
         .execute(&self.pool)
         .await?;
@@ -206,7 +209,7 @@ impl Store {
     /// A waiting job, if it has not expired.
     pub async fn tunnel_job(&self, job: &str, now: i64) -> Result<Option<TunnelJobRow>, StoreError> {
         let row = sqlx::query(
-            "SELECT job, agent_id, token_sha256, instance, target, expires_at FROM tunnel_jobs \
+            "SELECT job, agent_id, token_sha256, instance, target, probe, expires_at FROM tunnel_jobs \
              WHERE job = $1 AND expires_at > $2",
         )
         .bind(job)
@@ -220,6 +223,7 @@ impl Store {
                 token_sha256: r.try_get("token_sha256")?,
                 instance: r.try_get("instance")?,
                 target: r.try_get("target")?,
+                probe: r.try_get("probe")?,
                 expires_at: r.try_get("expires_at")?,
             })
         })
@@ -310,6 +314,7 @@ mod tests {
             token_sha256: "00".into(),
             instance: "i1".into(),
             target: "db:443".into(),
+            probe: r#""handshake""#.into(),
             expires_at: 1_000,
         };
         assert!(store.tunnel_job_add(&j, 0, 1).await.unwrap());

@@ -7,6 +7,7 @@ use utoipa::ToSchema;
 use super::{Store, StoreError, corrupt};
 use crate::certinfo::CertInfo;
 use crate::findings::Finding;
+use crate::tlsprobe::Profile;
 
 /// A target's certificate as the inventory holds it.
 #[derive(Debug, Clone, Serialize, serde::Deserialize, ToSchema, PartialEq, Eq)]
@@ -43,6 +44,10 @@ pub struct CertRow {
     /// Every certificate the target sent, leaf first, field by field.
     #[serde(default)]
     pub chain: Vec<CertInfo>,
+    /// What the target accepts: protocol versions and suites, a weak suite, its
+    /// OCSP staple.
+    #[serde(default)]
+    pub tls: Profile,
     /// When this certificate was first seen at the target, Unix ms.
     pub first_seen: i64,
     /// When the target was last scanned, Unix ms.
@@ -55,10 +60,11 @@ impl Store {
         let names = serde_json::to_string(&c.names).map_err(corrupt("certificate names"))?;
         let chain = serde_json::to_string(&c.chain).map_err(corrupt("certificate chain"))?;
         let findings = serde_json::to_string(&c.findings).map_err(corrupt("certificate findings"))?;
+        let tls = serde_json::to_string(&c.tls).map_err(corrupt("certificate protocols"))?;
         sqlx::query(
             "INSERT INTO tls_certificates (agent_id, target, fingerprint, subject, issuer, names, serial, not_before, \
-             not_after, public_key, signature, chain_length, self_signed, first_seen, last_seen, chain, findings) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $14, $15, $16) \
+             not_after, public_key, signature, chain_length, self_signed, first_seen, last_seen, chain, findings, tls) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $14, $15, $16, $17) \
              ON CONFLICT (agent_id, target) DO UPDATE SET \
              first_seen = CASE WHEN tls_certificates.fingerprint = excluded.fingerprint \
                           THEN tls_certificates.first_seen ELSE excluded.first_seen END, \
@@ -66,7 +72,7 @@ impl Store {
              names = excluded.names, serial = excluded.serial, not_before = excluded.not_before, \
              not_after = excluded.not_after, public_key = excluded.public_key, signature = excluded.signature, \
              chain_length = excluded.chain_length, self_signed = excluded.self_signed, last_seen = excluded.last_seen, \
-             chain = excluded.chain, findings = excluded.findings",
+             chain = excluded.chain, findings = excluded.findings, tls = excluded.tls",
         )
         .bind(&c.agent_id)
         .bind(&c.target)
@@ -84,6 +90,7 @@ impl Store {
         .bind(c.last_seen)
         .bind(chain)
         .bind(findings)
+        .bind(tls)
         .execute(&self.pool)
         .await?;
         Ok(())
@@ -94,7 +101,7 @@ impl Store {
     pub async fn certificates(&self, agent: Option<&str>, before: Option<i64>) -> Result<Vec<CertRow>, StoreError> {
         let rows = sqlx::query(
             "SELECT agent_id, target, fingerprint, subject, issuer, names, serial, not_before, not_after, public_key, \
-             signature, chain_length, self_signed, first_seen, last_seen, chain, findings FROM tls_certificates \
+             signature, chain_length, self_signed, first_seen, last_seen, chain, findings, tls FROM tls_certificates \
              WHERE ($1 = '' OR agent_id = $1) AND ($2 = 0 OR not_after < $2) ORDER BY not_after, agent_id, target",
         )
         .bind(agent.unwrap_or(""))
@@ -107,6 +114,7 @@ impl Store {
                 let self_signed: i64 = r.try_get("self_signed")?;
                 let chain: String = r.try_get("chain")?;
                 let findings: String = r.try_get("findings")?;
+                let tls: String = r.try_get("tls")?;
                 Ok(CertRow {
                     agent_id: r.try_get("agent_id")?,
                     target: r.try_get("target")?,
@@ -125,6 +133,7 @@ impl Store {
                     last_seen: r.try_get("last_seen")?,
                     findings: serde_json::from_str(&findings).map_err(corrupt("certificate findings"))?,
                     chain: serde_json::from_str(&chain).map_err(corrupt("certificate chain"))?,
+                    tls: serde_json::from_str(&tls).map_err(corrupt("certificate protocols"))?,
                 })
             })
             .collect()
@@ -155,6 +164,7 @@ mod tests {
             last_seen: seen,
             findings: Vec::new(),
             chain: Vec::new(),
+            tls: Profile::default(),
         }
     }
 

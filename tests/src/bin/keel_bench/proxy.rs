@@ -3,9 +3,10 @@
 //! A real server scans a TLS target on 127.0.0.1 through a real agent's proxy
 //! plugin: per scan a 6100 task down the agent's stream, the plugin's DNS and
 //! allow-list check and connect, its mutual-TLS tunnel back to the server's
-//! endpoint, and the server's TLS handshake with the target through it. The
-//! baseline, in the same run, is the same handshake and the same recording made
-//! by the same code over a direct TCP connection to the target. Both run 8 at a
+//! endpoint, and the server's probes of the target through it (a scan is six:
+//! a handshake and five ClientHellos, each over its own job and tunnel). The
+//! baseline, in the same run, is the same probes and the same recording made by
+//! the same code over direct TCP connections to the target. Both run 8 at a
 //! time (the server's `tunnel.scan_concurrency`), and one at a time for latency.
 
 use std::sync::Arc;
@@ -25,14 +26,17 @@ fn trust() -> &'static keel_server::findings::Trust {
     TRUST.get_or_init(|| keel_server::findings::Trust::load(true, None).expect("the system trust bundle"))
 }
 
+/// A scan's probes, each over its own direct connection, all at once, and the
+/// row put together as the server does.
 async fn direct(target: &str) {
-    let tcp = tokio::net::TcpStream::connect(target).await.expect("connect");
-    let _ = tcp.set_nodelay(true);
-    let chain = keel_server::inventory::handshake(tcp, target, Duration::from_secs(10))
-        .await
-        .expect("direct handshake");
-    keel_server::inventory::describe("bench", target, &chain, keel_common::time::now_ms(), trust())
-        .expect("certificate");
+    use keel_server::inventory::{self, Probe};
+    let seen = futures::future::join_all(Probe::ALL.map(|probe| async move {
+        let tcp = tokio::net::TcpStream::connect(target).await.expect("connect");
+        let _ = tcp.set_nodelay(true);
+        inventory::look(probe, tcp, target, Duration::from_secs(10)).await
+    }))
+    .await;
+    inventory::assemble("bench", target, &seen, keel_common::time::now_ms(), trust()).expect("certificate");
 }
 
 /// Runs the benchmark.
