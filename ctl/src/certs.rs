@@ -60,6 +60,38 @@ pub async fn run(ctx: &Ctx, cmd: CertsCmd) -> anyhow::Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
+        CertsCmd::Discover { agent, ports, every } => {
+            let body = json!({"agent": agent, "ports": ports, "every": every});
+            // The sweep may take the plugin up to three minutes, then the scans.
+            let found = ctx
+                .client
+                .call_within(Method::POST, &["scans", "discover"], Some(&body), DISCOVER_TIMEOUT)
+                .await?;
+            if ctx.json {
+                output::json(&found)?;
+            } else {
+                let mut t = output::table(&["target", "tls", "subject", "protocols", "detail"]);
+                for r in output::rows(&found["scans"]) {
+                    let c = &r["certificate"];
+                    t.add_row(vec![
+                        output::cell(&r["target"]),
+                        if r["status"] == "ok" { "yes".into() } else { "no".into() },
+                        output::cell(&c["subject"]),
+                        protocols(&c["tls"]),
+                        output::cell(&r["error"]),
+                    ]);
+                }
+                output::print(&t)?;
+                println!("{} endpoints tried", output::cell(&found["tried"]));
+                for s in output::rows(&found["skipped"]) {
+                    println!("skipped: {}", output::cell(s));
+                }
+                for id in output::rows(&found["schedules"]) {
+                    println!("scheduled: {}", output::cell(id));
+                }
+            }
+            Ok(ExitCode::SUCCESS)
+        }
         CertsCmd::Unschedule { id } => {
             ctx.client
                 .call(Method::DELETE, &["scans", "schedules", &id], None)
@@ -213,6 +245,9 @@ fn protocols(tls: &Value) -> String {
         .collect::<Vec<_>>()
         .join(" ")
 }
+
+/// How long a discovery may take: the sweep, then a scan of what it found.
+const DISCOVER_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(600);
 
 /// A time as RFC 3339 to the second, or `-` for none (0).
 fn when(ms: &Value) -> String {

@@ -139,6 +139,20 @@ pub enum CertsCmd {
         /// The schedule's ID.
         id: String,
     },
+    /// Sweep what the agent's allow list permits (never beyond it) for services,
+    /// scan each, and with --every schedule those that speak TLS.
+    Discover {
+        /// The agent whose proxy sweeps.
+        #[arg(long, value_name = "ID")]
+        agent: String,
+        /// Ports to try where the allow list permits a wide range (default: the
+        /// usual TLS ports).
+        #[arg(long = "port", value_name = "PORT")]
+        ports: Vec<u16>,
+        /// Schedule the TLS services found, this often (e.g. `1d`).
+        #[arg(long, value_name = "DURATION")]
+        every: Option<String>,
+    },
     /// Every scan, newest first, and whether the certificate changed.
     History {
         /// Only scans through this agent.

@@ -209,7 +209,18 @@ impl Client {
 
     /// A call with an optional JSON body; the answer, `null` when there is none.
     pub async fn call(&self, method: Method, segments: &[&str], body: Option<&Value>) -> anyhow::Result<Value> {
-        let mut req = self.request(method, segments, &[]).timeout(CALL_TIMEOUT);
+        self.call_within(method, segments, body, CALL_TIMEOUT).await
+    }
+
+    /// [`Client::call`] for a call the server may take up to `limit` to answer.
+    pub async fn call_within(
+        &self,
+        method: Method,
+        segments: &[&str],
+        body: Option<&Value>,
+        limit: Duration,
+    ) -> anyhow::Result<Value> {
+        let mut req = self.request(method, segments, &[]).timeout(limit);
         if let Some(b) = body {
             req = req.json(b);
         }

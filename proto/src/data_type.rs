@@ -65,6 +65,10 @@ pub const PROXY_JOB: i32 = 6100;
 /// proxy record: a job ended (fields `job`, `target`, `address`, `outcome`,
 /// `sent`, `received`, `ms`).
 pub const PROXY_JOB_EVENT: i32 = 6101;
+/// proxy task: sweep what the allow list permits for open TCP endpoints (data:
+/// `{"ports": [...]}` or empty); the 5100 result's `msg` is the JSON of what was
+/// found (`open`, `tried`, `skipped`).
+pub const PROXY_DISCOVER: i32 = 6102;
 /// The file-delivery plugin's range.
 pub const FILE_DELIVERY: RangeInclusive<i32> = 6200..=6299;
 /// file-delivery task: deliver a file (data: a sealed envelope).

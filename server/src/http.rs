@@ -426,6 +426,7 @@ fn api() -> (Router<Arc<ServerState>>, utoipa::openapi::OpenApi) {
         .routes(routes!(inventory::history))
         .routes(routes!(inventory::schedule, inventory::schedules))
         .routes(routes!(inventory::unschedule))
+        .routes(routes!(inventory::discover))
         // Uploads are streamed and capped by the component store itself.
         .merge(
             OpenApiRouter::new()

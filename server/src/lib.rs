@@ -17,6 +17,7 @@ pub mod cluster;
 pub mod components;
 pub mod config;
 pub mod connections;
+pub mod discovery;
 pub mod encoding;
 pub mod findings;
 pub mod gaps;

@@ -9,11 +9,14 @@
 //! networks and ports ([`config`]), in a file only root can change, applied to the
 //! addresses a target name resolves to, right before connecting ([`job`]).
 //!
+//! Discovery ([`discover`]) sweeps only what that list permits.
+//!
 //! Tasks and records are in [`plugin`].
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
 pub mod config;
+pub mod discover;
 pub mod job;
 pub mod plugin;
 

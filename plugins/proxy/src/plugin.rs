@@ -8,12 +8,12 @@
 
 use std::sync::Arc;
 
-use keel_plugin_sdk::data_type::{PROXY_JOB, PROXY_JOB_EVENT};
+use keel_plugin_sdk::data_type::{PROXY_DISCOVER, PROXY_JOB, PROXY_JOB_EVENT};
 use keel_plugin_sdk::{Client, Error, Task};
 use tokio::sync::Semaphore;
 
-use crate::config;
 use crate::job::{self, Request};
+use crate::{config, discover};
 
 /// Runs the plugin until the agent closes the task pipe.
 pub fn run(client: Client, detail: &str) -> Result<(), Error> {
@@ -42,12 +42,16 @@ pub fn run(client: Client, detail: &str) -> Result<(), Error> {
     );
     client.flush()?;
     while let Some(task) = client.next_task()? {
+        if task.data_type == PROXY_DISCOVER {
+            discover(&client, &runtime, &config, &slots, &task)?;
+            continue;
+        }
         if task.data_type != PROXY_JOB {
             client.task_result(
                 &task.token,
                 false,
                 &format!(
-                    "data_type {} is not a proxy task ({PROXY_JOB} runs a job)",
+                    "data_type {} is not a proxy task ({PROXY_JOB} runs a job, {PROXY_DISCOVER} a discovery)",
                     task.data_type
                 ),
             )?;
@@ -77,6 +81,42 @@ pub fn run(client: Client, detail: &str) -> Result<(), Error> {
     }
     runtime.shutdown_timeout(std::time::Duration::from_secs(2));
     client.flush().or(Ok(()))
+}
+
+/// Starts a discovery sweep, which takes one job slot; its answer is the task
+/// result.
+fn discover(
+    client: &Client,
+    runtime: &tokio::runtime::Runtime,
+    config: &Arc<config::Config>,
+    slots: &Arc<Semaphore>,
+    task: &Task,
+) -> Result<(), Error> {
+    let req = match discover::Request::parse(&task.data) {
+        Ok(r) => r,
+        Err(e) => return client.task_result(&task.token, false, &e),
+    };
+    let Ok(slot) = Arc::clone(slots).try_acquire_owned() else {
+        return client.task_result(
+            &task.token,
+            false,
+            &format!("busy: {} jobs are running (max_jobs)", config.max_jobs),
+        );
+    };
+    let (client, config, token) = (client.clone(), Arc::clone(config), task.token.clone());
+    runtime.spawn(async move {
+        let _slot = slot;
+        let found = discover::sweep(&config, &req).await;
+        tracing::info!(
+            tried = found.tried,
+            open = found.open.len(),
+            skipped = found.skipped.len(),
+            "discovery swept the allow list"
+        );
+        let msg = serde_json::to_string(&found).unwrap_or_default();
+        let _ = client.task_result(&token, true, &msg);
+    });
+    Ok(())
 }
 
 fn report(client: &Client, task: &Task, req: &Request, outcome: Result<job::Outcome, String>) -> Result<(), Error> {

@@ -15,6 +15,7 @@ use utoipa::{IntoParams, ToSchema};
 
 use super::agents::{agent_or_404, json_body};
 use super::{ApiError, ErrorBody, Principal};
+use crate::discovery::{self, Discovery};
 use crate::findings::Severity;
 use crate::inventory::{self, ScanResult};
 use crate::state::ServerState;
@@ -176,6 +177,50 @@ pub struct ScheduleRequest {
 /// The longest interval of a scheduled audit.
 const MAX_AUDIT_INTERVAL: std::time::Duration = std::time::Duration::from_secs(30 * 24 * 3600);
 
+/// An audit interval as asked for, checked against the limits.
+fn audit_interval(state: &ServerState, every: &str) -> Result<std::time::Duration, ApiError> {
+    let interval = humantime::parse_duration(every)
+        .map_err(|e| ApiError::bad_request(format!("every: {every:?} is not a duration ({e})")))?;
+    let min = state.config.tunnel.min_audit_interval;
+    if interval < min || interval > MAX_AUDIT_INTERVAL {
+        return Err(ApiError::bad_request(format!(
+            "every: {every} is outside {} to {} (tunnel.min_audit_interval)",
+            humantime::format_duration(min),
+            humantime::format_duration(MAX_AUDIT_INTERVAL)
+        )));
+    }
+    Ok(interval)
+}
+
+/// Refuses when `more` schedules would pass `tunnel.max_schedules`.
+async fn room_for_schedules(state: &ServerState, more: usize) -> Result<(), ApiError> {
+    let count = state.store.schedules().await?.len();
+    let limit = state.config.tunnel.max_schedules;
+    if count + more > limit {
+        return Err(ApiError::conflict(format!(
+            "{count} audits are scheduled already (tunnel.max_schedules = {limit})"
+        )));
+    }
+    Ok(())
+}
+
+/// A new schedule of `targets` through `agent`, first due at `next_run`.
+fn new_schedule(agent: &str, targets: Vec<String>, every: std::time::Duration, next_run: i64, by: &str) -> ScheduleRow {
+    let now = keel_common::time::now_ms();
+    ScheduleRow {
+        id: uuid::Uuid::new_v4().to_string(),
+        agent_id: agent.to_owned(),
+        targets,
+        interval_ms: i64::try_from(every.as_millis()).unwrap_or(i64::MAX),
+        next_run,
+        created_by: by.to_owned(),
+        created_at: now,
+        last_run: 0,
+        last_ok: 0,
+        last_failed: 0,
+    }
+}
+
 /// Schedules an audit: the targets are scanned through the agent now and then
 /// every interval, each scan kept in the history.
 #[utoipa::path(post, path = "/scans/schedules", tag = "inventory", request_body = ScheduleRequest,
@@ -194,39 +239,17 @@ pub async fn schedule(
     for t in &req.targets {
         inventory::check_target(t).map_err(|e| ApiError::bad_request(format!("targets: {e}")))?;
     }
-    let every = humantime::parse_duration(&req.every)
-        .map_err(|e| ApiError::bad_request(format!("every: {:?} is not a duration ({e})", req.every)))?;
-    let min = state.config.tunnel.min_audit_interval;
-    if every < min || every > MAX_AUDIT_INTERVAL {
-        return Err(ApiError::bad_request(format!(
-            "every: {} is outside {} to {} (tunnel.min_audit_interval)",
-            req.every,
-            humantime::format_duration(min),
-            humantime::format_duration(MAX_AUDIT_INTERVAL)
-        )));
-    }
+    let every = audit_interval(&state, &req.every)?;
     agent_or_404(&state, &req.agent).await?;
-    let count = state.store.schedules().await?.len();
-    let limit = state.config.tunnel.max_schedules;
-    if count >= limit {
-        return Err(ApiError::conflict(format!(
-            "{count} audits are scheduled already (tunnel.max_schedules = {limit})"
-        )));
-    }
-    let now = keel_common::time::now_ms();
-    let row = ScheduleRow {
-        id: uuid::Uuid::new_v4().to_string(),
-        agent_id: req.agent,
-        targets: req.targets,
-        interval_ms: i64::try_from(every.as_millis()).unwrap_or(i64::MAX),
-        // The first run is due at once.
-        next_run: now,
-        created_by: who.token_id.clone(),
-        created_at: now,
-        last_run: 0,
-        last_ok: 0,
-        last_failed: 0,
-    };
+    room_for_schedules(&state, 1).await?;
+    // The first run is due at once.
+    let row = new_schedule(
+        &req.agent,
+        req.targets,
+        every,
+        keel_common::time::now_ms(),
+        &who.token_id,
+    );
     state.store.schedule_add(&row).await?;
     Ok((StatusCode::CREATED, Json(row)))
 }
@@ -290,4 +313,61 @@ pub async fn history(
             .scan_history(q.agent.as_deref(), q.target.as_deref(), i64::from(limit))
             .await?,
     ))
+}
+
+/// A discovery to run.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct DiscoverRequest {
+    /// The agent whose proxy plugin sweeps its allow list.
+    agent: String,
+    /// Ports to try where the allow list permits a wide range (default: the
+    /// usual TLS ports); at most 256.
+    #[serde(default)]
+    ports: Vec<u16>,
+    /// Schedule the TLS services found, this often (e.g. `1d`).
+    every: Option<String>,
+}
+
+/// Sweeps what the agent's allow list permits (never beyond it) for endpoints
+/// that accept a connection, scans each, and adds those that speak TLS to a new
+/// scheduled audit when `every` is given.
+#[utoipa::path(post, path = "/scans/discover", tag = "inventory", request_body = DiscoverRequest,
+    responses((status = 200, body = Discovery), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody), (status = 502, body = ErrorBody)))]
+pub async fn discover(
+    State(state): State<Arc<ServerState>>,
+    Extension(who): Extension<Principal>,
+    body: Result<Json<DiscoverRequest>, JsonRejection>,
+) -> Result<Json<Discovery>, ApiError> {
+    who.require(Role::Operator)?;
+    let req = json_body(body)?;
+    if req.ports.len() > 256 || req.ports.contains(&0) {
+        return Err(ApiError::bad_request("ports: give at most 256 ports, each 1-65535"));
+    }
+    let every = req.every.as_deref().map(|e| audit_interval(&state, e)).transpose()?;
+    agent_or_404(&state, &req.agent).await?;
+    if !state.is_online(&req.agent).await? {
+        return Err(ApiError::conflict(format!("agent {} is offline", req.agent)));
+    }
+    if every.is_some() {
+        room_for_schedules(&state, 1).await?;
+    }
+    let mut found = discovery::discover(&state, &req.agent, &req.ports, &who.token_id)
+        .await
+        .map_err(|e| ApiError::new(StatusCode::BAD_GATEWAY, e))?;
+    if let Some(every) = every {
+        let tls: Vec<String> = found
+            .scans
+            .iter()
+            .filter(|s| s.status == "ok")
+            .map(|s| s.target.clone())
+            .collect();
+        let next = keel_common::time::now_ms().saturating_add(i64::try_from(every.as_millis()).unwrap_or(i64::MAX));
+        for chunk in tls.chunks(state.config.tunnel.max_targets.max(1)) {
+            let row = new_schedule(&req.agent, chunk.to_vec(), every, next, &who.token_id);
+            state.store.schedule_add(&row).await?;
+            found.schedules.push(row.id);
+        }
+    }
+    Ok(Json(found))
 }

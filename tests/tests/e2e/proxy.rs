@@ -608,3 +608,91 @@ fn codes_of(event: &Value) -> Vec<String> {
         .map(|c| c.as_str().unwrap().to_owned())
         .collect()
 }
+
+/// Discovery sweeps only what the host's allow list permits, scans what
+/// answered, and schedules the TLS services it found.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn discovery_finds_tls_services_inside_the_allow_list_only() {
+    let server = Server::start(ServerOptions {
+        release_key: true,
+        ..ServerOptions::default()
+    })
+    .await;
+    let tls = TlsTarget::start("found.internal.test").await;
+    let (plain, _) = closed_target().await;
+    // Listening, but on a port the list does not name.
+    let (_outside, outside_seen) = closed_target().await;
+    let nothing = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let allow: Vec<String> = [tls.port, plain, nothing]
+        .iter()
+        .map(|p| format!("127.0.0.1/32:{p}"))
+        .collect();
+    let host = ProxyHost::start(&server, AGENT, &allow).await;
+    let api = server.api();
+
+    for (req, want) in [
+        (json!({"agent": AGENT, "ports": [0]}), "ports:"),
+        (json!({"agent": AGENT, "every": "1ms"}), "every:"),
+        (json!({"agent": "nobody"}), "no agent nobody"),
+        (json!({"agent": AGENT, "x": 1}), "unknown field"),
+    ] {
+        let (status, body) = api.post("/api/v1/scans/discover", &req).await;
+        assert!(status == 400 || status == 404, "{req}: {status} {body}");
+        assert!(body["error"].as_str().unwrap().contains(want), "{req}: {body}");
+    }
+
+    let (status, found) = api
+        .post("/api/v1/scans/discover", &json!({"agent": AGENT, "every": "1h"}))
+        .await;
+    assert_eq!(status, 200, "{found}");
+    assert_eq!(found["tried"], 3, "{found}");
+    let scans: Vec<(String, String)> = found["scans"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| {
+            (
+                s["target"].as_str().unwrap().to_owned(),
+                s["status"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect();
+    let tls_target = format!("127.0.0.1:{}", tls.port);
+    let mut want = vec![
+        (tls_target.clone(), "ok".to_owned()),
+        (format!("127.0.0.1:{plain}"), "failed".to_owned()),
+    ];
+    want.sort();
+    let mut got = scans.clone();
+    got.sort();
+    assert_eq!(
+        got, want,
+        "the closed port is not open, the plain one is not TLS: {found}"
+    );
+    assert_eq!(
+        outside_seen.load(Ordering::SeqCst),
+        0,
+        "nothing outside the list is tried"
+    );
+    let (_, schedules) = api.get("/api/v1/scans/schedules").await;
+    assert_eq!(schedules[0]["id"], found["schedules"][0], "{schedules}");
+    assert_eq!(schedules[0]["targets"], json!([tls_target]), "{schedules}");
+
+    let out = std::process::Command::new(keel_tests::bin("keelctl"))
+        .env("KEEL_SERVER", server.base_url())
+        .env("KEEL_TOKEN", &server.admin_token)
+        .env("HOME", host.conf.path())
+        .args(["certs", "discover", "--agent", AGENT])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{out:?}");
+    assert!(
+        text.contains(&tls_target) && text.contains("3 endpoints tried"),
+        "{text}"
+    );
+}
