@@ -29,6 +29,12 @@ impl ProxyHost {
     /// Starts agent `id` of `server` with the proxy allowed to reach `allow`, and
     /// waits until the plugin runs.
     pub async fn start(server: &Server, id: &str, allow: &[String]) -> ProxyHost {
+        Self::start_with(server, id, allow, server.tunnel.port(), "").await
+    }
+
+    /// [`ProxyHost::start`] with the tunnel endpoint at `tunnel_port` on
+    /// 127.0.0.1 and `extra` lines in the plugin's configuration.
+    pub async fn start_with(server: &Server, id: &str, allow: &[String], tunnel_port: u16, extra: &str) -> ProxyHost {
         let plugins = tempfile::tempdir().expect("tempdir");
         std::fs::set_permissions(plugins.path(), std::fs::Permissions::from_mode(0o755)).expect("chmod");
         std::fs::copy(bin("proxy"), plugins.path().join("proxy")).expect("copy the proxy plugin");
@@ -42,9 +48,9 @@ impl ProxyHost {
         let mut agent = Agent::enrolled_with(server, id, &local);
         let pki = agent.state_dir().join("pki");
         let text = format!(
-            "allow = {}\ntunnel = \"127.0.0.1:{}\"\nca_file = {:?}\ncert_file = {:?}\nkey_file = {:?}\nmax_jobs = 64\n",
+            "allow = {}\ntunnel = \"127.0.0.1:{}\"\nca_file = {:?}\ncert_file = {:?}\nkey_file = {:?}\nmax_jobs = 64\n{extra}\n",
             serde_json::to_string(allow).expect("allow list"),
-            server.tunnel.port(),
+            tunnel_port,
             pki.join("ca.pem").display().to_string(),
             pki.join("agent.pem").display().to_string(),
             pki.join("agent.key").display().to_string(),

@@ -205,6 +205,10 @@ async fn open_tunnel(
     }
 }
 
+/// Each direction's buffer: a read of this much becomes a few TLS records written
+/// at once, so a bulk transfer costs few system calls.
+const RELAY_BUFFER: usize = 64 << 10;
+
 /// Copies both ways until both sides close, `max_time` passes or `max_bytes` have
 /// passed. Returns the bytes each way and why it was cut, if it was.
 async fn relay<A, B>(a: A, b: B, max_time: Duration, max_bytes: u64) -> (u64, u64, Option<String>)
@@ -235,7 +239,7 @@ where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
 {
-    let mut buf = vec![0u8; 16 * 1024];
+    let mut buf = vec![0u8; RELAY_BUFFER];
     loop {
         let n = r.read(&mut buf).await.map_err(|e| e.to_string())?;
         if n == 0 {
