@@ -312,18 +312,8 @@ mod tests {
     }
 
     use std::path::Path;
-    use std::process::Command;
 
-    /// Runs the openssl command line in `dir`; its stdout.
-    fn openssl(dir: &Path, args: &[&str]) -> String {
-        let out = Command::new("openssl").args(args).current_dir(dir).output().unwrap();
-        assert!(
-            out.status.success(),
-            "openssl {args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8(out.stdout).unwrap()
-    }
+    use crate::testutil::openssl;
 
     /// What openssl says of a PEM certificate, and ours of its DER.
     fn both(dir: &Path, pem: &str) -> (CertInfo, String) {

@@ -10,10 +10,8 @@ use keel_proto::data_type::{PROXY_DISCOVER, TASK_RESULT};
 use serde::Serialize;
 use utoipa::ToSchema;
 
-use crate::connections::{Outbound, TaskCommand};
-use crate::inventory::{self, PROXY, ScanResult};
+use crate::inventory::{self, ProxyTask, ScanResult};
 use crate::state::ServerState;
-use crate::store::NewTask;
 
 /// How long a sweep may take: the plugin tries at most 16,384 endpoints, 128 at
 /// a time, each for at most a second.
@@ -43,32 +41,15 @@ pub async fn discover(state: &Arc<ServerState>, agent_id: &str, ports: &[u16], b
         serde_json::json!({ "ports": ports }).to_string()
     };
     let mut answers = state.cluster.wait(&token, agent_id).await;
-    state
-        .store
-        .task_sent(
-            &NewTask {
-                token: &token,
-                agent_id,
-                data_type: PROXY_DISCOVER,
-                object_name: PROXY,
-                data: &data,
-                created_by: by,
-                timeout_ms: i64::try_from(SWEEP_TIMEOUT.as_millis()).unwrap_or(i64::MAX),
-            },
-            keel_common::time::now_ms(),
-        )
-        .await
-        .map_err(|e| e.to_string())?;
-    let cmd = TaskCommand {
+    let stored = data.clone();
+    let task = ProxyTask {
         data_type: PROXY_DISCOVER,
-        object_name: PROXY.to_owned(),
-        data,
-        token: token.clone(),
+        token: &token,
+        stored: &stored,
+        sent: data,
+        timeout: SWEEP_TIMEOUT,
     };
-    state
-        .send(agent_id, Outbound::Task(cmd))
-        .await
-        .map_err(|e| e.to_string())?;
+    inventory::send_task(state, agent_id, task, by).await?;
     let answer = tokio::time::timeout(SWEEP_TIMEOUT, async {
         while let Some(reply) = answers.recv().await {
             if reply.data_type == TASK_RESULT {

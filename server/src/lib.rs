@@ -37,6 +37,8 @@ pub mod serve;
 pub mod sink;
 pub mod state;
 pub mod store;
+#[cfg(test)]
+mod testutil;
 pub mod tls;
 pub mod tlsprobe;
 pub mod tunnel;

@@ -149,20 +149,8 @@ pub fn read(der: &[u8]) -> Result<Staple, String> {
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used)]
-    use std::path::Path;
-    use std::process::Command;
-
     use super::*;
-
-    fn openssl(dir: &Path, args: &[&str]) -> String {
-        let out = Command::new("openssl").args(args).current_dir(dir).output().unwrap();
-        assert!(
-            out.status.success(),
-            "openssl {args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8(out.stdout).unwrap()
-    }
+    use crate::testutil::openssl;
 
     /// A CA, a certificate it issued, and the CA's OCSP answer for it given an
     /// index line's status (`V` valid, `R` revoked).

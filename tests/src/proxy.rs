@@ -90,19 +90,7 @@ pub struct TlsTarget {
 impl TlsTarget {
     /// Starts one on the current runtime.
     pub async fn start(name: &str) -> TlsTarget {
-        let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).expect("key");
-        let mut params =
-            rcgen::CertificateParams::new(vec![name.to_owned(), "127.0.0.1".to_owned()]).expect("certificate params");
-        params.distinguished_name.push(rcgen::DnType::CommonName, name);
-        let cert = params.self_signed(&key).expect("self-signed certificate");
-        let der = rustls::pki_types::PrivateKeyDer::try_from(key.serialize_der()).expect("key DER");
-        let config = rustls::ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-            .with_safe_default_protocol_versions()
-            .expect("versions")
-            .with_no_client_auth()
-            .with_single_cert(vec![cert.der().clone()], der)
-            .expect("server config");
-        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+        let acceptor = self_signed_acceptor(name);
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let port = listener.local_addr().expect("address").port();
         let seen = Arc::new(AtomicUsize::new(0));
@@ -120,6 +108,23 @@ impl TlsTarget {
         });
         TlsTarget { port, seen }
     }
+}
+
+/// A TLS acceptor with a self-signed ECDSA certificate for `name` and 127.0.0.1.
+pub fn self_signed_acceptor(name: &str) -> tokio_rustls::TlsAcceptor {
+    let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).expect("key");
+    let mut params =
+        rcgen::CertificateParams::new(vec![name.to_owned(), "127.0.0.1".to_owned()]).expect("certificate params");
+    params.distinguished_name.push(rcgen::DnType::CommonName, name);
+    let cert = params.self_signed(&key).expect("self-signed certificate");
+    let der = rustls::pki_types::PrivateKeyDer::try_from(key.serialize_der()).expect("key DER");
+    let config = rustls::ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+        .with_safe_default_protocol_versions()
+        .expect("versions")
+        .with_no_client_auth()
+        .with_single_cert(vec![cert.der().clone()], der)
+        .expect("server config");
+    tokio_rustls::TlsAcceptor::from(Arc::new(config))
 }
 
 /// A TCP service nobody may reach; counts connections.

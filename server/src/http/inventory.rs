@@ -42,13 +42,7 @@ pub async fn scan(
 ) -> Result<Json<Vec<ScanResult>>, ApiError> {
     who.require(Role::Operator)?;
     let req = json_body(body)?;
-    let max = state.config.tunnel.max_targets;
-    if req.targets.is_empty() || req.targets.len() > max {
-        return Err(ApiError::bad_request(format!("targets: give 1-{max} targets")));
-    }
-    for t in &req.targets {
-        inventory::check_target(t).map_err(|e| ApiError::bad_request(format!("targets: {e}")))?;
-    }
+    check_targets(&state, &req.targets)?;
     agent_or_404(&state, &req.agent).await?;
     if !state.is_online(&req.agent).await? {
         return Err(ApiError::conflict(format!("agent {} is offline", req.agent)));
@@ -56,6 +50,18 @@ pub async fn scan(
     Ok(Json(
         inventory::scan_all(&state, &req.agent, &req.targets, &who.token_id).await,
     ))
+}
+
+/// Refuses an empty or too long list of targets, or one that is not host:port.
+fn check_targets(state: &ServerState, targets: &[String]) -> Result<(), ApiError> {
+    let max = state.config.tunnel.max_targets;
+    if targets.is_empty() || targets.len() > max {
+        return Err(ApiError::bad_request(format!("targets: give 1-{max} targets")));
+    }
+    for t in targets {
+        inventory::check_target(t).map_err(|e| ApiError::bad_request(format!("targets: {e}")))?;
+    }
+    Ok(())
 }
 
 /// Filters of the inventory.
@@ -232,13 +238,7 @@ pub async fn schedule(
 ) -> Result<(StatusCode, Json<ScheduleRow>), ApiError> {
     who.require(Role::Operator)?;
     let req = json_body(body)?;
-    let max = state.config.tunnel.max_targets;
-    if req.targets.is_empty() || req.targets.len() > max {
-        return Err(ApiError::bad_request(format!("targets: give 1-{max} targets")));
-    }
-    for t in &req.targets {
-        inventory::check_target(t).map_err(|e| ApiError::bad_request(format!("targets: {e}")))?;
-    }
+    check_targets(&state, &req.targets)?;
     let every = audit_interval(&state, &req.every)?;
     agent_or_404(&state, &req.agent).await?;
     room_for_schedules(&state, 1).await?;

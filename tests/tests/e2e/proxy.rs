@@ -650,17 +650,7 @@ async fn discovery_finds_tls_services_inside_the_allow_list_only() {
         .await;
     assert_eq!(status, 200, "{found}");
     assert_eq!(found["tried"], 3, "{found}");
-    let scans: Vec<(String, String)> = found["scans"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|s| {
-            (
-                s["target"].as_str().unwrap().to_owned(),
-                s["status"].as_str().unwrap().to_owned(),
-            )
-        })
-        .collect();
+    let scans: Vec<(String, String)> = results(&found["scans"]).into_iter().map(|(t, s, _)| (t, s)).collect();
     let tls_target = format!("127.0.0.1:{}", tls.port);
     let mut want = vec![
         (tls_target.clone(), "ok".to_owned()),

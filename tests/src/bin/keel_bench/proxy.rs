@@ -147,17 +147,7 @@ const BULK_RUNS: usize = 9;
 /// A service on 127.0.0.1 that sends [`BULK_BYTES`] and closes: over TLS after
 /// the handshake, or over plain TCP.
 async fn bulk_target(tls: bool) -> u16 {
-    let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).expect("key");
-    let params = rcgen::CertificateParams::new(vec!["bulk.internal".to_owned()]).expect("params");
-    let cert = params.self_signed(&key).expect("certificate");
-    let der = rustls::pki_types::PrivateKeyDer::try_from(key.serialize_der()).expect("key DER");
-    let config = rustls::ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-        .with_safe_default_protocol_versions()
-        .expect("versions")
-        .with_no_client_auth()
-        .with_single_cert(vec![cert.der().clone()], der)
-        .expect("server config");
-    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+    let acceptor = keel_tests::proxy::self_signed_acceptor("bulk.internal");
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let port = listener.local_addr().expect("address").port();
     tokio::spawn(async move {
@@ -229,7 +219,12 @@ where
 
 /// A stand-in for the server's tunnel endpoint, with the server's own
 /// certificate: takes each tunnel's preface, answers OK, and hands the stream on.
-async fn endpoint(server: &Server) -> (u16, tokio::sync::mpsc::Receiver<impl tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>) {
+async fn endpoint(
+    server: &Server,
+) -> (
+    u16,
+    tokio::sync::mpsc::Receiver<impl tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>,
+) {
     use rustls::pki_types::pem::PemObject;
     use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
     let pki = server.pki_dir();
@@ -237,7 +232,8 @@ async fn endpoint(server: &Server) -> (u16, tokio::sync::mpsc::Receiver<impl tok
         .expect("server.pem")
         .collect::<Result<Vec<_>, _>>()
         .expect("server certificates");
-    let key = rustls::pki_types::PrivateKeyDer::from_pem_file(pki.join(keel_server::pki::SERVER_KEY)).expect("server.key");
+    let key =
+        rustls::pki_types::PrivateKeyDer::from_pem_file(pki.join(keel_server::pki::SERVER_KEY)).expect("server.key");
     let mut config = rustls::ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
         .with_safe_default_protocol_versions()
         .expect("versions")
@@ -286,13 +282,16 @@ pub async fn bulk(server: &Server) -> (f64, f64) {
     let (mut direct, mut tunneled) = (0f64, 0f64);
     for run in 0..BULK_RUNS {
         let start = Instant::now();
-        let tcp = tokio::net::TcpStream::connect(("127.0.0.1", tls)).await.expect("connect");
+        let tcp = tokio::net::TcpStream::connect(("127.0.0.1", tls))
+            .await
+            .expect("connect");
         let _ = tcp.set_nodelay(true);
         direct = direct.max(read_all(tcp, start).await);
 
         let start = Instant::now();
-        let job = json!({"job": format!("bulk-{run}"), "target": format!("127.0.0.1:{plain}"), "token": "ab".repeat(32)})
-            .to_string();
+        let job =
+            json!({"job": format!("bulk-{run}"), "target": format!("127.0.0.1:{plain}"), "token": "ab".repeat(32)})
+                .to_string();
         let (status, body) = api
             .post(
                 "/api/v1/agents/bench-bulk/tasks",
