@@ -46,6 +46,10 @@ pub async fn run(state: Arc<ServerState>, shutdown: CancellationToken) {
             }
         };
         for s in due {
+            // The room to run it first: a run taken is a run made.
+            let Ok(permit) = Arc::clone(&runs).try_acquire_owned() else {
+                break;
+            };
             match state.store.schedule_take(&s.id, s.next_run, next_run(&s, now)).await {
                 Ok(true) => {}
                 // Another instance took it.
@@ -55,9 +59,6 @@ pub async fn run(state: Arc<ServerState>, shutdown: CancellationToken) {
                     continue;
                 }
             }
-            let Ok(permit) = Arc::clone(&runs).try_acquire_owned() else {
-                break;
-            };
             let state = Arc::clone(&state);
             tokio::spawn(async move {
                 run_one(&state, &s).await;

@@ -251,6 +251,11 @@ pub struct TunnelConfig {
     /// Targets of one request scanned at once.
     #[serde(default = "default_scan_concurrency")]
     pub scan_concurrency: usize,
+    /// Proxy jobs (scan probes, sweeps) this instance has running on one agent
+    /// at once; the rest wait. At most the proxy plugin's `max_jobs`, which
+    /// refuses more.
+    #[serde(default = "default_jobs_per_agent")]
+    pub jobs_per_agent: usize,
     /// Set SO_REUSEPORT, so several processes on one host share the port.
     #[serde(default)]
     pub reuse_port: bool,
@@ -276,6 +281,7 @@ impl Default for TunnelConfig {
             max_pending: default_tunnel_pending(),
             max_targets: default_scan_targets(),
             scan_concurrency: default_scan_concurrency(),
+            jobs_per_agent: default_jobs_per_agent(),
             reuse_port: false,
             inventory_system_roots: true,
             inventory_ca_bundle: None,
@@ -298,6 +304,9 @@ fn default_scan_targets() -> usize {
     64
 }
 fn default_scan_concurrency() -> usize {
+    8
+}
+fn default_jobs_per_agent() -> usize {
     8
 }
 fn default_min_audit_interval() -> Duration {
@@ -667,6 +676,7 @@ impl ServerConfig {
             ("tunnel.max_pending", self.tunnel.max_pending),
             ("tunnel.max_targets", self.tunnel.max_targets),
             ("tunnel.scan_concurrency", self.tunnel.scan_concurrency),
+            ("tunnel.jobs_per_agent", self.tunnel.jobs_per_agent),
         ] {
             if value == 0 {
                 return Err(err(key, "must be at least 1".into()));

@@ -34,6 +34,8 @@ pub struct Discovery {
 /// Sweeps `agent_id`'s allow list (in wide port ranges, `ports` or the plugin's
 /// usual TLS ports) and scans what answered.
 pub async fn discover(state: &Arc<ServerState>, agent_id: &str, ports: &[u16], by: &str) -> Result<Discovery, String> {
+    // A sweep is a job of the plugin's, like a probe.
+    let slot = state.tunnels.job_slot(agent_id).await;
     let token = uuid::Uuid::new_v4().to_string();
     let data = if ports.is_empty() {
         String::new()
@@ -66,6 +68,7 @@ pub async fn discover(state: &Arc<ServerState>, agent_id: &str, ports: &[u16], b
         )
     })?
     .ok_or_else(|| "the cluster connection ended".to_owned())?;
+    drop(slot);
     let msg = answer.get("msg").map_or("", String::as_str);
     if answer.get("status").is_none_or(|s| s != "succeeded") {
         return Err(format!("agent {agent_id}: {msg}"));

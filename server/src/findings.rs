@@ -276,7 +276,9 @@ pub fn of_profile(p: &Profile, now: i64) -> Vec<Finding> {
             out.push(finding(severity, code, format!("accepts {version}")));
         }
     }
-    if !p.protocols.is_empty() && !accepted("TLSv1.2") && !accepted("TLSv1.3") {
+    // Only when both were asked: a probe that could not run proves nothing.
+    let probed = |v: &str| p.protocols.iter().any(|s| s.version == v && s.probed);
+    if probed("TLSv1.2") && probed("TLSv1.3") && !accepted("TLSv1.2") && !accepted("TLSv1.3") {
         out.push(finding(
             Severity::High,
             "no_current_protocol",

@@ -128,7 +128,7 @@ pub enum Probe {
 }
 
 impl Probe {
-    /// What a scan asks.
+    /// What a scan asks, newest protocol first.
     pub const ALL: [Probe; 6] = [
         Probe::Handshake,
         Probe::Version(Legacy::Tls12),
@@ -170,6 +170,7 @@ async fn look_through(
     probe: Probe,
     by: &str,
 ) -> Result<Seen, String> {
+    let _slot = state.tunnels.job_slot(agent_id).await;
     let job = uuid::Uuid::new_v4().to_string();
     let mut secret = [0u8; 32];
     getrandom::fill(&mut secret).map_err(|e| format!("no entropy: {e}"))?;
@@ -344,12 +345,13 @@ where
     let asked = async {
         match probe {
             Probe::Handshake => Ok(handshake(stream, target).await),
-            Probe::Version(v) => tlsprobe::probe(&mut stream, v, tlsprobe::ORDINARY, sni, true)
+            // What the target sent that is not TLS is its answer too.
+            Probe::Version(v) => Ok(tlsprobe::probe(&mut stream, v, tlsprobe::ORDINARY, sni, true)
                 .await
-                .map(seen),
-            Probe::WeakSuites => tlsprobe::probe(&mut stream, Legacy::Tls12, tlsprobe::WEAK, sni, false)
+                .map_or_else(Seen::refused, seen)),
+            Probe::WeakSuites => Ok(tlsprobe::probe(&mut stream, Legacy::Tls12, tlsprobe::WEAK, sni, false)
                 .await
-                .map(seen),
+                .map_or_else(Seen::refused, seen)),
         }
     };
     tokio::time::timeout(limit, asked)
@@ -445,6 +447,8 @@ pub fn assemble(
         protocols.push(ProtocolSeen {
             version: v.name().to_owned(),
             accepted: chose.is_some(),
+            // TLS 1.2 is also asked by the handshake.
+            probed: got.is_some() || (v == Legacy::Tls12 && handshake.is_some()),
             suite: chose.map(|(_, s)| s),
             refused: got.and_then(|s| s.refused.clone()),
         });
@@ -452,6 +456,7 @@ pub fn assemble(
     protocols.push(ProtocolSeen {
         version: "TLSv1.3".to_owned(),
         accepted: modern == Some("TLSv1.3"),
+        probed: handshake.is_some(),
         suite: handshake
             .and_then(|s| s.chose.clone())
             .filter(|(v, _)| v == "TLSv1.3")
@@ -462,16 +467,19 @@ pub fn assemble(
         },
     });
     let weak = by(Probe::WeakSuites).and_then(|s| s.chose.clone());
-    // The chain: what a modern client is sent, else the newest version's.
-    let order = [
-        Probe::Handshake,
-        Probe::Version(Legacy::Tls12),
-        Probe::Version(Legacy::Tls11),
-        Probe::Version(Legacy::Tls10),
-        Probe::Version(Legacy::Ssl3),
-        Probe::WeakSuites,
-    ];
-    let Some(source) = order.iter().filter_map(|p| by(*p)).find(|s| !s.chain.is_empty()) else {
+    // Probes that could not run (the proxy was busy, the tunnel never came):
+    // what they would have asked is unknown, not refused.
+    let probe_errors: Vec<String> = Probe::ALL
+        .iter()
+        .zip(seen)
+        .filter_map(|(p, r)| r.as_ref().err().map(|e| format!("{}: {e}", probe_name(*p))))
+        .collect();
+    if !probe_errors.is_empty() {
+        tracing::warn!(%agent_id, %target, errors = ?probe_errors, "probes of a scan could not run");
+    }
+    // The chain: what a modern client is sent, else the newest version's
+    // (`Probe::ALL` is in that order).
+    let Some(source) = Probe::ALL.iter().filter_map(|p| by(*p)).find(|s| !s.chain.is_empty()) else {
         let why: Vec<String> = Probe::ALL
             .iter()
             .zip(seen)
@@ -482,7 +490,7 @@ pub fn assemble(
             .collect();
         return Err(format!("{target}: no certificate ({})", why.join("; ")));
     };
-    let ocsp = order
+    let ocsp = Probe::ALL
         .iter()
         .filter_map(|p| by(*p))
         .find_map(|s| s.ocsp.as_deref())
@@ -491,6 +499,7 @@ pub fn assemble(
         protocols,
         weak_suite: weak.map(|(v, s)| format!("{s} ({v})")),
         ocsp,
+        probe_errors,
     };
     let chain: Vec<CertificateDer<'_>> = source
         .chain
@@ -688,6 +697,44 @@ mod tests {
             describe("a1", "x:1", &[], Profile::default(), now, &nobody)
                 .unwrap_err()
                 .contains("no certificate")
+        );
+    }
+
+    #[test]
+    fn a_probe_that_could_not_run_is_unknown_not_refused() {
+        let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+        let cert = rcgen::CertificateParams::new(vec!["db.internal".into()])
+            .unwrap()
+            .self_signed(&key)
+            .unwrap();
+        let tls10 = Seen {
+            chose: Some(("TLSv1.0".into(), "TLS_RSA_WITH_AES_128_CBC_SHA".into())),
+            chain: vec![cert.der().to_vec()],
+            ..Seen::default()
+        };
+        let refused = || Ok(Seen::refused("protocol_version".into()));
+        // In `Probe::ALL`'s order: the handshake and the TLS 1.2 probe could not run.
+        let seen = [
+            Err("busy: 8 jobs are running (max_jobs)".to_owned()),
+            Err("busy: 8 jobs are running (max_jobs)".to_owned()),
+            refused(),
+            Ok(tls10),
+            refused(),
+            refused(),
+        ];
+        let nobody = Trust::load(false, None).unwrap();
+        let row = assemble("a1", "db.internal:443", &seen, keel_common::time::now_ms(), &nobody).unwrap();
+        assert_eq!(row.tls.probe_errors.len(), 2, "{:?}", row.tls);
+        assert!(row.tls.probe_errors[0].starts_with("handshake: busy"), "{:?}", row.tls);
+        let by = |v: &str| row.tls.protocols.iter().find(|p| p.version == v).unwrap();
+        assert!(!by("TLSv1.2").probed && !by("TLSv1.3").probed);
+        assert!(by("TLSv1.1").probed && !by("TLSv1.1").accepted);
+        assert!(by("TLSv1.0").accepted);
+        let codes: Vec<&str> = row.findings.iter().map(|f| f.code.as_str()).collect();
+        assert!(codes.contains(&"tls10_enabled"), "{codes:?}");
+        assert!(
+            !codes.contains(&"no_current_protocol"),
+            "not asked is not refused: {codes:?}"
         );
     }
 }

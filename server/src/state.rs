@@ -142,7 +142,7 @@ impl ServerState {
             beats: HashMap::new(),
         });
         let key_enrollment = crate::keyenroll::KeyEnrollment::new(&config.key_enrollment);
-        let tunnels = crate::tunnel::Tunnels::new(config.tunnel.max_pending);
+        let tunnels = crate::tunnel::Tunnels::new(config.tunnel.max_pending, config.tunnel.jobs_per_agent);
         Self {
             config,
             store,

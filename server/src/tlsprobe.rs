@@ -32,6 +32,10 @@ pub struct Profile {
     /// The OCSP response it stapled, if any.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub ocsp: Option<Staple>,
+    /// The probes that could not run, and why: what they would have found is
+    /// unknown (a version not probed is not accepted, nor refused either).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub probe_errors: Vec<String>,
 }
 
 /// One protocol version at a target.
@@ -41,6 +45,10 @@ pub struct ProtocolSeen {
     pub version: String,
     /// Whether the target completed a hello in it.
     pub accepted: bool,
+    /// Whether it was asked at all: false when its probe could not run (see
+    /// [`Profile::probe_errors`]), and then `accepted` proves nothing.
+    #[serde(default)]
+    pub probed: bool,
     /// The cipher suite it chose from an ordinary client's list (IANA name).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub suite: Option<String>,

@@ -43,6 +43,9 @@ pub type Tunnel = BufReader<TlsStream<TcpStream>>;
 pub struct Tunnels {
     local: Mutex<HashMap<String, oneshot::Sender<Tunnel>>>,
     max: usize,
+    /// Each agent's proxy job slots, while someone holds them.
+    slots: Mutex<HashMap<String, std::sync::Weak<tokio::sync::Semaphore>>>,
+    per_agent: usize,
 }
 
 /// What a waiting job gets: its tunnel here, or the outcome of the job run by
@@ -102,12 +105,37 @@ fn token_digest(token: &str) -> String {
 }
 
 impl Tunnels {
-    /// An empty registry; each instance has at most `max` jobs waiting.
-    pub fn new(max: usize) -> Self {
+    /// An empty registry; each instance has at most `max` jobs waiting, and at
+    /// most `per_agent` running on one agent.
+    pub fn new(max: usize, per_agent: usize) -> Self {
         Tunnels {
             local: Mutex::new(HashMap::new()),
             max,
+            slots: Mutex::new(HashMap::new()),
+            per_agent: per_agent.max(1),
         }
+    }
+
+    /// Takes one of `agent_id`'s job slots, waiting while all are taken: the
+    /// agent's proxy plugin refuses jobs past its `max_jobs`.
+    pub async fn job_slot(&self, agent_id: &str) -> tokio::sync::OwnedSemaphorePermit {
+        let slots = {
+            let mut all = self.slots.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            match all.get(agent_id).and_then(std::sync::Weak::upgrade) {
+                Some(s) => s,
+                None => {
+                    // Agents nobody scans any more are forgotten as new ones come.
+                    all.retain(|_, s| s.strong_count() > 0);
+                    let s = Arc::new(tokio::sync::Semaphore::new(self.per_agent));
+                    all.insert(agent_id.to_owned(), Arc::downgrade(&s));
+                    s
+                }
+            }
+        };
+        slots
+            .acquire_owned()
+            .await
+            .unwrap_or_else(|_| unreachable!("job slots are never closed"))
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, oneshot::Sender<Tunnel>>> {
@@ -331,7 +359,7 @@ mod tests {
     #[tokio::test]
     async fn a_job_is_claimed_once_with_its_token_by_its_agent() {
         let (store, _dir) = crate::store::test_store().await;
-        let t = Tunnels::new(2);
+        let t = Tunnels::new(2, 8);
         let token = "ab".repeat(32);
         waiting(&store, &t, "j1", "agent-1", &token, "me").await;
         let claim = |preface: String, agent: &'static str| {
@@ -375,7 +403,7 @@ mod tests {
     #[tokio::test]
     async fn another_instance_s_job_is_run_here_only_when_its_outcome_can_be_routed() {
         let (store, _dir) = crate::store::test_store().await;
-        let t = Tunnels::new(2);
+        let t = Tunnels::new(2, 8);
         let token = "ef".repeat(32);
         waiting(&store, &t, "j9", "agent-1", &token, "other").await;
         let preface = format!("KEEL-TUNNEL/1 j9 {token}\n");
@@ -385,5 +413,16 @@ mod tests {
             Claimed::Remote(row) => assert_eq!((row.instance.as_str(), row.target.as_str()), ("other", "db:443")),
             Claimed::Local(_) => panic!("another instance's job is not handed over here"),
         }
+    }
+
+    #[tokio::test]
+    async fn each_agent_has_its_own_job_slots() {
+        let t = Tunnels::new(2, 2);
+        let held = [t.job_slot("a1").await, t.job_slot("a1").await];
+        let third = tokio::time::timeout(Duration::from_millis(50), t.job_slot("a1")).await;
+        assert!(third.is_err(), "a1's third job waits");
+        let _other = t.job_slot("a2").await;
+        drop(held);
+        let _again = t.job_slot("a1").await;
     }
 }

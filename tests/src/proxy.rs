@@ -48,7 +48,7 @@ impl ProxyHost {
         let mut agent = Agent::enrolled_with(server, id, &local);
         let pki = agent.state_dir().join("pki");
         let text = format!(
-            "allow = {}\ntunnel = \"127.0.0.1:{}\"\nca_file = {:?}\ncert_file = {:?}\nkey_file = {:?}\nmax_jobs = 64\n{extra}\n",
+            "allow = {}\ntunnel = \"127.0.0.1:{}\"\nca_file = {:?}\ncert_file = {:?}\nkey_file = {:?}\n{extra}\n",
             serde_json::to_string(allow).expect("allow list"),
             tunnel_port,
             pki.join("ca.pem").display().to_string(),

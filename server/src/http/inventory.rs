@@ -200,9 +200,9 @@ fn audit_interval(state: &ServerState, every: &str) -> Result<std::time::Duratio
 
 /// Refuses when `more` schedules would pass `tunnel.max_schedules`.
 async fn room_for_schedules(state: &ServerState, more: usize) -> Result<(), ApiError> {
-    let count = state.store.schedules().await?.len();
+    let count = usize::try_from(state.store.schedule_count().await?).unwrap_or(usize::MAX);
     let limit = state.config.tunnel.max_schedules;
-    if count + more > limit {
+    if count.saturating_add(more) > limit {
         return Err(ApiError::conflict(format!(
             "{count} audits are scheduled already (tunnel.max_schedules = {limit})"
         )));

@@ -78,6 +78,13 @@ impl Store {
         self.schedules_where("", 0, i64::MAX).await
     }
 
+    /// How many schedules there are.
+    pub async fn schedule_count(&self) -> Result<i64, StoreError> {
+        Ok(sqlx::query_scalar("SELECT COUNT(*) FROM scan_schedules")
+            .fetch_one(&self.pool)
+            .await?)
+    }
+
     /// Schedules due at `now`, soonest first, at most `limit`.
     pub async fn schedules_due(&self, now: i64, limit: i64) -> Result<Vec<ScheduleRow>, StoreError> {
         self.schedules_where("WHERE next_run <= $1", now, limit).await
@@ -271,6 +278,7 @@ mod tests {
         let all = store.schedules().await.unwrap();
         assert_eq!(all.iter().map(|s| s.id.as_str()).collect::<Vec<_>>(), ["s2", "s1"]);
         assert_eq!((all[1].last_run, all[1].last_ok, all[1].next_run), (2_000, 1, 61_000));
+        assert_eq!(store.schedule_count().await.unwrap(), 2);
         assert!(store.schedule_remove("s2").await.unwrap());
         assert!(!store.schedule_remove("s2").await.unwrap());
     }
