@@ -183,14 +183,37 @@ pub enum FilesCmd {
     Push(FilesPushArgs),
     /// Remove files from agents (a signed removal).
     Remove(FilesRemoveArgs),
+    /// Which version of which file each host holds, against the newest pushed, and
+    /// which hosts are behind.
+    Status(FilesStatusArgs),
+}
+
+/// `keelctl files status …`
+#[derive(Debug, Args)]
+pub struct FilesStatusArgs {
+    /// Only this agent.
+    #[arg(long, value_name = "ID")]
+    pub agent: Option<String>,
+    /// Only this file.
+    #[arg(long, value_name = "NAME")]
+    pub name: Option<String>,
+    /// Only files a host is behind on.
+    #[arg(long)]
+    pub behind: bool,
 }
 
 /// The agents and how their host keys are trusted.
 #[derive(Debug, Clone, Args)]
 pub struct FilesTarget {
     /// Agent IDs.
-    #[arg(long = "agent", value_name = "ID", required = true)]
+    #[arg(long = "agent", value_name = "ID")]
     pub agents: Vec<String>,
+    /// Every agent with this tag that runs file-delivery.
+    #[arg(long, value_name = "TAG", conflicts_with = "agents")]
+    pub tag: Option<String>,
+    /// Every agent that runs file-delivery.
+    #[arg(long, conflicts_with_all = ["agents", "tag"])]
+    pub all: bool,
     /// The pinned host keys [default: $XDG_CONFIG_HOME/keel/file-hosts.json or ~/.config/keel/file-hosts.json].
     #[arg(long, value_name = "PATH")]
     pub known_hosts: Option<PathBuf>,
@@ -200,7 +223,7 @@ pub struct FilesTarget {
     /// Pin the host key of agents seen for the first time without checking it (trust on first use).
     #[arg(long)]
     pub trust_new_hosts: bool,
-    /// How long to wait for each agent's answer, in seconds.
+    /// How long each agent has to answer an inventory or a part of a push, in seconds.
     #[arg(long, value_name = "S", default_value_t = 30)]
     pub timeout: u64,
 }

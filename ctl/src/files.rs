@@ -1,10 +1,20 @@
 //! `keelctl files`: the keeper of file-delivery.
 //!
 //! The keeper holds the operator's Ed25519 key and the files; the server only
-//! relays. For each agent it asks the plugin for its inventory (6201: the host key
-//! and the digest of every file it holds), checks the host key against the pinned
-//! one, and sends (6200) only the files whose digest differs, each sealed to that
-//! host key and signed ([`keel_plugin_file_delivery::envelope`]).
+//! relays. A push is one operation:
+//! 1. the server asks every targeted agent's plugin for its inventory at once
+//!    (`POST /api/v1/files/inventories`: 6201, the host key and the keyed digest
+//!    of every file it holds);
+//! 2. the keeper checks each host key against its pin, seals and signs only the
+//!    files whose digest, mode or readers differ
+//!    ([`keel_plugin_file_delivery::envelope`]), on every core, and packs each
+//!    host's envelopes into as few parts as the task size allows
+//!    ([`keel_plugin_file_delivery::bundle`]);
+//! 3. it hands the server every host's parts as one push
+//!    (`POST /api/v1/files/pushes`), which sends them to all hosts in parallel;
+//! 4. it long-polls the push (`GET /api/v1/files/pushes/{id}`), showing each
+//!    host as it finishes, until every host is done, failed, or offline (an
+//!    offline host with a pinned key gets its files when it reconnects).
 //!
 //! Host keys are pinned in a JSON file (`file-hosts.json` beside `keelctl.toml`),
 //! because the inventory comes through the server: a key the server made up would
@@ -16,22 +26,18 @@ use std::collections::BTreeMap;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::{Context, anyhow, bail};
-use keel_plugin_file_delivery::envelope::{FileSpec, Keeper, check_name, parse_mode};
-use keel_proto::data_type::{FILE_DELIVER, FILE_INVENTORY, FILE_REMOVE};
+use keel_plugin_file_delivery::bundle::pack;
+use keel_plugin_file_delivery::envelope::{FileSpec, Keeper, MAX_FILE_BYTES, check_name, parse_mode};
 use reqwest::Method;
 use serde::Deserialize;
 use serde_json::{Value, json};
 
-use crate::cli::{FilesCmd, FilesPushArgs, FilesRemoveArgs, FilesTarget};
+use crate::cli::{FilesCmd, FilesPushArgs, FilesRemoveArgs, FilesStatusArgs, FilesTarget};
 use crate::config::{Env, ProcessEnv};
 use crate::{Ctx, EXIT_TASK_UNSUCCESSFUL, output, usage};
-
-const PLUGIN: &str = "file-delivery";
-/// How often a task's result is polled.
-const POLL: Duration = Duration::from_millis(100);
 
 /// Runs a `files` command.
 pub async fn run(ctx: &Ctx, cmd: FilesCmd) -> anyhow::Result<ExitCode> {
@@ -40,6 +46,7 @@ pub async fn run(ctx: &Ctx, cmd: FilesCmd) -> anyhow::Result<ExitCode> {
         FilesCmd::List(target) => list(ctx, &target).await,
         FilesCmd::Push(args) => push(ctx, &args).await,
         FilesCmd::Remove(args) => remove(ctx, &args).await,
+        FilesCmd::Status(args) => status(ctx, &args).await,
     }
 }
 
@@ -160,53 +167,75 @@ impl Item {
     }
 }
 
-/// Sends a task to the agent's file-delivery plugin and waits for its result.
-async fn ask(ctx: &Ctx, agent: &str, data_type: i32, data: &str, timeout: Duration) -> anyhow::Result<Value> {
-    // The server ends the task at the same deadline this waits for.
-    let body =
-        json!({"data_type": data_type, "object_name": PLUGIN, "data": data, "timeout_secs": timeout.as_secs().max(1)});
-    let created = ctx
+/// Every targeted agent's inventory, asked by the server of all at once.
+async fn inventories(ctx: &Ctx, target: &FilesTarget) -> anyhow::Result<Vec<Value>> {
+    let mut body = json!({"timeout_secs": target.timeout});
+    match (&target.tag, target.all) {
+        (Some(tag), _) => body["tag"] = json!(tag),
+        (None, true) => body["all"] = json!(true),
+        (None, false) => body["agents"] = json!(target.agents),
+    }
+    let limit = Duration::from_secs(target.timeout + 30);
+    let answer = ctx
         .client
-        .call(Method::POST, &["agents", agent, "tasks"], Some(&body))
+        .call_within(Method::POST, &["files", "inventories"], Some(&body), limit)
         .await?;
-    let token = created["token"]
-        .as_str()
-        .ok_or_else(|| anyhow!("the server answered no task token"))?;
-    let start = Instant::now();
-    loop {
-        let task = ctx.client.get(&["tasks", token], &[]).await?;
-        match task["status"].as_str() {
-            Some("succeeded") => return Ok(task["result"].clone()),
-            Some("sent" | "pending") if start.elapsed() < timeout => tokio::time::sleep(POLL).await,
-            Some("sent" | "pending") => bail!("agent {agent} did not answer within {} s", timeout.as_secs()),
-            _ => bail!(
-                "{}",
-                task["result"]["msg"].as_str().unwrap_or("failed without a message")
-            ),
-        }
+    match answer {
+        Value::Array(a) => Ok(a),
+        other => bail!("the server answered no list of inventories: {other}"),
     }
 }
 
-/// The agent's host key (checked against the pin) and its files.
-async fn inventory(
-    ctx: &Ctx,
-    target: &FilesTarget,
-    known: &mut KnownHosts,
-    agent: &str,
-) -> anyhow::Result<(String, Vec<Item>)> {
-    let result = ask(ctx, agent, FILE_INVENTORY, "{}", Duration::from_secs(target.timeout)).await?;
-    let host_key = result["host_key"]
+/// What the keeper knows of one targeted host.
+#[derive(Debug)]
+enum Known {
+    /// Online, its key checked: what it holds.
+    Online { host_key: String, held: Vec<Item> },
+    /// Offline, with a pinned key: its share waits for it.
+    Offline { host_key: String },
+    /// Nothing can be sealed to it.
+    Failed(String),
+}
+
+/// Checks each inventory's host key against the pins (pinning where the flags
+/// allow).
+fn checked(target: &FilesTarget, known: &mut KnownHosts, inv: &Value) -> Known {
+    let agent = inv["agent"].as_str().unwrap_or_default();
+    if let Some(e) = inv["error"].as_str() {
+        return Known::Failed(e.to_owned());
+    }
+    if inv["online"] != true {
+        return match known.keys.get(agent) {
+            Some(k) => Known::Offline { host_key: k.clone() },
+            None => Known::Failed(format!(
+                "agent {agent} is offline and its host key is not pinned: nothing can be sealed to it"
+            )),
+        };
+    }
+    let Some(host_key) = inv["host_key"]
         .as_str()
         .filter(|k| k.len() == 64 && k.bytes().all(|b| b.is_ascii_hexdigit()))
-        .ok_or_else(|| anyhow!("agent {agent}: the inventory carries no valid host_key"))?
-        .to_owned();
-    let files: Vec<Item> = serde_json::from_str(result["files"].as_str().unwrap_or("[]"))
-        .with_context(|| format!("agent {agent}: the inventory's files are not a list"))?;
-    known.check(target, agent, &host_key)?;
-    Ok((host_key, files))
+    else {
+        return Known::Failed(format!("agent {agent}: the inventory carries no valid host_key"));
+    };
+    let held: Vec<Item> = match serde_json::from_value(inv["files"].clone()) {
+        Ok(h) => h,
+        Err(e) => return Known::Failed(format!("agent {agent}: the inventory's files are not a list: {e}")),
+    };
+    match known.check(target, agent, host_key) {
+        Ok(()) => Known::Online {
+            host_key: host_key.to_owned(),
+            held,
+        },
+        Err(e) => Known::Failed(format!("{e:#}")),
+    }
 }
 
 fn check_target(target: &FilesTarget) -> anyhow::Result<()> {
+    let given = usize::from(!target.agents.is_empty()) + usize::from(target.tag.is_some()) + usize::from(target.all);
+    if given != 1 {
+        return Err(usage("give the agents with --agent, --tag or --all (one of them)"));
+    }
     if let Some(bad) = target.agents.iter().find(|a| !keel_common::ids::valid_agent_id(a)) {
         return Err(usage(format!("--agent {bad:?} is not an agent ID")));
     }
@@ -222,13 +251,20 @@ async fn list(ctx: &Ctx, target: &FilesTarget) -> anyhow::Result<ExitCode> {
     check_target(target)?;
     let mut known = KnownHosts::load(target, &ProcessEnv)?;
     let mut rows = Vec::new();
-    for agent in &target.agents {
-        let (host_key, files) = inventory(ctx, target, &mut known, agent).await?;
-        for f in files {
-            rows.push(
-                json!({"agent": agent, "host_key": host_key, "name": f.name, "version": f.version,
-                             "state": f.state, "mode": f.mode, "readers": f.readers, "digest": f.digest}),
-            );
+    let mut failed = Vec::new();
+    for inv in inventories(ctx, target).await? {
+        let agent = inv["agent"].as_str().unwrap_or_default().to_owned();
+        match checked(target, &mut known, &inv) {
+            Known::Online { host_key, held } => {
+                for f in held {
+                    rows.push(
+                        json!({"agent": agent, "host_key": host_key, "name": f.name, "version": f.version,
+                        "state": f.state, "mode": f.mode, "readers": f.readers, "digest": f.digest}),
+                    );
+                }
+            }
+            Known::Offline { .. } => failed.push(format!("agent {agent} is offline")),
+            Known::Failed(e) => failed.push(e),
         }
     }
     if ctx.json {
@@ -240,7 +276,14 @@ async fn list(ctx: &Ctx, target: &FilesTarget) -> anyhow::Result<ExitCode> {
         }
         output::print(&t)?;
     }
-    Ok(ExitCode::SUCCESS)
+    for f in &failed {
+        eprintln!("keelctl: {f}");
+    }
+    Ok(if failed.is_empty() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(EXIT_TASK_UNSUCCESSFUL)
+    })
 }
 
 /// One row of a push or removal report.
@@ -266,34 +309,31 @@ fn report(ctx: &Ctx, rows: Vec<Value>) -> anyhow::Result<ExitCode> {
     })
 }
 
-/// Each agent's checked host key and files; an agent whose inventory failed gets
-/// its row in `rows` instead.
-async fn hosts(
-    ctx: &Ctx,
-    target: &FilesTarget,
-    rows: &mut Vec<Value>,
-) -> anyhow::Result<Vec<(String, String, Vec<Item>)>> {
-    let mut known = KnownHosts::load(target, &ProcessEnv)?;
-    let mut out = Vec::new();
-    for agent in &target.agents {
-        match inventory(ctx, target, &mut known, agent).await {
-            Ok((host_key, held)) => out.push((agent.clone(), host_key, held)),
-            Err(e) => rows.push(row(agent, "-", "failed", format!("{e:#}"))),
-        }
-    }
-    Ok(out)
-}
-
 /// A version above what the host holds and above the last one this keeper used.
 fn next_version(held: Option<u64>) -> u64 {
     let now = u64::try_from(keel_common::time::now_ms()).unwrap_or(1);
     now.max(held.map_or(0, |v| v + 1))
 }
 
-async fn push(ctx: &Ctx, args: &FilesPushArgs) -> anyhow::Result<ExitCode> {
-    check_target(&args.target)?;
-    parse_mode(&args.mode).map_err(|m| usage(format!("--mode: {m}")))?;
-    let keeper = load_keeper(&args.keeper_key)?;
+/// One host's sealed changes, before packing.
+#[derive(Debug, Default)]
+struct Share {
+    agent: String,
+    envelopes: Vec<String>,
+    files: Vec<Value>,
+}
+
+impl Share {
+    fn add(&mut self, env: &keel_plugin_file_delivery::envelope::Envelope, removed: bool) -> anyhow::Result<()> {
+        self.envelopes.push(serde_json::to_string(env)?);
+        self.files
+            .push(json!({"name": env.name, "version": env.version, "removed": removed}));
+        Ok(())
+    }
+}
+
+/// The files to push, read.
+fn read_files(args: &FilesPushArgs) -> anyhow::Result<Vec<(String, Vec<u8>)>> {
     let mut files = Vec::new();
     for f in &args.files {
         let (name, path) = f
@@ -301,15 +341,40 @@ async fn push(ctx: &Ctx, args: &FilesPushArgs) -> anyhow::Result<ExitCode> {
             .ok_or_else(|| usage(format!("{f:?}: give files as NAME=PATH")))?;
         check_name(name).map_err(|m| usage(format!("{f:?}: {m}")))?;
         let content = std::fs::read(path).with_context(|| format!("{name}: cannot read {path}"))?;
+        if content.len() > MAX_FILE_BYTES {
+            return Err(usage(format!(
+                "{name}: {path} is {} bytes; at most {MAX_FILE_BYTES} are delivered",
+                content.len()
+            )));
+        }
         files.push((name.to_owned(), content));
     }
-    let timeout = Duration::from_secs(args.target.timeout);
-    let mut rows = Vec::new();
-    for (agent, host_key, held) in hosts(ctx, &args.target, &mut rows).await? {
-        let agent = agent.as_str();
+    Ok(files)
+}
+
+async fn push(ctx: &Ctx, args: &FilesPushArgs) -> anyhow::Result<ExitCode> {
+    check_target(&args.target)?;
+    parse_mode(&args.mode).map_err(|m| usage(format!("--mode: {m}")))?;
+    let keeper = load_keeper(&args.keeper_key)?;
+    let files = read_files(args)?;
+    let mut known = KnownHosts::load(&args.target, &ProcessEnv)?;
+    let hosts: Vec<(String, Known)> = inventories(ctx, &args.target)
+        .await?
+        .iter()
+        .map(|inv| {
+            let agent = inv["agent"].as_str().unwrap_or_default().to_owned();
+            (agent, checked(&args.target, &mut known, inv))
+        })
+        .collect();
+    // Sealing is the keeper's work: spread over the cores, host by host.
+    let sealed = seal_all(&hosts, |agent, host_key, held, rows| {
+        let mut share = Share {
+            agent: agent.to_owned(),
+            ..Share::default()
+        };
         for (name, content) in &files {
-            let have = held.iter().find(|i| &i.name == name);
-            let digest = keeper.digest_for(&host_key, content);
+            let have = held.and_then(|h| h.iter().find(|i| &i.name == name));
+            let digest = keeper.digest_for(host_key, content);
             if have.is_some_and(|h| h.holds(&digest, &args.mode, &args.readers)) {
                 rows.push(row(
                     agent,
@@ -324,17 +389,14 @@ async fn push(ctx: &Ctx, args: &FilesPushArgs) -> anyhow::Result<ExitCode> {
                 mode: args.mode.clone(),
                 readers: args.readers.clone(),
             };
-            let sealed = keeper
-                .seal(&host_key, &spec, content, next_version(have.map(|h| h.version)))
+            let env = keeper
+                .seal(host_key, &spec, content, next_version(have.map(|h| h.version)))
                 .map_err(|m| usage(format!("{name}: {m}")))?;
-            let data = serde_json::to_string(&sealed)?;
-            match ask(ctx, agent, FILE_DELIVER, &data, timeout).await {
-                Ok(r) => rows.push(row(agent, name, "sent", r["msg"].as_str().unwrap_or_default())),
-                Err(e) => rows.push(row(agent, name, "failed", format!("{e:#}"))),
-            }
+            share.add(&env, false)?;
         }
-    }
-    report(ctx, rows)
+        Ok(share)
+    })?;
+    send_and_wait(ctx, &args.target, sealed).await
 }
 
 async fn remove(ctx: &Ctx, args: &FilesRemoveArgs) -> anyhow::Result<ExitCode> {
@@ -343,22 +405,233 @@ async fn remove(ctx: &Ctx, args: &FilesRemoveArgs) -> anyhow::Result<ExitCode> {
         check_name(n).map_err(|m| usage(format!("{n:?}: {m}")))?;
     }
     let keeper = load_keeper(&args.keeper_key)?;
-    let timeout = Duration::from_secs(args.target.timeout);
-    let mut rows = Vec::new();
-    for (agent, host_key, held) in hosts(ctx, &args.target, &mut rows).await? {
-        let agent = agent.as_str();
+    let mut known = KnownHosts::load(&args.target, &ProcessEnv)?;
+    let hosts: Vec<(String, Known)> = inventories(ctx, &args.target)
+        .await?
+        .iter()
+        .map(|inv| {
+            let agent = inv["agent"].as_str().unwrap_or_default().to_owned();
+            (agent, checked(&args.target, &mut known, inv))
+        })
+        .collect();
+    let sealed = seal_all(&hosts, |agent, host_key, held, _| {
+        let mut share = Share {
+            agent: agent.to_owned(),
+            ..Share::default()
+        };
         for name in &args.names {
-            let version = next_version(held.iter().find(|i| &i.name == name).map(|h| h.version));
+            let have = held.and_then(|h| h.iter().find(|i| &i.name == name));
             let env = keeper
-                .removal(&host_key, name, version)
+                .removal(host_key, name, next_version(have.map(|h| h.version)))
                 .map_err(|m| usage(format!("{name}: {m}")))?;
-            match ask(ctx, agent, FILE_REMOVE, &serde_json::to_string(&env)?, timeout).await {
-                Ok(r) => rows.push(row(agent, name, "removed", r["msg"].as_str().unwrap_or_default())),
-                Err(e) => rows.push(row(agent, name, "failed", format!("{e:#}"))),
-            }
+            share.add(&env, true)?;
+        }
+        Ok(share)
+    })?;
+    send_and_wait(ctx, &args.target, sealed).await
+}
+
+/// Each host's share and the rows already known (unchanged files, hosts that
+/// cannot be sent to).
+type Sealed = (Vec<Share>, Vec<Value>);
+
+/// Runs `seal` for every host with a key, spread over the cores.
+fn seal_all<F>(hosts: &[(String, Known)], seal: F) -> anyhow::Result<Sealed>
+where
+    F: Fn(&str, &str, Option<&[Item]>, &mut Vec<Value>) -> anyhow::Result<Share> + Sync,
+{
+    let mut rows = Vec::new();
+    let mut work = Vec::new();
+    for (agent, known) in hosts {
+        match known {
+            Known::Online { host_key, held } => work.push((agent.as_str(), host_key.as_str(), Some(held.as_slice()))),
+            Known::Offline { host_key } => work.push((agent.as_str(), host_key.as_str(), None)),
+            Known::Failed(e) => rows.push(row(agent, "-", "failed", e.clone())),
         }
     }
+    let threads = std::thread::available_parallelism().map_or(1, std::num::NonZero::get);
+    let chunk = work.len().div_ceil(threads).max(1);
+    let done: Vec<anyhow::Result<(Vec<Share>, Vec<Value>)>> = std::thread::scope(|scope| {
+        let handles: Vec<_> = work
+            .chunks(chunk)
+            .map(|hosts| {
+                let seal = &seal;
+                scope.spawn(move || {
+                    let mut shares = Vec::new();
+                    let mut rows = Vec::new();
+                    for (agent, key, held) in hosts {
+                        shares.push(seal(agent, key, *held, &mut rows)?);
+                    }
+                    Ok((shares, rows))
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().unwrap_or_else(|_| Err(anyhow!("a sealing thread panicked"))))
+            .collect()
+    });
+    let mut shares = Vec::new();
+    for d in done {
+        let (s, r) = d?;
+        shares.extend(s.into_iter().filter(|s| !s.envelopes.is_empty()));
+        rows.extend(r);
+    }
+    Ok((shares, rows))
+}
+
+/// The most bytes of shares one push request carries; a larger push is sent in
+/// several.
+const REQUEST_BYTES: usize = 32 << 20;
+
+/// Hands the server one push of every share, then waits for it to settle,
+/// showing each agent's progress.
+async fn send_and_wait(ctx: &Ctx, target: &FilesTarget, (shares, mut rows): Sealed) -> anyhow::Result<ExitCode> {
+    if shares.is_empty() {
+        return report(ctx, rows);
+    }
+    let mut batches: Vec<Vec<Value>> = vec![Vec::new()];
+    let mut size = 0;
+    for s in &shares {
+        let parts = pack(&s.envelopes);
+        let bytes: usize = parts.iter().map(String::len).sum();
+        if size + bytes > REQUEST_BYTES && batches.last().is_some_and(|b| !b.is_empty()) {
+            batches.push(Vec::new());
+            size = 0;
+        }
+        size += bytes;
+        if let Some(b) = batches.last_mut() {
+            b.push(json!({"agent": s.agent, "parts": parts, "files": s.files}));
+        }
+    }
+    let limit = Duration::from_secs(120);
+    let mut batches = batches.into_iter();
+    let first = json!({"agents": batches.next().unwrap_or_default(), "part_timeout_secs": target.timeout});
+    let created = ctx
+        .client
+        .call_within(Method::POST, &["files", "pushes"], Some(&first), limit)
+        .await?;
+    let id = created["id"]
+        .as_str()
+        .ok_or_else(|| anyhow!("the server answered no push ID"))?
+        .to_owned();
+    for b in batches {
+        ctx.client
+            .call_within(
+                Method::POST,
+                &["files", "pushes", &id, "agents"],
+                Some(&json!({"agents": b})),
+                limit,
+            )
+            .await?;
+    }
+    let progress = wait(ctx, &id, shares.len()).await?;
+    for share in progress["agents"].as_array().into_iter().flatten() {
+        rows.extend(share_rows(&id, share));
+    }
     report(ctx, rows)
+}
+
+/// Long-polls the push until it settles; each agent's end goes to stderr as it
+/// comes (not with `--json`).
+async fn wait(ctx: &Ctx, id: &str, agents: usize) -> anyhow::Result<Value> {
+    let mut since = 0_i64;
+    let mut shown = std::collections::HashSet::new();
+    loop {
+        let p = ctx
+            .client
+            .get(
+                &["files", "pushes", id],
+                &[("since", since.to_string()), ("wait_secs", "25".into())],
+            )
+            .await?;
+        since = p["revision"].as_i64().unwrap_or(since);
+        if !ctx.json {
+            for s in p["agents"].as_array().into_iter().flatten() {
+                let agent = s["agent_id"].as_str().unwrap_or_default();
+                let state = s["state"].as_str().unwrap_or_default();
+                let ended = matches!(state, "done" | "failed") || (state == "waiting" && s["online"] == false);
+                if ended && shown.insert(agent.to_owned()) {
+                    let what = match state {
+                        "done" => format!("done, {} files", s["files"].as_array().map_or(0, Vec::len)),
+                        "failed" => format!("failed: {}", s["detail"].as_str().unwrap_or_default()),
+                        _ => "offline: sent when it reconnects".to_owned(),
+                    };
+                    eprintln!("[{}/{agents}] {agent}: {what}", shown.len());
+                }
+            }
+        }
+        if p["settled"] == true {
+            return Ok(p);
+        }
+    }
+}
+
+/// The report rows of one agent's share.
+fn share_rows(id: &str, share: &Value) -> Vec<Value> {
+    let agent = share["agent_id"].as_str().unwrap_or_default();
+    let state = share["state"].as_str().unwrap_or_default();
+    let results = share["results"].as_array().cloned().unwrap_or_default();
+    let mut rows = Vec::new();
+    for f in share["files"].as_array().into_iter().flatten() {
+        let name = f["name"].as_str().unwrap_or_default();
+        let removal = f["removed"] == true;
+        let result = results.iter().rev().find(|r| r["name"] == name);
+        let r = match (result, state) {
+            (Some(r), _) if r["error"].is_string() => {
+                row(agent, name, "failed", r["error"].as_str().unwrap_or_default())
+            }
+            (Some(r), _) => {
+                let action = r["action"].as_str().unwrap_or_default();
+                let detail = format!("{name}: {action} (version {})", r["version"]);
+                row(agent, name, if removal { "removed" } else { "sent" }, detail)
+            }
+            (None, "failed") => row(agent, name, "failed", share["detail"].as_str().unwrap_or_default()),
+            (None, _) => row(
+                agent,
+                name,
+                "queued",
+                format!("agent offline: push {id} sends it when the agent reconnects"),
+            ),
+        };
+        rows.push(r);
+    }
+    rows
+}
+
+async fn status(ctx: &Ctx, args: &FilesStatusArgs) -> anyhow::Result<ExitCode> {
+    let mut q = Vec::new();
+    if let Some(a) = &args.agent {
+        q.push(("agent", a.clone()));
+    }
+    if let Some(n) = &args.name {
+        q.push(("name", n.clone()));
+    }
+    if args.behind {
+        q.push(("behind", "true".to_owned()));
+    }
+    let rows = ctx.client.get(&["files", "status"], &q).await?;
+    let rows = rows.as_array().cloned().unwrap_or_default();
+    let behind = rows.iter().filter(|r| r["behind"] == true).count();
+    if ctx.json {
+        output::json(&Value::Array(rows))?;
+    } else {
+        let cols = [
+            "agent_id",
+            "name",
+            "wanted_version",
+            "held_version",
+            "held_state",
+            "behind",
+        ];
+        let mut t = output::table(&["agent", "name", "pushed", "held", "state", "behind"]);
+        for r in &rows {
+            t.add_row(cols.map(|k| output::cell(&r[k])));
+        }
+        output::print(&t)?;
+        eprintln!("{behind} of {} behind", rows.len());
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 #[cfg(test)]
@@ -369,6 +642,8 @@ mod tests {
     fn target(dir: &Path) -> FilesTarget {
         FilesTarget {
             agents: vec!["a1".into()],
+            tag: None,
+            all: false,
             known_hosts: Some(dir.join("hosts.json")),
             accept_host_key: None,
             trust_new_hosts: false,

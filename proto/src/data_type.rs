@@ -71,8 +71,13 @@ pub const PROXY_JOB_EVENT: i32 = 6101;
 pub const PROXY_DISCOVER: i32 = 6102;
 /// The file-delivery plugin's range.
 pub const FILE_DELIVERY: RangeInclusive<i32> = 6200..=6299;
-/// file-delivery task: deliver a file (data: a sealed envelope).
+/// file-delivery task: deliver files (data: a sealed envelope, a bundle of them,
+/// or a piece of one too large for a task; at most [`FILE_PART_MAX_BYTES`]). The
+/// 5100 result of a bundle or a last piece carries `files`, each file's outcome.
 pub const FILE_DELIVER: i32 = 6200;
+/// The most data a 6200 task carries: below NATS's default 1 MiB payload, so a
+/// part routed between the servers of a cluster passes as it is.
+pub const FILE_PART_MAX_BYTES: usize = 512 << 10;
 /// file-delivery task: report the host key and every delivered file's digest; the
 /// 5100 result carries `host_key` and `files`.
 pub const FILE_INVENTORY: i32 = 6201;

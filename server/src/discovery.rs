@@ -10,8 +10,8 @@ use keel_proto::data_type::{PROXY_DISCOVER, TASK_RESULT};
 use serde::Serialize;
 use utoipa::ToSchema;
 
-use crate::inventory::{self, ProxyTask, ScanResult};
-use crate::state::ServerState;
+use crate::inventory::{self, PROXY, ScanResult};
+use crate::state::{PluginTask, ServerState};
 
 /// How long a sweep may take: the plugin tries at most 16,384 endpoints, 128 at
 /// a time, each for at most a second.
@@ -44,14 +44,15 @@ pub async fn discover(state: &Arc<ServerState>, agent_id: &str, ports: &[u16], b
     };
     let mut answers = state.cluster.wait(&token, agent_id).await;
     let stored = data.clone();
-    let task = ProxyTask {
+    let task = PluginTask {
+        object_name: PROXY,
         data_type: PROXY_DISCOVER,
         token: &token,
         stored: &stored,
         sent: data,
         timeout: SWEEP_TIMEOUT,
     };
-    inventory::send_task(state, agent_id, task, by).await?;
+    state.send_task(agent_id, task, by).await.map_err(|e| e.to_string())?;
     let answer = tokio::time::timeout(SWEEP_TIMEOUT, async {
         while let Some(reply) = answers.recv().await {
             if reply.data_type == TASK_RESULT {

@@ -8,6 +8,7 @@ mod audit;
 mod components;
 mod console;
 mod enroll;
+mod files;
 mod inventory;
 mod policies;
 mod tasks;
@@ -427,6 +428,16 @@ fn api() -> (Router<Arc<ServerState>>, utoipa::openapi::OpenApi) {
         .routes(routes!(inventory::schedule, inventory::schedules))
         .routes(routes!(inventory::unschedule))
         .routes(routes!(inventory::discover))
+        .routes(routes!(files::inventories))
+        .routes(routes!(files::show_push))
+        .routes(routes!(files::status))
+        // Pushes carry every agent's sealed files, up to their own limit.
+        .merge(
+            OpenApiRouter::new()
+                .routes(routes!(files::create_push))
+                .routes(routes!(files::add_shares))
+                .layer(axum::extract::DefaultBodyLimit::max(files::MAX_PUSH_REQUEST)),
+        )
         // Uploads are streamed and capped by the component store itself.
         .merge(
             OpenApiRouter::new()

@@ -19,11 +19,10 @@ use tokio::io::AsyncWriteExt;
 use utoipa::ToSchema;
 
 use crate::certinfo;
-use crate::connections::{Outbound, TaskCommand};
 use crate::findings::{self, Trust};
 use crate::ocsp;
-use crate::state::ServerState;
-use crate::store::{CertRow, NewTask};
+use crate::state::{PluginTask, ServerState};
+use crate::store::CertRow;
 use crate::tlsprobe::{self, Answer, Legacy, Profile, ProtocolSeen};
 
 /// The proxy plugin's name.
@@ -216,14 +215,15 @@ async fn run(
     let data = serde_json::json!({"job": job, "target": target, "token": secret}).to_string();
     // The stored copy leaves the one-time token out, and says what was asked.
     let stored = serde_json::json!({"job": job, "target": target, "probe": probe, "token": "<redacted>"}).to_string();
-    let task = ProxyTask {
+    let task = PluginTask {
+        object_name: PROXY,
         data_type: PROXY_JOB,
         token: task_token,
         sent: data,
         stored: &stored,
         timeout: state.config.tunnel.wait,
     };
-    send_task(state, agent_id, task, by).await?;
+    state.send_task(agent_id, task, by).await.map_err(|e| e.to_string())?;
     let wait = state.config.tunnel.wait;
     let crate::tunnel::TunnelWait { local, remote } = tunnel;
     let remote_outcome = async move {
@@ -271,52 +271,6 @@ async fn run(
         }
     };
     look(probe, stream, target, wait).await
-}
-
-/// A task for the proxy plugin: what goes down the stream, and what the task list
-/// keeps of it (never a one-time token).
-#[derive(Debug)]
-pub struct ProxyTask<'a> {
-    /// `PROXY_JOB` or `PROXY_DISCOVER`.
-    pub data_type: i32,
-    /// The task's token.
-    pub token: &'a str,
-    /// The data sent.
-    pub sent: String,
-    /// The data stored.
-    pub stored: &'a str,
-    /// How long the agent has to answer.
-    pub timeout: Duration,
-}
-
-/// Records a proxy task in the task list and sends it to `agent_id`.
-pub async fn send_task(state: &ServerState, agent_id: &str, task: ProxyTask<'_>, by: &str) -> Result<(), String> {
-    state
-        .store
-        .task_sent(
-            &NewTask {
-                token: task.token,
-                agent_id,
-                data_type: task.data_type,
-                object_name: PROXY,
-                data: task.stored,
-                created_by: by,
-                timeout_ms: i64::try_from(task.timeout.as_millis()).unwrap_or(i64::MAX),
-            },
-            keel_common::time::now_ms(),
-        )
-        .await
-        .map_err(|e| e.to_string())?;
-    let cmd = TaskCommand {
-        data_type: task.data_type,
-        object_name: PROXY.to_owned(),
-        data: task.sent,
-        token: task.token.to_owned(),
-    };
-    state
-        .send(agent_id, Outbound::Task(cmd))
-        .await
-        .map_err(|e| e.to_string())
 }
 
 /// Runs another instance's probe whose tunnel landed here, and publishes what it

@@ -19,6 +19,7 @@ pub mod config;
 pub mod connections;
 pub mod discovery;
 pub mod encoding;
+pub mod files;
 pub mod findings;
 pub mod gaps;
 pub mod grpc;

@@ -190,6 +190,7 @@ pub async fn run_with_state(
     let background = background(Arc::clone(&state), shutdown.clone(), &mut newest_revocation);
     let rollouts = tokio::spawn(crate::rollout::run(Arc::clone(&state), shutdown.clone()));
     let audits = tokio::spawn(crate::audits::run(Arc::clone(&state), shutdown.clone()));
+    let pushes = tokio::spawn(crate::files::run(Arc::clone(&state), shutdown.clone()));
     let commands = tokio::spawn(crate::cluster::serve_commands(Arc::clone(&state), shutdown.clone()));
     let membership = tokio::spawn(crate::cluster::run(Arc::clone(&state), shutdown.clone()));
     let drain_state = Arc::clone(&state);
@@ -200,6 +201,7 @@ pub async fn run_with_state(
     let (grpc_result, http_result, (), ()) = tokio::join!(grpc, http, background, drain);
     let _ = rollouts.await;
     let _ = audits.await;
+    let _ = pushes.await;
     let _ = commands.await;
     match tunnels.await {
         Ok(Err(e)) => warn!(error = %e, "tunnel endpoint failed"),

@@ -11,12 +11,12 @@ use keel_proto::product::{KEEL_AGENT, Product};
 
 use crate::cluster::Cluster;
 use crate::config::ServerConfig;
-use crate::connections::{Connections, Outbound, PluginCommand, Revocations, SendError};
+use crate::connections::{Connections, Outbound, PluginCommand, Revocations, SendError, TaskCommand};
 use crate::pki::{self, Ca, CsrError, IssuedCert, PkiError};
 use crate::policy::{self, AgentFacts, Effective, Policy};
 use crate::release::Release;
 use crate::sink::Sink;
-use crate::store::{Store, StoreError, StreamMark};
+use crate::store::{NewTask, Store, StoreError, StreamMark};
 
 /// The server's shared state.
 #[derive(Debug)]
@@ -115,6 +115,35 @@ pub enum IssueError {
     /// Recording failed.
     #[error(transparent)]
     Store(#[from] StoreError),
+}
+
+/// A task for a plugin: what goes down the stream, and what the task list keeps
+/// of it (never a one-time token, never a bulky or secret payload).
+#[derive(Debug)]
+pub struct PluginTask<'a> {
+    /// The plugin.
+    pub object_name: &'a str,
+    /// The task's data type.
+    pub data_type: i32,
+    /// The task's token.
+    pub token: &'a str,
+    /// The data sent.
+    pub sent: String,
+    /// The data stored.
+    pub stored: &'a str,
+    /// How long the agent has to answer.
+    pub timeout: Duration,
+}
+
+/// Why a task was not sent.
+#[derive(Debug, thiserror::Error)]
+pub enum TaskError {
+    /// The task list could not record it.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// The stream could not take it.
+    #[error(transparent)]
+    Send(#[from] SendError),
 }
 
 impl ServerState {
@@ -443,6 +472,31 @@ impl ServerState {
             // The registry may still name this instance for a stream that just ended.
             _ => Err(SendError::Offline(agent_id.to_owned())),
         }
+    }
+
+    /// Records a plugin's task in the task list and hands it to the agent's stream.
+    pub async fn send_task(&self, agent_id: &str, task: PluginTask<'_>, by: &str) -> Result<(), TaskError> {
+        self.store
+            .task_sent(
+                &NewTask {
+                    token: task.token,
+                    agent_id,
+                    data_type: task.data_type,
+                    object_name: task.object_name,
+                    data: task.stored,
+                    created_by: by,
+                    timeout_ms: i64::try_from(task.timeout.as_millis()).unwrap_or(i64::MAX),
+                },
+                now_ms(),
+            )
+            .await?;
+        let cmd = TaskCommand {
+            data_type: task.data_type,
+            object_name: task.object_name.to_owned(),
+            data: task.sent,
+            token: task.token.to_owned(),
+        };
+        Ok(self.send(agent_id, Outbound::Task(cmd)).await?)
     }
 
     /// The gRPC address agents should dial for this instance.

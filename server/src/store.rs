@@ -1,5 +1,5 @@
 //! The registry: agents, tokens, certificates, tasks, the TLS inventory and its
-//! schedules. One set of portable SQL
+//! schedules, file-delivery pushes. One set of portable SQL
 //! statements serves SQLite (the embedded default) and PostgreSQL, through sqlx's
 //! `Any` driver with `$N` placeholders.
 
@@ -7,6 +7,7 @@ mod agents;
 mod audit;
 mod certs;
 mod cluster;
+mod files;
 mod inventory;
 mod jobs;
 mod plugins;
@@ -23,6 +24,7 @@ use sqlx::{AnyPool, ConnectOptions, Connection};
 pub use agents::{AgentMeta, AgentQuery, AgentRow};
 pub use audit::{AuditEntry, AuditFilter};
 pub use cluster::{InstanceRow, TunnelJobRow};
+pub use files::{FileStatusRow, NewPushAgent, PushAgentRow, PushRow, WantedFile};
 pub use inventory::CertRow;
 pub use jobs::{JobRow, PendingSubtask, SubtaskCounts};
 pub use plugins::{DesiredPlugin, PackageRow, ReportedPlugin};

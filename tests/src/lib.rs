@@ -8,6 +8,7 @@
 #![allow(clippy::expect_used, clippy::unwrap_used)]
 
 pub mod cluster;
+pub mod filedelivery;
 pub mod mariadb;
 pub mod netns;
 pub mod proxy;

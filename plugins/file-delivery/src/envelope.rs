@@ -43,9 +43,9 @@ use sha2::{Digest, Sha256};
 
 /// The envelope format this code speaks.
 pub const FORMAT: u32 = 1;
-/// The largest file a delivery carries. A delivery is one task, and tasks carry at
-/// most 64 KiB of data: 45 KiB of content is 60 KiB once sealed and in base64.
-pub const MAX_FILE_BYTES: usize = 45 * 1024;
+/// The largest file a delivery carries. An envelope larger than a task travels in
+/// pieces ([`crate::bundle`]).
+pub const MAX_FILE_BYTES: usize = 16 << 20;
 /// The most readers a file can name.
 pub const MAX_READERS: usize = 16;
 /// The most path components a name has.
@@ -734,14 +734,14 @@ mod tests {
         let host = HostKey::generate();
         let big = vec![0u8; MAX_FILE_BYTES + 1];
         let e = keeper.seal(&host.public_hex(), &spec("big"), &big, 1).unwrap_err();
-        assert!(e.contains("at most 46080"), "{e}");
+        assert!(e.contains("at most 16777216"), "{e}");
         let env = keeper
             .seal(&host.public_hex(), &spec("max"), &big[..MAX_FILE_BYTES], 1)
             .unwrap();
         let json = serde_json::to_string(&env).unwrap();
         assert!(
-            json.len() < 64 * 1024,
-            "the largest delivery fits a task: {}",
+            json.len() <= crate::bundle::MAX_ENVELOPE_BYTES,
+            "the largest delivery fits an upload: {}",
             json.len()
         );
     }

@@ -12,11 +12,13 @@
 //! Tasks (6200 deliver, 6201 inventory, 6202 remove) and records are in
 //! [`plugin`].
 //!
-//! Without the default `plugin` feature the crate is [`envelope`] alone: what a
-//! keeper needs to seal, sign and compare digests.
+//! Without the default `plugin` feature the crate is [`envelope`] and [`bundle`]
+//! alone: what a keeper needs to seal, sign, compare digests and pack one host's
+//! changes into tasks.
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
+pub mod bundle;
 pub mod envelope;
 
 #[cfg(feature = "plugin")]
@@ -27,6 +29,8 @@ pub mod plugin;
 pub mod server;
 #[cfg(feature = "plugin")]
 pub mod store;
+#[cfg(feature = "plugin")]
+pub mod uploads;
 
 /// The version of this build: `BUILD_VERSION` at compile time, else the crate's.
 pub const VERSION: &str = match option_env!("BUILD_VERSION") {

@@ -10,10 +10,12 @@ use std::sync::Arc;
 use keel_plugin_sdk::data_type::{FILE_DELIVER, FILE_EVENT, FILE_HOST_KEY, FILE_INVENTORY, FILE_REMOVE, TASK_RESULT};
 use keel_plugin_sdk::{Client, Error, Task};
 
+use crate::bundle::Part;
 use crate::config::{self, Config};
-use crate::envelope::{Envelope, HostKey, Op};
+use crate::envelope::{Envelope, HostKey, Op, Opened};
 use crate::server;
 use crate::store::{Outcome, Store};
+use crate::uploads::Uploads;
 
 /// Runs the plugin until the agent closes the task pipe.
 pub fn run(client: Client, detail: &str) -> Result<(), Error> {
@@ -41,6 +43,14 @@ fn serve(client: &Client, config: &Config, store: &Arc<Store>, host: &HostKey) -
         Some(addr) => start_file_server(addr, Arc::clone(store)),
         None => None,
     };
+    let uploads = match Uploads::open(&config.state_dir) {
+        Ok(u) => u,
+        Err(e) => {
+            let msg = format!("cannot open {}/uploads: {e}", config.state_dir.display());
+            tracing::error!("{msg}: every task is refused until it is fixed");
+            return client.refuse_all(&msg);
+        }
+    };
     client.send(FILE_HOST_KEY, [("host_key", host.public_hex())])?;
     tracing::info!(
         host_key = %host.public_hex(),
@@ -50,17 +60,39 @@ fn serve(client: &Client, config: &Config, store: &Arc<Store>, host: &HostKey) -
         "file-delivery ready"
     );
     client.flush()?;
+    let host = Host {
+        client,
+        config,
+        store,
+        key: host,
+        uploads,
+    };
     while let Some(task) = client.next_task()? {
-        if task.data_type == FILE_INVENTORY {
-            inventory(client, store, host, &task.token)?;
-            continue;
-        }
-        match handle(client, config, store, host, &task) {
-            Ok(msg) => client.task_result(&task.token, true, &msg)?,
-            Err(msg) => {
-                tracing::warn!(data_type = task.data_type, error = %msg, "task refused");
-                client.task_result(&task.token, false, &msg)?;
+        match task.data_type {
+            FILE_INVENTORY => inventory(client, store, host.key, &task.token)?,
+            FILE_DELIVER => host.deliver(&task)?,
+            FILE_REMOVE => {
+                let outcome = Envelope::parse(&task.data)
+                    .map_err(|e| e.to_string())
+                    .and_then(|env| match env.op {
+                        Op::Remove => Ok(env),
+                        Op::Deliver => Err(format!("a deliver envelope was sent as task {FILE_REMOVE}; refused")),
+                    });
+                match outcome {
+                    Ok(env) => host.answer_one(&task.token, &env)?,
+                    Err(msg) => {
+                        tracing::warn!(data_type = task.data_type, error = %msg, "task refused");
+                        client.task_result(&task.token, false, &msg)?;
+                    }
+                }
             }
+            other => client.task_result(
+                &task.token,
+                false,
+                &format!(
+                    "data_type {other} is not a file-delivery task ({FILE_DELIVER} deliver, {FILE_INVENTORY} inventory, {FILE_REMOVE} remove)"
+                ),
+            )?,
         }
     }
     client.flush().or(Ok(()))
@@ -91,48 +123,184 @@ fn start_file_server(addr: std::net::SocketAddr, store: Arc<Store>) -> Option<st
     spawned.ok().map(|_| local)
 }
 
-/// One task; its result message, or why it was refused.
-fn handle(client: &Client, config: &Config, store: &Store, host: &HostKey, task: &Task) -> Result<String, String> {
-    let op = match task.data_type {
-        FILE_DELIVER => Op::Deliver,
-        FILE_REMOVE => Op::Remove,
-        other => {
-            return Err(format!(
-                "data_type {other} is not a file-delivery task ({FILE_DELIVER} deliver, {FILE_INVENTORY} inventory, {FILE_REMOVE} remove)"
-            ));
+/// What the plugin works with while it answers tasks.
+struct Host<'a> {
+    client: &'a Client,
+    config: &'a Config,
+    store: &'a Store,
+    key: &'a HostKey,
+    uploads: Uploads,
+}
+
+/// One envelope applied.
+struct Done {
+    name: String,
+    version: u64,
+    outcome: Outcome,
+}
+
+impl Done {
+    fn message(&self) -> String {
+        format!("{}: {} (version {})", self.name, self.outcome.as_str(), self.version)
+    }
+}
+
+impl Host<'_> {
+    /// A 6200 task: one envelope, a bundle, or a piece of a large one.
+    fn deliver(&self, task: &Task) -> Result<(), Error> {
+        let envelopes = match Part::parse(&task.data) {
+            Ok(Part::One(env)) if env.op == Op::Remove => {
+                Err(format!("a remove envelope was sent as task {FILE_DELIVER}; refused"))
+            }
+            Ok(Part::One(env)) => return self.answer_one(&task.token, &env),
+            Ok(Part::Bundle(envs)) => Ok(envs),
+            Ok(Part::Piece(piece)) => match self.uploads.add(&piece) {
+                Ok(None) => {
+                    let msg = format!(
+                        "upload {}: piece {} of {} kept",
+                        piece.upload,
+                        piece.index + 1,
+                        piece.count
+                    );
+                    return self.client.task_result(&task.token, true, &msg);
+                }
+                Ok(Some(json)) => Envelope::parse(&json).map(|e| vec![e]).map_err(|e| e.to_string()),
+                Err(msg) => Err(msg),
+            },
+            Err(e) => Err(e.to_string()),
+        };
+        match envelopes {
+            Ok(envs) => self.answer_bundle(&task.token, &envs),
+            Err(msg) => {
+                tracing::warn!(error = %msg, "delivery refused");
+                self.client.task_result(&task.token, false, &msg)
+            }
         }
-    };
-    let env = Envelope::parse(&task.data).map_err(|e| e.to_string())?;
-    if env.op != op {
-        return Err(format!(
-            "a {} envelope was sent as task {}; refused",
-            if env.op == Op::Deliver { "deliver" } else { "remove" },
-            task.data_type
-        ));
     }
-    let opened = env
-        .open(&config.keeper_keys, host)
-        .map_err(|e| format!("{}: {e}", env.name))?;
-    let outcome = match op {
-        Op::Deliver => store.deliver(&env, &opened),
-        Op::Remove => store.remove(&env),
+
+    /// Applies one envelope and answers with its outcome alone.
+    fn answer_one(&self, token: &str, env: &Envelope) -> Result<(), Error> {
+        match self.apply(std::slice::from_ref(env)).pop() {
+            Some(Ok(done)) => self.client.task_result(token, true, &done.message()),
+            Some(Err(msg)) => {
+                tracing::warn!(error = %msg, "delivery refused");
+                self.client.task_result(token, false, &msg)
+            }
+            None => self.client.task_result(token, false, "nothing to apply"),
+        }
     }
-    .map_err(|e| e.to_string())?;
-    if matches!(outcome, Outcome::Written | Outcome::Removed) {
-        tracing::info!(name = %env.name, version = env.version, action = outcome.as_str(), "file changed");
-    }
-    client
-        .send(
-            FILE_EVENT,
+
+    /// Applies a bundle and answers with every file's outcome: `files` is
+    /// `[{"name", "version", "action"}]`, with `error` in place of `action` for
+    /// one refused.
+    fn answer_bundle(&self, token: &str, envelopes: &[Envelope]) -> Result<(), Error> {
+        let mut files = Vec::with_capacity(envelopes.len());
+        let (mut changed, mut unchanged, mut refused) = (0, 0, Vec::new());
+        for (env, outcome) in envelopes.iter().zip(self.apply(envelopes)) {
+            match outcome {
+                Ok(done) => {
+                    match done.outcome {
+                        Outcome::Written | Outcome::Removed => changed += 1,
+                        Outcome::Unchanged | Outcome::Absent => unchanged += 1,
+                    }
+                    files.push(serde_json::json!({"name": done.name, "version": done.version, "action": done.outcome.as_str()}));
+                }
+                Err(msg) => {
+                    tracing::warn!(name = %env.name, error = %msg, "delivery refused");
+                    files.push(serde_json::json!({"name": env.name, "version": env.version, "error": msg}));
+                    refused.push(msg);
+                }
+            }
+        }
+        let mut msg = format!("{changed} changed, {unchanged} unchanged, {} refused", refused.len());
+        if let Some(first) = refused.first() {
+            msg.push_str(": ");
+            msg.push_str(first);
+        }
+        let status = if refused.is_empty() { "succeeded" } else { "failed" };
+        let files = serde_json::Value::Array(files).to_string();
+        self.client.send(
+            TASK_RESULT,
             [
-                ("name", env.name.as_str()),
-                ("action", outcome.as_str()),
-                ("version", &env.version.to_string()),
-                ("keeper", &env.keeper),
+                ("token", token),
+                ("status", status),
+                ("msg", msg.as_str()),
+                ("files", files.as_str()),
             ],
-        )
-        .map_err(|e| e.to_string())?;
-    Ok(format!("{}: {} (version {})", env.name, outcome.as_str(), env.version))
+        )?;
+        self.client.flush()
+    }
+
+    /// Checks, opens and applies envelopes in order, each on its own; runs of
+    /// deliveries are written together ([`Store::deliver_all`]).
+    fn apply(&self, envelopes: &[Envelope]) -> Vec<Result<Done, String>> {
+        let opened: Vec<Result<Opened, String>> = envelopes
+            .iter()
+            .map(|env| {
+                env.open(&self.config.keeper_keys, self.key)
+                    .map_err(|e| format!("{}: {e}", env.name))
+            })
+            .collect();
+        let mut outcomes: Vec<Result<Outcome, String>> = Vec::with_capacity(envelopes.len());
+        let mut i = 0;
+        while i < envelopes.len() {
+            if envelopes[i].op == Op::Remove {
+                let removed = opened[i]
+                    .as_ref()
+                    .map_err(Clone::clone)
+                    .and_then(|_| self.store.remove(&envelopes[i]).map_err(|e| e.to_string()));
+                outcomes.push(removed);
+                i += 1;
+                continue;
+            }
+            let end = (i..envelopes.len())
+                .find(|&k| envelopes[k].op == Op::Remove)
+                .unwrap_or(envelopes.len());
+            let batch: Vec<(usize, (&Envelope, &Opened))> = (i..end)
+                .filter_map(|k| opened[k].as_ref().ok().map(|o| (k, (&envelopes[k], o))))
+                .collect();
+            let items: Vec<(&Envelope, &Opened)> = batch.iter().map(|(_, item)| *item).collect();
+            let mut written = batch.iter().map(|(k, _)| *k).zip(self.store.deliver_all(&items));
+            let mut next = written.next();
+            for k in i..end {
+                match (&opened[k], &mut next) {
+                    (Err(msg), _) => outcomes.push(Err(msg.clone())),
+                    (Ok(_), Some((at, result))) if *at == k => {
+                        outcomes.push(std::mem::replace(result, Ok(Outcome::Unchanged)).map_err(|e| e.to_string()));
+                        next = written.next();
+                    }
+                    (Ok(_), _) => outcomes.push(Err(format!("{}: not applied", envelopes[k].name))),
+                }
+            }
+            i = end;
+        }
+        envelopes
+            .iter()
+            .zip(outcomes)
+            .map(|(env, outcome)| {
+                let outcome = outcome?;
+                if matches!(outcome, Outcome::Written | Outcome::Removed) {
+                    tracing::info!(name = %env.name, version = env.version, action = outcome.as_str(), "file changed");
+                }
+                self.client
+                    .send(
+                        FILE_EVENT,
+                        [
+                            ("name", env.name.as_str()),
+                            ("action", outcome.as_str()),
+                            ("version", &env.version.to_string()),
+                            ("keeper", &env.keeper),
+                        ],
+                    )
+                    .map_err(|e| e.to_string())?;
+                Ok(Done {
+                    name: env.name.clone(),
+                    version: env.version,
+                    outcome,
+                })
+            })
+            .collect()
+    }
 }
 
 /// Answers an inventory with a 5100 result that carries the data.

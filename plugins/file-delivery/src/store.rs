@@ -4,13 +4,16 @@
 //! descriptors opened with `O_NOFOLLOW` from that root down, so no name, and no
 //! symbolic link planted in the tree, reaches a file outside it. A file is written
 //! to a temporary file in its directory, synced, renamed over the old one and the
-//! directory synced: a reader sees the old file or the new, never a part.
+//! directory synced: a reader sees the old file or the new, never a part. A
+//! bundle's files share their syncs ([`Store::deliver_all`]): all are written,
+//! then synced (one by one up to [`SYNC_EACH_UP_TO`], else one `syncfs`), then
+//! renamed, then each directory is synced once.
 //!
 //! The index holds for each name the version, digest, digest key, mode, readers and
 //! keeper of its last delivery, and keeps a removed name's version, so that nothing
 //! older can come back. It is a snapshot (`<state_dir>/index.json`, 0600) and a
 //! journal (`index.journal`, 0600) of one JSON line per change, appended and
-//! synced before a task is answered: one small write per change, whatever the
+//! synced before a task is answered: one small write per task, whatever the
 //! number of files. When the journal holds more lines than twice the entries (and
 //! at least [`COMPACT_MIN`]), the snapshot is rewritten and the journal emptied. A
 //! torn last line (a crash mid-append) is dropped on open; a bad line before it is
@@ -34,6 +37,9 @@ use crate::envelope::{self, Envelope, MAX_FILE_BYTES, Opened};
 
 const INDEX: &str = "index.json";
 const JOURNAL: &str = "index.journal";
+/// A batch of up to this many changed files syncs each; a larger one syncs the
+/// file system once.
+pub const SYNC_EACH_UP_TO: usize = 4;
 /// The journal is compacted only past this many lines.
 pub const COMPACT_MIN: usize = 256;
 const HOST_KEY: &str = "host.key";
@@ -128,6 +134,9 @@ pub enum StoreError {
     /// Same version, other content.
     #[error("{0}: this version was delivered with other content; refused")]
     Conflict(String),
+    /// A name given twice in one bundle.
+    #[error("{0}: named twice in one bundle; the second is refused")]
+    Twice(String),
     /// The host holds `max_files` files.
     #[error("this host holds {0} files, its max_files; remove one first")]
     Full(usize),
@@ -238,21 +247,26 @@ impl Index {
         })
     }
 
-    /// Records a change durably; compacts the journal when it has grown.
-    fn record(&mut self, state_dir: &Path, name: &str, entry: Entry) -> Result<(), StoreError> {
-        let change = Change {
-            name: name.to_owned(),
-            entry,
-        };
-        let mut line = serde_json::to_vec(&change).map_err(|e| io("index")(std::io::Error::other(e)))?;
-        line.push(b'\n');
+    /// Records changes durably (one append, one sync); compacts the journal when
+    /// it has grown.
+    fn record(&mut self, state_dir: &Path, changes: Vec<Change>) -> Result<(), StoreError> {
+        if changes.is_empty() {
+            return Ok(());
+        }
+        let mut lines = Vec::new();
+        for change in &changes {
+            serde_json::to_writer(&mut lines, change).map_err(|e| io("index")(std::io::Error::other(e)))?;
+            lines.push(b'\n');
+        }
         let what = state_dir.join(JOURNAL).display().to_string();
         self.journal
-            .write_all(&line)
+            .write_all(&lines)
             .and_then(|()| self.journal.sync_data())
             .map_err(io(what.clone()))?;
-        self.entries.insert(change.name, change.entry);
-        self.journal_lines += 1;
+        self.journal_lines += changes.len();
+        for change in changes {
+            self.entries.insert(change.name, change.entry);
+        }
         if self.journal_lines > COMPACT_MIN.max(2 * self.entries.len()) {
             let json = serde_json::to_vec(&self.entries).map_err(|e| io("index")(std::io::Error::other(e)))?;
             write_private(&state_dir.join(INDEX), &json)?;
@@ -322,7 +336,7 @@ impl Store {
         self.index.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    fn check_version(&self, env: &Envelope) -> Result<Option<Entry>, StoreError> {
+    fn check_version(&self, env: &Envelope, added: usize) -> Result<Option<Entry>, StoreError> {
         let index = self.lock();
         let old = index.entries.get(&env.name).cloned();
         if let Some(old) = &old {
@@ -336,7 +350,7 @@ impl Store {
             if env.version == old.version && env.digest != old.digest {
                 return Err(StoreError::Conflict(env.name.clone()));
             }
-        } else if index.entries.values().filter(|e| !e.removed).count() >= self.max_files {
+        } else if index.entries.values().filter(|e| !e.removed).count() + added >= self.max_files {
             return Err(StoreError::Full(self.max_files));
         }
         Ok(old)
@@ -344,7 +358,124 @@ impl Store {
 
     /// Writes an opened delivery unless the file already holds it.
     pub fn deliver(&self, env: &Envelope, opened: &Opened) -> Result<Outcome, StoreError> {
-        self.check_version(env)?;
+        self.deliver_all(&[(env, opened)])
+            .pop()
+            .unwrap_or(Err(StoreError::NotFound(env.name.clone())))
+    }
+
+    /// Writes opened deliveries, each unless the file already holds it, with the
+    /// syncs of all shared: every changed file is written to its temporary file,
+    /// the file system is synced once, each is renamed into place, each directory
+    /// synced once, and the index records them with one append and one sync. Each
+    /// delivery has its own outcome; one refused does not stop the others. A name
+    /// given twice is refused the second time (its order could undo the first).
+    pub fn deliver_all(&self, items: &[(&Envelope, &Opened)]) -> Vec<Result<Outcome, StoreError>> {
+        let mut outcomes: Vec<Result<Outcome, StoreError>> = Vec::with_capacity(items.len());
+        let mut pending: Vec<Pending> = Vec::new();
+        let mut seen = std::collections::HashSet::new();
+        let mut added = 0;
+        for (i, (env, opened)) in items.iter().enumerate() {
+            if !seen.insert(env.name.as_str()) {
+                outcomes.push(Err(StoreError::Twice(env.name.clone())));
+                continue;
+            }
+            match self.prepare(env, opened, added) {
+                Ok(None) => outcomes.push(Ok(Outcome::Unchanged)),
+                Ok(Some(p)) => {
+                    added += usize::from(p.new_name);
+                    outcomes.push(Ok(Outcome::Written));
+                    pending.push(Pending { index: i, ..p });
+                }
+                Err(e) => outcomes.push(Err(e)),
+            }
+        }
+        // Every temporary file's content on disk before any takes a name: a few
+        // are synced one by one, more with one sync of the file system.
+        let synced = if pending.len() > SYNC_EACH_UP_TO {
+            File::open(&self.files_dir)
+                .and_then(|root| nix::unistd::syncfs(&root).map_err(std::io::Error::from))
+                .map_err(|e| e.to_string())
+        } else {
+            pending
+                .iter()
+                .try_for_each(|p| p.file.sync_all())
+                .map_err(|e| e.to_string())
+        };
+        if let Err(e) = synced {
+            for p in pending.drain(..) {
+                let _ = unlinkat(&p.dir, p.tmp.as_str(), UnlinkatFlags::NoRemoveDir);
+                outcomes[p.index] = Err(StoreError::Io {
+                    what: items[p.index].0.name.clone(),
+                    err: std::io::Error::other(format!("sync: {e}")),
+                });
+            }
+        }
+        let mut synced: Vec<(String, &Pending)> = Vec::new();
+        for p in &pending {
+            let name = &items[p.index].0.name;
+            if let Err(e) = renameat(&p.dir, p.tmp.as_str(), &p.dir, p.base.as_str()).map_err(errno(name, "rename")) {
+                let _ = unlinkat(&p.dir, p.tmp.as_str(), UnlinkatFlags::NoRemoveDir);
+                outcomes[p.index] = Err(e);
+                continue;
+            }
+            let parent = name.rsplit_once('/').map_or("", |(d, _)| d).to_owned();
+            if !synced.iter().any(|(d, _)| *d == parent) {
+                synced.push((parent, p));
+            }
+        }
+        for (_, p) in &synced {
+            if let Err(e) = nix::unistd::fsync(&p.dir) {
+                let dir = items[p.index].0.name.rsplit_once('/').map_or("", |(d, _)| d);
+                for q in &pending {
+                    if items[q.index].0.name.rsplit_once('/').map_or("", |(d, _)| d) == dir {
+                        outcomes[q.index] = Err(errno(&items[q.index].0.name, "sync directory")(e));
+                    }
+                }
+            }
+        }
+        let changes: Vec<(usize, Change)> = items
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| outcomes[*i].is_ok())
+            .map(|(i, (env, opened))| {
+                (
+                    i,
+                    Change {
+                        name: env.name.clone(),
+                        entry: Entry {
+                            version: env.version,
+                            digest: env.digest.clone(),
+                            digest_key: hex::encode(opened.digest_key),
+                            mode: env.mode.clone(),
+                            readers: env.readers.clone(),
+                            keeper: env.keeper.clone(),
+                            removed: false,
+                        },
+                    },
+                )
+            })
+            .collect();
+        let recorded: Vec<usize> = changes.iter().map(|(i, _)| *i).collect();
+        if let Err(e) = self
+            .lock()
+            .record(&self.state_dir, changes.into_iter().map(|(_, c)| c).collect())
+        {
+            let msg = e.to_string();
+            for i in recorded {
+                outcomes[i] = Err(StoreError::Io {
+                    what: "index".into(),
+                    err: std::io::Error::other(msg.clone()),
+                });
+            }
+        }
+        outcomes
+    }
+
+    /// Checks one delivery and, when the file differs, writes its temporary file
+    /// (not yet synced); `None` when the file already holds it. `added`: new names
+    /// taken earlier in the same batch.
+    fn prepare(&self, env: &Envelope, opened: &Opened, added: usize) -> Result<Option<Pending>, StoreError> {
+        let old = self.check_version(env, added)?;
         let mode = envelope::parse_mode(&env.mode).map_err(|m| io(&env.name)(std::io::Error::other(m)))?;
         let (dir, base) = self.parent_dir(&env.name, true)?;
         let unchanged = match read_beneath(&dir, base, &env.name) {
@@ -352,35 +483,27 @@ impl Store {
                 file_mode & 0o7777 == mode && envelope::digest(&opened.digest_key, &content) == env.digest
             }
             // Missing, or replaced on the host by a link or something else: the
-            // rename below puts the delivered file in its place.
+            // rename puts the delivered file in its place.
             Err(StoreError::NotFound(_) | StoreError::NotBeneath(_) | StoreError::NotRegular(_)) => false,
             Err(e) => return Err(e),
         };
-        if !unchanged {
-            write_beneath(&dir, base, &env.name, &opened.content, mode)?;
+        if unchanged {
+            return Ok(None);
         }
-        self.record(
-            &env.name,
-            Entry {
-                version: env.version,
-                digest: env.digest.clone(),
-                digest_key: hex::encode(opened.digest_key),
-                mode: env.mode.clone(),
-                readers: env.readers.clone(),
-                keeper: env.keeper.clone(),
-                removed: false,
-            },
-        )?;
-        Ok(if unchanged {
-            Outcome::Unchanged
-        } else {
-            Outcome::Written
-        })
+        let (tmp, file) = write_temp(&dir, base, &env.name, &opened.content, mode)?;
+        Ok(Some(Pending {
+            index: 0,
+            base: base.to_owned(),
+            dir,
+            tmp,
+            file,
+            new_name: old.is_none_or(|o| o.removed),
+        }))
     }
 
     /// Removes a file; keeps its version.
     pub fn remove(&self, env: &Envelope) -> Result<Outcome, StoreError> {
-        self.check_version(env)?;
+        self.check_version(env, 0)?;
         let outcome = match self.parent_dir(&env.name, false) {
             Ok((dir, base)) => match unlinkat(&dir, base, UnlinkatFlags::NoRemoveDir) {
                 Ok(()) => {
@@ -465,7 +588,13 @@ impl Store {
     }
 
     fn record(&self, name: &str, entry: Entry) -> Result<(), StoreError> {
-        self.lock().record(&self.state_dir, name, entry)
+        self.lock().record(
+            &self.state_dir,
+            vec![Change {
+                name: name.to_owned(),
+                entry,
+            }],
+        )
     }
 }
 
@@ -492,7 +621,9 @@ fn read_beneath(dir: &impl AsFd, base: &str, name: &str) -> Result<(Vec<u8>, u32
     Ok((content, meta.mode()))
 }
 
-fn write_beneath(dir: &OwnedFd, base: &str, name: &str, content: &[u8], mode: u32) -> Result<(), StoreError> {
+/// Writes `content` to a new temporary file beside `base` (mode `mode`, not
+/// synced); its name and the open file.
+fn write_temp(dir: &OwnedFd, base: &str, name: &str, content: &[u8], mode: u32) -> Result<(String, File), StoreError> {
     let mut rand = [0u8; 8];
     getrandom::fill(&mut rand).map_err(|e| io(name)(std::io::Error::other(e.to_string())))?;
     let tmp = format!(".{base}.{}.tmp", hex::encode(rand));
@@ -506,17 +637,29 @@ fn write_beneath(dir: &OwnedFd, base: &str, name: &str, content: &[u8], mode: u3
     let mut file = File::from(fd);
     let written = file
         .write_all(content)
-        .and_then(|()| file.set_permissions(std::fs::Permissions::from_mode(mode)))
-        .and_then(|()| file.sync_all());
-    drop(file);
-    let renamed = written
-        .map_err(io(name))
-        .and_then(|()| renameat(dir, tmp.as_str(), dir, base).map_err(errno(name, "rename")));
-    if let Err(e) = renamed {
+        .and_then(|()| file.set_permissions(std::fs::Permissions::from_mode(mode)));
+    if let Err(e) = written {
+        drop(file);
         let _ = unlinkat(dir, tmp.as_str(), UnlinkatFlags::NoRemoveDir);
-        return Err(e);
+        return Err(io(name)(e));
     }
-    nix::unistd::fsync(dir).map_err(errno(name, "sync directory"))
+    Ok((tmp, file))
+}
+
+/// A delivery written to its temporary file, to be renamed into place.
+struct Pending {
+    /// Its place in the batch.
+    index: usize,
+    /// The directory holding it.
+    dir: OwnedFd,
+    /// Its name in `dir`.
+    base: String,
+    /// The temporary file's name in `dir`.
+    tmp: String,
+    /// The temporary file, open.
+    file: File,
+    /// It takes a name the index does not hold.
+    new_name: bool,
 }
 
 fn create_dir(dir: &Path, mode: u32) -> Result<(), StoreError> {
@@ -556,7 +699,7 @@ mod tests {
     }
 
     impl Fixture {
-        fn deliver(&self, name: &str, content: &[u8], version: u64) -> Result<Outcome, StoreError> {
+        fn opened(&self, name: &str, content: &[u8], version: u64) -> (Envelope, Opened) {
             let spec = FileSpec {
                 name: name.into(),
                 mode: "0640".into(),
@@ -572,8 +715,72 @@ mod tests {
                     &self.host,
                 )
                 .unwrap();
+            (env, opened)
+        }
+
+        fn deliver(&self, name: &str, content: &[u8], version: u64) -> Result<Outcome, StoreError> {
+            let (env, opened) = self.opened(name, content, version);
             self.store.deliver(&env, &opened)
         }
+    }
+
+    #[test]
+    fn a_batch_shares_its_syncs_and_each_file_keeps_its_own_outcome() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut f = fixture();
+        f.store = Store::open(&f.files, &dir.path().join("state"), 64).unwrap();
+        f.host = f.store.host_key().unwrap();
+        f.deliver("old", b"held", 50).unwrap();
+        let mut items: Vec<(Envelope, Opened)> = (0..SYNC_EACH_UP_TO + 3)
+            .map(|i| f.opened(&format!("d{}/f{i}", i % 2), format!("content {i}").as_bytes(), 10))
+            .collect();
+        items.push(f.opened("old", b"older", 40));
+        items.push(f.opened("d0/f0", b"again", 11));
+        let refs: Vec<(&Envelope, &Opened)> = items.iter().map(|(e, o)| (e, o)).collect();
+        let outcomes = f.store.deliver_all(&refs);
+        let n = SYNC_EACH_UP_TO + 3;
+        assert!(
+            outcomes[..n].iter().all(|o| matches!(o, Ok(Outcome::Written))),
+            "{outcomes:?}"
+        );
+        assert!(
+            matches!(&outcomes[n], Err(StoreError::Stale { got: 40, have: 50, .. })),
+            "{outcomes:?}"
+        );
+        let e = outcomes[n + 1].as_ref().unwrap_err().to_string();
+        assert_eq!(e, "d0/f0: named twice in one bundle; the second is refused");
+        for i in 0..n {
+            let path = f.files.join(format!("d{}/f{i}", i % 2));
+            assert_eq!(std::fs::read(&path).unwrap(), format!("content {i}").as_bytes());
+        }
+        assert_eq!(std::fs::read(f.files.join("old")).unwrap(), b"held");
+        let left: Vec<_> = walk(&f.files)
+            .into_iter()
+            .filter(|p| p.to_string_lossy().ends_with(".tmp"))
+            .collect();
+        assert!(left.is_empty(), "no temporary file left: {left:?}");
+        // The index holds every written file, with one journal append.
+        let again = Store::open(&f.files, &dir.path().join("state"), 64).unwrap();
+        assert_eq!(again.entry("d1/f1").unwrap().version, 10);
+        assert_eq!(again.entry("old").unwrap().version, 50);
+        // The same batch again: nothing differs, nothing is written.
+        let outcomes = again.deliver_all(&refs[..n]);
+        assert!(
+            outcomes.iter().all(|o| matches!(o, Ok(Outcome::Unchanged))),
+            "{outcomes:?}"
+        );
+    }
+
+    fn walk(dir: &Path) -> Vec<PathBuf> {
+        let mut out = Vec::new();
+        for e in std::fs::read_dir(dir).unwrap().flatten() {
+            if e.file_type().unwrap().is_dir() {
+                out.extend(walk(&e.path()));
+            } else {
+                out.push(e.path());
+            }
+        }
+        out
     }
 
     #[test]

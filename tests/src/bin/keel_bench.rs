@@ -26,9 +26,11 @@
 //! line has the best figures through the plugin, and the line before it says which
 //! provider gave them.
 //!
-//! `keel-bench filedelivery [files] [bytes]`: what one delivery costs on the host
-//! (parse, verify, open, compare, atomic write) against the bare atomic write of
-//! the same bytes; see `keel_bench/filedelivery.rs`.
+//! `keel-bench filedelivery [agents] [files] [bytes]`: `keelctl files push` to
+//! real agents through a real server, fresh, unchanged and with one file changed,
+//! and what one delivery costs on the host (parse, verify, open, compare, atomic
+//! write) against the bare atomic write of the same bytes; see
+//! `keel_bench/filedelivery.rs`.
 //!
 //! `keel-bench proxy [scans]`: TLS inventory scans through a real agent's proxy
 //! plugin and the tunnel endpoint, against the same handshakes made directly; see
@@ -96,9 +98,10 @@ fn main() {
             runtime.block_on(proxy::run(scans));
         }
         "filedelivery" => {
-            let files: usize = args.next().and_then(|a| a.parse().ok()).unwrap_or(2000);
+            let agents: usize = args.next().and_then(|a| a.parse().ok()).unwrap_or(10);
+            let files: usize = args.next().and_then(|a| a.parse().ok()).unwrap_or(100);
             let bytes: usize = args.next().and_then(|a| a.parse().ok()).unwrap_or(4096);
-            filedelivery::run(files, bytes);
+            runtime.block_on(filedelivery::run(agents, files, bytes));
         }
         "scale" => {
             let agents: usize = args.next().and_then(|a| a.parse().ok()).unwrap_or(50_000);
@@ -114,7 +117,7 @@ fn main() {
         }
         _ => {
             eprintln!(
-                "usage: keel-bench dataflow [records] | rollout [agents] [batch] | keyrequest [socket_lookups] [exec_lookups] | filedelivery [files] [bytes] | proxy [scans] | scale [agents] [servers]"
+                "usage: keel-bench dataflow [records] | rollout [agents] [batch] | keyrequest [socket_lookups] [exec_lookups] | filedelivery [agents] [files] [bytes] | proxy [scans] | scale [agents] [servers]"
             );
             std::process::exit(64);
         }

@@ -2,12 +2,13 @@
 //! agent running the packaged-style plugin, files on disk and the local file
 //! server, with every refusal tried.
 
-use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
-use keel_plugin_file_delivery::envelope::{FileSpec, Keeper};
-use keel_tests::{Agent, Api, Server, ServerOptions, eventually};
+use keel_plugin_file_delivery::envelope::{FileSpec, Keeper as Sealer};
+use keel_tests::filedelivery::{FileHost, Keeper};
+use keel_tests::{Api, Server, ServerOptions, eventually};
 use serde_json::{Value, json};
 
 const AGENT: &str = "fd-1";
@@ -17,63 +18,31 @@ const SECRET: &[u8] = b"postgres://app:V3ry-S3cret-Passw0rd@db/app\n";
 
 struct Host {
     server: Server,
-    agent: Agent,
+    host: FileHost,
     api: Api,
-    /// keelctl's home, keeper key and pinned host keys.
-    home: tempfile::TempDir,
-    config: PathBuf,
+    keeper: Keeper,
     files: PathBuf,
     /// The file server's address.
     file_server: String,
-    _plugins: tempfile::TempDir,
 }
 
 impl Host {
     fn keelctl(&self, args: &[&str]) -> Output {
-        Command::new(keel_tests::bin("keelctl"))
-            .env("HOME", self.home.path())
-            .env("XDG_CONFIG_HOME", self.home.path().join("config"))
-            .env("KEEL_SERVER", self.server.base_url())
-            .env("KEEL_TOKEN", &self.server.admin_token)
-            .env_remove("KEEL_CA_FILE")
-            .args(args)
-            .output()
-            .unwrap()
+        self.keeper.keelctl(args)
     }
 
     fn keeper_key(&self) -> PathBuf {
-        self.home.path().join("keeper.key")
+        self.keeper.key()
     }
 
     /// `keelctl files push` of `name=path` to the agent, `--json`: its rows and exit code.
     fn push(&self, extra: &[&str], files: &[String]) -> (Option<i32>, Vec<Value>) {
-        let key = self.keeper_key();
-        let mut args = vec![
-            "files",
-            "push",
-            "--json",
-            "--agent",
-            AGENT,
-            "--keeper-key",
-            key.to_str().unwrap(),
-        ];
-        args.extend_from_slice(extra);
-        args.extend(files.iter().map(String::as_str));
-        let out = self.keelctl(&args);
-        let rows: Value = serde_json::from_slice(&out.stdout)
-            .unwrap_or_else(|e| panic!("not JSON ({e}): {}", String::from_utf8_lossy(&out.stderr)));
-        (out.status.code(), rows.as_array().unwrap().clone())
+        self.keeper.push(&["--agent", AGENT], extra, files)
     }
 
     /// The host key as `file-delivery host-key` prints it on the host.
     fn host_key(&self) -> String {
-        let out = Command::new(keel_tests::bin("file-delivery"))
-            .args(["host-key", "--config"])
-            .arg(&self.config)
-            .output()
-            .unwrap();
-        assert!(out.status.success(), "{out:?}");
-        String::from_utf8(out.stdout).unwrap().trim().to_owned()
+        self.host.host_key()
     }
 
     /// Sends a raw 6200/6202 task through the API and waits for its result.
@@ -107,43 +76,10 @@ async fn host() -> Host {
         ..ServerOptions::default()
     })
     .await;
-    let home = tempfile::tempdir().unwrap();
-    let out = Command::new(keel_tests::bin("keelctl"))
-        .args(["files", "keygen", "--out"])
-        .arg(home.path().join("keeper.key"))
-        .env_remove("KEEL_SERVER")
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "keygen needs no server: {out:?}");
-    let keeper_public = String::from_utf8(out.stdout).unwrap().trim().to_owned();
-
-    // The plugin as the package installs it: in a directory only root can change.
-    let plugins = tempfile::tempdir().unwrap();
-    std::fs::set_permissions(plugins.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
-    std::fs::copy(keel_tests::bin("file-delivery"), plugins.path().join("file-delivery")).unwrap();
-    let conf_dir = tempfile::tempdir().unwrap().keep();
-    let config = conf_dir.join("file-delivery.toml");
-    let files = conf_dir.join("files");
-    std::fs::write(
-        &config,
-        format!(
-            "keeper_keys = [\"{keeper_public}\"]\nfiles_dir = {:?}\nstate_dir = {:?}\nlisten = \"127.0.0.1:0\"\n",
-            files.display().to_string(),
-            conf_dir.join("state").display().to_string()
-        ),
-    )
-    .unwrap();
-    std::fs::set_permissions(&config, std::fs::Permissions::from_mode(0o600)).unwrap();
-    let detail = json!({"config": config}).to_string();
-    let local = format!(
-        "local_dir = {:?}\n[plugins.local.file-delivery]\ndetail = '{detail}'\n",
-        plugins.path().display().to_string()
-    );
-    let mut agent = Agent::enrolled_with(&server, AGENT, &local);
-    agent.start();
+    let keeper = Keeper::new(&server);
+    let host = FileHost::start(&server, AGENT, &keeper.public, "listen = \"127.0.0.1:0\"", &[]).await;
     let api = server.api();
-    api.online(AGENT).await;
-    let log_dir = agent.dir.path().join("state/plugins/file-delivery");
+    let log_dir = host.agent.dir.path().join("state/plugins/file-delivery");
     let file_server = eventually("the plugin's file server to listen", || async {
         let path = keel_tests::files_under(&log_dir)
             .into_iter()
@@ -155,14 +91,12 @@ async fn host() -> Host {
     })
     .await;
     Host {
+        files: host.files.clone(),
         server,
-        agent,
+        host,
         api,
-        home,
-        config,
-        files,
+        keeper,
         file_server,
-        _plugins: plugins,
     }
 }
 
@@ -307,7 +241,7 @@ async fn files_are_sealed_to_the_host_sent_when_changed_and_served_to_their_read
             path.display()
         );
     }
-    assert!(!h.server.log().contains(secret) && !h.agent.log().contains(secret));
+    assert!(!h.server.log().contains(secret) && !h.host.agent.log().contains(secret));
 
     // Removal, signed like a delivery.
     let key = h.keeper_key();
@@ -335,7 +269,7 @@ async fn the_host_refuses_strangers_replays_and_swapped_keys() {
     assert_eq!(code, Some(0), "{rows:?}");
 
     // A delivery signed by a key the host does not list.
-    let stranger = Keeper::from_seed(&[9; 32]);
+    let stranger = Sealer::from_seed(&[9; 32]);
     let spec = FileSpec {
         name: "tls.key".into(),
         mode: "0600".into(),
@@ -357,7 +291,7 @@ async fn the_host_refuses_strangers_replays_and_swapped_keys() {
         .unwrap()
         .try_into()
         .unwrap();
-    let keeper = Keeper::from_seed(&seed);
+    let keeper = Sealer::from_seed(&seed);
     let old = keeper.seal(&host_key, &spec, b"old\n", 1).unwrap();
     let t = h.task(6200, &serde_json::to_string(&old).unwrap()).await;
     assert!(
@@ -401,7 +335,7 @@ async fn the_host_refuses_strangers_replays_and_swapped_keys() {
     );
 
     // A host key that changed (as a server inventing one would make it) stops the keeper.
-    let pins = h.home.path().join("config/keel/file-hosts.json");
+    let pins = h.keeper.pins();
     std::fs::write(&pins, json!({AGENT: "cd".repeat(32)}).to_string()).unwrap();
     let v2 = source(src.path(), "v2", b"second\n");
     let (code, rows) = h.push(&[], &[format!("tls.key={v2}")]);
@@ -412,4 +346,223 @@ async fn the_host_refuses_strangers_replays_and_swapped_keys() {
 
 fn contains(hay: &[u8], needle: &[u8]) -> bool {
     hay.windows(needle.len()).any(|w| w == needle)
+}
+
+/// The rows of `agent` in a push report, by file name: (action, detail).
+fn rows_of(rows: &[Value], agent: &str) -> std::collections::BTreeMap<String, (String, String)> {
+    rows.iter()
+        .filter(|r| r["agent"] == agent)
+        .map(|r| {
+            (
+                r["name"].as_str().unwrap().to_owned(),
+                (
+                    r["action"].as_str().unwrap().to_owned(),
+                    r["detail"].as_str().unwrap().to_owned(),
+                ),
+            )
+        })
+        .collect()
+}
+
+/// Bytes that do not compress, so the large file really is large on the wire.
+fn noise(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            (x >> 24) as u8
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn one_push_by_tag_reaches_every_host_and_an_offline_one_when_it_returns() {
+    let server = Server::start(ServerOptions::default()).await;
+    let api = server.api();
+    let keeper = Keeper::new(&server);
+    let ids: Vec<String> = (0..10).map(|i| format!("fleet-{i}")).collect();
+    let mut hosts = FileHost::start_all(&server, &ids, &keeper.public, &["web"]).await;
+    let untagged = FileHost::start(&server, "fleet-db", &keeper.public, "", &["db"]).await;
+    let src = tempfile::tempdir().unwrap();
+    // Larger than a part: it travels in pieces.
+    let big = noise(1 << 20, 7);
+    let files = [
+        format!("app/db.pass={}", source(src.path(), "db", SECRET)),
+        format!("app/api.token={}", source(src.path(), "token", b"tok-1\n")),
+        format!("tls/bundle.pem={}", source(src.path(), "big", &big)),
+    ];
+
+    // Bad input is refused before anything is sent.
+    let key = keeper.key();
+    let key = key.to_str().unwrap();
+    let out = keeper.keelctl(&[
+        "files",
+        "push",
+        "--tag",
+        "web",
+        "--agent",
+        "fleet-0",
+        "--keeper-key",
+        key,
+        &files[0],
+    ]);
+    assert_eq!(out.status.code(), Some(64), "a tag and agents together");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("'--tag <TAG>' cannot be used with '--agent <ID>'"));
+    let out = keeper.keelctl(&["files", "push", "--keeper-key", key, &files[0]]);
+    assert_eq!(out.status.code(), Some(64), "no target");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("--agent, --tag or --all"),
+        "{out:?}"
+    );
+    let huge = source(src.path(), "huge", &vec![0; (16 << 20) + 1]);
+    let out = keeper.keelctl(&[
+        "files",
+        "push",
+        "--tag",
+        "web",
+        "--keeper-key",
+        key,
+        &format!("huge={huge}"),
+    ]);
+    assert_eq!(out.status.code(), Some(64));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("at most 16777216 are delivered"),
+        "{out:?}"
+    );
+
+    // Fresh: one push, every tagged host, each file written whole; the large one
+    // came in pieces. The untagged host gets nothing.
+    let (code, rows) = keeper.push(&["--tag", "web", "--trust-new-hosts"], &[], &files);
+    assert_eq!(code, Some(0), "{rows:#?}");
+    assert_eq!(rows.len(), 30, "{rows:#?}");
+    for h in &hosts {
+        let id = h.agent.id.as_str();
+        let mine = rows_of(&rows, id);
+        assert!(
+            mine.values().all(|(a, d)| a == "sent" && d.contains("written")),
+            "{id}: {mine:?}"
+        );
+        assert_eq!(std::fs::read(h.files.join("app/db.pass")).unwrap(), SECRET);
+        assert_eq!(std::fs::read(h.files.join("tls/bundle.pem")).unwrap(), big, "{id}");
+        assert_eq!(
+            std::fs::read_dir(h.conf.path().join("state/uploads")).unwrap().count(),
+            0,
+            "no half upload left"
+        );
+    }
+    assert!(!untagged.files.join("app").exists());
+
+    // One host offline; one file changed: the online ones get only that file, the
+    // offline one's share waits for it.
+    let mut away = hosts.pop().unwrap();
+    away.agent.stop_within(std::time::Duration::from_secs(10));
+    eventually("fleet-9 offline", || async {
+        let a = api.agent("fleet-9").await?;
+        (a["online"] == false).then_some(())
+    })
+    .await;
+    let files2 = [
+        files[0].clone(),
+        format!("app/api.token={}", source(src.path(), "token", b"tok-2\n")),
+        files[2].clone(),
+    ];
+    let (code, rows) = keeper.push(&["--tag", "web"], &[], &files2);
+    assert_eq!(code, Some(0), "an offline host is no failure: {rows:#?}");
+    for h in &hosts {
+        let mine = rows_of(&rows, &h.agent.id);
+        assert_eq!(mine["app/api.token"].0, "sent", "{mine:?}");
+        assert_eq!(mine["app/db.pass"].0, "unchanged", "{mine:?}");
+        assert_eq!(mine["tls/bundle.pem"].0, "unchanged", "{mine:?}");
+        assert_eq!(std::fs::read(h.files.join("app/api.token")).unwrap(), b"tok-2\n");
+    }
+    let mine = rows_of(&rows, "fleet-9");
+    assert!(
+        mine.values()
+            .all(|(a, d)| a == "queued" && d.contains("when the agent reconnects")),
+        "{mine:?}"
+    );
+    assert_eq!(std::fs::read(away.files.join("app/api.token")).unwrap(), b"tok-1\n");
+
+    // files status: the offline host is behind, nobody else.
+    let status = |args: &[&str]| {
+        let mut all = vec!["files", "status", "--json"];
+        all.extend_from_slice(args);
+        let out = keeper.keelctl(&all);
+        assert!(out.status.success(), "{out:?}");
+        serde_json::from_slice::<Value>(&out.stdout)
+            .unwrap()
+            .as_array()
+            .unwrap()
+            .clone()
+    };
+    let behind = status(&["--behind"]);
+    assert!(
+        !behind.is_empty() && behind.iter().all(|r| r["agent_id"] == "fleet-9"),
+        "{behind:#?}"
+    );
+    assert!(behind.iter().any(|r| r["name"] == "app/api.token"));
+    let token = status(&["--name", "app/api.token"]);
+    assert_eq!(token.len(), 10, "one row per host that was pushed the file: {token:#?}");
+
+    // Back online: it gets its share without anyone asking.
+    away.agent.start();
+    eventually("fleet-9 got its files", || async {
+        (std::fs::read(away.files.join("app/api.token")).ok()? == b"tok-2\n").then_some(())
+    })
+    .await;
+    assert_eq!(std::fs::read(away.files.join("tls/bundle.pem")).unwrap(), big);
+    eventually("nobody behind", || async {
+        status(&["--behind"]).is_empty().then_some(())
+    })
+    .await;
+
+    // The API refuses bad pushes, naming what is wrong.
+    let part = "x".repeat((512 << 10) + 1);
+    let (code, body) = api
+        .post(
+            "/api/v1/files/pushes",
+            &json!({"agents": [{"agent": "fleet-0", "parts": [part], "files": []}]}),
+        )
+        .await;
+    assert_eq!(code, 400);
+    assert!(
+        body["error"]
+            .as_str()
+            .unwrap()
+            .contains("part 1 is 524289 bytes; a part is at most 524288"),
+        "{body}"
+    );
+    let (code, body) = api
+        .post(
+            "/api/v1/files/pushes",
+            &json!({"agents": [{"agent": "nobody", "parts": ["{}"], "files": []}]}),
+        )
+        .await;
+    assert_eq!(
+        (code, body["error"].as_str()),
+        (400, Some("agents: no agent nobody")),
+        "{body}"
+    );
+    let (code, body) = api
+        .post(
+            "/api/v1/files/inventories",
+            &json!({"agents": ["fleet-0"], "tag": "web"}),
+        )
+        .await;
+    assert_eq!(
+        (code, body["error"].as_str()),
+        (400, Some("give exactly one of agents, tag or all"))
+    );
+    // The server holds ciphertext only: the secret is nowhere in its data.
+    let secret = String::from_utf8_lossy(SECRET);
+    for path in keel_tests::files_under(&server.data_dir()) {
+        let bytes = std::fs::read(&path).unwrap_or_default();
+        assert!(
+            !contains(&bytes, secret.trim().as_bytes()),
+            "{} holds the secret",
+            path.display()
+        );
+    }
 }
