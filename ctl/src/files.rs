@@ -340,6 +340,9 @@ fn read_files(args: &FilesPushArgs) -> anyhow::Result<Vec<(String, Vec<u8>)>> {
             .split_once('=')
             .ok_or_else(|| usage(format!("{f:?}: give files as NAME=PATH")))?;
         check_name(name).map_err(|m| usage(format!("{f:?}: {m}")))?;
+        if files.iter().any(|(n, _)| n == name) {
+            return Err(usage(format!("{name} is given twice")));
+        }
         let content = std::fs::read(path).with_context(|| format!("{name}: cannot read {path}"))?;
         if content.len() > MAX_FILE_BYTES {
             return Err(usage(format!(
@@ -401,8 +404,11 @@ async fn push(ctx: &Ctx, args: &FilesPushArgs) -> anyhow::Result<ExitCode> {
 
 async fn remove(ctx: &Ctx, args: &FilesRemoveArgs) -> anyhow::Result<ExitCode> {
     check_target(&args.target)?;
-    for n in &args.names {
+    for (i, n) in args.names.iter().enumerate() {
         check_name(n).map_err(|m| usage(format!("{n:?}: {m}")))?;
+        if args.names[..i].contains(n) {
+            return Err(usage(format!("{n} is given twice")));
+        }
     }
     let keeper = load_keeper(&args.keeper_key)?;
     let mut known = KnownHosts::load(&args.target, &ProcessEnv)?;

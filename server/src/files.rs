@@ -13,10 +13,19 @@
 //! - an agent offline now keeps its share `waiting`; every instance looks every
 //!   [`TICK`] for shares whose agent is online and sends them, so an agent gets
 //!   its files when it reconnects, until the push's deadline;
-//! - an instance takes a share by compare and set, and keeps it by answering
-//!   parts; a share whose instance stopped answering for longer than a part's
-//!   timeout and [`CLAIM_MARGIN`] is taken by another, which resumes at the first
-//!   part not answered (at the start of an upload cut in pieces).
+//! - an instance takes a share by compare and set, writes to it only while it
+//!   holds the claim, and keeps the claim by answering parts; a share whose
+//!   instance stopped answering for longer than a part's timeout and
+//!   [`CLAIM_MARGIN`] goes back to waiting (or is taken over at once when its
+//!   agent is online), resuming at the first part not answered, at the start of
+//!   an upload cut in pieces;
+//! - an agent that went away, or whose stream is busy or unreachable, keeps its
+//!   share waiting; a piece the host could not place (it restarted, or dropped
+//!   the upload) sends the upload again from its first piece, once; a part
+//!   refused whole fails the share; a file refused inside a bundle fails the
+//!   share at its end, after the other parts were sent;
+//! - at most [`AT_ONCE`] shares are sent at once per instance, each part read
+//!   from the store only when it is sent.
 //!
 //! Every answer updates `file_status`: the version each host holds of each file
 //! against the newest pushed, so `keelctl files status` shows who is behind.
@@ -115,8 +124,9 @@ pub struct HostInventory {
 /// Why a task got no answer.
 #[derive(Debug)]
 enum AskError {
-    /// The agent is not connected anywhere.
-    Offline,
+    /// The agent is not reachable now: offline, its stream's queue full, or the
+    /// instance holding it unreachable. Worth trying again later.
+    Later,
     /// Anything else, said.
     Failed(String),
 }
@@ -143,7 +153,9 @@ async fn ask(
     };
     match state.send_task(agent, task, by).await {
         Ok(()) => {}
-        Err(TaskError::Send(SendError::Offline(_))) => return Err(AskError::Offline),
+        Err(TaskError::Send(SendError::Offline(_) | SendError::Busy(_) | SendError::Unreachable(..))) => {
+            return Err(AskError::Later);
+        }
         Err(e) => return Err(AskError::Failed(e.to_string())),
     }
     let answer = tokio::time::timeout(timeout, async {
@@ -184,7 +196,7 @@ async fn inventory(state: &ServerState, agent: &str, timeout: Duration, by: &str
         error: None,
     };
     match ask(state, agent, FILE_INVENTORY, ("{}".into(), "{}"), timeout, by).await {
-        Err(AskError::Offline) => out.online = false,
+        Err(AskError::Later) => out.online = false,
         Err(AskError::Failed(e)) => out.error = Some(e),
         Ok(fields) if fields.get("status").is_none_or(|s| s != "succeeded") => {
             out.error = Some(fields.get("msg").cloned().unwrap_or_default());
@@ -216,28 +228,32 @@ async fn inventory(state: &ServerState, agent: &str, timeout: Duration, by: &str
     out
 }
 
+/// Shares being sent at once by this instance, whichever push they belong to.
+static SENDING: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(AT_ONCE);
+
 /// Records a push and starts sending every agent's share at once.
 pub async fn push(state: &Arc<ServerState>, push: PushRow, agents: Vec<NewPushAgent>) -> Result<(), StoreError> {
     state.store.push_create(&push).await?;
     add(state, &push, agents).await
 }
 
-/// Adds agents to a push and starts sending their shares at once.
+/// Adds agents to a push and starts sending their shares at once (at most
+/// [`AT_ONCE`] shares per instance; the rest are taken by [`run`]).
 pub async fn add(state: &Arc<ServerState>, push: &PushRow, agents: Vec<NewPushAgent>) -> Result<(), StoreError> {
     state.store.push_add_agents(&push.id, &agents, now_ms()).await?;
     let ids: Vec<String> = agents.into_iter().map(|a| a.agent_id).collect();
     info!(push = %push.id, agents = ids.len(), by = %push.created_by, "file push");
-    let state = Arc::clone(state);
-    let push = push.clone();
-    tokio::spawn(async move {
-        futures::stream::iter(ids)
-            .for_each_concurrent(AT_ONCE, |agent| {
-                let state = Arc::clone(&state);
-                let push = push.clone();
-                async move { send_share(&state, &push, &agent).await }
-            })
-            .await;
-    });
+    for agent in ids {
+        let Ok(slot) = SENDING.try_acquire() else {
+            break;
+        };
+        let state = Arc::clone(state);
+        let push = push.clone();
+        tokio::spawn(async move {
+            send_share(&state, &push, &agent).await;
+            drop(slot);
+        });
+    }
     Ok(())
 }
 
@@ -249,12 +265,12 @@ fn stale_before(push: &PushRow, now: i64) -> i64 {
 /// Sends one agent's share of a push, if this instance can take it.
 async fn send_share(state: &ServerState, push: &PushRow, agent: &str) {
     let now = now_ms();
-    let instance = &state.cluster.instance;
+    let instance = state.cluster.instance.as_str();
     let claimed = state
         .store
         .push_claim(&push.id, agent, instance, now, stale_before(push, now))
         .await;
-    let (parts, answered, mut results) = match claimed {
+    let claimed = match claimed {
         Ok(Some(c)) => c,
         Ok(None) => return,
         Err(e) => {
@@ -262,86 +278,175 @@ async fn send_share(state: &ServerState, push: &PushRow, agent: &str) {
             return;
         }
     };
-    let outcome = send_parts(state, push, agent, &parts, resume_at(&parts, answered), &mut results).await;
+    let mut share = Share {
+        state,
+        push,
+        agent,
+        wanted: claimed.files.iter().map(|f| f.name.clone()).collect(),
+        results: claimed
+            .results
+            .into_iter()
+            .filter_map(|r| Some((r["name"].as_str()?.to_owned(), r)))
+            .collect(),
+        count: claimed.part_count,
+        refused: None,
+    };
+    let outcome = share.send(claimed.sent).await;
     let now = now_ms();
     let ended = match outcome {
-        Ok(()) => state.store.push_finish(&push.id, agent, "done", "", now).await,
-        Err(Stop::Offline(at)) => state.store.push_release(&push.id, agent, at, now).await,
+        Ok(()) => match share.refused.take() {
+            None => {
+                state
+                    .store
+                    .push_finish(&push.id, agent, instance, "done", "", now)
+                    .await
+            }
+            Some(msg) => {
+                state
+                    .store
+                    .push_finish(&push.id, agent, instance, "failed", &msg, now)
+                    .await
+            }
+        },
+        Err(Stop::Later(at)) => state.store.push_release(&push.id, agent, instance, at, now).await,
         Err(Stop::Failed(msg)) => {
             warn!(push = %push.id, agent_id = %agent, error = %msg, "file push failed");
-            state.store.push_finish(&push.id, agent, "failed", &msg, now).await
+            state
+                .store
+                .push_finish(&push.id, agent, instance, "failed", &msg, now)
+                .await
         }
+        Err(Stop::Lost) => Ok(true),
     };
-    if let Err(e) = ended {
-        warn!(push = %push.id, agent_id = %agent, error = %e, "cannot record a push's end");
+    match ended {
+        Ok(true) => {}
+        Ok(false) => warn!(push = %push.id, agent_id = %agent, "another instance took this push's share over"),
+        Err(e) => warn!(push = %push.id, agent_id = %agent, error = %e, "cannot record a push's end"),
     }
 }
 
-/// Why sending a share stopped.
+/// Why sending a share stopped before its end.
 enum Stop {
-    /// The agent went offline; resume at this part.
-    Offline(usize),
-    /// The agent refused, or did not answer.
+    /// The agent is not reachable now; resume at this part when it is.
+    Later(usize),
+    /// The agent refused a whole part, or did not answer.
     Failed(String),
+    /// Another instance holds the share now.
+    Lost,
 }
 
-async fn send_parts(
-    state: &ServerState,
-    push: &PushRow,
-    agent: &str,
-    parts: &[String],
-    from: usize,
-    results: &mut Vec<Value>,
-) -> Result<(), Stop> {
-    let timeout = Duration::from_millis(u64::try_from(push.part_timeout_ms).unwrap_or(60_000));
-    for (i, part) in parts.iter().enumerate().skip(from) {
-        let stored = format!(
-            "file-delivery push {}: part {} of {}, {} bytes",
-            push.id,
-            i + 1,
-            parts.len(),
-            part.len()
-        );
-        let answer = ask(
-            state,
-            agent,
-            FILE_DELIVER,
-            (part.clone(), &stored),
-            timeout,
-            &push.created_by,
-        )
-        .await;
-        let fields = match answer {
-            Ok(f) => f,
-            Err(AskError::Offline) => return Err(Stop::Offline(resume_at(parts, i))),
-            Err(AskError::Failed(e)) => return Err(Stop::Failed(format!("part {} of {}: {e}", i + 1, parts.len()))),
-        };
-        let files: Vec<Value> = fields
-            .get("files")
-            .and_then(|f| serde_json::from_str(f).ok())
-            .unwrap_or_default();
-        record_held(state, agent, &files).await;
-        results.extend(files);
-        let now = now_ms();
-        if let Err(e) = state
-            .store
-            .push_part_done(&push.id, agent, i + 1, &Value::Array(results.clone()), now)
-            .await
-        {
-            warn!(push = %push.id, agent_id = %agent, error = %e, "cannot record a push's progress");
-        }
-        if fields.get("status").is_none_or(|s| s != "succeeded") {
+/// A share being sent.
+struct Share<'a> {
+    state: &'a ServerState,
+    push: &'a PushRow,
+    agent: &'a str,
+    /// The files the share names: the host's answers about others are ignored.
+    wanted: std::collections::HashSet<String>,
+    /// What the host said of each file, last answer first.
+    results: std::collections::BTreeMap<String, Value>,
+    count: usize,
+    /// The first file the host refused.
+    refused: Option<String>,
+}
+
+impl Share<'_> {
+    /// Sends the parts from `from` on, each after the last one's answer.
+    async fn send(&mut self, from: usize) -> Result<(), Stop> {
+        let timeout = Duration::from_millis(u64::try_from(self.push.part_timeout_ms).unwrap_or(60_000));
+        let mut i = from;
+        let mut restarted = None;
+        while i < self.count {
+            let part = match self.state.store.push_part(&self.push.id, self.agent, i).await {
+                Ok(Some(p)) => p,
+                Ok(None) => return Err(Stop::Failed(format!("part {} of {} is gone", i + 1, self.count))),
+                Err(e) => return Err(Stop::Failed(format!("part {}: {e}", i + 1))),
+            };
+            let piece = piece_index(&part);
+            let stored = format!(
+                "file-delivery push {}: part {} of {}, {} bytes",
+                self.push.id,
+                i + 1,
+                self.count,
+                part.len()
+            );
+            let answer = ask(
+                self.state,
+                self.agent,
+                FILE_DELIVER,
+                (part, &stored),
+                timeout,
+                &self.push.created_by,
+            )
+            .await;
+            let fields = match answer {
+                Ok(f) => f,
+                Err(AskError::Later) => return Err(Stop::Later(self.resume_at(i, piece).await)),
+                Err(AskError::Failed(e)) => return Err(Stop::Failed(format!("part {} of {}: {e}", i + 1, self.count))),
+            };
+            let files: Option<Vec<Value>> = fields.get("files").and_then(|f| serde_json::from_str(f).ok());
+            let succeeded = fields.get("status").is_some_and(|s| s == "succeeded");
             let msg = fields.get("msg").cloned().unwrap_or_default();
-            return Err(Stop::Failed(format!("part {} of {}: {msg}", i + 1, parts.len())));
+            if !succeeded && files.is_none() {
+                // A piece the host could not place (it restarted, or dropped
+                // the upload for another): the upload once more from its start.
+                if let Some(1..) = piece
+                    && restarted != Some(i)
+                {
+                    restarted = Some(i);
+                    i = self.resume_at(i, piece).await;
+                    continue;
+                }
+                return Err(Stop::Failed(format!("part {} of {}: {msg}", i + 1, self.count)));
+            }
+            for f in files.into_iter().flatten() {
+                if let Some(name) = f["name"].as_str().filter(|n| self.wanted.contains(*n)) {
+                    self.results.insert(name.to_owned(), f);
+                }
+            }
+            if !succeeded && self.refused.is_none() {
+                self.refused = Some(format!("part {} of {}: {msg}", i + 1, self.count));
+            }
+            record_held(self.state, self.agent, self.results.values()).await;
+            let results = Value::Array(self.results.values().cloned().collect());
+            match self
+                .state
+                .store
+                .push_part_done(
+                    &self.push.id,
+                    self.agent,
+                    &self.state.cluster.instance,
+                    i + 1,
+                    &results,
+                    now_ms(),
+                )
+                .await
+            {
+                Ok(true) => {}
+                Ok(false) => return Err(Stop::Lost),
+                Err(e) => return Err(Stop::Failed(format!("cannot record part {}: {e}", i + 1))),
+            }
+            i += 1;
         }
+        Ok(())
     }
-    Ok(())
+
+    /// Where to resume: at part `at`, or at the first piece of the upload it is
+    /// in the middle of (the host keeps a half upload only while it runs).
+    async fn resume_at(&self, mut at: usize, mut piece: Option<u64>) -> usize {
+        while at > 0 && piece.is_some_and(|p| p > 0) {
+            at -= 1;
+            piece = match self.state.store.push_part(&self.push.id, self.agent, at).await {
+                Ok(Some(p)) => piece_index(&p),
+                _ => None,
+            };
+        }
+        at
+    }
 }
 
-/// The files a host says it now holds, from a delivery's answer.
-async fn record_held(state: &ServerState, agent: &str, files: &[Value]) {
+/// The files a host says it now holds, from a delivery's answers.
+async fn record_held<'v>(state: &ServerState, agent: &str, files: impl Iterator<Item = &'v Value>) {
     let held: Vec<(String, i64, String)> = files
-        .iter()
         .filter_map(|f| {
             let state = match f["action"].as_str()? {
                 "written" | "unchanged" => "ok",
@@ -359,16 +464,6 @@ async fn record_held(state: &ServerState, agent: &str, files: &[Value]) {
     }
 }
 
-/// Where to resume sending: at `at`, or at the first piece of the upload `at`
-/// is in the middle of (the host keeps a half upload only while it runs).
-fn resume_at(parts: &[String], at: usize) -> usize {
-    let mut at = at.min(parts.len());
-    while at > 0 && at < parts.len() && piece_index(&parts[at]).is_some_and(|i| i > 0) {
-        at -= 1;
-    }
-    at
-}
-
 /// A piece's place in its upload; `None` for a bundle or an envelope.
 fn piece_index(part: &str) -> Option<u64> {
     if !part.starts_with("{\"piece\"") {
@@ -380,7 +475,7 @@ fn piece_index(part: &str) -> Option<u64> {
 /// Runs until `shutdown`: sends the shares of agents that came online, takes over
 /// those of instances that stopped, and fails those past their push's deadline.
 pub async fn run(state: Arc<ServerState>, shutdown: CancellationToken) {
-    let slots = Arc::new(tokio::sync::Semaphore::new(AT_ONCE));
+    let margin = i64::try_from(CLAIM_MARGIN.as_millis()).unwrap_or(i64::MAX);
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => return,
@@ -395,8 +490,13 @@ pub async fn run(state: Arc<ServerState>, shutdown: CancellationToken) {
             ),
             Err(e) => warn!(error = %e, "cannot expire file pushes"),
         }
-        let margin = i64::try_from(CLAIM_MARGIN.as_millis()).unwrap_or(i64::MAX);
-        let free = i64::try_from(slots.available_permits()).unwrap_or(0);
+        if let Err(e) = state.store.push_release_stale(now, margin).await {
+            warn!(error = %e, "cannot release file pushes of stopped instances");
+        }
+        let free = i64::try_from(SENDING.available_permits()).unwrap_or(0);
+        if free == 0 {
+            continue;
+        }
         let due = match state.store.push_due(now, margin, free).await {
             Ok(d) => d,
             Err(e) => {
@@ -405,13 +505,10 @@ pub async fn run(state: Arc<ServerState>, shutdown: CancellationToken) {
             }
         };
         for (push_id, agent) in due {
-            if !state.is_online(&agent).await.unwrap_or(false) {
-                continue;
-            }
             let Ok(Some(push)) = state.store.push_get(&push_id).await else {
                 continue;
             };
-            let Ok(slot) = Arc::clone(&slots).try_acquire_owned() else {
+            let Ok(slot) = SENDING.try_acquire() else {
                 break;
             };
             let state = Arc::clone(&state);
@@ -444,11 +541,16 @@ pub struct ShareView {
     /// The share.
     #[serde(flatten)]
     pub share: PushAgentRow,
-    /// Whether the agent is online now.
+    /// Whether the agent is online now (a share being sent: yes).
     pub online: bool,
 }
 
-/// The push, once it changed after `since` or settled, or after `wait`.
+/// How often a long poll that saw no change looks whether the push settled.
+const SETTLE_EVERY: u32 = 20;
+
+/// The push, once it changed after `since` or settled, or after `wait`. Each
+/// [`POLL`] it reads only the newest change; the whole push when that moved,
+/// every [`SETTLE_EVERY`] polls, and at the end.
 pub async fn progress(
     state: &ServerState,
     id: &str,
@@ -456,28 +558,36 @@ pub async fn progress(
     wait: Duration,
 ) -> Result<Option<Progress>, StoreError> {
     let start = Instant::now();
+    let mut polls = 0_u32;
     loop {
-        let Some(push) = state.store.push_get(id).await? else {
-            return Ok(None);
-        };
-        let shares = state.store.push_agents(id).await?;
-        let revision = shares.iter().map(|s| s.updated_at).max().unwrap_or(push.created_at);
-        let mut agents = Vec::with_capacity(shares.len());
-        let mut settled = true;
-        for share in shares {
-            // Only a waiting share's agent may be offline for all it tells.
-            let online = share.state != "waiting" || state.is_online(&share.agent_id).await?;
-            settled &= matches!(share.state.as_str(), "done" | "failed") || (share.state == "waiting" && !online);
-            agents.push(ShareView { share, online });
+        let revision = state.store.push_revision(id).await?.unwrap_or(0);
+        let last = start.elapsed() >= wait;
+        if revision > since || last || polls.is_multiple_of(SETTLE_EVERY) {
+            let Some(push) = state.store.push_get(id).await? else {
+                return Ok(None);
+            };
+            let shares = state.store.push_agents(id).await?;
+            let online = state.store.push_waiting_online(id, now_ms()).await?;
+            let revision = shares.iter().map(|s| s.updated_at).max().unwrap_or(push.created_at);
+            let mut settled = true;
+            let agents: Vec<ShareView> = shares
+                .into_iter()
+                .map(|share| {
+                    let on = share.state != "waiting" || online.contains(&share.agent_id);
+                    settled &= matches!(share.state.as_str(), "done" | "failed") || (share.state == "waiting" && !on);
+                    ShareView { share, online: on }
+                })
+                .collect();
+            if revision > since || settled || last {
+                return Ok(Some(Progress {
+                    push,
+                    agents,
+                    revision,
+                    settled,
+                }));
+            }
         }
-        if revision > since || settled || start.elapsed() >= wait {
-            return Ok(Some(Progress {
-                push,
-                agents,
-                revision,
-                settled,
-            }));
-        }
+        polls += 1;
         tokio::time::sleep(POLL).await;
     }
 }
@@ -487,24 +597,16 @@ mod tests {
     use super::*;
 
     #[test]
-    fn a_resume_starts_an_upload_again() {
+    fn pieces_are_told_from_bundles() {
         let piece = |i: u32| {
             format!(
                 "{{\"piece\":{{\"upload\":\"{}\",\"index\":{i},\"count\":3,\"data\":\"x\"}}}}",
                 "0".repeat(64)
             )
         };
-        let parts = vec![
-            "{\"bundle\":[]}".to_owned(),
-            piece(0),
-            piece(1),
-            piece(2),
-            "{\"bundle\":[]}".to_owned(),
-        ];
-        assert_eq!(resume_at(&parts, 0), 0);
-        assert_eq!(resume_at(&parts, 1), 1);
-        assert_eq!(resume_at(&parts, 3), 1, "mid-upload: from its first piece");
-        assert_eq!(resume_at(&parts, 4), 4);
-        assert_eq!(resume_at(&parts, 5), 5, "all answered");
+        assert_eq!(piece_index(&piece(0)), Some(0));
+        assert_eq!(piece_index(&piece(2)), Some(2));
+        assert_eq!(piece_index("{\"bundle\":[]}"), None);
+        assert_eq!(piece_index("{\"v\":1}"), None);
     }
 }

@@ -24,7 +24,7 @@ use sqlx::{AnyPool, ConnectOptions, Connection};
 pub use agents::{AgentMeta, AgentQuery, AgentRow};
 pub use audit::{AuditEntry, AuditFilter};
 pub use cluster::{InstanceRow, TunnelJobRow};
-pub use files::{FileStatusRow, NewPushAgent, PushAgentRow, PushRow, WantedFile};
+pub use files::{Claimed, FileStatusRow, NewPushAgent, PushAgentRow, PushRow, WantedFile};
 pub use inventory::CertRow;
 pub use jobs::{JobRow, PendingSubtask, SubtaskCounts};
 pub use plugins::{DesiredPlugin, PackageRow, ReportedPlugin};

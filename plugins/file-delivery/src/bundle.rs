@@ -21,6 +21,8 @@ use crate::envelope::{Envelope, EnvelopeError, MAX_FILE_BYTES};
 
 /// The largest task data a part has.
 pub use keel_proto::data_type::FILE_PART_MAX_BYTES as MAX_PART_BYTES;
+/// The most envelopes one bundle carries.
+pub const MAX_BUNDLE: usize = 256;
 /// What wrapping a piece's slice adds, at most (key names, upload, numbers).
 const PIECE_OVERHEAD: usize = 256;
 /// The largest envelope a host takes in pieces: a file of [`MAX_FILE_BYTES`] in
@@ -60,6 +62,9 @@ pub enum PartError {
     /// Larger than a part may be.
     #[error("the task data is {0} bytes; a part is at most {MAX_PART_BYTES}")]
     TooLarge(usize),
+    /// A bundle of too many envelopes.
+    #[error("a bundle of {0} envelopes; at most {MAX_BUNDLE}")]
+    TooMany(usize),
     /// An envelope of the bundle, by its place.
     #[error("bundle envelope {index}: {error}")]
     InBundle {
@@ -96,6 +101,7 @@ impl Part {
         let wrapped: Wrapped =
             serde_json::from_str(data).map_err(|e| PartError::Envelope(EnvelopeError::Json(e.to_string())))?;
         match wrapped {
+            Wrapped::Bundle(items) if items.len() > MAX_BUNDLE => Err(PartError::TooMany(items.len())),
             Wrapped::Bundle(items) => items
                 .into_iter()
                 .enumerate()
@@ -131,13 +137,14 @@ pub fn upload_of(json: &str) -> String {
 }
 
 /// Packs one host's envelopes (each as its JSON) into task data: bundles of
-/// whole envelopes up to [`MAX_PART_BYTES`], in the order given, and an envelope
-/// too large for one part alone as pieces.
+/// whole envelopes up to [`MAX_PART_BYTES`] and [`MAX_BUNDLE`] envelopes, in the
+/// order given, and an envelope too large for one part alone as pieces.
 pub fn pack(envelopes: &[String]) -> Vec<String> {
     const OPEN: &str = "{\"bundle\":[";
     const CLOSE: &str = "]}";
     let mut parts = Vec::new();
     let mut bundle = String::new();
+    let mut in_bundle = 0;
     let close = |bundle: &mut String, parts: &mut Vec<String>| {
         if !bundle.is_empty() {
             bundle.push_str(CLOSE);
@@ -147,12 +154,17 @@ pub fn pack(envelopes: &[String]) -> Vec<String> {
     for env in envelopes {
         if OPEN.len() + env.len() + CLOSE.len() > MAX_PART_BYTES {
             close(&mut bundle, &mut parts);
+            in_bundle = 0;
             parts.extend(pieces(env));
             continue;
         }
-        if !bundle.is_empty() && bundle.len() + 1 + env.len() + CLOSE.len() > MAX_PART_BYTES {
+        if !bundle.is_empty()
+            && (bundle.len() + 1 + env.len() + CLOSE.len() > MAX_PART_BYTES || in_bundle == MAX_BUNDLE)
+        {
             close(&mut bundle, &mut parts);
+            in_bundle = 0;
         }
+        in_bundle += 1;
         bundle.push_str(if bundle.is_empty() { OPEN } else { "," });
         bundle.push_str(env);
     }
@@ -235,6 +247,21 @@ mod tests {
         assert!(pieces.iter().all(|p| p.upload == upload_of(&envs[1]) && p.count == 6));
         assert!(matches!(Part::parse(&parts[0]).unwrap(), Part::Bundle(b) if b.len() == 1));
         assert_eq!(MAX_PIECES, 43, "a 16 MiB file in base64 with its header");
+    }
+
+    #[test]
+    fn a_bundle_has_at_most_max_bundle_envelopes() {
+        let keeper = Keeper::from_seed(&[1; 32]);
+        let host = "ab".repeat(32);
+        let envs: Vec<String> = (0..MAX_BUNDLE + 1)
+            .map(|i| sealed(&keeper, &host, &format!("f{i}"), 1))
+            .collect();
+        let parts = pack(&envs);
+        assert_eq!(parts.len(), 2);
+        assert!(matches!(Part::parse(&parts[0]).unwrap(), Part::Bundle(b) if b.len() == MAX_BUNDLE));
+        let over = format!("{{\"bundle\":[{}]}}", envs.join(","));
+        let e = Part::parse(&over).unwrap_err().to_string();
+        assert_eq!(e, "a bundle of 257 envelopes; at most 256");
     }
 
     #[test]

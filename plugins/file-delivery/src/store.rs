@@ -37,8 +37,9 @@ use crate::envelope::{self, Envelope, MAX_FILE_BYTES, Opened};
 
 const INDEX: &str = "index.json";
 const JOURNAL: &str = "index.journal";
-/// A batch of up to this many changed files syncs each; a larger one syncs the
-/// file system once.
+/// A batch of up to this many deliveries syncs each changed file; a larger one
+/// syncs the file system once (and closes each temporary file as soon as it is
+/// written, so a bundle holds a descriptor per file only for its directory).
 pub const SYNC_EACH_UP_TO: usize = 4;
 /// The journal is compacted only past this many lines.
 pub const COMPACT_MIN: usize = 256;
@@ -374,12 +375,15 @@ impl Store {
         let mut pending: Vec<Pending> = Vec::new();
         let mut seen = std::collections::HashSet::new();
         let mut added = 0;
+        // Few files keep their temporary file open to sync it; more close it
+        // at once, so a bundle holds one descriptor per directory, not per file.
+        let keep_open = items.len() <= SYNC_EACH_UP_TO;
         for (i, (env, opened)) in items.iter().enumerate() {
             if !seen.insert(env.name.as_str()) {
                 outcomes.push(Err(StoreError::Twice(env.name.clone())));
                 continue;
             }
-            match self.prepare(env, opened, added) {
+            match self.prepare(env, opened, added, keep_open) {
                 Ok(None) => outcomes.push(Ok(Outcome::Unchanged)),
                 Ok(Some(p)) => {
                     added += usize::from(p.new_name);
@@ -391,14 +395,16 @@ impl Store {
         }
         // Every temporary file's content on disk before any takes a name: a few
         // are synced one by one, more with one sync of the file system.
-        let synced = if pending.len() > SYNC_EACH_UP_TO {
-            File::open(&self.files_dir)
-                .and_then(|root| nix::unistd::syncfs(&root).map_err(std::io::Error::from))
-                .map_err(|e| e.to_string())
-        } else {
+        let synced = if keep_open {
             pending
                 .iter()
-                .try_for_each(|p| p.file.sync_all())
+                .try_for_each(|p| p.file.as_ref().map_or(Ok(()), File::sync_all))
+                .map_err(|e| e.to_string())
+        } else if pending.is_empty() {
+            Ok(())
+        } else {
+            File::open(&self.files_dir)
+                .and_then(|root| nix::unistd::syncfs(&root).map_err(std::io::Error::from))
                 .map_err(|e| e.to_string())
         };
         if let Err(e) = synced {
@@ -474,7 +480,13 @@ impl Store {
     /// Checks one delivery and, when the file differs, writes its temporary file
     /// (not yet synced); `None` when the file already holds it. `added`: new names
     /// taken earlier in the same batch.
-    fn prepare(&self, env: &Envelope, opened: &Opened, added: usize) -> Result<Option<Pending>, StoreError> {
+    fn prepare(
+        &self,
+        env: &Envelope,
+        opened: &Opened,
+        added: usize,
+        keep_open: bool,
+    ) -> Result<Option<Pending>, StoreError> {
         let old = self.check_version(env, added)?;
         let mode = envelope::parse_mode(&env.mode).map_err(|m| io(&env.name)(std::io::Error::other(m)))?;
         let (dir, base) = self.parent_dir(&env.name, true)?;
@@ -496,7 +508,7 @@ impl Store {
             base: base.to_owned(),
             dir,
             tmp,
-            file,
+            file: keep_open.then_some(file),
             new_name: old.is_none_or(|o| o.removed),
         }))
     }
@@ -656,8 +668,8 @@ struct Pending {
     base: String,
     /// The temporary file's name in `dir`.
     tmp: String,
-    /// The temporary file, open.
-    file: File,
+    /// The temporary file, while it is kept open to be synced on its own.
+    file: Option<File>,
     /// It takes a name the index does not hold.
     new_name: bool,
 }

@@ -163,6 +163,13 @@ async fn shares(state: &ServerState, given: Vec<ShareRequest>) -> Result<Vec<New
                 s.agent
             )));
         }
+        let mut names = HashSet::new();
+        if let Some(f) = s.files.iter().find(|f| !names.insert(f.name.as_str())) {
+            return Err(ApiError::bad_request(format!(
+                "agent {}: files: {} is named twice",
+                s.agent, f.name
+            )));
+        }
         out.push(NewPushAgent {
             agent_id: s.agent,
             parts: s.parts,
