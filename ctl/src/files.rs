@@ -231,6 +231,19 @@ fn checked(target: &FilesTarget, known: &mut KnownHosts, inv: &Value) -> Known {
     }
 }
 
+/// Every targeted host's inventory, its key checked against the pins.
+async fn hosts(ctx: &Ctx, target: &FilesTarget) -> anyhow::Result<Vec<(String, Known)>> {
+    let mut known = KnownHosts::load(target, &ProcessEnv)?;
+    Ok(inventories(ctx, target)
+        .await?
+        .iter()
+        .map(|inv| {
+            let agent = inv["agent"].as_str().unwrap_or_default().to_owned();
+            (agent, checked(target, &mut known, inv))
+        })
+        .collect())
+}
+
 fn check_target(target: &FilesTarget) -> anyhow::Result<()> {
     let given = usize::from(!target.agents.is_empty()) + usize::from(target.tag.is_some()) + usize::from(target.all);
     if given != 1 {
@@ -249,12 +262,10 @@ fn check_target(target: &FilesTarget) -> anyhow::Result<()> {
 
 async fn list(ctx: &Ctx, target: &FilesTarget) -> anyhow::Result<ExitCode> {
     check_target(target)?;
-    let mut known = KnownHosts::load(target, &ProcessEnv)?;
     let mut rows = Vec::new();
     let mut failed = Vec::new();
-    for inv in inventories(ctx, target).await? {
-        let agent = inv["agent"].as_str().unwrap_or_default().to_owned();
-        match checked(target, &mut known, &inv) {
+    for (agent, known) in hosts(ctx, target).await? {
+        match known {
             Known::Online { host_key, held } => {
                 for f in held {
                     rows.push(
@@ -360,15 +371,7 @@ async fn push(ctx: &Ctx, args: &FilesPushArgs) -> anyhow::Result<ExitCode> {
     parse_mode(&args.mode).map_err(|m| usage(format!("--mode: {m}")))?;
     let keeper = load_keeper(&args.keeper_key)?;
     let files = read_files(args)?;
-    let mut known = KnownHosts::load(&args.target, &ProcessEnv)?;
-    let hosts: Vec<(String, Known)> = inventories(ctx, &args.target)
-        .await?
-        .iter()
-        .map(|inv| {
-            let agent = inv["agent"].as_str().unwrap_or_default().to_owned();
-            (agent, checked(&args.target, &mut known, inv))
-        })
-        .collect();
+    let hosts = hosts(ctx, &args.target).await?;
     // Sealing is the keeper's work: spread over the cores, host by host.
     let sealed = seal_all(&hosts, |agent, host_key, held, rows| {
         let mut share = Share {
@@ -411,15 +414,7 @@ async fn remove(ctx: &Ctx, args: &FilesRemoveArgs) -> anyhow::Result<ExitCode> {
         }
     }
     let keeper = load_keeper(&args.keeper_key)?;
-    let mut known = KnownHosts::load(&args.target, &ProcessEnv)?;
-    let hosts: Vec<(String, Known)> = inventories(ctx, &args.target)
-        .await?
-        .iter()
-        .map(|inv| {
-            let agent = inv["agent"].as_str().unwrap_or_default().to_owned();
-            (agent, checked(&args.target, &mut known, inv))
-        })
-        .collect();
+    let hosts = hosts(ctx, &args.target).await?;
     let sealed = seal_all(&hosts, |agent, host_key, held, _| {
         let mut share = Share {
             agent: agent.to_owned(),
