@@ -366,6 +366,17 @@ impl ReplyWait {
     pub async fn recv(&mut self) -> Option<Reply> {
         self.rx.recv().await
     }
+
+    /// The task's 5100 result's fields, skipping other answers; `None` when the
+    /// answers ended first.
+    pub async fn task_result(&mut self) -> Option<HashMap<String, String>> {
+        while let Some(reply) = self.rx.recv().await {
+            if reply.data_type == keel_proto::data_type::TASK_RESULT {
+                return Some(reply.fields);
+            }
+        }
+        None
+    }
 }
 
 impl Drop for ReplyWait {

@@ -6,7 +6,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use keel_proto::data_type::{PROXY_DISCOVER, TASK_RESULT};
+use keel_proto::data_type::PROXY_DISCOVER;
 use serde::Serialize;
 use utoipa::ToSchema;
 
@@ -53,22 +53,15 @@ pub async fn discover(state: &Arc<ServerState>, agent_id: &str, ports: &[u16], b
         timeout: SWEEP_TIMEOUT,
     };
     state.send_task(agent_id, task, by).await.map_err(|e| e.to_string())?;
-    let answer = tokio::time::timeout(SWEEP_TIMEOUT, async {
-        while let Some(reply) = answers.recv().await {
-            if reply.data_type == TASK_RESULT {
-                return Some(reply.fields);
-            }
-        }
-        None
-    })
-    .await
-    .map_err(|_| {
-        format!(
-            "agent {agent_id}'s discovery did not answer within {} s",
-            SWEEP_TIMEOUT.as_secs()
-        )
-    })?
-    .ok_or_else(|| "the cluster connection ended".to_owned())?;
+    let answer = tokio::time::timeout(SWEEP_TIMEOUT, answers.task_result())
+        .await
+        .map_err(|_| {
+            format!(
+                "agent {agent_id}'s discovery did not answer within {} s",
+                SWEEP_TIMEOUT.as_secs()
+            )
+        })?
+        .ok_or_else(|| "the cluster connection ended".to_owned())?;
     drop(slot);
     let msg = answer.get("msg").map_or("", String::as_str);
     if answer.get("status").is_none_or(|s| s != "succeeded") {

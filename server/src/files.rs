@@ -36,7 +36,7 @@ use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 use keel_common::time::now_ms;
-use keel_proto::data_type::{FILE_DELIVER, FILE_INVENTORY, TASK_RESULT};
+use keel_proto::data_type::{FILE_DELIVER, FILE_INVENTORY};
 use serde::Serialize;
 use serde_json::Value;
 use tokio_util::sync::CancellationToken;
@@ -158,15 +158,7 @@ async fn ask(
         }
         Err(e) => return Err(AskError::Failed(e.to_string())),
     }
-    let answer = tokio::time::timeout(timeout, async {
-        while let Some(reply) = answers.recv().await {
-            if reply.data_type == TASK_RESULT {
-                return Some(reply.fields);
-            }
-        }
-        None
-    })
-    .await;
+    let answer = tokio::time::timeout(timeout, answers.task_result()).await;
     match answer {
         Ok(Some(fields)) => Ok(fields),
         Ok(None) => Err(AskError::Failed("the cluster connection ended".into())),
@@ -202,27 +194,30 @@ async fn inventory(state: &ServerState, agent: &str, timeout: Duration, by: &str
             out.error = Some(fields.get("msg").cloned().unwrap_or_default());
         }
         Ok(mut fields) => {
-            let files: Value = serde_json::from_str(fields.get("files").map_or("[]", String::as_str))
-                .unwrap_or_else(|_| Value::Array(Vec::new()));
+            // What the plugin said is recorded only when it is a list: anything
+            // else would mark every file missing.
+            let files = match serde_json::from_str::<Vec<Value>>(fields.get("files").map_or("[]", String::as_str)) {
+                Ok(f) => f,
+                Err(e) => {
+                    out.error = Some(format!("agent {agent}: the inventory's files are not a list: {e}"));
+                    return out;
+                }
+            };
             let held: Vec<(String, i64, String)> = files
-                .as_array()
-                .map(|a| {
-                    a.iter()
-                        .filter_map(|f| {
-                            Some((
-                                f["name"].as_str()?.to_owned(),
-                                f["version"].as_i64()?,
-                                f["state"].as_str().unwrap_or_default().to_owned(),
-                            ))
-                        })
-                        .collect()
+                .iter()
+                .filter_map(|f| {
+                    Some((
+                        f["name"].as_str()?.to_owned(),
+                        f["version"].as_i64()?,
+                        f["state"].as_str().unwrap_or_default().to_owned(),
+                    ))
                 })
-                .unwrap_or_default();
+                .collect();
             if let Err(e) = state.store.files_held(agent, &held, true, now_ms()).await {
                 warn!(agent_id = %agent, error = %e, "cannot record a host's files");
             }
             out.host_key = fields.remove("host_key");
-            out.files = Some(files);
+            out.files = Some(Value::Array(files));
         }
     }
     out

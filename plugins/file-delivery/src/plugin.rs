@@ -241,38 +241,27 @@ impl Host<'_> {
                     .map_err(|e| format!("{}: {e}", env.name))
             })
             .collect();
-        let mut outcomes: Vec<Result<Outcome, String>> = Vec::with_capacity(envelopes.len());
-        let mut i = 0;
-        while i < envelopes.len() {
-            if envelopes[i].op == Op::Remove {
-                let removed = opened[i]
-                    .as_ref()
-                    .map_err(Clone::clone)
-                    .and_then(|_| self.store.remove(&envelopes[i]).map_err(|e| e.to_string()));
-                outcomes.push(removed);
-                i += 1;
+        // Each envelope that opened gets its own outcome below.
+        let mut outcomes: Vec<Result<Outcome, String>> = opened
+            .iter()
+            .map(|o| o.as_ref().map(|_| Outcome::Absent).map_err(Clone::clone))
+            .collect();
+        let indices: Vec<usize> = (0..envelopes.len()).collect();
+        for run in indices.chunk_by(|a, b| envelopes[*a].op == envelopes[*b].op) {
+            let ready: Vec<usize> = run.iter().copied().filter(|k| opened[*k].is_ok()).collect();
+            if envelopes[run[0]].op == Op::Remove {
+                for k in ready {
+                    outcomes[k] = self.store.remove(&envelopes[k]).map_err(|e| e.to_string());
+                }
                 continue;
             }
-            let end = (i..envelopes.len())
-                .find(|&k| envelopes[k].op == Op::Remove)
-                .unwrap_or(envelopes.len());
-            let batch: Vec<(usize, (&Envelope, &Opened))> = (i..end)
-                .filter_map(|k| opened[k].as_ref().ok().map(|o| (k, (&envelopes[k], o))))
+            let items: Vec<(&Envelope, &Opened)> = ready
+                .iter()
+                .filter_map(|k| Some((&envelopes[*k], opened[*k].as_ref().ok()?)))
                 .collect();
-            let items: Vec<(&Envelope, &Opened)> = batch.iter().map(|(_, item)| *item).collect();
-            let mut written = batch.iter().map(|(k, _)| *k).zip(self.store.deliver_all(&items));
-            let mut next = written.next();
-            for k in i..end {
-                match (&opened[k], &mut next) {
-                    (Err(msg), _) => outcomes.push(Err(msg.clone())),
-                    (Ok(_), Some((at, result))) if *at == k => {
-                        outcomes.push(std::mem::replace(result, Ok(Outcome::Unchanged)).map_err(|e| e.to_string()));
-                        next = written.next();
-                    }
-                    (Ok(_), _) => outcomes.push(Err(format!("{}: not applied", envelopes[k].name))),
-                }
+            for (k, result) in ready.iter().zip(self.store.deliver_all(&items)) {
+                outcomes[*k] = result.map_err(|e| e.to_string());
             }
-            i = end;
         }
         envelopes
             .iter()
