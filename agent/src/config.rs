@@ -46,6 +46,19 @@ pub struct AgentConfig {
     /// Logging.
     #[serde(default)]
     pub log: LogSection,
+    /// The agent's own Prometheus endpoint.
+    #[serde(default)]
+    pub metrics: MetricsSection,
+}
+
+/// The agent's own Prometheus endpoint: off unless `listen` is set, and only on
+/// a loopback address, since it has no authentication.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MetricsSection {
+    /// Where `GET /metrics` answers, e.g. `127.0.0.1:9464`.
+    #[serde(default)]
+    pub listen: Option<std::net::SocketAddr>,
 }
 
 /// Identity, directories and timing.
@@ -263,6 +276,9 @@ pub struct LogSection {
     /// Rotated files kept.
     #[serde(default = "default_log_files")]
     pub max_files: usize,
+    /// `text` (the default) or `json`: one JSON object per line, for log shippers.
+    #[serde(default)]
+    pub format: keel_common::logging::LogFormat,
 }
 
 fn default_host_root() -> PathBuf {
@@ -424,6 +440,7 @@ impl Default for LogSection {
         Self {
             level: default_level(),
             max_files: default_log_files(),
+            format: keel_common::logging::LogFormat::Text,
         }
     }
 }
@@ -535,6 +552,16 @@ impl AgentConfig {
             return Err(err(
                 "server.private".into(),
                 "no server address: set server.private, server.public or server.discovery_url".into(),
+            ));
+        }
+        if let Some(addr) = self.metrics.listen
+            && !addr.ip().is_loopback()
+        {
+            return Err(err(
+                "metrics.listen".into(),
+                format!(
+                    "{addr} is not a loopback address: the agent's metrics endpoint has no authentication, so it listens only on 127.0.0.0/8 or ::1"
+                ),
             ));
         }
         if self.agent.heartbeat_interval < Duration::from_secs(1) {

@@ -13,6 +13,7 @@ pub mod heartbeat;
 pub mod host;
 pub mod id;
 pub mod logging;
+pub mod metrics;
 pub mod outbox;
 pub mod pki;
 pub mod plugin;

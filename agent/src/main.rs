@@ -11,7 +11,7 @@ use keel_agent::enroll::{self, Credential, EnrollOptions};
 use keel_agent::logging::UpstreamErrors;
 use keel_agent::run::{self, Exit};
 use keel_common::config::EX_USAGE;
-use keel_common::logging::{self, LogOptions};
+use keel_common::logging::{self, LogFormat, LogOptions};
 use keel_common::secret::Secret;
 
 #[derive(Parser)]
@@ -200,6 +200,7 @@ fn stderr_only(filter: &str) -> LogOptions {
         max_files: 1,
         default_filter: filter.into(),
         stderr: true,
+        format: LogFormat::Text,
     }
 }
 
@@ -211,6 +212,7 @@ fn run_agent(runtime: tokio::runtime::Runtime, config: AgentConfig) -> ExitCode 
         max_files: config.log.max_files,
         default_filter: config.log.level.clone(),
         stderr: true,
+        format: config.log.format,
     };
     let _log = match logging::init(&opts, vec![Box::new(upstream)]) {
         Ok(g) => g,

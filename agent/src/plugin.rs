@@ -171,6 +171,21 @@ fn result(plugin: &PluginConfig, ok: bool, msg: &str) -> Record {
     )
 }
 
+/// What one plugin is doing: [`Runtime::figures`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PluginFigures {
+    /// Name.
+    pub name: String,
+    /// `starting`, `running`, `backoff`, `crashloop`, `stopping` or `stopped`.
+    pub state: &'static str,
+    /// Restarts after unexpected exits.
+    pub restarts: u64,
+    /// OOM kills seen in its cgroup.
+    pub oom_kills: u64,
+    /// Tasks refused because its queue was full.
+    pub refused_tasks: u64,
+}
+
 impl Runtime {
     /// Sets up the runtime: the plugin directory, the installer (which trusts
     /// `ca_pem` for HTTPS downloads) and cgroups.
@@ -566,6 +581,23 @@ impl Runtime {
     /// Resolves when a plugin started, stopped, crashed or was removed.
     pub async fn changed(&self) {
         self.shared.changed.notified().await;
+    }
+
+    /// What each plugin of the set is doing, for the agent's metrics.
+    pub fn figures(&self) -> Vec<PluginFigures> {
+        self.running()
+            .iter()
+            .map(|(name, r)| {
+                let s = r.status.get();
+                PluginFigures {
+                    name: name.clone(),
+                    state: s.state,
+                    restarts: s.restarts,
+                    oom_kills: s.oom_kills,
+                    refused_tasks: r.status.refused_tasks.load(Ordering::Relaxed),
+                }
+            })
+            .collect()
     }
 
     /// Names of the plugins in the desired set.

@@ -296,6 +296,22 @@ pub async fn run(
     };
     let reconciling = tokio::spawn(reconciler(ctx, desired_rx, stop.clone()));
 
+    if let Some(addr) = config.metrics.listen {
+        let sources = crate::metrics::Sources {
+            stats: Arc::clone(&stats),
+            spool: Arc::clone(&spool),
+            outbox: outbox.clone(),
+            plugins: plugins.clone(),
+        };
+        match crate::metrics::bind(addr).await {
+            Ok(listener) => {
+                tokio::spawn(crate::metrics::serve(listener, sources, stop.clone()));
+            }
+            Err(e) => {
+                error!(%addr, error = %e, "cannot listen on metrics.listen; the agent runs without its metrics endpoint")
+            }
+        }
+    }
     let heartbeat = Heartbeat {
         host_root: config.agent.host_root.clone(),
         interval: config.agent.heartbeat_interval,

@@ -15,6 +15,18 @@ pub const ENV_FILTER: &str = "KEEL_LOG";
 /// A layer that can be added to the process's subscriber.
 pub type BoxedLayer = Box<dyn Layer<Registry> + Send + Sync>;
 
+/// How log lines are written.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// One line of text per event.
+    #[default]
+    Text,
+    /// One JSON object per line, for log shippers: `timestamp`, `level`,
+    /// `target`, `fields` (with `message`) and the enclosing `span`'s fields.
+    Json,
+}
+
 /// Where and how much to log.
 #[derive(Debug, Clone)]
 pub struct LogOptions {
@@ -28,6 +40,8 @@ pub struct LogOptions {
     pub default_filter: String,
     /// Also log to stderr.
     pub stderr: bool,
+    /// Text or JSON lines.
+    pub format: LogFormat,
 }
 
 /// Keeps the background file writer alive; logs are flushed when it drops.
@@ -56,6 +70,23 @@ fn filter(default: &str) -> EnvFilter {
     EnvFilter::try_from_env(ENV_FILTER).unwrap_or_else(|_| EnvFilter::new(default))
 }
 
+/// A layer writing to `writer` in the configured format.
+fn layer<W>(opts: &LogOptions, writer: W, ansi: bool) -> BoxedLayer
+where
+    W: for<'w> tracing_subscriber::fmt::MakeWriter<'w> + Send + Sync + 'static,
+{
+    let fmt = tracing_subscriber::fmt::layer().with_writer(writer);
+    match opts.format {
+        LogFormat::Text => fmt.with_ansi(ansi).with_filter(filter(&opts.default_filter)).boxed(),
+        LogFormat::Json => fmt
+            .json()
+            .with_current_span(true)
+            .with_span_list(false)
+            .with_filter(filter(&opts.default_filter))
+            .boxed(),
+    }
+}
+
 /// Installs the global subscriber: file and/or stderr, plus `extra` layers (for
 /// example the agent's upstream error forwarder).
 pub fn init(opts: &LogOptions, extra: Vec<BoxedLayer>) -> Result<LogGuard, LogError> {
@@ -78,22 +109,10 @@ pub fn init(opts: &LogOptions, extra: Vec<BoxedLayer>) -> Result<LogGuard, LogEr
             })?;
         let (writer, g) = tracing_appender::non_blocking(appender);
         guard = Some(g);
-        layers.push(
-            tracing_subscriber::fmt::layer()
-                .with_writer(writer)
-                .with_ansi(false)
-                .with_filter(filter(&opts.default_filter))
-                .boxed(),
-        );
+        layers.push(layer(opts, writer, false));
     }
     if opts.stderr {
-        layers.push(
-            tracing_subscriber::fmt::layer()
-                .with_writer(std::io::stderr)
-                .with_ansi(std::io::stderr().is_terminal())
-                .with_filter(filter(&opts.default_filter))
-                .boxed(),
-        );
+        layers.push(layer(opts, std::io::stderr, std::io::stderr().is_terminal()));
     }
     tracing_subscriber::registry().with(layers).try_init()?;
     Ok(LogGuard { _file: guard })

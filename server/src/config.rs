@@ -365,6 +365,10 @@ pub struct HttpConfig {
     /// Set SO_REUSEPORT, so several processes on one host share the port.
     #[serde(default)]
     pub reuse_port: bool,
+    /// Serve `/metrics` without a token to loopback addresses. Off, every scrape
+    /// needs an API token (any role).
+    #[serde(default = "default_true")]
+    pub open_metrics_on_loopback: bool,
 }
 
 /// Key types an agent may enroll with.
@@ -488,6 +492,9 @@ pub struct LogConfig {
     /// Rotated files kept.
     #[serde(default = "default_log_files")]
     pub max_files: usize,
+    /// `text` (the default) or `json`: one JSON object per line, for log shippers.
+    #[serde(default)]
+    pub format: keel_common::logging::LogFormat,
 }
 
 fn default_data_dir() -> PathBuf {
@@ -565,6 +572,7 @@ impl Default for HttpConfig {
             tls: true,
             public_url: None,
             reuse_port: false,
+            open_metrics_on_loopback: true,
         }
     }
 }
@@ -607,6 +615,7 @@ impl Default for LogConfig {
             dir: None,
             level: default_log_level(),
             max_files: default_log_files(),
+            format: keel_common::logging::LogFormat::Text,
         }
     }
 }

@@ -83,6 +83,21 @@ pub enum Closing {
     Shutdown,
 }
 
+impl Closing {
+    /// The reason as a metrics label.
+    pub fn label(&self) -> &'static str {
+        match self {
+            Closing::Replaced => "replaced",
+            Closing::Revoked => "revoked",
+            Closing::Refused(_) => "refused",
+            Closing::Invalid(_) => "invalid",
+            Closing::TooLarge(_) => "too_large",
+            Closing::Unavailable(_) => "unavailable",
+            Closing::Shutdown => "shutdown",
+        }
+    }
+}
+
 /// One open stream.
 #[derive(Debug, Clone)]
 pub struct Connection {

@@ -29,6 +29,7 @@ use tracing::{Instrument, debug, info, info_span, warn};
 
 use crate::connections::{Closing, Connection, Outbound};
 use crate::gaps::{Gaps, Tally};
+use crate::metrics::Reason;
 use crate::pki::{self, PeerCert};
 use crate::plugin_sync::{self, Round};
 use crate::sink::{Batch, JsonFields, Record};
@@ -96,6 +97,7 @@ impl Transfer for TransferService {
             session: None,
             product: Arc::clone(&product),
         };
+        self.state.metrics.streams_opened.inc();
         tokio::spawn(stream.run(request.into_inner()).instrument(span));
         let out = close_after_error(
             ReceiverStream::new(rx).map(move |o| to_command(*o, product.get().map_or(KEEL_AGENT, String::as_str))),
@@ -280,6 +282,12 @@ impl StreamTask {
                 },
             }
         };
+        let label = reason.as_ref().map_or("ended", Closing::label);
+        self.state
+            .metrics
+            .streams_closed
+            .get_or_create(&Reason { reason: label })
+            .inc();
         if let Some(reason) = reason {
             info!(?reason, "closing stream");
             // The receiver may already be gone; then there is nobody to tell.
@@ -294,6 +302,7 @@ impl StreamTask {
         let Some(session) = self.session else { return };
         let agent_id = &self.cert.agent_id;
         if self.state.connections.unregister(agent_id, session.generation) {
+            self.state.metrics.agent_gone(agent_id);
             if let Err(e) = self.state.forget_agent(agent_id).await {
                 warn!(error = %e, "cannot store the stream mark and heartbeat");
             }
@@ -422,12 +431,14 @@ impl StreamTask {
             }
         }
         for (plugin, t) in lost {
+            self.state.metrics.records_lost.inc_by(t.records);
             warn!(%plugin, instance = t.instance, gaps = t.gaps, first = t.first, last = t.last,
                 records = t.records, "records of a plugin went missing on the way");
             if let Err(e) = Box::pin(self.state.store.plugin_records_lost(&agent_id, &plugin, t.records, now)).await {
                 return unavailable("registry", e);
             }
         }
+        self.count_received(&records);
         let mut data = Vec::with_capacity(records.len());
         for (from_plugin, r) in records {
             if from_plugin && data_type::agent_only(r.data_type) {
@@ -478,16 +489,38 @@ impl StreamTask {
     /// the sink refuses, for as long as the stream lasts: the agent keeps it in
     /// its spool meanwhile, so an outage of the sink loses nothing.
     async fn write(&self, batch: Batch<'_>) -> Result<(), Closing> {
-        match self.state.sink.write(batch).await {
+        let started = std::time::Instant::now();
+        let written = self.state.sink.write(batch).await;
+        self.state.metrics.sink_write.observe(started.elapsed().as_secs_f64());
+        match written {
             Ok(()) => Ok(()),
             // Boxed: the timer and the retries are for outages only.
             Err(e) => Box::pin(self.write_again(batch, e)).await,
         }
     }
 
+    /// Counts a batch's records and payload bytes by data type.
+    fn count_received(&self, records: &[(bool, Record)]) {
+        let mut by_type: Vec<(i32, u64, u64)> = Vec::new();
+        for (_, r) in records {
+            let bytes = r.data.len() as u64;
+            match by_type.iter_mut().find(|t| t.0 == r.data_type) {
+                Some(t) => {
+                    t.1 += 1;
+                    t.2 += bytes;
+                }
+                None => by_type.push((r.data_type, 1, bytes)),
+            }
+        }
+        for (data_type, n, bytes) in by_type {
+            self.state.metrics.received(data_type, n, bytes);
+        }
+    }
+
     async fn write_again(&self, batch: Batch<'_>, mut error: crate::sink::SinkError) -> Result<(), Closing> {
         let mut delay = Duration::from_millis(100);
         loop {
+            self.state.metrics.sink_errors.inc();
             let now = now_ms();
             let last = LAST_SINK_WARNING.load(Ordering::Relaxed);
             if now - last >= SINK_WARN_EVERY_MS
@@ -512,6 +545,7 @@ impl StreamTask {
     }
 
     async fn ack(&self, epoch: u64, seq: u64) -> Step {
+        self.state.metrics.batches_acked.inc();
         // Waiting here when the agent does not read its commands stops this stream's
         // reads too: backpressure, not unbounded buffering.
         let ack = match self.conn.commands.try_send(Box::new(Outbound::Ack { epoch, seq })) {
@@ -541,6 +575,15 @@ impl StreamTask {
                         return Ok(true);
                     }
                 };
+                if let Some(s) = &self.session {
+                    let number = |k: &str| fields.get(k).and_then(|v| v.parse().ok()).unwrap_or(0);
+                    self.state.metrics.agent_heartbeat(
+                        agent_id,
+                        &s.meta.version,
+                        number("spool_bytes"),
+                        number("dropped"),
+                    );
+                }
                 let json = serde_json::to_string(&JsonFields(&fields)).unwrap_or_else(|_| "{}".into());
                 self.state.set_heartbeat(agent_id, json, now);
                 if let Some(s) = &mut self.session
@@ -556,7 +599,9 @@ impl StreamTask {
                 if let Some(list) = fields.get("plugins")
                     && self.session.as_ref().is_none_or(|s| s.plugins.as_deref() != Some(list))
                 {
-                    let names = list.split(',').filter(|n| !n.is_empty()).map(str::to_owned).collect();
+                    let present: Vec<&str> = list.split(',').filter(|n| !n.is_empty()).collect();
+                    self.state.metrics.plugins_present(agent_id, &present);
+                    let names = present.into_iter().map(str::to_owned).collect();
                     Box::pin(self.state.store.plugins_present(agent_id, &names)).await?;
                     if let Some(s) = &mut self.session {
                         s.plugins = Some(list.to_owned());
@@ -566,6 +611,11 @@ impl StreamTask {
             }
             data_type::PLUGIN_HEARTBEAT => {
                 if let Some(fields) = decode(r) {
+                    if let Some(name) = fields.get("name").filter(|n| !n.is_empty()) {
+                        let state = fields.get("state").map_or("", String::as_str);
+                        let restarts = fields.get("restarts").and_then(|v| v.parse().ok()).unwrap_or(0);
+                        self.state.metrics.plugin_heartbeat(agent_id, name, state, restarts);
+                    }
                     Box::pin(self.state.store.plugin_heartbeat(agent_id, &fields, now)).await?;
                     if let Some(s) = &mut self.session
                         && let Some(round) = &mut s.round

@@ -10,6 +10,7 @@ mod console;
 mod enroll;
 mod files;
 mod inventory;
+mod metrics;
 mod policies;
 mod tasks;
 mod tokens;
@@ -513,8 +514,13 @@ pub fn router(state: Arc<ServerState>) -> Router {
         .route("/discovery", get(discovery))
         .route("/packages/{sha256}", get(components::download))
         .route("/healthz", get(healthz))
+        .route("/metrics", get(metrics::scrape))
         .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY_BYTES))
         .layer(middleware::from_fn(json_errors))
+        .layer(middleware::from_fn_with_state(
+            Arc::clone(&state),
+            metrics::count_requests,
+        ))
         .with_state(state)
 }
 

@@ -27,6 +27,7 @@ pub mod http;
 pub mod inventory;
 pub mod keyenroll;
 pub mod memory;
+pub mod metrics;
 pub mod ocsp;
 pub mod pki;
 pub mod plugin_sync;

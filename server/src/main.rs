@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
 use keel_common::config::{ConfigError, EX_USAGE};
-use keel_common::logging::{self, LogOptions};
+use keel_common::logging::{self, LogFormat, LogOptions};
 use keel_server::admin::{self, RevokeTarget};
 use keel_server::config::{Overrides, ServerConfig};
 use keel_server::store::Role;
@@ -184,6 +184,7 @@ fn init_logging(config: Option<&ServerConfig>, stderr_filter: &str) -> anyhow::R
         max_files: config.map_or(7, |c| c.log.max_files),
         default_filter: config.map_or_else(|| stderr_filter.to_owned(), |c| c.log.level.clone()),
         stderr: true,
+        format: config.map_or(LogFormat::Text, |c| c.log.format),
     };
     Ok(logging::init(&opts, Vec::new())?)
 }
@@ -217,6 +218,7 @@ async fn run(cli: Cli, config: Option<ServerConfig>) -> anyhow::Result<()> {
                     max_files: config.log.max_files,
                     default_filter: "info".into(),
                     stderr: false,
+                    format: config.log.format,
                 },
                 Vec::new(),
             )?;

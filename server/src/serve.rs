@@ -131,6 +131,10 @@ pub async fn run_with_state(
         grpc_tls,
         config.grpc.max_handshakes,
         config.grpc.handshake_timeout,
+        tls::Refusals {
+            family: state.metrics.handshakes_refused.clone(),
+            listener: "grpc",
+        },
         shutdown.clone(),
     );
     let grpc_shutdown = shutdown.clone();

@@ -79,6 +79,9 @@ pub trait Sink: Send + Sync + Debug {
     fn trouble(&self) -> Option<String> {
         None
     }
+
+    /// Adds the sink's own series to the server's metrics.
+    fn register_metrics(&self, _registry: &mut prometheus_client::registry::Registry) {}
 }
 
 /// A record as JSON, the same in every sink: `agent_id`, `data_type`,

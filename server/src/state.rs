@@ -55,6 +55,8 @@ pub struct ServerState {
     pub tunnels: crate::tunnel::Tunnels,
     /// The trust anchors the TLS inventory judges chains against.
     pub inventory_trust: crate::findings::Trust,
+    /// This instance's Prometheus metrics.
+    pub metrics: Arc<crate::metrics::Metrics>,
 }
 
 /// A new stream's mark, and the stored mark with its sources: see
@@ -172,6 +174,10 @@ impl ServerState {
         });
         let key_enrollment = crate::keyenroll::KeyEnrollment::new(&config.key_enrollment);
         let tunnels = crate::tunnel::Tunnels::new(config.tunnel.max_pending, config.tunnel.jobs_per_agent);
+        let metrics = Arc::new(crate::metrics::Metrics::new(&cluster.instance, |r| {
+            store.register_metrics(r);
+            sink.register_metrics(r);
+        }));
         Self {
             config,
             store,
@@ -190,6 +196,7 @@ impl ServerState {
             key_enrollment,
             tunnels,
             inventory_trust,
+            metrics,
         }
     }
 

@@ -18,6 +18,9 @@ mod tokens;
 
 use std::str::FromStr;
 
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::histogram::Histogram;
 use sqlx::any::{AnyConnectOptions, AnyPoolOptions};
 use sqlx::{AnyPool, ConnectOptions, Connection};
 
@@ -57,6 +60,14 @@ pub enum StoreError {
 #[derive(Debug, Clone)]
 pub struct Store {
     pool: AnyPool,
+    /// Time of the operations an idle or busy server does most, by operation.
+    query_seconds: Family<Operation, Histogram, fn() -> Histogram>,
+}
+
+/// An operation's label in `keel_store_query_seconds`.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct Operation {
+    op: &'static str,
 }
 
 impl Store {
@@ -93,13 +104,35 @@ impl Store {
         }
         let pool = pool_options.connect_with(options).await?;
         MIGRATOR.run(&pool).await?;
-        Ok(Self { pool })
+        Ok(Self {
+            pool,
+            query_seconds: Family::new_with_constructor(crate::metrics::latency),
+        })
     }
 
     /// Whether the database answers.
     pub async fn ping(&self) -> Result<(), StoreError> {
-        sqlx::query("SELECT 1").execute(&self.pool).await?;
+        self.timed("ping", sqlx::query("SELECT 1").execute(&self.pool)).await?;
         Ok(())
+    }
+
+    /// Adds `keel_store_query_seconds` to the server's metrics.
+    pub fn register_metrics(&self, registry: &mut prometheus_client::registry::Registry) {
+        registry.register(
+            "store_query_seconds",
+            "Time of registry operations, by operation",
+            self.query_seconds.clone(),
+        );
+    }
+
+    /// Runs `work`, timed as operation `op`.
+    async fn timed<T>(&self, op: &'static str, work: impl std::future::Future<Output = T>) -> T {
+        let started = std::time::Instant::now();
+        let out = work.await;
+        self.query_seconds
+            .get_or_create(&Operation { op })
+            .observe(started.elapsed().as_secs_f64());
+        out
     }
 
     /// The underlying pool, for tests.

@@ -147,6 +147,50 @@ pub fn http_config(state: &ServerState) -> Result<rustls::ServerConfig, TlsSetup
     Ok(config)
 }
 
+/// Where refused handshakes are counted: the listener's label in
+/// `keel_tls_handshakes_refused`.
+#[derive(Debug, Clone)]
+pub struct Refusals {
+    /// The counter family.
+    pub family: prometheus_client::metrics::family::Family<
+        crate::metrics::Refusal,
+        prometheus_client::metrics::counter::Counter,
+    >,
+    /// `grpc` or `tunnel`.
+    pub listener: &'static str,
+}
+
+impl Refusals {
+    fn count(&self, reason: &'static str) {
+        self.family
+            .get_or_create(&crate::metrics::Refusal {
+                listener: self.listener,
+                reason,
+            })
+            .inc();
+    }
+}
+
+/// The reason label of a failed handshake.
+pub fn handshake_refusal(e: &std::io::Error) -> &'static str {
+    let Some(tls) = e.get_ref().and_then(|inner| inner.downcast_ref::<rustls::Error>()) else {
+        return "io";
+    };
+    match tls {
+        rustls::Error::NoCertificatesPresented => "no_certificate",
+        rustls::Error::InvalidCertificate(CertificateError::UnknownIssuer) => "unknown_issuer",
+        rustls::Error::InvalidCertificate(CertificateError::Expired | CertificateError::ExpiredContext { .. }) => {
+            "expired"
+        }
+        rustls::Error::InvalidCertificate(
+            CertificateError::NotValidYet | CertificateError::NotValidYetContext { .. },
+        ) => "not_valid_yet",
+        rustls::Error::InvalidCertificate(CertificateError::Revoked) => "revoked",
+        rustls::Error::InvalidCertificate(_) => "bad_certificate",
+        _ => "protocol",
+    }
+}
+
 /// A plain explanation of a failed handshake, for the log.
 pub fn describe_handshake_error(e: &std::io::Error) -> String {
     let Some(tls) = e.get_ref().and_then(|inner| inner.downcast_ref::<rustls::Error>()) else {
@@ -175,6 +219,7 @@ pub fn accept_loop(
     config: rustls::ServerConfig,
     max_handshakes: usize,
     handshake_timeout: Duration,
+    refusals: Refusals,
     shutdown: CancellationToken,
 ) -> mpsc::Receiver<Result<TlsStream<TcpStream>, std::io::Error>> {
     let (tx, rx) = mpsc::channel(max_handshakes.max(1));
@@ -205,9 +250,12 @@ pub fn accept_loop(
             let _ = tcp.set_nodelay(true);
             let acceptor = acceptor.clone();
             let tx = tx.clone();
+            let refusals = refusals.clone();
             tokio::spawn(async move {
                 let _permit = permit;
-                handshake(acceptor, tcp, peer, handshake_timeout, tx).await;
+                if let Some(reason) = handshake(acceptor, tcp, peer, handshake_timeout, tx).await {
+                    refusals.count(reason);
+                }
             });
         }
         debug!("gRPC accept loop stopped");
@@ -221,14 +269,19 @@ async fn handshake(
     peer: SocketAddr,
     limit: Duration,
     tx: mpsc::Sender<Result<TlsStream<TcpStream>, std::io::Error>>,
-) {
+) -> Option<&'static str> {
     match tokio::time::timeout(limit, acceptor.accept(tcp)).await {
         Ok(Ok(tls)) => {
             let _ = tx.send(Ok(tls)).await;
+            None
         }
         Ok(Err(e)) => {
             warn!(%peer, reason = %describe_handshake_error(&e), "refused connection: TLS handshake failed");
+            Some(handshake_refusal(&e))
         }
-        Err(_) => warn!(%peer, "refused connection: TLS handshake timed out"),
+        Err(_) => {
+            warn!(%peer, "refused connection: TLS handshake timed out");
+            Some("timeout")
+        }
     }
 }

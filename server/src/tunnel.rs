@@ -261,6 +261,10 @@ pub async fn serve(state: Arc<ServerState>, listener: TcpListener, shutdown: Can
         config,
         state.config.grpc.max_handshakes,
         state.config.grpc.handshake_timeout,
+        crate::tls::Refusals {
+            family: state.metrics.handshakes_refused.clone(),
+            listener: "tunnel",
+        },
         shutdown.clone(),
     );
     loop {

@@ -10,6 +10,7 @@
 pub mod cluster;
 pub mod filedelivery;
 pub mod mariadb;
+pub mod metrics;
 pub mod netns;
 pub mod proxy;
 
@@ -146,6 +147,8 @@ pub struct ServerOptions {
     pub grpc_host: Option<String>,
     /// Extra lines of the `[tunnel]` section.
     pub tunnel_toml: String,
+    /// Extra lines of the `[http]` section.
+    pub http_toml: String,
 }
 
 /// The registry URL a test server uses when none is given: a fresh PostgreSQL
@@ -211,11 +214,12 @@ impl Server {
         let text = format!(
             "data_dir = {}\n{}\n{sections}[grpc]\nlisten = \"{grpc_host}:{grpc_port}\"\nreuse_port = {reuse}\n\
              [tunnel]\nlisten = \"127.0.0.1:{tunnel_port}\"\nreuse_port = {reuse}\n{}\n\
-             [http]\nlisten = \"127.0.0.1:0\"\ntls = {}\n",
+             [http]\nlisten = \"127.0.0.1:0\"\ntls = {}\n{}\n",
             toml_path(&dir.path().join("data")),
             opts.extra_toml,
             opts.tunnel_toml,
-            opts.https
+            opts.https,
+            opts.http_toml
         );
         std::fs::write(&config, text).expect("write server.toml");
         let mut server = Server {
@@ -486,6 +490,25 @@ impl Api {
         let status = resp.status().as_u16();
         let text = resp.text().await.unwrap_or_default();
         (status, serde_json::from_str(&text).unwrap_or(Value::String(text)))
+    }
+
+    /// Sends `req` (with the token, if any) and returns the status, the content
+    /// type and the body as text.
+    pub async fn send_raw(&self, req: reqwest::RequestBuilder) -> (u16, String, String) {
+        let req = if self.token.is_empty() {
+            req
+        } else {
+            req.bearer_auth(&self.token)
+        };
+        let resp = req.send().await.expect("HTTP request");
+        let status = resp.status().as_u16();
+        let kind = resp
+            .headers()
+            .get(reqwest::header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default()
+            .to_owned();
+        (status, kind, resp.text().await.unwrap_or_default())
     }
 
     /// The underlying client, to build unusual requests.

@@ -77,6 +77,7 @@ pub async fn enroll(
         Ok(_) => (StatusCode::OK, "ok".to_owned()),
         Err(e) => (e.status, e.message.clone()),
     };
+    count(&state, "token", status);
     super::audit_event(
         &state,
         &format!("enrollment from {peer}"),
@@ -142,6 +143,16 @@ async fn enroll_checked(
     }))
 }
 
+/// Counts an enrollment answered with `status` in `keel_enrollments`.
+fn count(state: &ServerState, method: &'static str, status: StatusCode) {
+    let outcome = crate::metrics::enrollment_outcome(status.as_u16());
+    state
+        .metrics
+        .enrollments
+        .get_or_create(&crate::metrics::Enrollment { method, outcome })
+        .inc();
+}
+
 /// `POST /enroll/challenge`: a one-time nonce for enrollment by key.
 pub async fn challenge(State(state): State<Arc<ServerState>>, peer: Peer) -> Result<Json<Challenge>, ApiError> {
     keyenroll::challenge(&state).await.map(Json).map_err(|r| {
@@ -195,6 +206,7 @@ pub async fn by_key(
             (keyenroll::status(r), r.to_string(), format!("/enroll/key/{asked}"))
         }
     };
+    count(&state, "key", status);
     super::audit_event(
         &state,
         &format!("enrollment by key from {from}"),

@@ -42,6 +42,8 @@ pub struct NatsSink {
     trouble: Mutex<Option<String>>,
     /// Shares of [`ACKS_IN_FLIGHT`].
     in_flight: tokio::sync::Semaphore,
+    /// From publishing a chunk of records to JetStream's last acknowledgement.
+    publish_seconds: prometheus_client::metrics::histogram::Histogram,
 }
 
 impl std::fmt::Debug for NatsSink {
@@ -81,6 +83,7 @@ impl NatsSink {
             ready: OnceCell::new(),
             trouble: Mutex::new(None),
             in_flight: tokio::sync::Semaphore::new(ACKS_IN_FLIGHT),
+            publish_seconds: crate::metrics::latency(),
         })
     }
 
@@ -121,6 +124,7 @@ impl NatsSink {
                     .await
                     .map_err(|e| SinkError::Nats(e.to_string()))?,
             };
+            let started = std::time::Instant::now();
             let mut acks = Vec::with_capacity(chunk.len());
             for (i, r) in chunk.iter().enumerate() {
                 let publish =
@@ -132,7 +136,7 @@ impl NatsSink {
                 acks.push(ack.into_future());
             }
             match tokio::time::timeout(self.ack_timeout, try_join_all(acks)).await {
-                Ok(Ok(_)) => {}
+                Ok(Ok(_)) => self.publish_seconds.observe(started.elapsed().as_secs_f64()),
                 Ok(Err(e)) => return Err(SinkError::Nats(format!("not acknowledged: {e}"))),
                 Err(_) => {
                     return Err(SinkError::Nats(format!(
@@ -190,6 +194,14 @@ impl Sink for NatsSink {
             }
             result
         })
+    }
+
+    fn register_metrics(&self, registry: &mut prometheus_client::registry::Registry) {
+        registry.register(
+            "nats_publish_seconds",
+            "From publishing a batch's records to JetStream's last acknowledgement",
+            self.publish_seconds.clone(),
+        );
     }
 
     fn recovered_marks(&self) -> Marks {

@@ -209,7 +209,7 @@ impl Store {
         now: i64,
         instance: &str,
     ) -> Result<(), StoreError> {
-        sqlx::query(
+        self.timed("agent_connected", sqlx::query(
             "INSERT INTO agents (id, hostname, version, product, addresses, first_seen, last_seen, online, connected_at, instance) \
              VALUES ($1, $2, $3, $4, $5, $6, $6, 1, $6, $7) \
              ON CONFLICT (id) DO UPDATE SET hostname = excluded.hostname, version = excluded.version, \
@@ -223,7 +223,7 @@ impl Store {
         .bind(addresses_json(meta))
         .bind(now)
         .bind(instance)
-        .execute(&self.pool)
+        .execute(&self.pool))
         .await?;
         Ok(())
     }
@@ -247,12 +247,17 @@ impl Store {
     /// Marks the agent offline, if `instance` still holds it: a stream that ended
     /// late on one instance does not undo a reconnection to another.
     pub async fn agent_disconnected(&self, id: &str, now: i64, instance: &str) -> Result<(), StoreError> {
-        sqlx::query("UPDATE agents SET online = 0, instance = NULL, last_seen = $2 WHERE id = $1 AND instance = $3")
+        self.timed(
+            "agent_disconnected",
+            sqlx::query(
+                "UPDATE agents SET online = 0, instance = NULL, last_seen = $2 WHERE id = $1 AND instance = $3",
+            )
             .bind(id)
             .bind(now)
             .bind(instance)
-            .execute(&self.pool)
-            .await?;
+            .execute(&self.pool),
+        )
+        .await?;
         Ok(())
     }
 
@@ -270,7 +275,7 @@ impl Store {
             for (id, json, at) in chunk {
                 q = q.bind(id.clone()).bind(json.clone()).bind(*at);
             }
-            q.execute(&self.pool).await?;
+            self.timed("agent_heartbeats", q.execute(&self.pool)).await?;
         }
         Ok(())
     }
@@ -304,16 +309,20 @@ impl Store {
         let text = |o: &Option<String>| o.clone().unwrap_or_default();
         let page_sql = format!("{}{AGENT_FILTERS} ORDER BY a.id LIMIT $8", select_agents!(""));
         // Built from constants only; every value is bound.
-        let rows = sqlx::query(sqlx::AssertSqlSafe(page_sql))
-            .bind(now)
-            .bind(text(&q.after))
-            .bind(text(&q.version))
-            .bind(text(&q.tag))
-            .bind(&hostname)
-            .bind(text(&q.plugin))
-            .bind(online)
-            .bind(q.limit)
-            .fetch_all(&self.pool)
+        let rows = self
+            .timed(
+                "agents_page",
+                sqlx::query(sqlx::AssertSqlSafe(page_sql))
+                    .bind(now)
+                    .bind(text(&q.after))
+                    .bind(text(&q.version))
+                    .bind(text(&q.tag))
+                    .bind(&hostname)
+                    .bind(text(&q.plugin))
+                    .bind(online)
+                    .bind(q.limit)
+                    .fetch_all(&self.pool),
+            )
             .await?;
         let mut agents = rows.iter().map(from_row).collect::<Result<Vec<_>, _>>()?;
         let count_sql = format!("SELECT COUNT(*) FROM agents a{AGENT_FILTERS}");
@@ -346,6 +355,23 @@ impl Store {
             }
         }
         Ok((agents, total))
+    }
+
+    /// How many agents are registered, and how many of them have a stream at a
+    /// live instance.
+    pub async fn agent_counts(&self, now: i64) -> Result<(i64, i64), StoreError> {
+        let row = self
+            .timed(
+                "agent_counts",
+                sqlx::query(
+                    "SELECT COUNT(*) AS known, COALESCE(SUM(CASE WHEN a.online <> 0 AND EXISTS (SELECT 1 FROM instances i \
+                     WHERE i.id = a.instance AND i.lease_until > $1) THEN 1 ELSE 0 END), 0) AS online FROM agents a",
+                )
+                .bind(now)
+                .fetch_one(&self.pool),
+            )
+            .await?;
+        Ok((row.try_get("known")?, row.try_get("online")?))
     }
 
     /// Replaces an agent's tags.

@@ -41,7 +41,7 @@ pub struct AuditFilter {
 impl Store {
     /// Appends an entry.
     pub async fn audit(&self, e: &AuditEntry) -> Result<(), StoreError> {
-        sqlx::query(
+        self.timed("audit", sqlx::query(
             "INSERT INTO audit (id, at, actor, action, target, status, outcome) VALUES ($1, $2, $3, $4, $5, $6, $7)",
         )
         .bind(&e.id)
@@ -51,7 +51,7 @@ impl Store {
         .bind(&e.target)
         .bind(e.status)
         .bind(&e.outcome)
-        .execute(&self.pool)
+        .execute(&self.pool))
         .await?;
         Ok(())
     }

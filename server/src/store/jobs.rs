@@ -174,6 +174,20 @@ impl Store {
         rows.iter().map(job).collect()
     }
 
+    /// How many tasks are in each state.
+    pub async fn jobs_by_state(&self) -> Result<Vec<(String, i64)>, StoreError> {
+        let rows = self
+            .timed(
+                "jobs_by_state",
+                sqlx::query("SELECT state, COUNT(*) AS n FROM jobs GROUP BY state ORDER BY state")
+                    .fetch_all(&self.pool),
+            )
+            .await?;
+        rows.iter()
+            .map(|r| Ok((r.try_get("state")?, r.try_get("n")?)))
+            .collect()
+    }
+
     /// Sets a task's state and why.
     pub async fn job_state(&self, id: &str, state: &str, reason: &str, now: i64) -> Result<(), StoreError> {
         sqlx::query("UPDATE jobs SET state = $2, reason = $3, updated_at = $4 WHERE id = $1")

@@ -247,7 +247,7 @@ impl Store {
             .or_else(|| fields.get("pversion"))
             .cloned()
             .unwrap_or_default();
-        sqlx::query(
+        self.timed("plugin_heartbeat", sqlx::query(
             "INSERT INTO agent_plugins (agent_id, name, version, state, pid, heartbeat, updated_at) VALUES ($1, $2, $3, $4, $5, $6, $7) \
              ON CONFLICT (agent_id, name) DO UPDATE SET version = excluded.version, state = excluded.state, pid = excluded.pid, \
              heartbeat = excluded.heartbeat, updated_at = excluded.updated_at",
@@ -259,7 +259,7 @@ impl Store {
         .bind(pid)
         .bind(json)
         .bind(now)
-        .execute(&self.pool)
+        .execute(&self.pool))
         .await?;
         Ok(())
     }

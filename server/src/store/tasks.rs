@@ -100,17 +100,21 @@ impl Store {
             _ => "failed",
         };
         let json = serde_json::to_string(fields).map_err(corrupt("task result"))?;
-        let done = sqlx::query(
-            "UPDATE tasks SET status = $1, result = $2, finished_at = $3 \
+        let done = self
+            .timed(
+                "task_result",
+                sqlx::query(
+                    "UPDATE tasks SET status = $1, result = $2, finished_at = $3 \
              WHERE token = $4 AND agent_id = $5 AND status IN ('pending', 'sent')",
-        )
-        .bind(status)
-        .bind(json)
-        .bind(now)
-        .bind(token)
-        .bind(agent_id)
-        .execute(&self.pool)
-        .await?;
+                )
+                .bind(status)
+                .bind(json)
+                .bind(now)
+                .bind(token)
+                .bind(agent_id)
+                .execute(&self.pool),
+            )
+            .await?;
         Ok(done.rows_affected() > 0)
     }
 
@@ -180,7 +184,7 @@ impl Store {
                     .bind(i64::try_from(m.seq).unwrap_or(i64::MAX))
                     .bind(m.sources.to_string());
             }
-            q.execute(&self.pool).await?;
+            self.timed("save_stream_marks", q.execute(&self.pool)).await?;
         }
         Ok(())
     }

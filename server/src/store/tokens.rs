@@ -153,12 +153,12 @@ impl Store {
 
     /// The token ID and role of a valid (known, unexpired, unrevoked) API token.
     pub async fn authenticate(&self, secret: &str) -> Result<Option<(String, Role)>, StoreError> {
-        let row = sqlx::query(
+        let row = self.timed("authenticate", sqlx::query(
             "SELECT id, role FROM api_tokens WHERE hash = $1 AND revoked_at IS NULL AND (expires_at IS NULL OR expires_at > $2)",
         )
         .bind(hash_secret(secret))
         .bind(now_ms())
-        .fetch_optional(&self.pool)
+        .fetch_optional(&self.pool))
         .await?;
         let Some(row) = row else { return Ok(None) };
         let id: String = row.try_get("id")?;

@@ -255,6 +255,18 @@ async fn nats_down_for_20_seconds_loses_and_repeats_nothing() {
     let distinct: HashSet<&str> = records.iter().filter_map(|r| r["data"].as_str()).collect();
     assert_eq!(records.len() as u64, COUNT, "total: nothing stored twice");
     assert_eq!(distinct.len() as u64, COUNT, "distinct: nothing lost");
+    // The outage shows in the holder's metrics: refused writes, JetStream's
+    // acknowledgements timed, every record counted, the agent's plugin running.
+    let base = cluster.servers[holder].base_url();
+    let m = keel_tests::metrics::scrape(&keel_tests::Api::new(&base, ""), &base).await;
+    assert!(m.value("keel_sink_errors_total", &[]) >= 1.0);
+    assert!(m.value("keel_nats_publish_seconds_count", &[]) >= 1.0);
+    assert!(m.value("keel_records_received_total", &[("data_type", "6151")]) >= COUNT as f64);
+    assert_eq!(
+        m.value("keel_plugins", &[("plugin", "emitter"), ("state", "running")]),
+        1.0
+    );
+    assert_eq!(m.value("keel_agents_connected", &[]), 1.0);
 }
 
 fn base64_decode(s: &str) -> Vec<u8> {

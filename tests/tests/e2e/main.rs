@@ -11,6 +11,7 @@ mod enrollment;
 mod file_delivery;
 mod keelctl;
 mod key_enrollment;
+mod metrics;
 mod packaging;
 mod plugins;
 mod proxy;

@@ -58,6 +58,12 @@ fn packages_carry_the_right_metadata_and_files() {
             files.contains(&format!("./usr/lib/systemd/system/{name}.service")),
             "{files}"
         );
+        if name == "keel-server" {
+            assert!(
+                files.contains("./usr/share/keel-server/grafana/keel-dashboard.json"),
+                "the Grafana dashboard ships with the server: {files}"
+            );
+        }
         assert!(
             files.contains("-rw-r----- root/root"),
             "the configuration is not world-readable: {files}"
