@@ -52,6 +52,7 @@ pub fn filter_query(f: &AgentFilter) -> Vec<(&'static str, String)> {
         ("tag", &f.tag),
         ("hostname", &f.hostname),
         ("plugin", &f.plugin),
+        ("q", &f.search),
     ];
     for (k, v) in pairs {
         if let Some(v) = v {

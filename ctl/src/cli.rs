@@ -326,6 +326,10 @@ pub struct AgentFilter {
     /// Only agents running this plugin.
     #[arg(long, value_name = "NAME")]
     pub plugin: Option<String>,
+    /// Only agents whose ID, host name, addresses or a tag contain this
+    /// (ignoring case).
+    #[arg(long, value_name = "TEXT")]
+    pub search: Option<String>,
     /// At most this many agents (by ID); default: every page.
     #[arg(long, value_name = "N")]
     pub limit: Option<usize>,

@@ -229,6 +229,8 @@ struct Session {
     /// added to it.
     round: Option<Round>,
     round_changed: bool,
+    /// When its heartbeats were last sampled for its page's charts.
+    sampled_at: i64,
 }
 
 /// The longest pause between tries to write a batch the sink refused.
@@ -339,6 +341,7 @@ impl StreamTask {
             generation,
             round: None,
             round_changed: false,
+            sampled_at: 0,
             meta,
             mark,
             plugins: None,
@@ -575,14 +578,24 @@ impl StreamTask {
                         return Ok(true);
                     }
                 };
-                if let Some(s) = &self.session {
+                if let Some(s) = &mut self.session {
                     let number = |k: &str| fields.get(k).and_then(|v| v.parse().ok()).unwrap_or(0);
-                    self.state.metrics.agent_heartbeat(
-                        agent_id,
-                        &s.meta.version,
-                        number("spool_bytes"),
-                        number("dropped"),
-                    );
+                    let spool_bytes = number("spool_bytes");
+                    self.state
+                        .metrics
+                        .agent_heartbeat(agent_id, &s.meta.version, spool_bytes, number("dropped"));
+                    if now - s.sampled_at >= i64::try_from(crate::state::SAMPLE_EVERY.as_millis()).unwrap_or(i64::MAX) {
+                        s.sampled_at = now;
+                        let real = |k: &str| fields.get(k).and_then(|v| v.parse().ok()).unwrap_or(0.0);
+                        let sample = crate::store::Sample {
+                            at: now,
+                            cpu: real("cpu"),
+                            rss: number("rss"),
+                            records_per_s: real("tx_tps"),
+                            spool_bytes,
+                        };
+                        self.state.add_sample(agent_id, sample);
+                    }
                 }
                 let json = serde_json::to_string(&JsonFields(&fields)).unwrap_or_else(|_| "{}".into());
                 self.state.set_heartbeat(agent_id, json, now);

@@ -408,6 +408,7 @@ fn api() -> (Router<Arc<ServerState>>, utoipa::openapi::OpenApi) {
         .routes(routes!(agents::set_tags))
         .routes(routes!(agents::add_tag, agents::remove_tag))
         .routes(routes!(agents::config))
+        .routes(routes!(agents::activity))
         .routes(routes!(components::get_plugins, components::put_plugins))
         .routes(routes!(components::list))
         .routes(routes!(components::show))

@@ -16,7 +16,7 @@ use crate::pki::{self, Ca, CsrError, IssuedCert, PkiError};
 use crate::policy::{self, AgentFacts, Effective, Policy};
 use crate::release::Release;
 use crate::sink::Sink;
-use crate::store::{NewTask, Store, StoreError, StreamMark};
+use crate::store::{NewTask, Sample, Store, StoreError, StreamMark};
 
 /// The server's shared state.
 #[derive(Debug)]
@@ -76,7 +76,18 @@ struct Pending {
     dirty: HashMap<String, (u64, u64, Arc<str>)>,
     /// Heartbeats not written yet: fields as JSON, arrival time.
     beats: HashMap<String, (String, i64)>,
+    /// Heartbeat samples not written yet ([`SAMPLE_EVERY`]).
+    samples: Vec<(String, Sample)>,
+    /// When samples older than [`SAMPLES_KEPT`] were last deleted.
+    pruned_at: i64,
 }
+
+/// How often an agent's heartbeats are sampled for its page's charts.
+pub const SAMPLE_EVERY: Duration = Duration::from_secs(300);
+/// How long samples are kept.
+pub const SAMPLES_KEPT: Duration = Duration::from_secs(24 * 3600);
+/// How often samples past [`SAMPLES_KEPT`] are deleted.
+const PRUNE_EVERY_MS: i64 = 60_000;
 
 /// Why a desired plugin set cannot be sent.
 #[derive(Debug, thiserror::Error)]
@@ -171,6 +182,8 @@ impl ServerState {
                 .collect(),
             marks: recovered,
             beats: HashMap::new(),
+            samples: Vec::new(),
+            pruned_at: 0,
         });
         let key_enrollment = crate::keyenroll::KeyEnrollment::new(&config.key_enrollment);
         let tunnels = crate::tunnel::Tunnels::new(config.tunnel.max_pending, config.tunnel.jobs_per_agent);
@@ -537,9 +550,35 @@ impl ServerState {
         self.pending_lock().beats.insert(agent_id.to_owned(), (json, now));
     }
 
-    /// Writes what changed since the last flush: marks and heartbeats. What could
-    /// not be written is kept for the next try.
+    /// Notes a sample of an agent's heartbeats, written with the next flush.
+    pub fn add_sample(&self, agent_id: &str, sample: Sample) {
+        self.pending_lock().samples.push((agent_id.to_owned(), sample));
+    }
+
+    /// Writes what changed since the last flush: marks and heartbeats, then the
+    /// heartbeat samples (deleting those past [`SAMPLES_KEPT`] once a minute).
+    /// What could not be written is kept for the next try, but samples: a chart
+    /// with a gap is better than a flush that grows.
     pub async fn flush(&self) -> Result<(), StoreError> {
+        self.flush_marks_and_beats().await?;
+        let now = now_ms();
+        let (samples, prune) = {
+            let mut p = self.pending_lock();
+            let prune = now - p.pruned_at >= PRUNE_EVERY_MS;
+            if prune {
+                p.pruned_at = now;
+            }
+            (std::mem::take(&mut p.samples), prune)
+        };
+        self.store.save_samples(&samples).await?;
+        if prune {
+            let kept = i64::try_from(SAMPLES_KEPT.as_millis()).unwrap_or(i64::MAX);
+            self.store.prune_samples(now - kept).await?;
+        }
+        Ok(())
+    }
+
+    async fn flush_marks_and_beats(&self) -> Result<(), StoreError> {
         let (marks, beats) = {
             let mut p = self.pending_lock();
             (std::mem::take(&mut p.dirty), std::mem::take(&mut p.beats))

@@ -3,6 +3,7 @@
 //! statements serves SQLite (the embedded default) and PostgreSQL, through sqlx's
 //! `Any` driver with `$N` placeholders.
 
+mod activity;
 mod agents;
 mod audit;
 mod certs;
@@ -24,6 +25,7 @@ use prometheus_client::metrics::histogram::Histogram;
 use sqlx::any::{AnyConnectOptions, AnyPoolOptions};
 use sqlx::{AnyPool, ConnectOptions, Connection};
 
+pub use activity::{CertificateRow, SESSIONS_PER_AGENT, Sample, SessionRow};
 pub use agents::{AgentMeta, AgentQuery, AgentRow};
 pub use audit::{AuditEntry, AuditFilter};
 pub use cluster::{InstanceRow, TunnelJobRow};

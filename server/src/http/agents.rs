@@ -111,6 +111,9 @@ pub struct AgentFilter {
     hostname: Option<String>,
     /// Only agents running this plugin.
     plugin: Option<String>,
+    /// Only agents whose ID, host name, addresses or a tag contain this
+    /// (ignoring ASCII case).
+    q: Option<String>,
     /// The page after this agent ID: the `X-Next-Cursor` of the previous page.
     cursor: Option<String>,
     /// Agents per page, 1 to 1000; default 100.
@@ -162,6 +165,7 @@ pub async fn list(
         tag: f.tag,
         hostname: f.hostname,
         plugin: f.plugin,
+        search: f.q,
         after: f.cursor,
         // One more than asked, to know whether a next page exists.
         limit: limit + 1,
@@ -463,4 +467,118 @@ pub async fn revoke(
     }
     tracing::warn!(agent_id = %id, by = %who.token_id, count = revoked.len(), "agent certificates revoked");
     Ok(Json(Revoked { revoked }))
+}
+
+/// Hours of samples [`activity`] gives at most.
+pub const MAX_ACTIVITY_HOURS: i64 = 24;
+/// Tasks [`activity`] lists.
+pub const ACTIVITY_TASKS: i64 = 20;
+
+/// How far back an agent's activity goes.
+#[derive(Debug, Default, Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+pub struct ActivityQuery {
+    /// Hours of heartbeat samples, 1 to 24; default 24.
+    hours: Option<i64>,
+}
+
+/// One of an agent's streams.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct SessionView {
+    connected_at: String,
+    /// Absent while open (or when the instance holding it died).
+    disconnected_at: Option<String>,
+    instance: String,
+}
+
+/// One of an agent's tasks.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct AgentTaskView {
+    token: String,
+    data_type: i32,
+    object_name: String,
+    status: String,
+    created_at: String,
+    finished_at: Option<String>,
+    /// The result's `msg`, if it has one.
+    message: Option<String>,
+}
+
+/// An agent's certificate.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct CertificateView {
+    serial: String,
+    issued_at: String,
+    not_after: String,
+}
+
+/// What an agent's page shows beyond [`AgentView`].
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ActivityView {
+    /// Heartbeat samples, oldest first, one every 5 minutes at most.
+    samples: Vec<crate::store::Sample>,
+    /// Its streams, newest first (the newest 50).
+    sessions: Vec<SessionView>,
+    /// Its newest tasks, newest first.
+    tasks: Vec<AgentTaskView>,
+    /// Its newest certificate that is not revoked.
+    certificate: Option<CertificateView>,
+}
+
+/// An agent's heartbeat samples, streams, recent tasks and certificate.
+#[utoipa::path(get, path = "/agents/{id}/activity", tag = "agents", params(("id" = String, Path), ActivityQuery),
+    responses((status = 200, body = ActivityView), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody)))]
+pub async fn activity(
+    State(state): State<Arc<ServerState>>,
+    Extension(who): Extension<Principal>,
+    Path(id): Path<String>,
+    q: Result<Query<ActivityQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Json<ActivityView>, ApiError> {
+    who.require(Role::Viewer)?;
+    let hours = query(q)?.hours.unwrap_or(MAX_ACTIVITY_HOURS);
+    if !(1..=MAX_ACTIVITY_HOURS).contains(&hours) {
+        return Err(ApiError::bad_request(format!(
+            "hours must be 1 to {MAX_ACTIVITY_HOURS}, not {hours}"
+        )));
+    }
+    agent_or_404(&state, &id).await?;
+    let since = now_ms() - hours * 3_600_000;
+    let samples = state.store.samples(&id, since).await?;
+    let sessions = state
+        .store
+        .sessions(&id)
+        .await?
+        .into_iter()
+        .map(|s| SessionView {
+            connected_at: rfc3339_ms(s.connected_at),
+            disconnected_at: s.disconnected_at.map(rfc3339_ms),
+            instance: s.instance,
+        })
+        .collect();
+    let tasks = state
+        .store
+        .agent_tasks(&id, ACTIVITY_TASKS)
+        .await?
+        .into_iter()
+        .map(|t| AgentTaskView {
+            message: t.result.as_ref().and_then(|r| r.get("msg").cloned()),
+            token: t.token,
+            data_type: t.data_type,
+            object_name: t.object_name,
+            status: t.status,
+            created_at: rfc3339_ms(t.created_at),
+            finished_at: t.finished_at.map(rfc3339_ms),
+        })
+        .collect();
+    let certificate = state.store.agent_certificate(&id).await?.map(|c| CertificateView {
+        serial: c.serial,
+        issued_at: rfc3339_ms(c.issued_at),
+        not_after: rfc3339_ms(c.not_after),
+    });
+    Ok(Json(ActivityView {
+        samples,
+        sessions,
+        tasks,
+        certificate,
+    }))
 }

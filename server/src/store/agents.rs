@@ -99,6 +99,9 @@ pub struct AgentQuery {
     pub hostname: Option<String>,
     /// Only agents running this plugin.
     pub plugin: Option<String>,
+    /// Only agents whose ID, host name, addresses or a tag contain this,
+    /// ignoring ASCII case.
+    pub search: Option<String>,
     /// Only agents whose ID sorts after this (the cursor).
     pub after: Option<String>,
     /// At most this many.
@@ -126,7 +129,10 @@ const AGENT_FILTERS: &str = " WHERE ($2 = '' OR a.id > $2) \
      AND ($5 = '' OR LOWER(a.hostname) LIKE $5 ESCAPE '\\') \
      AND ($6 = '' OR EXISTS (SELECT 1 FROM agent_plugins p WHERE p.agent_id = a.id AND p.name = $6)) \
      AND ($7 < 0 OR $7 = CASE WHEN a.online <> 0 AND EXISTS (SELECT 1 FROM instances i \
-         WHERE i.id = a.instance AND i.lease_until > $1) THEN 1 ELSE 0 END)";
+         WHERE i.id = a.instance AND i.lease_until > $1) THEN 1 ELSE 0 END) \
+     AND ($8 = '' OR LOWER(a.id) LIKE $8 ESCAPE '\\' OR LOWER(a.hostname) LIKE $8 ESCAPE '\\' \
+         OR LOWER(a.addresses) LIKE $8 ESCAPE '\\' \
+         OR EXISTS (SELECT 1 FROM agent_tags t WHERE t.agent_id = a.id AND LOWER(t.tag) LIKE $8 ESCAPE '\\'))";
 
 fn from_row(row: &AnyRow) -> Result<AgentRow, StoreError> {
     let addresses: String = row.try_get("addresses")?;
@@ -225,6 +231,24 @@ impl Store {
         .bind(instance)
         .execute(&self.pool))
         .await?;
+        // Its streams: this one, and the oldest beyond the newest 50 go.
+        sqlx::query(
+            "INSERT INTO agent_sessions (agent_id, connected_at, instance) VALUES ($1, $2, $3) \
+             ON CONFLICT (agent_id, connected_at) DO NOTHING",
+        )
+        .bind(id)
+        .bind(now)
+        .bind(instance)
+        .execute(&self.pool)
+        .await?;
+        sqlx::query(
+            "DELETE FROM agent_sessions WHERE agent_id = $1 AND connected_at <= (SELECT connected_at FROM agent_sessions \
+             WHERE agent_id = $1 ORDER BY connected_at DESC LIMIT 1 OFFSET $2)",
+        )
+        .bind(id)
+        .bind(super::activity::SESSIONS_PER_AGENT)
+        .execute(&self.pool)
+        .await?;
         Ok(())
     }
 
@@ -247,6 +271,16 @@ impl Store {
     /// Marks the agent offline, if `instance` still holds it: a stream that ended
     /// late on one instance does not undo a reconnection to another.
     pub async fn agent_disconnected(&self, id: &str, now: i64, instance: &str) -> Result<(), StoreError> {
+        // The stream this instance opened ends; one whose instance died stays open.
+        sqlx::query(
+            "UPDATE agent_sessions SET disconnected_at = $2 WHERE agent_id = $1 AND disconnected_at IS NULL \
+             AND connected_at = (SELECT connected_at FROM agents WHERE id = $1 AND instance = $3)",
+        )
+        .bind(id)
+        .bind(now)
+        .bind(instance)
+        .execute(&self.pool)
+        .await?;
         self.timed(
             "agent_disconnected",
             sqlx::query(
@@ -307,7 +341,8 @@ impl Store {
         let online = q.online.map_or(-1_i64, i64::from);
         let hostname = q.hostname.as_deref().map(contains_pattern).unwrap_or_default();
         let text = |o: &Option<String>| o.clone().unwrap_or_default();
-        let page_sql = format!("{}{AGENT_FILTERS} ORDER BY a.id LIMIT $8", select_agents!(""));
+        let search = q.search.as_deref().map(contains_pattern).unwrap_or_default();
+        let page_sql = format!("{}{AGENT_FILTERS} ORDER BY a.id LIMIT $9", select_agents!(""));
         // Built from constants only; every value is bound.
         let rows = self
             .timed(
@@ -320,6 +355,7 @@ impl Store {
                     .bind(&hostname)
                     .bind(text(&q.plugin))
                     .bind(online)
+                    .bind(&search)
                     .bind(q.limit)
                     .fetch_all(&self.pool),
             )
@@ -334,6 +370,7 @@ impl Store {
             .bind(&hostname)
             .bind(text(&q.plugin))
             .bind(online)
+            .bind(&search)
             .fetch_one(&self.pool)
             .await?;
         if let (Some(first), Some(last)) = (agents.first(), agents.last()) {
@@ -507,6 +544,7 @@ mod tests {
                     format!("db_{i}")
                 },
                 version: if i < 20 { "1.0".into() } else { "2.0".into() },
+                intranet_ipv4: if i == 7 { vec!["10.9.8.7".into()] } else { Vec::new() },
                 ..Default::default()
             };
             // Odd agents are held by an instance whose lease has passed.
@@ -580,5 +618,24 @@ mod tests {
         .await;
         assert_eq!(rows.iter().map(|a| a.id.as_str()).collect::<Vec<_>>(), ["a04"]);
         assert_eq!(rows[0].tags, ["edge"]);
+        // One search over IDs, host names, addresses and tags, ignoring case.
+        let search = |s: &str| {
+            let q = AgentQuery {
+                search: Some(s.into()),
+                limit: 100,
+                ..Default::default()
+            };
+            let page = page(q);
+            async move {
+                let (rows, total) = page.await;
+                assert_eq!(total, rows.len() as i64);
+                rows.into_iter().map(|a| a.id).collect::<Vec<_>>()
+            }
+        };
+        assert_eq!(search("A1").await.len(), 10, "a10 to a19 by ID");
+        assert_eq!(search("EDG").await, ["a04"], "by tag");
+        assert_eq!(search("10.9.8").await, ["a07"], "by address");
+        assert_eq!(search("web-2").await, ["a02", "a20", "a22", "a24"], "by host name");
+        assert!(search("%").await.is_empty(), "wildcards are literal");
     }
 }

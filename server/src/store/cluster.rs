@@ -64,6 +64,11 @@ impl Store {
     /// An instance stops: its lease ends and its agents are offline.
     pub async fn instance_leave(&self, id: &str, now: i64) -> Result<(), StoreError> {
         let mut tx = self.pool.begin().await?;
+        sqlx::query("UPDATE agent_sessions SET disconnected_at = $2 WHERE instance = $1 AND disconnected_at IS NULL")
+            .bind(id)
+            .bind(now)
+            .execute(&mut *tx)
+            .await?;
         sqlx::query("UPDATE agents SET online = 0, instance = NULL, last_seen = $2 WHERE instance = $1")
             .bind(id)
             .bind(now)

@@ -46,6 +46,24 @@ pub struct TaskRow {
     pub finished_at: Option<i64>,
 }
 
+fn task_row(row: &sqlx::any::AnyRow) -> Result<TaskRow, StoreError> {
+    let result: Option<String> = row.try_get("result")?;
+    let data_type: i64 = row.try_get("data_type")?;
+    Ok(TaskRow {
+        token: row.try_get("token")?,
+        agent_id: row.try_get("agent_id")?,
+        data_type: i32::try_from(data_type).unwrap_or_default(),
+        object_name: row.try_get("object_name")?,
+        status: row.try_get("status")?,
+        result: result
+            .map(|r| serde_json::from_str(&r))
+            .transpose()
+            .map_err(corrupt("task result"))?,
+        created_at: row.try_get("created_at")?,
+        finished_at: row.try_get("finished_at")?,
+    })
+}
+
 impl Store {
     /// Records a task as sent.
     pub async fn task_sent(&self, t: &NewTask<'_>, now: i64) -> Result<(), StoreError> {
@@ -129,21 +147,20 @@ impl Store {
         else {
             return Ok(None);
         };
-        let result: Option<String> = row.try_get("result")?;
-        let data_type: i64 = row.try_get("data_type")?;
-        Ok(Some(TaskRow {
-            token: row.try_get("token")?,
-            agent_id: row.try_get("agent_id")?,
-            data_type: i32::try_from(data_type).unwrap_or_default(),
-            object_name: row.try_get("object_name")?,
-            status: row.try_get("status")?,
-            result: result
-                .map(|r| serde_json::from_str(&r))
-                .transpose()
-                .map_err(corrupt("task result"))?,
-            created_at: row.try_get("created_at")?,
-            finished_at: row.try_get("finished_at")?,
-        }))
+        task_row(&row).map(Some)
+    }
+
+    /// An agent's newest `limit` tasks (its subtasks of rollouts among them).
+    pub async fn agent_tasks(&self, agent_id: &str, limit: i64) -> Result<Vec<TaskRow>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT token, agent_id, data_type, object_name, status, result, created_at, finished_at FROM tasks \
+             WHERE agent_id = $1 ORDER BY created_at DESC, token LIMIT $2",
+        )
+        .bind(agent_id)
+        .bind(limit)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(task_row).collect()
     }
 
     /// Where the plugins' record numbering stood at the agent's stored mark:

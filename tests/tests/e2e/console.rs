@@ -1,6 +1,8 @@
 //! The web console in a real headless Chromium, driven over WebDriver
-//! (chromedriver): sign in, see agents, components, policies and tasks, and start
-//! an upgrade of a plugin that rolls out to a real agent.
+//! (chromedriver): sign in, see agents, components, policies and tasks, start
+//! an upgrade of a plugin that rolls out to a real agent, and every page (an
+//! agent's, certificates, files, audit) with what real hosts put there, each
+//! saved as a screenshot under `target/console-screenshots/`.
 
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
@@ -54,6 +56,7 @@ impl Browser {
             .connect(&url)
             .await
             .expect("a WebDriver session with Chromium");
+        client.set_window_size(1400, 1000).await.expect("a window size");
         Browser {
             driver,
             client,
@@ -350,4 +353,180 @@ async fn the_agent_list_pages_through_the_fleet() {
     assert_eq!(b.text("#agents-range").await, format!("1\u{2013}100 of {N}"));
     b.stop().await;
     drop(sims);
+}
+
+/// Saves what the browser shows as `target/console-screenshots/<name>.png`, kept
+/// by CI as an artifact.
+async fn screenshot(b: &Browser, name: &str) {
+    let png = b.client.screenshot().await.expect("a screenshot");
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/console-screenshots");
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join(format!("{name}.png")), png).unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_page_shows_what_the_fleet_holds() {
+    use keel_tests::filedelivery::{FileHost, Keeper};
+    use keel_tests::proxy::{ProxyHost, TlsTarget};
+
+    let server = Server::start(ServerOptions::default()).await;
+    let api = server.api();
+    // A host with a secret file, and one whose proxy scanned a self-signed target.
+    let keeper = Keeper::new(&server);
+    let files = FileHost::start(&server, "console-files", &keeper.public, "", &["web"]).await;
+    let secret = files.conf.path().join("db.conf");
+    std::fs::write(&secret, "password = hunter2\n").unwrap();
+    let (code, rows) = keeper.push(
+        &["--agent", "console-files", "--trust-new-hosts"],
+        &[],
+        &[format!("db.conf={}", secret.display())],
+    );
+    assert_eq!(code, Some(0), "{rows:?}");
+    let target = TlsTarget::start("console.internal.test").await;
+    let _proxy = ProxyHost::start(&server, "console-proxy", &[format!("127.0.0.1/32:{}", target.port)]).await;
+    let (status, body) = api
+        .post(
+            "/api/v1/scans",
+            &json!({"agent": "console-proxy", "targets": [format!("127.0.0.1:{}", target.port)]}),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+
+    // A rollout to both, one agent per batch.
+    let (status, task) = api
+        .post(
+            "/api/v1/tasks",
+            &json!({"kind": "sync-config", "target": "all", "batch_size": 1, "failure_threshold": 0.5}),
+        )
+        .await;
+    assert_eq!(status, 201, "{task}");
+    let task_id = task["id"].as_str().unwrap().to_owned();
+    api.task_in_state(&task_id, "succeeded", Duration::from_secs(60)).await;
+
+    let b = Browser::start().await;
+    b.client.goto(&server.base_url()).await.unwrap();
+    b.type_into("#token", &server.admin_token).await;
+    b.click("#login-form button").await;
+    b.text_until("#agents-count", "both agents", |t| t == "(2)").await;
+
+    // Search by tag narrows the list to the file host; its row opens its page.
+    b.type_into("#af-q", "WEB").await;
+    b.click("#agents-filter button").await;
+    b.text_until("#agents-count", "the search", |t| t == "(1)").await;
+    screenshot(&b, "agents").await;
+    b.click("#agents-table tbody tr").await;
+    let facts = b
+        .text_until("#ag-facts", "the agent's facts", |t| t.contains("Kernel"))
+        .await;
+    assert!(facts.contains("127.0.0.1") || facts.contains("Host"), "{facts}");
+    assert_eq!(b.text("#ag-id").await, "console-files");
+    let plugins = b
+        .text_until("#ag-plugins tbody", "its plugins", |t| t.contains("file-delivery"))
+        .await;
+    assert!(plugins.contains("running"), "{plugins}");
+    let tasks = b
+        .text_until("#ag-tasks tbody", "its tasks", |t| t.contains("file-delivery"))
+        .await;
+    assert!(tasks.contains("succeeded"), "{tasks}");
+    assert!(b.text("#ag-sessions tbody").await.contains("open"));
+    assert!(b.text("#ag-cert").await.starts_with("serial "));
+    // The first heartbeat is a sample: each chart draws it.
+    let drawn = b
+        .client
+        .execute(
+            "return ['cpu','rss','records','spool'].map(k => document.querySelectorAll('#chart-' + k + ' svg circle').length);",
+            vec![],
+        )
+        .await
+        .unwrap();
+    assert_eq!(drawn, json!([1, 1, 1, 1]), "one sample in each chart");
+    // Tags are edited in place.
+    b.type_into("#ag-tags", "web, edge").await;
+    b.click("#ag-tags-form button").await;
+    eventually("the tags saved", || async {
+        let a = api.agent("console-files").await?;
+        (a["tags"] == json!(["edge", "web"])).then_some(())
+    })
+    .await;
+    screenshot(&b, "agent").await;
+
+    // Certificates: the self-signed target, on the timeline, with its chain.
+    b.click("a[data-tab=certificates]").await;
+    b.text_until("#certs-count", "the inventory", |t| t == "(1)").await;
+    let row = b.text("#certs-table tbody tr").await;
+    assert!(
+        row.contains("console-proxy") && row.contains("high: untrusted_root"),
+        "{row}"
+    );
+    let dots = b
+        .client
+        .execute(
+            "return document.querySelectorAll('#certs-timeline circle').length;",
+            vec![],
+        )
+        .await
+        .unwrap();
+    assert_eq!(dots, json!(1));
+    b.select("#cf-severity", "critical").await;
+    b.click("#certs-filter button").await;
+    b.text_until("#certs-count", "no critical findings", |t| t == "(0)")
+        .await;
+    b.select("#cf-severity", "").await;
+    b.click("#certs-filter button").await;
+    b.text_until("#certs-count", "the inventory again", |t| t == "(1)")
+        .await;
+    b.click("#certs-table tbody tr").await;
+    let chain = b
+        .text_until("#cd-chain tbody", "the chain", |t| t.contains("console.internal.test"))
+        .await;
+    assert!(chain.contains("CN=console.internal.test"), "{chain}");
+    screenshot(&b, "certificates").await;
+
+    // Files: the host holds version 1 of db.conf.
+    b.click("a[data-tab=files]").await;
+    let files_row = b
+        .text_until("#files-table tbody", "the file status", |t| t.contains("db.conf"))
+        .await;
+    assert!(
+        files_row.contains("console-files") && files_row.contains("current"),
+        "{files_row}"
+    );
+    b.click("#ff-behind").await;
+    b.click("#files-filter button").await;
+    b.text_until("#files-count", "nobody behind", |t| t == "(0)").await;
+    screenshot(&b, "files").await;
+
+    // Audit: the tag changes, filtered by target.
+    b.click("a[data-tab=audit]").await;
+    b.text_until("#audit-table tbody", "the audit log", |t| t.contains("/tags"))
+        .await;
+    b.type_into("#au-target", "console-files/tags").await;
+    b.click("#audit-filter button").await;
+    // Set when the host started, and edited above.
+    b.text_until("#audit-count", "two tag changes", |t| t == "(2)").await;
+    assert!(b.text("#audit-table tbody").await.contains("PUT"));
+    screenshot(&b, "audit").await;
+
+    // The rollout: a batch per agent, each succeeded, and its threshold.
+    b.client
+        .goto(&format!("{}/#tasks/{task_id}", server.base_url()))
+        .await
+        .unwrap();
+    b.text_until("#task-state", "the rollout", |t| t == "succeeded").await;
+    let batches = b
+        .client
+        .find_all(Locator::Css("#batches-table tbody tr"))
+        .await
+        .unwrap();
+    assert_eq!(batches.len(), 2);
+    for (i, row) in batches.iter().enumerate() {
+        assert_eq!(row.text().await.unwrap(), format!("{} 1 1 0 0 0 0", i + 1));
+    }
+    let threshold = b.text("#task-threshold").await;
+    assert!(
+        threshold.contains("Batches of 1") && threshold.contains("50 %"),
+        "{threshold}"
+    );
+    screenshot(&b, "tasks").await;
+    b.stop().await;
 }

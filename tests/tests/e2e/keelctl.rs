@@ -121,6 +121,15 @@ async fn keelctl_drives_agents_components_policies_and_tasks() {
     );
     assert_eq!(json_of(&server, admin, &["agents", "list", "--tag", "db"]), json!([]));
     assert_eq!(
+        ids(&json_of(&server, admin, &["agents", "list", "--search", "CANA"])),
+        ["ctl-1"],
+        "one search over IDs, hosts, addresses and tags"
+    );
+    assert_eq!(
+        json_of(&server, admin, &["agents", "list", "--search", "nowhere"]),
+        json!([])
+    );
+    assert_eq!(
         json_of(&server, admin, &["agents", "untag", "ctl-1", "canary"]),
         json!(["web"])
     );
