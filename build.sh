@@ -26,6 +26,8 @@ usage: ./build.sh <command>
                             bytes)
                  proxy      TLS inventory scans through an agent's proxy plugin
                             and tunnel, against direct handshakes (optional: scans)
+                 console    the console's API requests against 50,000 agents on
+                            PostgreSQL, against 500 (optional: agents)
                  scale      simulated agents held by keel-servers sharing one port,
                             on PostgreSQL and NATS JetStream, against a bare tonic
                             server (optional: agents, default 50000; servers, 3)
@@ -69,9 +71,9 @@ case "$cmd" in
     bench)
         name="${2:-}"
         case "$name" in
-            dataflow | rollout | keyrequest | filedelivery | proxy | scale) ;;
+            dataflow | rollout | keyrequest | filedelivery | proxy | console | scale) ;;
             *)
-                echo "build.sh: bench needs a benchmark name: dataflow, rollout, keyrequest, filedelivery, proxy or scale" >&2
+                echo "build.sh: bench needs a benchmark name: dataflow, rollout, keyrequest, filedelivery, proxy, console or scale" >&2
                 exit 64
                 ;;
         esac

@@ -320,8 +320,6 @@ function expiryTimeline(certs) {
   $('certs-timeline').replaceChildren(root);
 }
 
-let shownCerts = [];
-
 async function loadCertificates() {
   const q = queryOf({ agent: $('cf-agent').value.trim(), expiring_within_days: $('cf-days').value });
   let certs = await api('GET', '/certificates' + (q.toString() ? '?' + q.toString() : ''));
@@ -329,11 +327,18 @@ async function loadCertificates() {
   if (host) {
     certs = certs.filter((c) => c.target.toLowerCase().includes(host) || (c.names || []).some((n) => n.toLowerCase().includes(host)));
   }
-  const min = $('cf-severity').value;
-  if (min) {
-    certs = certs.filter((c) => (c.findings || []).some((f) => SEVERITIES.indexOf(f.severity) >= SEVERITIES.indexOf(min)));
+  // The finding codes of the targets shown are offered; a target passes when
+  // one finding has the chosen code and at least the chosen severity.
+  const codes = [...new Set(certs.flatMap((c) => (c.findings || []).map((f) => f.code)))].sort();
+  const codeSelect = $('cf-code');
+  const code = codeSelect.value;
+  codeSelect.replaceChildren(new Option('any finding', ''), ...codes.map((x) => new Option(x, x)));
+  if (codes.includes(code)) codeSelect.value = code;
+  const min = SEVERITIES.indexOf($('cf-severity').value);
+  if (min >= 0 || codeSelect.value) {
+    const wanted = (f) => SEVERITIES.indexOf(f.severity) >= min && (!codeSelect.value || f.code === codeSelect.value);
+    certs = certs.filter((c) => (c.findings || []).some(wanted));
   }
-  shownCerts = certs;
   $('certs-count').textContent = '(' + certs.length + ')';
   expiryTimeline(certs);
   fill('certs-table', certs, (tr, c) => {

@@ -36,6 +36,10 @@
 //! plugin and the tunnel endpoint, against the same handshakes made directly; see
 //! `keel_bench/proxy.rs`.
 //!
+//! `keel-bench console [agents]`: what the console asks of the API against a
+//! registry of 50,000 agents on PostgreSQL, against the same at 500; see
+//! `keel_bench/console.rs`.
+//!
 //! `keel-bench scale [agents] [servers]`: idle agents held by keel-server
 //! processes sharing one port, on PostgreSQL and NATS, against a bare tonic
 //! server holding the same streams; see `keel_bench/scale.rs`.
@@ -62,6 +66,8 @@ use tonic::{Request, Response, Status, Streaming};
 
 // The key-request benchmark lives beside this file (a file directly in src/bin/
 // would be taken for a binary of its own).
+#[path = "keel_bench/console.rs"]
+mod console;
 #[path = "keel_bench/filedelivery.rs"]
 mod filedelivery;
 #[path = "keel_bench/keyrequest.rs"]
@@ -103,6 +109,10 @@ fn main() {
             let bytes: usize = args.next().and_then(|a| a.parse().ok()).unwrap_or(4096);
             runtime.block_on(filedelivery::run(agents, files, bytes));
         }
+        "console" => {
+            let agents: usize = args.next().and_then(|a| a.parse().ok()).unwrap_or(50_000);
+            runtime.block_on(console::run(agents));
+        }
         "scale" => {
             let agents: usize = args.next().and_then(|a| a.parse().ok()).unwrap_or(50_000);
             let servers: usize = args.next().and_then(|a| a.parse().ok()).unwrap_or(3);
@@ -117,7 +127,7 @@ fn main() {
         }
         _ => {
             eprintln!(
-                "usage: keel-bench dataflow [records] | rollout [agents] [batch] | keyrequest [socket_lookups] [exec_lookups] | filedelivery [agents] [files] [bytes] | proxy [scans] | scale [agents] [servers]"
+                "usage: keel-bench dataflow [records] | rollout [agents] [batch] | keyrequest [socket_lookups] [exec_lookups] | filedelivery [agents] [files] [bytes] | proxy [scans] | console [agents] | scale [agents] [servers]"
             );
             std::process::exit(64);
         }

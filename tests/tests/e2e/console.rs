@@ -201,11 +201,13 @@ async fn an_operator_signs_in_sees_the_fleet_and_rolls_out_an_upgrade() {
         components.contains("echo 2") && components.contains("echo 1"),
         "{components}"
     );
+    screenshot(&b, "components").await;
     b.click("a[data-tab=policies]").await;
     let policies = b
         .text_until("#policies-table tbody", "the policies", |t| t.contains("echo"))
         .await;
     assert!(policies.contains(&format!("agents {AGENT}")), "{policies}");
+    screenshot(&b, "policies").await;
 
     // The plugin task's result is shown as text; its markup never runs.
     b.client
@@ -232,6 +234,7 @@ async fn an_operator_signs_in_sees_the_fleet_and_rolls_out_an_upgrade() {
     b.select("#up-target-kind", "agents").await;
     b.type_into("#up-target", AGENT).await;
     b.type_into("#up-batch", "10").await;
+    screenshot(&b, "upgrade").await;
     b.click("#upgrade-form button[type=submit]").await;
     let state = b
         .text_until("#task-state", "the rollout to succeed", |t| {
@@ -475,6 +478,19 @@ async fn every_page_shows_what_the_fleet_holds() {
     b.click("#certs-filter button").await;
     b.text_until("#certs-count", "the inventory again", |t| t == "(1)")
         .await;
+    // The findings present are offered as a filter, together with the
+    // severity: self-signed is a medium finding here.
+    b.select("#cf-code", "self_signed").await;
+    b.select("#cf-severity", "high").await;
+    b.click("#certs-filter button").await;
+    b.text_until("#certs-count", "no high self-signed finding", |t| t == "(0)")
+        .await;
+    b.select("#cf-severity", "medium").await;
+    b.click("#certs-filter button").await;
+    b.text_until("#certs-count", "the self-signed one", |t| t == "(1)")
+        .await;
+    let row = b.text("#certs-table tbody tr").await;
+    assert!(row.contains("console-proxy"), "{row}");
     b.click("#certs-table tbody tr").await;
     let chain = b
         .text_until("#cd-chain tbody", "the chain", |t| t.contains("console.internal.test"))
