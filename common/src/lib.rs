@@ -9,6 +9,7 @@ pub mod fsutil;
 pub mod ids;
 pub mod keys;
 pub mod logging;
+pub mod maps;
 pub mod secret;
 pub mod shutdown;
 #[cfg(feature = "test-support")]

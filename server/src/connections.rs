@@ -9,6 +9,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, OnceLock, RwLock};
 
+use keel_common::maps::shrink_sparse;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
@@ -152,16 +153,6 @@ pub enum SendError {
     /// Another instance holds the stream and could not be reached.
     #[error("agent {0} cannot be reached: {1}")]
     Unreachable(String, String),
-}
-
-/// Gives back most of a map's table once it holds under a quarter of what it
-/// has room for: after thousands of agents left, their slots would otherwise stay
-/// allocated for the life of the process.
-pub(crate) fn shrink_sparse<K: Eq + std::hash::Hash, V>(map: &mut HashMap<K, V>) {
-    const KEEP: usize = 64;
-    if map.capacity() > KEEP && map.len() < map.capacity() / 4 {
-        map.shrink_to(map.len().saturating_mul(2).max(KEEP));
-    }
 }
 
 /// Every open stream, by agent ID.

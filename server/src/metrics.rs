@@ -130,14 +130,15 @@ struct PluginLabel {
     plugin: String,
 }
 
-/// What the last heartbeats of one agent connected here said.
+/// What the last heartbeats of one agent connected here said, kept small: one
+/// of these lives for every agent connected.
 #[derive(Debug, Default)]
 struct AgentFigures {
-    version: String,
+    version: Box<str>,
     spool_bytes: i64,
     dropped: i64,
-    /// Per plugin: state and restarts.
-    plugins: Vec<(String, String, i64)>,
+    /// Per plugin: name, state and restarts.
+    plugins: Vec<(Box<str>, Box<str>, i64)>,
 }
 
 /// A running or paused task's progress, read from the registry when scraped.
@@ -196,7 +197,7 @@ pub struct Metrics {
     tasks: Family<State, Gauge>,
     rollout_subtasks: Family<RolloutState, Gauge>,
     rollout_threshold: Family<TaskLabel, Gauge<f64, AtomicU64>>,
-    fleet: Mutex<HashMap<String, AgentFigures>>,
+    fleet: Mutex<HashMap<Box<str>, AgentFigures>>,
     fleet_spool_bytes: Gauge,
     fleet_dropped: Gauge,
     top_spool: Family<AgentLabel, Gauge>,
@@ -398,43 +399,45 @@ impl Metrics {
 
     /// Notes an agent's heartbeat (data type 1000).
     pub fn agent_heartbeat(&self, agent_id: &str, version: &str, spool_bytes: i64, dropped: i64) {
-        let mut fleet = self.fleet_lock();
-        let a = fleet.entry(agent_id.to_owned()).or_default();
-        if a.version != version {
-            version.clone_into(&mut a.version);
-        }
-        a.spool_bytes = spool_bytes;
-        a.dropped = dropped;
+        update(&mut self.fleet_lock(), agent_id, |a| {
+            if *a.version != *version {
+                a.version = version.into();
+            }
+            a.spool_bytes = spool_bytes;
+            a.dropped = dropped;
+        });
     }
 
     /// Notes a plugin's heartbeat (data type 1001).
     pub fn plugin_heartbeat(&self, agent_id: &str, plugin: &str, state: &str, restarts: i64) {
-        let mut fleet = self.fleet_lock();
-        let a = fleet.entry(agent_id.to_owned()).or_default();
-        match a.plugins.iter_mut().find(|p| p.0 == plugin) {
-            Some(p) => {
-                if p.1 != state {
-                    state.clone_into(&mut p.1);
+        update(&mut self.fleet_lock(), agent_id, |a| {
+            match a.plugins.iter_mut().find(|p| *p.0 == *plugin) {
+                Some(p) => {
+                    if *p.1 != *state {
+                        p.1 = state.into();
+                    }
+                    p.2 = restarts;
                 }
-                p.2 = restarts;
+                None => a.plugins.push((plugin.into(), state.into(), restarts)),
             }
-            None => a.plugins.push((plugin.to_owned(), state.to_owned(), restarts)),
-        }
+        });
     }
 
     /// Notes which plugins an agent runs, from its heartbeat: the others are gone.
     pub fn plugins_present(&self, agent_id: &str, names: &[&str]) {
         if let Some(a) = self.fleet_lock().get_mut(agent_id) {
-            a.plugins.retain(|p| names.contains(&p.0.as_str()));
+            a.plugins.retain(|p| names.contains(&&*p.0));
         }
     }
 
     /// Forgets an agent whose stream here closed.
     pub fn agent_gone(&self, agent_id: &str) {
-        self.fleet_lock().remove(agent_id);
+        let mut fleet = self.fleet_lock();
+        fleet.remove(agent_id);
+        keel_common::maps::shrink_sparse(&mut fleet);
     }
 
-    fn fleet_lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, AgentFigures>> {
+    fn fleet_lock(&self) -> std::sync::MutexGuard<'_, HashMap<Box<str>, AgentFigures>> {
         self.fleet.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
@@ -489,10 +492,15 @@ impl Metrics {
         self.fleet_dropped.set(dropped);
         let top = |family: &Family<AgentLabel, Gauge>, value: fn(&AgentFigures) -> i64| {
             family.clear();
-            let mut all: Vec<(&String, i64)> = fleet.iter().map(|(id, a)| (id, value(a))).filter(|a| a.1 > 0).collect();
+            let mut all: Vec<(&Box<str>, i64)> =
+                fleet.iter().map(|(id, a)| (id, value(a))).filter(|a| a.1 > 0).collect();
             all.sort_unstable_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(b.0)));
             for (id, v) in all.into_iter().take(TOP_AGENTS) {
-                family.get_or_create(&AgentLabel { agent_id: id.clone() }).set(v);
+                family
+                    .get_or_create(&AgentLabel {
+                        agent_id: id.to_string(),
+                    })
+                    .set(v);
             }
         };
         top(&self.top_spool, |a| a.spool_bytes);
@@ -523,6 +531,18 @@ impl Metrics {
                 .set(n);
         }
     }
+}
+
+/// An agent's figures, made on its first heartbeat: the key is allocated only
+/// then, not on every heartbeat.
+fn update(fleet: &mut HashMap<Box<str>, AgentFigures>, agent_id: &str, f: impl FnOnce(&mut AgentFigures)) {
+    if let Some(a) = fleet.get_mut(agent_id) {
+        f(a);
+        return;
+    }
+    let mut a = AgentFigures::default();
+    f(&mut a);
+    fleet.insert(agent_id.into(), a);
 }
 
 /// The outcome label of an enrollment answered with `status`.

@@ -609,7 +609,7 @@ impl ServerState {
         let (mark, beat) = {
             let mut p = self.pending_lock();
             p.marks.remove(agent_id);
-            crate::connections::shrink_sparse(&mut p.marks);
+            keel_common::maps::shrink_sparse(&mut p.marks);
             (p.dirty.remove(agent_id), p.beats.remove(agent_id))
         };
         if let Some(m) = mark {

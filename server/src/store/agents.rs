@@ -132,7 +132,7 @@ const AGENT_FILTERS: &str = " WHERE ($2 = '' OR a.id > $2) \
          WHERE i.id = a.instance AND i.lease_until > $1) THEN 1 ELSE 0 END) \
      AND ($8 = '' OR LOWER(a.id) LIKE $8 ESCAPE '\\' OR LOWER(a.hostname) LIKE $8 ESCAPE '\\' \
          OR LOWER(a.addresses) LIKE $8 ESCAPE '\\' \
-         OR EXISTS (SELECT 1 FROM agent_tags t WHERE t.agent_id = a.id AND LOWER(t.tag) LIKE $8 ESCAPE '\\'))";
+         OR a.id IN (SELECT t.agent_id FROM agent_tags t WHERE LOWER(t.tag) LIKE $8 ESCAPE '\\'))";
 
 fn from_row(row: &AnyRow) -> Result<AgentRow, StoreError> {
     let addresses: String = row.try_get("addresses")?;
