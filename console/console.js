@@ -83,10 +83,11 @@ function targetText(t) {
   return JSON.stringify(t);
 }
 
-// The agent list is paged by the server: the cursor of the page shown (null for
-// the first), of the next page, and how many agents came before this page.
+// The agent list is paged by the server: the filters last submitted, the cursor
+// of the page shown (null for the first), of the next page, and how many agents
+// came before this page.
 const AGENTS_PAGE = 100;
-let agentsPage = { cursor: null, next: null, offset: 0 };
+let agentsPage = { filters: '', cursor: null, next: null, offset: 0 };
 
 /** The query string of a filter form: its non-empty fields, by name. */
 function queryOf(fields) {
@@ -108,7 +109,7 @@ function agentFilters() {
 }
 
 async function loadAgents() {
-  const q = agentFilters();
+  const q = new URLSearchParams(agentsPage.filters);
   q.set('limit', AGENTS_PAGE);
   if (agentsPage.cursor) q.set('cursor', agentsPage.cursor);
   const path = '/agents?' + q.toString();
@@ -178,7 +179,7 @@ function lineChart(containerId, points, from, to, format) {
   const root = svg('svg', { viewBox: '0 0 ' + W + ' ' + H, role: 'img' });
   const max = Math.max(0, ...points.map((p) => p[1]));
   const top = max > 0 ? max : 1;
-  const x = (t) => L + ((t - from) / (to - from)) * (W - L - 4);
+  const x = (t) => L + Math.min(Math.max((t - from) / (to - from), 0), 1) * (W - L - 4);
   const y = (v) => H - B - (v / top) * (H - B - T);
   svg('line', { class: 'axis', x1: L, y1: H - B, x2: W - 4, y2: H - B }, root);
   svg('line', { class: 'axis', x1: L, y1: T, x2: L, y2: H - B }, root);
@@ -509,7 +510,8 @@ async function showTask(id) {
   if (t.batch_size) {
     const share = finished ? ((c.failed + c.timed_out) / finished) * 100 : 0;
     $('task-threshold').textContent = 'Batches of ' + t.batch_size + '; pauses when more than ' +
-      (t.failure_threshold * 100).toFixed(0) + ' % of finished subtasks fail (now ' + share.toFixed(0) + ' %).';
+      (t.failure_threshold * 100).toFixed(0) + ' % of finished subtasks fail since it was last started or resumed (' +
+      share.toFixed(0) + ' % of all finished so far).';
   } else {
     $('task-threshold').textContent = '';
   }
@@ -667,7 +669,7 @@ document.addEventListener('DOMContentLoaded', () => {
   $('task-cancel').addEventListener('click', () => taskAction('cancel').catch(showError));
   $('agents-next').addEventListener('click', () => {
     if (!agentsPage.next) return;
-    agentsPage = { cursor: agentsPage.next, next: null, offset: agentsPage.offset + AGENTS_PAGE };
+    agentsPage = { ...agentsPage, cursor: agentsPage.next, next: null, offset: agentsPage.offset + AGENTS_PAGE };
     loadAgents().catch(showError);
   });
   const filter = (form, load) =>
@@ -676,7 +678,7 @@ document.addEventListener('DOMContentLoaded', () => {
       load().catch(showError);
     });
   filter('agents-filter', () => {
-    agentsPage = { cursor: null, next: null, offset: 0 };
+    agentsPage = { filters: agentFilters().toString(), cursor: null, next: null, offset: 0 };
     return loadAgents();
   });
   filter('certs-filter', loadCertificates);
@@ -684,7 +686,7 @@ document.addEventListener('DOMContentLoaded', () => {
   filter('audit-filter', loadAudit);
   $('ag-tags-form').addEventListener('submit', (ev) => saveTags(ev).catch(showError));
   $('agents-first').addEventListener('click', () => {
-    agentsPage = { cursor: null, next: null, offset: 0 };
+    agentsPage = { ...agentsPage, cursor: null, next: null, offset: 0 };
     loadAgents().catch(showError);
   });
   window.addEventListener('hashchange', route);

@@ -4,7 +4,8 @@
 //! It listens only on a loopback address (the configuration refuses others)
 //! and has no authentication. Requests are bounded: at most
 //! [`MAX_CONNECTIONS`] at once, a request head of at most [`MAX_REQUEST_BYTES`],
-//! read within [`REQUEST_TIMEOUT`].
+//! read within [`REQUEST_TIMEOUT`], the whole exchange within
+//! [`EXCHANGE_TIMEOUT`].
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -32,6 +33,8 @@ pub const MAX_CONNECTIONS: usize = 4;
 pub const MAX_REQUEST_BYTES: usize = 4096;
 /// How long a client has to send its request head.
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a whole exchange may take, the answer's sending included.
+pub const EXCHANGE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// What the endpoint reads.
 #[derive(Debug, Clone)]
@@ -195,8 +198,12 @@ pub async fn serve(listener: TcpListener, sources: Sources, shutdown: Cancellati
         let sources = sources.clone();
         tokio::spawn(async move {
             let _permit = permit;
-            if let Err(e) = answer(conn, &sources).await {
-                debug!(%peer, error = %e, "metrics endpoint: request failed");
+            // The whole exchange within the limit: a client that does not read
+            // its answer gives its turn up.
+            match tokio::time::timeout(EXCHANGE_TIMEOUT, answer(conn, &sources)).await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => debug!(%peer, error = %e, "metrics endpoint: request failed"),
+                Err(_) => debug!(%peer, "metrics endpoint: the exchange took too long"),
             }
         });
     }

@@ -1,4 +1,9 @@
--- What an agent's page shows beyond its last heartbeat.
+-- What an agent's page shows beyond its last heartbeat, and what the agent
+-- list searches.
+
+-- The agent's addresses as plain text, space-separated, for search (the
+-- `addresses` column is JSON, whose keys would match too).
+ALTER TABLE agents ADD COLUMN address_text TEXT NOT NULL DEFAULT '';
 
 -- A sample of its heartbeats: at most one per agent every few minutes, kept for a
 -- day (the server prunes older rows). CPU in hundredths of a percent and records

@@ -584,11 +584,14 @@ impl StreamTask {
                     self.state
                         .metrics
                         .agent_heartbeat(agent_id, &s.meta.version, spool_bytes, number("dropped"));
-                    if now - s.sampled_at >= i64::try_from(crate::state::SAMPLE_EVERY.as_millis()).unwrap_or(i64::MAX) {
+                    let every = i64::try_from(crate::state::SAMPLE_EVERY.as_millis()).unwrap_or(i64::MAX);
+                    if now - s.sampled_at >= every {
                         s.sampled_at = now;
                         let real = |k: &str| fields.get(k).and_then(|v| v.parse().ok()).unwrap_or(0.0);
+                        // At the start of its period: a stream that reconnects
+                        // within one adds no second sample (the key is agent and time).
                         let sample = crate::store::Sample {
-                            at: now,
+                            at: now - now.rem_euclid(every),
                             cpu: real("cpu"),
                             rss: number("rss"),
                             records_per_s: real("tx_tps"),

@@ -28,6 +28,40 @@ pub const MAX_DATA_TYPES: usize = 128;
 /// How many agents the top-N series name (by spool size, by records dropped).
 pub const TOP_AGENTS: usize = 10;
 
+/// Distinct agent-reported values (versions, plugin names) with series of their
+/// own at one scrape; the rest are counted as `other`.
+pub const MAX_LABEL_VALUES: usize = 128;
+
+/// Plugins counted per agent.
+pub const MAX_PLUGINS_PER_AGENT: usize = 64;
+
+/// The label value of what is not counted under its own name.
+const OTHER: &str = "other";
+
+/// The plugin states the agent reports; anything else is `other`.
+const PLUGIN_STATES: [&str; 6] = ["starting", "running", "backoff", "crashloop", "stopping", "stopped"];
+
+fn plugin_state(state: &str) -> &'static str {
+    PLUGIN_STATES.iter().find(|s| **s == state).copied().unwrap_or(OTHER)
+}
+
+/// A version as a label value: at most 64 characters of `[0-9A-Za-z.+~_-]`.
+fn plain_version(v: &str) -> bool {
+    !v.is_empty() && v.len() <= 64 && v.bytes().all(|b| b.is_ascii_alphanumeric() || b".+~_-".contains(&b))
+}
+
+/// `counts` with at most [`MAX_LABEL_VALUES`] keys: the largest counts keep
+/// their names, the rest are summed under `other`.
+fn bounded(counts: HashMap<&str, i64>) -> Vec<(&str, i64)> {
+    let mut all: Vec<(&str, i64)> = counts.into_iter().collect();
+    all.sort_unstable_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(b.0)));
+    if all.len() > MAX_LABEL_VALUES {
+        let rest: i64 = all.drain(MAX_LABEL_VALUES - 1..).map(|(_, n)| n).sum();
+        all.push((OTHER, rest));
+    }
+    all
+}
+
 /// Latency buckets, seconds: 0.5 ms to about 16 s.
 pub fn latency() -> Histogram {
     Histogram::new(exponential_buckets(0.0005, 2.0, 16))
@@ -138,7 +172,7 @@ struct AgentFigures {
     spool_bytes: i64,
     dropped: i64,
     /// Per plugin: name, state and restarts.
-    plugins: Vec<(Box<str>, Box<str>, i64)>,
+    plugins: Vec<(Box<str>, &'static str, i64)>,
 }
 
 /// A running or paused task's progress, read from the registry when scraped.
@@ -169,7 +203,7 @@ pub struct RegistryFigures {
 #[derive(Debug)]
 pub struct Metrics {
     registry: Registry,
-    /// Streams opened (after their first valid batch).
+    /// Streams accepted (a client certificate checked, before any batch).
     pub streams_opened: Counter,
     /// Streams closed, by reason.
     pub streams_closed: Family<Reason, Counter>,
@@ -399,6 +433,7 @@ impl Metrics {
 
     /// Notes an agent's heartbeat (data type 1000).
     pub fn agent_heartbeat(&self, agent_id: &str, version: &str, spool_bytes: i64, dropped: i64) {
+        let version = if plain_version(version) { version } else { OTHER };
         update(&mut self.fleet_lock(), agent_id, |a| {
             if *a.version != *version {
                 a.version = version.into();
@@ -409,16 +444,22 @@ impl Metrics {
     }
 
     /// Notes a plugin's heartbeat (data type 1001).
+    /// A name that is not a plugin name, or a plugin past
+    /// [`MAX_PLUGINS_PER_AGENT`], is not counted.
     pub fn plugin_heartbeat(&self, agent_id: &str, plugin: &str, state: &str, restarts: i64) {
+        if !keel_common::ids::valid_plugin_name(plugin) {
+            return;
+        }
+        let state = plugin_state(state);
         update(&mut self.fleet_lock(), agent_id, |a| {
+            let full = a.plugins.len() >= MAX_PLUGINS_PER_AGENT;
             match a.plugins.iter_mut().find(|p| *p.0 == *plugin) {
                 Some(p) => {
-                    if *p.1 != *state {
-                        p.1 = state.into();
-                    }
+                    p.1 = state;
                     p.2 = restarts;
                 }
-                None => a.plugins.push((plugin.into(), state.into(), restarts)),
+                None if !full => a.plugins.push((plugin.into(), state, restarts)),
+                None => {}
             }
         });
     }
@@ -477,13 +518,22 @@ impl Metrics {
         let fleet = self.fleet_lock();
         let (mut spool, mut dropped) = (0_i64, 0_i64);
         let mut versions: HashMap<&str, i64> = HashMap::new();
-        let mut plugins: HashMap<(&str, &str), i64> = HashMap::new();
-        let mut restarts: HashMap<&str, i64> = HashMap::new();
+        let mut plugin_agents: HashMap<&str, i64> = HashMap::new();
         for a in fleet.values() {
             spool = spool.saturating_add(a.spool_bytes);
             dropped = dropped.saturating_add(a.dropped);
             *versions.entry(&a.version).or_default() += 1;
+            for (name, _, _) in &a.plugins {
+                *plugin_agents.entry(name).or_default() += 1;
+            }
+        }
+        // The most widely run plugins keep their names.
+        let named: std::collections::HashSet<&str> = bounded(plugin_agents).into_iter().map(|(p, _)| p).collect();
+        let mut plugins: HashMap<(&str, &str), i64> = HashMap::new();
+        let mut restarts: HashMap<&str, i64> = HashMap::new();
+        for a in fleet.values() {
             for (name, state, n) in &a.plugins {
+                let name = if named.contains(&**name) { &**name } else { OTHER };
                 *plugins.entry((name, state)).or_default() += 1;
                 *restarts.entry(name).or_default() += n;
             }
@@ -506,7 +556,7 @@ impl Metrics {
         top(&self.top_spool, |a| a.spool_bytes);
         top(&self.top_dropped, |a| a.dropped);
         self.by_version.clear();
-        for (version, n) in versions {
+        for (version, n) in bounded(versions) {
             self.by_version
                 .get_or_create(&VersionLabel {
                     version: version.to_owned(),
@@ -627,6 +677,34 @@ mod tests {
             !text.contains("file-delivery"),
             "a plugin no longer present is not counted"
         );
+    }
+
+    #[tokio::test]
+    async fn what_agents_report_cannot_grow_the_series_without_bound() {
+        let (m, _dir) = metrics().await;
+        for i in 0..200 {
+            m.agent_heartbeat(&format!("a{i}"), &format!("1.{i}"), 0, 0);
+        }
+        m.agent_heartbeat("b", "1.0 <script>", 0, 0);
+        m.plugin_heartbeat("b", "../etc", "running", 1);
+        m.plugin_heartbeat("b", "p", "weird", 1);
+        for i in 0..70 {
+            m.plugin_heartbeat("c", &format!("p{i}"), "running", 0);
+        }
+        let text = m.scrape(0, RegistryFigures::default()).await.unwrap();
+        let series = |name: &str| text.lines().filter(|l| l.starts_with(&format!("{name}{{"))).count();
+        assert_eq!(series("keel_agents_by_version"), MAX_LABEL_VALUES);
+        let agents: i64 = text
+            .lines()
+            .filter(|l| l.starts_with("keel_agents_by_version{"))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<i64>().ok())
+            .sum();
+        assert_eq!(agents, 202, "every agent counted, past the cap as other");
+        assert!(text.contains("version=\"other\"}"), "{text}");
+        assert!(!text.contains("script") && !text.contains("../etc"), "{text}");
+        assert!(text.contains("plugin=\"p\",state=\"other\"} 1"), "{text}");
+        // b's plugin p and c's first 64.
+        assert_eq!(series("keel_plugin_restarts"), MAX_PLUGINS_PER_AGENT + 1);
     }
 
     #[tokio::test]

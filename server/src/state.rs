@@ -560,8 +560,8 @@ impl ServerState {
     /// What could not be written is kept for the next try, but samples: a chart
     /// with a gap is better than a flush that grows.
     pub async fn flush(&self) -> Result<(), StoreError> {
-        self.flush_marks_and_beats().await?;
         let now = now_ms();
+        // Taken whatever happens next: samples the registry refuses are dropped.
         let (samples, prune) = {
             let mut p = self.pending_lock();
             let prune = now - p.pruned_at >= PRUNE_EVERY_MS;
@@ -570,12 +570,13 @@ impl ServerState {
             }
             (std::mem::take(&mut p.samples), prune)
         };
-        self.store.save_samples(&samples).await?;
+        let marks = self.flush_marks_and_beats().await;
+        let saved = self.store.save_samples(&samples).await;
         if prune {
             let kept = i64::try_from(SAMPLES_KEPT.as_millis()).unwrap_or(i64::MAX);
             self.store.prune_samples(now - kept).await?;
         }
-        Ok(())
+        marks.and(saved)
     }
 
     async fn flush_marks_and_beats(&self) -> Result<(), StoreError> {

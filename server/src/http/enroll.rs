@@ -66,7 +66,7 @@ pub async fn enroll(
     body: Result<Json<EnrollRequest>, JsonRejection>,
 ) -> Result<Json<EnrollResponse>, ApiError> {
     let peer = peer.0.to_string();
-    let req = json_body(body)?;
+    let req = json_body(body).inspect_err(|e| count(&state, "token", e.status))?;
     let target = format!("/enroll/{}", req.agent_id);
     let refuse = |status: StatusCode, reason: String| {
         warn!(%peer, agent_id = %req.agent_id, %reason, "enrollment refused");
@@ -186,8 +186,8 @@ pub async fn by_key(
     headers: HeaderMap,
     body: Result<Json<KeyEnrollRequest>, JsonRejection>,
 ) -> Result<Json<EnrollResponse>, ApiError> {
-    let req = json_body(body)?;
-    let ip = source(&state, &peer, &headers)?;
+    let req = json_body(body).inspect_err(|e| count(&state, "key", e.status))?;
+    let ip = source(&state, &peer, &headers).inspect_err(|e| count(&state, "key", e.status))?;
     let from = if ip == peer.0.ip() {
         peer.0.to_string()
     } else {

@@ -1,8 +1,9 @@
 //! `GET /metrics`, and the count of every HTTP request.
 //!
 //! The metrics are readable without a token from a loopback address (unless
-//! `http.open_metrics_on_loopback` is false), and otherwise with any valid API
-//! token: a viewer token is enough.
+//! `http.open_metrics_on_loopback` is false, or the request names a client it
+//! was forwarded for), and otherwise with any valid API token: a viewer token
+//! is enough.
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -28,7 +29,7 @@ pub async fn count_requests(State(state): State<Arc<ServerState>>, req: Request,
         .get::<MatchedPath>()
         .map_or("unmatched", MatchedPath::as_str)
         .to_owned();
-    let method = req.method().as_str().to_owned();
+    let method = method_label(req.method()).to_owned();
     let started = Instant::now();
     let resp = next.run(req).await;
     state.metrics.http_request(
@@ -39,14 +40,39 @@ pub async fn count_requests(State(state): State<Arc<ServerState>>, req: Request,
     resp
 }
 
+/// A request method as a label: the standard ones by name, any other as
+/// `other`, so that requests cannot make series without bound.
+fn method_label(m: &axum::http::Method) -> &'static str {
+    use axum::http::Method;
+    match *m {
+        Method::GET => "GET",
+        Method::HEAD => "HEAD",
+        Method::POST => "POST",
+        Method::PUT => "PUT",
+        Method::PATCH => "PATCH",
+        Method::DELETE => "DELETE",
+        Method::OPTIONS => "OPTIONS",
+        _ => "other",
+    }
+}
+
+/// Whether a scrape may go without a token: from a loopback address, when that
+/// is allowed, and not forwarded by a proxy (a proxy on the same host would
+/// otherwise open the metrics to whoever reaches the proxy).
+fn open_scrape(state: &ServerState, peer: std::net::IpAddr, headers: &axum::http::HeaderMap) -> bool {
+    state.config.http.open_metrics_on_loopback
+        && peer.to_canonical().is_loopback()
+        && !headers.contains_key("x-forwarded-for")
+        && !headers.contains_key(header::FORWARDED)
+}
+
 /// `GET /metrics`: Prometheus (OpenMetrics) text.
 pub async fn scrape(
     State(state): State<Arc<ServerState>>,
     peer: Peer,
     headers: axum::http::HeaderMap,
 ) -> Result<Response, ApiError> {
-    let open = state.config.http.open_metrics_on_loopback && peer.0.ip().is_loopback();
-    if !open {
+    if !open_scrape(&state, peer.0.ip(), &headers) {
         let secret = headers
             .get(header::AUTHORIZATION)
             .and_then(|v| v.to_str().ok())

@@ -180,31 +180,44 @@ mod tests {
         assert_eq!(store.prune_samples(250_000).await.unwrap(), 250);
         assert_eq!(store.samples("a", 0).await.unwrap().len(), 50);
 
-        // Streams: the newest 50 are kept; a stream closes at its instance only.
+        // Streams: the newest 50 are kept; a new stream ends the one before it,
+        // here or at another instance; a stream closes at its own instance only.
         let meta = AgentMeta::default();
         for i in 0..(SESSIONS_PER_AGENT + 5) {
-            store.agent_connected("a", &meta, 1000 + i, "i1").await.unwrap();
+            let instance = if i % 2 == 0 { "i1" } else { "i2" };
+            store.agent_connected("a", &meta, 1000 + i, instance).await.unwrap();
         }
-        store.agent_disconnected("a", 5000, "i2").await.unwrap();
         let sessions = store.sessions("a").await.unwrap();
         assert_eq!(sessions.len() as i64, SESSIONS_PER_AGENT);
-        assert_eq!(sessions[0].connected_at, 1000 + SESSIONS_PER_AGENT + 4);
+        let newest = 1000 + SESSIONS_PER_AGENT + 4;
         assert_eq!(
-            sessions[0].disconnected_at, None,
-            "another instance's close does not end it"
+            (sessions[0].connected_at, sessions[0].instance.as_str()),
+            (newest, "i1")
         );
+        assert_eq!(sessions[0].disconnected_at, None);
+        assert_eq!(
+            sessions[1].disconnected_at,
+            Some(newest),
+            "replaced at the other instance"
+        );
+        store.agent_disconnected("a", 5000, "i2").await.unwrap();
+        let open = store.sessions("a").await.unwrap()[0].disconnected_at;
+        assert_eq!(open, None, "another instance's close does not end it");
         store.agent_disconnected("a", 6000, "i1").await.unwrap();
         let sessions = store.sessions("a").await.unwrap();
         assert_eq!(sessions[0].disconnected_at, Some(6000));
-        assert_eq!(
-            sessions[1].disconnected_at, None,
-            "only the open one of this instance closes"
-        );
+        assert!(sessions.iter().all(|s| s.disconnected_at.is_some()));
 
         assert_eq!(store.agent_certificate("a").await.unwrap(), None);
         store.cert_issued("01", "a", 10, 100).await.unwrap();
         store.cert_issued("02", "a", 20, 200).await.unwrap();
         let cert = store.agent_certificate("a").await.unwrap().unwrap();
         assert_eq!((cert.serial.as_str(), cert.not_after), ("02", 200));
+        store.agent_delete("a").await.unwrap();
+        assert!(
+            store.sessions("a").await.unwrap().is_empty(),
+            "a deleted agent's streams go with it"
+        );
+        assert!(store.samples("a", 0).await.unwrap().is_empty(), "and its samples");
     }
 }

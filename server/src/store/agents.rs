@@ -62,6 +62,21 @@ struct Addresses {
     extranet_ipv6: Vec<String>,
 }
 
+/// Every address, space-separated and lowercased, for search.
+fn address_text(meta: &AgentMeta) -> String {
+    [
+        &meta.intranet_ipv4,
+        &meta.extranet_ipv4,
+        &meta.intranet_ipv6,
+        &meta.extranet_ipv6,
+    ]
+    .into_iter()
+    .flatten()
+    .map(|a| a.to_lowercase())
+    .collect::<Vec<_>>()
+    .join(" ")
+}
+
 fn addresses_json(meta: &AgentMeta) -> String {
     let a = Addresses {
         intranet_ipv4: meta.intranet_ipv4.clone(),
@@ -131,7 +146,7 @@ const AGENT_FILTERS: &str = " WHERE ($2 = '' OR a.id > $2) \
      AND ($7 < 0 OR $7 = CASE WHEN a.online <> 0 AND EXISTS (SELECT 1 FROM instances i \
          WHERE i.id = a.instance AND i.lease_until > $1) THEN 1 ELSE 0 END) \
      AND ($8 = '' OR LOWER(a.id) LIKE $8 ESCAPE '\\' OR LOWER(a.hostname) LIKE $8 ESCAPE '\\' \
-         OR LOWER(a.addresses) LIKE $8 ESCAPE '\\' \
+         OR a.address_text LIKE $8 ESCAPE '\\' \
          OR a.id IN (SELECT t.agent_id FROM agent_tags t WHERE LOWER(t.tag) LIKE $8 ESCAPE '\\'))";
 
 fn from_row(row: &AnyRow) -> Result<AgentRow, StoreError> {
@@ -216,11 +231,11 @@ impl Store {
         instance: &str,
     ) -> Result<(), StoreError> {
         self.timed("agent_connected", sqlx::query(
-            "INSERT INTO agents (id, hostname, version, product, addresses, first_seen, last_seen, online, connected_at, instance) \
-             VALUES ($1, $2, $3, $4, $5, $6, $6, 1, $6, $7) \
+            "INSERT INTO agents (id, hostname, version, product, addresses, first_seen, last_seen, online, connected_at, instance, address_text) \
+             VALUES ($1, $2, $3, $4, $5, $6, $6, 1, $6, $7, $8) \
              ON CONFLICT (id) DO UPDATE SET hostname = excluded.hostname, version = excluded.version, \
              product = excluded.product, addresses = excluded.addresses, last_seen = excluded.last_seen, \
-             online = 1, connected_at = excluded.connected_at, instance = excluded.instance",
+             online = 1, connected_at = excluded.connected_at, instance = excluded.instance, address_text = excluded.address_text",
         )
         .bind(id)
         .bind(&meta.hostname)
@@ -229,9 +244,20 @@ impl Store {
         .bind(addresses_json(meta))
         .bind(now)
         .bind(instance)
+        .bind(address_text(meta))
         .execute(&self.pool))
         .await?;
-        // Its streams: this one, and the oldest beyond the newest 50 go.
+        // Its streams: any still open ended now (replaced by this one, here or
+        // at another instance); this one begins; the oldest beyond the newest
+        // 50 go.
+        sqlx::query(
+            "UPDATE agent_sessions SET disconnected_at = $2 WHERE agent_id = $1 AND disconnected_at IS NULL \
+             AND connected_at < $2",
+        )
+        .bind(id)
+        .bind(now)
+        .execute(&self.pool)
+        .await?;
         sqlx::query(
             "INSERT INTO agent_sessions (agent_id, connected_at, instance) VALUES ($1, $2, $3) \
              ON CONFLICT (agent_id, connected_at) DO NOTHING",
@@ -255,7 +281,8 @@ impl Store {
     /// Stores a changed header.
     pub async fn agent_meta(&self, id: &str, meta: &AgentMeta, now: i64) -> Result<(), StoreError> {
         sqlx::query(
-            "UPDATE agents SET hostname = $2, version = $3, product = $4, addresses = $5, last_seen = $6 WHERE id = $1",
+            "UPDATE agents SET hostname = $2, version = $3, product = $4, addresses = $5, last_seen = $6, \
+             address_text = $7 WHERE id = $1",
         )
         .bind(id)
         .bind(&meta.hostname)
@@ -263,6 +290,7 @@ impl Store {
         .bind(&meta.product)
         .bind(addresses_json(meta))
         .bind(now)
+        .bind(address_text(meta))
         .execute(&self.pool)
         .await?;
         Ok(())
@@ -271,10 +299,10 @@ impl Store {
     /// Marks the agent offline, if `instance` still holds it: a stream that ended
     /// late on one instance does not undo a reconnection to another.
     pub async fn agent_disconnected(&self, id: &str, now: i64, instance: &str) -> Result<(), StoreError> {
-        // The stream this instance opened ends; one whose instance died stays open.
+        // The agent's stream at this instance ends.
         sqlx::query(
-            "UPDATE agent_sessions SET disconnected_at = $2 WHERE agent_id = $1 AND disconnected_at IS NULL \
-             AND connected_at = (SELECT connected_at FROM agents WHERE id = $1 AND instance = $3)",
+            "UPDATE agent_sessions SET disconnected_at = $2 WHERE agent_id = $1 AND instance = $3 \
+             AND disconnected_at IS NULL",
         )
         .bind(id)
         .bind(now)
@@ -433,8 +461,10 @@ impl Store {
     /// Forgets an agent and everything kept about it (its certificates stay, revoked).
     pub async fn agent_delete(&self, id: &str) -> Result<(), StoreError> {
         let mut tx = self.pool.begin().await?;
-        const FORGET: [&str; 5] = [
+        const FORGET: [&str; 7] = [
             "DELETE FROM agent_tags WHERE agent_id = $1",
+            "DELETE FROM agent_samples WHERE agent_id = $1",
+            "DELETE FROM agent_sessions WHERE agent_id = $1",
             "DELETE FROM agent_plugins WHERE agent_id = $1",
             "DELETE FROM agent_plugin_desired WHERE agent_id = $1",
             "DELETE FROM agent_plugin_sets WHERE agent_id = $1",

@@ -47,6 +47,20 @@ async fn the_server_series_move_as_agents_connect_and_records_flow() {
     assert_eq!(before.kind("keel_sink_write_seconds"), Some("histogram"));
     assert_eq!(before.kind("keel_streams_opened"), Some("counter"));
 
+    // A request forwarded by a proxy on this host is not trusted as loopback.
+    let (status, _, body) = anonymous
+        .send_raw(
+            anonymous
+                .client()
+                .get(format!("{base}/metrics"))
+                .header("X-Forwarded-For", "203.0.113.9"),
+        )
+        .await;
+    assert_eq!(status, 401, "{body}");
+    // An enrollment that is not even JSON is counted as refused.
+    let (status, _) = anonymous.post_raw("/enroll", "{").await;
+    assert_eq!(status, 400);
+
     // A handshake with a certificate from another CA is refused and counted.
     stream_refusal(&server, Some(&foreign_signed("intruder-9")), "intruder-9").await;
 
@@ -95,6 +109,10 @@ async fn the_server_series_move_as_agents_connect_and_records_flow() {
             &[("method", "token"), ("outcome", "accepted")]
         ),
         2.0
+    );
+    assert_eq!(
+        v("keel_enrollments_total", &[("method", "token"), ("outcome", "invalid")]),
+        1.0
     );
     assert_eq!(v("keel_records_received_total", &[("data_type", "6100")]), 3.0);
     assert_eq!(v("keel_record_bytes_received_total", &[("data_type", "6100")]), 12.0);
