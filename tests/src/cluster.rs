@@ -229,10 +229,7 @@ pub struct OwnNats {
 impl OwnNats {
     /// Starts it and waits until it accepts connections.
     pub fn start() -> OwnNats {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .expect("a free port")
-            .port();
+        let port = crate::free_port();
         let mut nats = OwnNats {
             port,
             dir: tempfile::tempdir().expect("tempdir"),

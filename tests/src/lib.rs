@@ -29,6 +29,15 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 
+/// A port free on 127.0.0.1 now, for a process that must be told its port
+/// before it starts.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .port()
+}
+
 /// How long [`eventually`] waits by default.
 pub const DEADLINE: Duration = Duration::from_secs(30);
 
@@ -481,14 +490,7 @@ impl Api {
     }
 
     async fn send(&self, req: reqwest::RequestBuilder) -> (u16, Value) {
-        let req = if self.token.is_empty() {
-            req
-        } else {
-            req.bearer_auth(&self.token)
-        };
-        let resp = req.send().await.expect("HTTP request");
-        let status = resp.status().as_u16();
-        let text = resp.text().await.unwrap_or_default();
+        let (status, _, text) = self.send_raw(req).await;
         (status, serde_json::from_str(&text).unwrap_or(Value::String(text)))
     }
 

@@ -168,10 +168,7 @@ pub struct OpensslTarget {
 impl OpensslTarget {
     /// Starts one and waits until it accepts connections.
     pub async fn start(dir: &Path, args: &[&str]) -> OpensslTarget {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .expect("a free port")
-            .port();
+        let port = crate::free_port();
         Self::start_on(dir, port, args).await
     }
 

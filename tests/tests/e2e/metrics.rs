@@ -20,14 +20,6 @@ fn record(n: u8) -> EncodedRecord {
     }
 }
 
-/// A port free on 127.0.0.1 now.
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free port")
-}
-
 #[tokio::test]
 async fn the_server_series_move_as_agents_connect_and_records_flow() {
     let server = Server::start(ServerOptions::default()).await;
@@ -66,7 +58,7 @@ async fn the_server_series_move_as_agents_connect_and_records_flow() {
 
     // A real agent, with its own metrics endpoint, and a raw stream sending
     // three records of one type.
-    let port = free_port();
+    let port = keel_tests::free_port();
     let mut agent = Agent::new(
         &server,
         "metrics-1",

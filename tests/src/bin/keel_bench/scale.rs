@@ -101,13 +101,6 @@ fn idle_period() -> Duration {
         .map_or(HEARTBEAT, Duration::from_secs)
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("a free port")
-        .port()
-}
-
 /// A child simulator: its stdin for orders, its stdout lines as they come.
 struct Sim {
     child: Child,
@@ -284,7 +277,7 @@ pub async fn run(agents: usize, servers: usize) {
         hex::encode(b)
     };
     let (stream, prefix) = (format!("KEEL_SCALE_{tag}"), format!("keel.scale{tag}.records"));
-    let (grpc_port, tunnel_port) = (free_port(), free_port());
+    let (grpc_port, tunnel_port) = (keel_tests::free_port(), keel_tests::free_port());
     let pki_dir = dir.path().join("pki");
     let configs: Vec<PathBuf> = (0..servers)
         .map(|k| {
@@ -509,7 +502,7 @@ async fn jetstream_count(url: &str, stream: &str, subject: &str) -> u64 {
 
 /// KiB of RSS per idle stream of a bare tonic server with client-certificate TLS.
 async fn baseline(pki_dir: &Path, streams: usize) -> f64 {
-    let port = free_port();
+    let port = keel_tests::free_port();
     let mut server = Command::new(std::env::current_exe().expect("keel-bench path"))
         .arg("scale-baseline")
         .arg(pki_dir)
