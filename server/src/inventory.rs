@@ -256,9 +256,9 @@ async fn run(
         }
         std::future::pending().await
     };
-    let stream = tokio::select! {
-        t = local => t.map_err(|_| "the job was dropped".to_owned())?,
-        outcome = remote_outcome => return outcome,
+    let came = tokio::select! {
+        t = local => Ok(t.map_err(|_| "the job was dropped".to_owned())?),
+        outcome = remote_outcome => Err(outcome),
         msg = refusal => return Err(msg),
         () = tokio::time::sleep(wait) => {
             return Err(match agent_said {
@@ -270,7 +270,33 @@ async fn run(
             });
         }
     };
-    look(probe, stream, target, wait).await
+    let outcome = match came {
+        Ok(stream) => look(probe, stream, target, wait).await,
+        Err(outcome) => outcome,
+    };
+    if agent_said.is_none() {
+        job_ended(&mut answers).await;
+    }
+    outcome
+}
+
+/// How long a probe's job slot is held after its outcome, waiting for the
+/// agent's word that the job ended.
+const JOB_END_WAIT: Duration = Duration::from_secs(2);
+
+/// Waits (at most [`JOB_END_WAIT`]) for the agent's result of a job whose tunnel
+/// closed. The proxy frees its slot for the job only when its side of the
+/// tunnel has closed too; holding this instance's slot until then keeps the next
+/// job from finding the proxy full (`busy`).
+async fn job_ended(answers: &mut crate::cluster::ReplyWait) {
+    let ended = async {
+        while let Some(reply) = answers.recv().await {
+            if reply.data_type == keel_proto::data_type::TASK_RESULT {
+                return;
+            }
+        }
+    };
+    let _ = tokio::time::timeout(JOB_END_WAIT, ended).await;
 }
 
 /// Runs another instance's probe whose tunnel landed here, and publishes what it

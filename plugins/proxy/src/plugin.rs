@@ -74,8 +74,10 @@ pub fn run(client: Client, detail: &str) -> Result<(), Error> {
         };
         let (client, config, tls) = (client.clone(), Arc::clone(&config), Arc::clone(&tls));
         runtime.spawn(async move {
-            let _slot = slot;
             let outcome = job::run(&config, tls, &req).await;
+            // Free before the report: the server sends its next job to this
+            // proxy once it reads the report.
+            drop(slot);
             let _ = report(&client, &task, &req, outcome);
         });
     }
@@ -105,8 +107,8 @@ fn discover(
     };
     let (client, config, token) = (client.clone(), Arc::clone(config), task.token.clone());
     runtime.spawn(async move {
-        let _slot = slot;
         let found = discover::sweep(&config, &req).await;
+        drop(slot);
         tracing::info!(
             tried = found.tried,
             open = found.open.len(),
