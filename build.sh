@@ -28,6 +28,10 @@ usage: ./build.sh <command>
                             and tunnel, against direct handshakes (optional: scans)
                  console    the console's API requests against 50,000 agents on
                             PostgreSQL, against 500 (optional: agents)
+                 footprint  memory and CPU of an idle agent and its three plugins
+                            (the dist profile's binaries, run by a quickstart),
+                            against a bare tokio runtime (optional: settle and
+                            measure seconds, default 30 and 120)
                  scale      simulated agents held by keel-servers sharing one port,
                             on PostgreSQL and NATS JetStream, against a bare tonic
                             server (optional: agents, default 50000; servers, 3)
@@ -71,9 +75,14 @@ case "$cmd" in
     bench)
         name="${2:-}"
         case "$name" in
+            footprint)
+                # The packages' binaries: the dist profile, as ./build.sh package builds them.
+                cargo build --profile dist --workspace --bins --quiet
+                export KEEL_FOOTPRINT_BIN_DIR="$PWD/target/dist"
+                ;;
             dataflow | rollout | keyrequest | filedelivery | proxy | console | scale) ;;
             *)
-                echo "build.sh: bench needs a benchmark name: dataflow, rollout, keyrequest, filedelivery, proxy, console or scale" >&2
+                echo "build.sh: bench needs a benchmark name: dataflow, rollout, keyrequest, filedelivery, proxy, console, footprint or scale" >&2
                 exit 64
                 ;;
         esac

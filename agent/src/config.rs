@@ -145,7 +145,8 @@ pub struct TransferSection {
     /// a full spool.
     #[serde(default = "default_spool_min_free")]
     pub spool_min_free_bytes: u64,
-    /// How often the spool is flushed to stable storage.
+    /// How long after the first write since the last sync the spool is flushed
+    /// to stable storage; an idle spool is not synced.
     #[serde(default = "default_spool_sync", with = "humantime_serde")]
     pub spool_sync_interval: Duration,
 }

@@ -135,20 +135,6 @@ fn client(tls: rustls::ClientConfig) -> anyhow::Result<reqwest::Client> {
         .context("cannot build the HTTP client")
 }
 
-/// A TLS client configuration that trusts only `ca_pem`.
-pub fn pinned_tls(ca_pem: &str) -> anyhow::Result<rustls::ClientConfig> {
-    let mut roots = rustls::RootCertStore::empty();
-    for cert in CertificateDer::pem_slice_iter(ca_pem.as_bytes()) {
-        roots
-            .add(cert.context("pinned CA is not PEM")?)
-            .context("pinned CA is not a usable certificate")?;
-    }
-    Ok(rustls::ClientConfig::builder_with_provider(provider())
-        .with_safe_default_protocol_versions()?
-        .with_root_certificates(roots)
-        .with_no_client_auth())
-}
-
 /// Refuses plain HTTP unless the host is a loopback address.
 fn check_scheme(url: &reqwest::Url) -> anyhow::Result<()> {
     match url.scheme() {
@@ -233,7 +219,7 @@ pub async fn enroll(config: &AgentConfig, opts: &EnrollOptions) -> anyhow::Resul
     }
 
     let state_dir = &config.agent.state_dir;
-    let http = client(pinned_tls(&ca_pem)?)?;
+    let http = client(keel_common::tls::pinned_client(ca_pem.as_bytes())?.with_no_client_auth())?;
     let (agent_id, request, answer) = match &opts.credential {
         Credential::Token(token) => {
             let (agent_id, source) = id::resolve(&config.agent.id, &config.agent.host_root, state_dir)?;

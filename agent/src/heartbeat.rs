@@ -13,11 +13,12 @@ use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 use crate::host::{self, CpuSampler, Platform};
-use crate::outbox::{Outbox, Record};
+use crate::outbox::Outbox;
 use crate::plugin::Runtime;
+use crate::record::{Header, Record};
 use crate::spool::Spool;
 use crate::tasks::MetadataStore;
-use crate::transport::{Header, TransferStats};
+use crate::transport::TransferStats;
 
 /// What the heartbeat reads.
 #[derive(Debug, Clone)]

@@ -17,6 +17,7 @@ pub mod metrics;
 pub mod outbox;
 pub mod pki;
 pub mod plugin;
+pub mod record;
 pub mod renew;
 pub mod run;
 pub mod spool;

@@ -13,7 +13,7 @@ use tracing::field::{Field, Visit};
 use tracing::{Event, Level, Subscriber};
 use tracing_subscriber::layer::{Context, Layer};
 
-use crate::outbox::Record;
+use crate::record::Record;
 
 /// Error records waiting for the outbox.
 const QUEUE: usize = 256;

@@ -18,52 +18,14 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
-use bytes::{Bytes, BytesMut};
-use keel_common::time::now_secs;
-use keel_proto::payload;
+use bytes::BytesMut;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info};
 
+use crate::record::{Header, Record};
 use crate::spool::Spool;
-use crate::transport::Header;
 use crate::wire;
-
-/// A record on its way up; `data` is an encoded `Payload`.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Record {
-    /// The record type.
-    pub data_type: i32,
-    /// Unix seconds.
-    pub timestamp: i64,
-    /// Encoded `Payload`, never decoded on the way.
-    pub data: Bytes,
-    /// The plugin run that wrote it; `None` for the agent's own records.
-    pub source: Option<Source>,
-}
-
-/// Where a plugin's record comes from, so the server can count gaps.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Source {
-    /// The plugin's name.
-    pub plugin: Arc<str>,
-    /// Names this run of the plugin; the agent picks it at each start.
-    pub instance: u32,
-    /// The record's number in the run (`Record.seq`); 0 when not numbered.
-    pub seq: u64,
-}
-
-impl Record {
-    /// A record the agent produces itself, stamped now.
-    pub fn new<K: Into<String>, V: Into<String>>(data_type: i32, fields: impl IntoIterator<Item = (K, V)>) -> Self {
-        Self {
-            data_type,
-            timestamp: now_secs(),
-            data: payload::encode(fields),
-            source: None,
-        }
-    }
-}
 
 /// The producers' end: cheap to clone. Items are chunks of records, so a plugin
 /// pipe read of many frames costs one channel operation.
@@ -301,6 +263,7 @@ impl Refusals {
 
 #[cfg(test)]
 mod tests {
+    use bytes::Bytes;
     use keel_proto::grpc::PackagedData;
     use prost::Message;
 

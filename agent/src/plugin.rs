@@ -33,7 +33,8 @@ use self::cgroup::Cgroups;
 use self::install::{InstallError, Installer};
 use self::supervisor::{Status, Supervisor};
 use crate::config::AgentConfig;
-use crate::outbox::{Outbox, Record};
+use crate::outbox::Outbox;
+use crate::record::Record;
 use crate::tasks::TaskRequest;
 
 /// How long a new plugin must keep running before an upgrade counts as done.
@@ -201,7 +202,9 @@ impl Runtime {
                     .map_err(|e| anyhow::anyhow!("plugins.release_public_key: {e}"))?,
             )
         };
-        let tls = crate::enroll::pinned_tls(ca_pem).ok();
+        let tls = keel_common::tls::pinned_client(ca_pem.as_bytes())
+            .ok()
+            .map(|b| b.with_no_client_auth());
         let installer = Installer::new(
             root.clone(),
             key,

@@ -18,8 +18,9 @@ use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
-use crate::outbox::{Outbox, Record};
+use crate::outbox::Outbox;
 use crate::pki::{self, Identity};
+use crate::record::Record;
 
 /// An answer slower than this is given up on, and the request made again.
 const ANSWER_TIMEOUT: Duration = Duration::from_secs(120);

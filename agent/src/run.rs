@@ -12,13 +12,14 @@ use tracing::{error, info, warn};
 
 use crate::config::AgentConfig;
 use crate::heartbeat::Heartbeat;
-use crate::outbox::{BatchLimits, Outbox, Record, batcher};
+use crate::outbox::{BatchLimits, Outbox, batcher};
 use crate::pki::{self, PkiError};
 use crate::plugin::{PluginConfig, Runtime};
+use crate::record::{Header, PRODUCT, Record};
 use crate::renew::Renewer;
 use crate::spool::{Spool, SpoolOptions};
-use crate::tasks::{self, Action, MetadataStore, PRODUCT};
-use crate::transport::{Header, Inbound, TransferStats, Transport};
+use crate::tasks::{self, Action, MetadataStore};
+use crate::transport::{Inbound, TransferStats, Transport};
 use crate::{host, id, upgrade};
 
 /// Record chunks the producers may queue before they wait.
@@ -231,12 +232,17 @@ pub async fn run(
     let sync_spool = Arc::clone(&spool);
     let sync_every = config.transfer.spool_sync_interval;
     let sync_stop = stop.clone();
+    // Written batches are synced at most `spool_sync_interval` after the first
+    // write since the last sync; with nothing written nothing wakes.
     let syncing = tokio::spawn(async move {
-        let mut tick = tokio::time::interval(sync_every);
         loop {
             tokio::select! {
                 _ = sync_stop.cancelled() => break,
-                _ = tick.tick() => {}
+                () = sync_spool.wait_unsynced() => {}
+            }
+            tokio::select! {
+                _ = sync_stop.cancelled() => break,
+                () = tokio::time::sleep(sync_every) => {}
             }
             let s = Arc::clone(&sync_spool);
             let _ = tokio::task::spawn_blocking(move || s.sync()).await;

@@ -38,6 +38,8 @@ use bytes::{BufMut, Bytes, BytesMut};
 use tokio::sync::Notify;
 use tracing::{info, warn};
 
+use crate::wire;
+
 const HEADER: usize = 20;
 /// No entry is larger than this; a larger length on disk means corruption.
 const MAX_ENTRY: usize = 256 << 20;
@@ -126,6 +128,8 @@ struct State {
     loss_file: Option<File>,
     resent: u64,
     acked: u64,
+    /// Written since the last [`Spool::sync`].
+    unsynced: bool,
 }
 
 /// The spool. Appends come from one blocking thread (the batcher); the sender
@@ -136,6 +140,8 @@ pub struct Spool {
     state: Mutex<State>,
     space: Condvar,
     wake: Notify,
+    /// Told when a write follows a sync ([`Spool::wait_unsynced`]).
+    written: Notify,
 }
 
 fn segment_path(dir: &Path, id: u64) -> PathBuf {
@@ -241,11 +247,6 @@ fn record_loss(st: &mut State, records: u64) {
     }
 }
 
-fn put_varint_field(buf: &mut BytesMut, field: u32, value: u64) {
-    prost::encoding::encode_key(field, prost::encoding::WireType::Varint, buf);
-    prost::encoding::encode_varint(value, buf);
-}
-
 impl Spool {
     /// Opens the spool, recovering what a previous run left.
     pub fn open(opts: SpoolOptions) -> Result<Self, SpoolError> {
@@ -323,12 +324,14 @@ impl Spool {
             loss_file: Some(loss_file),
             resent: 0,
             acked: first - 1,
+            unsynced: false,
         };
         Ok(Self {
             opts,
             state: Mutex::new(state),
             space: Condvar::new(),
             wake: Notify::new(),
+            written: Notify::new(),
         })
     }
 
@@ -448,8 +451,7 @@ impl Spool {
         }
         let seq = st.next_seq;
         st.next_seq += 1;
-        put_varint_field(&mut body, 100, seq);
-        put_varint_field(&mut body, 101, st.epoch);
+        wire::put_mark(&mut body, seq, st.epoch);
         let data = body.freeze();
         let needs_new = st.active.is_none() || st.segments.back().is_none_or(|s| s.bytes >= self.opts.segment_bytes);
         if needs_new {
@@ -490,6 +492,10 @@ impl Spool {
         }
         st.bytes += total;
         st.cached += data.len() as u64;
+        if !st.unsynced {
+            st.unsynced = true;
+            self.written.notify_one();
+        }
         st.entries.push_back(Entry {
             seq,
             records,
@@ -619,11 +625,20 @@ impl Spool {
 
     /// Flushes the segment being written to disk.
     pub fn sync(&self) {
-        let st = self.lock();
+        let mut st = self.lock();
+        st.unsynced = false;
         if let Some(f) = &st.active
             && let Err(e) = f.sync_data()
         {
             warn!(error = %e, "cannot sync the spool");
+        }
+    }
+
+    /// Returns once something was written since the last [`Spool::sync`]: an idle
+    /// spool is never synced, and the syncing task sleeps.
+    pub async fn wait_unsynced(&self) {
+        while !self.lock().unsynced {
+            self.written.notified().await;
         }
     }
 
@@ -693,6 +708,26 @@ mod tests {
     /// disk that the spool never writes made it overflow, or loop forever on a
     /// segment it had deleted. Such entries are cut like a torn tail.
     #[tokio::test]
+    async fn only_a_write_since_the_last_sync_asks_for_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Spool::open(opts(dir.path(), 1 << 20, 100)).unwrap();
+        let quiet = Duration::from_millis(20);
+        assert!(
+            tokio::time::timeout(quiet, s.wait_unsynced()).await.is_err(),
+            "nothing written yet"
+        );
+        s.append(body(1), 1).unwrap();
+        tokio::time::timeout(Duration::from_secs(5), s.wait_unsynced())
+            .await
+            .expect("a write asks for a sync");
+        s.sync();
+        assert!(
+            tokio::time::timeout(quiet, s.wait_unsynced()).await.is_err(),
+            "synced since"
+        );
+    }
+
+    #[tokio::test]
     async fn entries_out_of_sequence_on_disk_are_cut() {
         for (seqs, kept) in [
             (vec![u64::MAX], vec![]),
@@ -755,8 +790,7 @@ mod tests {
         let (b, _) = s.next().await.unwrap();
         // seq 6 and the epoch are appended as fields 100 and 101.
         let mut expect = BytesMut::from(&[6u8; 40][..]);
-        put_varint_field(&mut expect, 100, 6);
-        put_varint_field(&mut expect, 101, epoch);
+        wire::put_mark(&mut expect, 6, epoch);
         assert_eq!(b, expect.freeze());
         s.ack(epoch, 6);
         assert!(s.is_empty());

@@ -7,10 +7,7 @@ use std::sync::{Arc, RwLock};
 use keel_proto::data_type;
 use serde::{Deserialize, Serialize};
 
-use crate::outbox::Record;
-
-/// The object_name of tasks for the agent, and its product name.
-pub const PRODUCT: &str = keel_proto::product::KEEL_AGENT;
+use crate::record::{PRODUCT, Record};
 
 /// A task from the server.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -24,9 +24,9 @@ use tonic_prost::ProstDecoder;
 use tracing::{debug, info, warn};
 
 use crate::config::ServerSection;
-use crate::host::Addresses;
 use crate::pki::Identity;
 use crate::plugin::PluginConfig;
+use crate::record::Header;
 use crate::spool::Spool;
 use crate::tasks::TaskRequest;
 
@@ -45,17 +45,6 @@ pub enum Inbound {
     /// The desired configuration (plugins, and `keel-agent` for the agent's own
     /// version), and the token of the task that sent it.
     Configs(Vec<PluginConfig>, Option<String>),
-}
-
-/// The `PackagedData` header: who this agent is.
-#[derive(Debug, Clone, Default)]
-pub struct Header {
-    /// Agent ID (the certificate's).
-    pub agent_id: String,
-    /// Host name.
-    pub hostname: String,
-    /// Interface addresses.
-    pub addresses: Addresses,
 }
 
 /// Counters behind the heartbeat's transfer rates.
@@ -184,7 +173,7 @@ impl Transport {
     async fn discover(&self) -> anyhow::Result<Vec<String>> {
         let ca = self.identity.read().unwrap_or_else(|p| p.into_inner()).ca_pem.clone();
         let client = reqwest::Client::builder()
-            .tls_backend_preconfigured(crate::enroll::pinned_tls(&ca)?)
+            .tls_backend_preconfigured(keel_common::tls::pinned_client(ca.as_bytes())?.with_no_client_auth())
             .timeout(self.server.connect_timeout)
             .no_proxy()
             .build()?;

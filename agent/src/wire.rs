@@ -3,7 +3,7 @@
 //!
 //! Protobuf fields may come in any order, so a batch is built incrementally: each
 //! record is appended as a field-1 `EncodedRecord` as it arrives, then the header
-//! fields, and the spool appends `seq` and `epoch` last. The payload bytes are
+//! fields, and the spool appends `seq` and `epoch` last ([`put_mark`]). The payload bytes are
 //! copied once, into the batch.
 
 use bytes::BytesMut;
@@ -11,9 +11,7 @@ use keel_proto::grpc::PackagedData;
 use prost::Message;
 use prost::encoding::{WireType, encode_key, encode_varint, encoded_len_varint, int32, int64, key_len, uint32, uint64};
 
-use crate::outbox::Record;
-use crate::tasks::PRODUCT;
-use crate::transport::Header;
+use crate::record::{Header, PRODUCT, Record};
 
 /// Appends `record` as `PackagedData.records` (field 1): an `EncodedRecord`, with
 /// its source (fields 100–102) when a plugin wrote it.
@@ -73,6 +71,18 @@ pub fn put_header(buf: &mut BytesMut, header: &Header) {
     let _ = h.encode(buf);
 }
 
+/// Appends the batch's place in the spool, `seq` and `epoch`: the spool does so
+/// last, when it stores the batch.
+pub fn put_mark(buf: &mut BytesMut, seq: u64, epoch: u64) {
+    let mark = PackagedData {
+        seq,
+        epoch,
+        ..Default::default()
+    };
+    // Encoding into a BytesMut grows it as needed and cannot fail.
+    let _ = mark.encode(buf);
+}
+
 /// The encoded size of `record` inside a batch.
 pub fn record_len(record: &Record) -> usize {
     let len = body_len(record);
@@ -84,7 +94,7 @@ mod tests {
     use bytes::Bytes;
 
     use super::*;
-    use crate::outbox::Source;
+    use crate::record::Source;
 
     #[test]
     fn incremental_encoding_is_a_valid_packaged_data() {
@@ -114,7 +124,9 @@ mod tests {
             ..Default::default()
         };
         put_header(&mut buf, &header);
+        put_mark(&mut buf, 6, 1 << 40);
         let pd = PackagedData::decode(buf.freeze()).unwrap();
+        assert_eq!((pd.seq, pd.epoch), (6, 1 << 40));
         assert_eq!(pd.records.len(), 2);
         assert_eq!(pd.records[0].data, Bytes::from_static(b"\x0a\x00"));
         let r = &pd.records[0];

@@ -1,7 +1,8 @@
 //! Pieces every Keel binary shares. Nothing here knows about agents, servers or
 //! the wire protocol; it may not depend on `keel-proto`.
-#![forbid(unsafe_code)]
+#![deny(unsafe_code)]
 
+pub mod alloc;
 pub mod backoff;
 pub mod config;
 pub mod fingerprint;

@@ -3,7 +3,7 @@
 use std::io::IsTerminal;
 use std::path::PathBuf;
 
-use tracing_appender::non_blocking::WorkerGuard;
+use tracing_appender::non_blocking::{ErrorCounter, NonBlocking, NonBlockingBuilder, WorkerGuard};
 use tracing_appender::rolling::{RollingFileAppender, Rotation};
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
@@ -44,10 +44,60 @@ pub struct LogOptions {
     pub format: LogFormat,
 }
 
+/// Lines queued for the log file's writer thread, at most. A line logged while
+/// the queue is full is dropped and counted ([`LogGuard::drop_reporter`]). The
+/// queue is allocated whole up front: 32 bytes a line (tracing-appender's
+/// default of 128,000 lines cost every process 4 MB).
+pub const LOG_QUEUE_LINES: usize = 8192;
+
+/// How often dropped log lines are reported, at most.
+pub const DROP_REPORT_EVERY: std::time::Duration = std::time::Duration::from_secs(60);
+
 /// Keeps the background file writer alive; logs are flushed when it drops.
 #[derive(Debug)]
 pub struct LogGuard {
     _file: Option<WorkerGuard>,
+    dropped: Option<ErrorCounter>,
+}
+
+impl LogGuard {
+    /// Lines dropped so far because the log file's queue was full.
+    pub fn dropped_lines(&self) -> usize {
+        self.dropped.as_ref().map_or(0, ErrorCounter::dropped_lines)
+    }
+
+    /// A task to spawn on the process's runtime: every [`DROP_REPORT_EVERY`] it
+    /// logs a warning with the lines dropped since the last one, if any.
+    pub fn drop_reporter(&self) -> impl std::future::Future<Output = ()> + Send + 'static {
+        let counter = self.dropped.clone();
+        async move {
+            let Some(counter) = counter else { return };
+            let mut told = 0;
+            let mut every = tokio::time::interval(DROP_REPORT_EVERY);
+            every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                every.tick().await;
+                let total = counter.dropped_lines();
+                if total > told {
+                    tracing::warn!(
+                        dropped = total - told,
+                        total,
+                        queue = LOG_QUEUE_LINES,
+                        "log lines were dropped: the log file's queue was full"
+                    );
+                    told = total;
+                }
+            }
+        }
+    }
+}
+
+/// The log file's writer: a thread behind a queue of [`LOG_QUEUE_LINES`] lines.
+fn file_writer<W: std::io::Write + Send + 'static>(file: W) -> (NonBlocking, WorkerGuard) {
+    NonBlockingBuilder::default()
+        .buffered_lines_limit(LOG_QUEUE_LINES)
+        .lossy(true)
+        .finish(file)
 }
 
 /// Logging could not start.
@@ -91,7 +141,7 @@ where
 /// example the agent's upstream error forwarder).
 pub fn init(opts: &LogOptions, extra: Vec<BoxedLayer>) -> Result<LogGuard, LogError> {
     let mut layers: Vec<BoxedLayer> = extra;
-    let mut guard = None;
+    let (mut guard, mut dropped) = (None, None);
     if let Some(dir) = &opts.dir {
         std::fs::create_dir_all(dir).map_err(|e| LogError::Dir {
             dir: dir.clone(),
@@ -107,13 +157,54 @@ pub fn init(opts: &LogOptions, extra: Vec<BoxedLayer>) -> Result<LogGuard, LogEr
                 dir: dir.clone(),
                 source: Box::new(e),
             })?;
-        let (writer, g) = tracing_appender::non_blocking(appender);
+        let (writer, g) = file_writer(appender);
         guard = Some(g);
+        dropped = Some(writer.error_counter());
         layers.push(layer(opts, writer, false));
     }
     if opts.stderr {
         layers.push(layer(opts, std::io::stderr, std::io::stderr().is_terminal()));
     }
     tracing_subscriber::registry().with(layers).try_init()?;
-    Ok(LogGuard { _file: guard })
+    Ok(LogGuard { _file: guard, dropped })
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::Write;
+    use std::sync::mpsc;
+
+    use super::*;
+
+    /// A file that blocks every write until told to go on.
+    struct Stuck(mpsc::Receiver<()>);
+
+    impl Write for Stuck {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            let _ = self.0.recv();
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn lines_past_the_queue_are_dropped_and_counted() {
+        let (go, wait) = mpsc::channel();
+        let (mut writer, guard) = file_writer(Stuck(wait));
+        let counter = writer.error_counter();
+        // The writer thread takes at most one line before it is stuck; the queue
+        // holds LOG_QUEUE_LINES more.
+        for _ in 0..LOG_QUEUE_LINES + 100 {
+            writer.write_all(b"a line\n").expect("a lossy writer never fails");
+        }
+        let dropped = counter.dropped_lines();
+        assert!(
+            (99..=100).contains(&dropped),
+            "{dropped} lines dropped of 100 past the queue"
+        );
+        drop(go);
+        drop(guard);
+    }
 }

@@ -3,14 +3,11 @@
 //! refusals as [`ApiError`] carrying the server's own message.
 
 use std::fmt;
-use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
 use keel_common::secret::Secret;
 use reqwest::{Method, RequestBuilder, StatusCode, Url};
-use rustls::pki_types::CertificateDer;
-use rustls::pki_types::pem::PemObject;
 use serde_json::Value;
 
 use crate::config::{Settings, UsageError};
@@ -56,24 +53,6 @@ pub struct Client {
     pinned: bool,
 }
 
-/// A rustls configuration trusting only the CA certificates in `pem`.
-pub fn pinned_tls(pem: &str) -> anyhow::Result<rustls::ClientConfig> {
-    let mut roots = rustls::RootCertStore::empty();
-    for cert in CertificateDer::pem_slice_iter(pem.as_bytes()) {
-        roots
-            .add(cert.context("not PEM")?)
-            .context("not a usable CA certificate")?;
-    }
-    if roots.is_empty() {
-        anyhow::bail!("no certificate in it");
-    }
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    Ok(rustls::ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()?
-        .with_root_certificates(roots)
-        .with_no_client_auth())
-}
-
 impl Client {
     /// A client for `settings`. A CA file that holds no usable certificate is a
     /// [`UsageError`].
@@ -84,8 +63,9 @@ impl Client {
             .connect_timeout(Duration::from_secs(10));
         let mut pinned = false;
         if let Some((path, pem)) = settings.ca.as_ref().filter(|_| settings.server.scheme() == "https") {
-            let tls = pinned_tls(pem)
-                .map_err(|e| UsageError(format!("the CA file {} is unusable: {e:#}", path.display())))?;
+            let tls = keel_common::tls::pinned_client(pem.as_bytes())
+                .map_err(|e| UsageError(format!("the CA file {} is unusable: {e}", path.display())))?
+                .with_no_client_auth();
             builder = builder.tls_backend_preconfigured(tls);
             pinned = true;
         }
@@ -274,6 +254,21 @@ mod tests {
     }
 
     #[test]
+    fn a_ca_file_without_certificates_is_a_usage_error_naming_it() {
+        let settings = Settings {
+            server: Url::parse("https://keel.example:6752").unwrap(),
+            token: Secret::new("t"),
+            ca: Some(("/etc/keel/ca.pem".into(), "not a pem".into())),
+        };
+        let err = Client::new(&settings).expect_err("refused");
+        let usage = err.downcast_ref::<UsageError>().expect("a usage error");
+        assert_eq!(
+            usage.0,
+            "the CA file /etc/keel/ca.pem is unusable: no certificate in it"
+        );
+    }
+
+    #[test]
     fn urls_encode_segments_and_keep_a_base_path() {
         let c = client("https://keel.example:6752");
         assert_eq!(
@@ -299,10 +294,5 @@ mod tests {
             "502 Bad Gateway: the server gave no reason"
         );
         assert_eq!(api_error(StatusCode::NOT_FOUND, "nope\n").message, "nope");
-    }
-
-    #[test]
-    fn a_ca_file_without_certificates_is_refused() {
-        assert!(pinned_tls("not a pem").is_err());
     }
 }

@@ -2,7 +2,7 @@
 
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader, BufWriter, ErrorKind, Read, Write};
-use std::sync::{Arc, Mutex, Weak};
+use std::sync::{Arc, Condvar, Mutex, Weak};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use keel_proto::data_type::TASK_RESULT;
@@ -38,7 +38,9 @@ fn io(e: std::io::Error) -> Error {
 /// Tuning for a [`Client`].
 #[derive(Debug, Clone)]
 pub struct ClientOptions {
-    /// Buffered records are written at least this often.
+    /// Buffered records are written at most this long after the first of them
+    /// was queued. With nothing buffered the flush thread sleeps until a record
+    /// comes, so an idle plugin does not wake.
     pub flush_interval: Duration,
     /// Records are written once this many bytes are buffered.
     pub buffer_bytes: usize,
@@ -69,13 +71,35 @@ struct Out {
     closed: bool,
     /// The number of the last record written: records are numbered from 1.
     seq: u64,
+    /// The flush thread was told of records since its last flush.
+    told: bool,
 }
+
+/// How the flush thread is woken: set and notified when a record is queued
+/// after a flush.
+#[derive(Default)]
+struct Wake {
+    queued: Mutex<bool>,
+    cv: Condvar,
+}
+
+impl Wake {
+    fn notify(&self) {
+        *self.queued.lock().unwrap_or_else(|p| p.into_inner()) = true;
+        self.cv.notify_one();
+    }
+}
+
+/// How often a flush thread with nothing to flush checks that its client still
+/// exists.
+const FLUSHER_IDLE_CHECK: Duration = Duration::from_secs(60);
 
 /// What runs on a stop signal before the last flush.
 type StopHook = Box<dyn FnOnce() + Send>;
 
 struct Inner {
     out: Mutex<Out>,
+    wake: Arc<Wake>,
     on_stop: Mutex<Option<StopHook>>,
     input: Mutex<BufReader<Box<dyn Read + Send>>>,
     debug: bool,
@@ -184,19 +208,22 @@ impl Client {
         debug: bool,
         opts: &ClientOptions,
     ) -> Self {
+        let wake = Arc::new(Wake::default());
         let inner = Arc::new(Inner {
             out: Mutex::new(Out {
                 writer: BufWriter::with_capacity(opts.buffer_bytes.max(4096), output),
                 scratch: Vec::new(),
                 closed: false,
                 seq: 0,
+                told: false,
             }),
+            wake: Arc::clone(&wake),
             on_stop: Mutex::new(None),
             input: Mutex::new(BufReader::with_capacity(64 << 10, input)),
             debug,
             max_task_bytes: opts.max_task_bytes,
         });
-        spawn_flusher(Arc::downgrade(&inner), opts.flush_interval);
+        spawn_flusher(Arc::downgrade(&inner), wake, opts.flush_interval);
         Self { inner }
     }
 
@@ -247,6 +274,10 @@ impl Client {
         match result {
             Ok(()) => {
                 out.seq = seq;
+                if !out.told {
+                    out.told = true;
+                    self.inner.wake.notify();
+                }
                 Ok(())
             }
             Err(e) => {
@@ -403,14 +434,31 @@ fn encode_numbered(record: &Record, seq: u64, out: &mut Vec<u8>) {
     uint64::encode(100, &seq, out);
 }
 
-fn spawn_flusher(inner: Weak<Inner>, every: Duration) {
+/// The flush thread: waits until a record is queued, lets `every` pass, then
+/// writes what is buffered; ends with its client.
+fn spawn_flusher(inner: Weak<Inner>, wake: Arc<Wake>, every: Duration) {
     let spawned = std::thread::Builder::new()
         .name("keel-sdk-flush".into())
         .spawn(move || {
             loop {
+                {
+                    let mut queued = wake.queued.lock().unwrap_or_else(|p| p.into_inner());
+                    while !*queued {
+                        if inner.strong_count() == 0 {
+                            return;
+                        }
+                        queued = wake
+                            .cv
+                            .wait_timeout(queued, FLUSHER_IDLE_CHECK)
+                            .unwrap_or_else(|p| p.into_inner())
+                            .0;
+                    }
+                    *queued = false;
+                }
                 std::thread::sleep(every);
                 let Some(inner) = inner.upgrade() else { return };
                 let mut out = inner.out.lock().unwrap_or_else(|p| p.into_inner());
+                out.told = false;
                 if out.closed || out.writer.flush().is_err() {
                     return;
                 }
@@ -448,6 +496,58 @@ mod tests {
             flush_interval: Duration::from_secs(3600),
             ..Default::default()
         }
+    }
+
+    /// Bytes written, and how many times the writer was flushed.
+    #[derive(Clone, Default)]
+    struct Counted(Arc<Mutex<(Vec<u8>, usize)>>);
+    impl Write for Counted {
+        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().0.extend_from_slice(b);
+            Ok(b.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            self.0.lock().unwrap().1 += 1;
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn queued_records_go_out_within_the_interval_and_an_idle_client_never_flushes() {
+        let out = Counted::default();
+        let every = Duration::from_millis(5);
+        let c = Client::from_io(
+            std::io::empty(),
+            out.clone(),
+            ClientOptions {
+                flush_interval: every,
+                ..opts(false)
+            },
+        );
+        let written = |min: usize| {
+            let start = std::time::Instant::now();
+            loop {
+                let (bytes, flushes) = {
+                    let o = out.0.lock().unwrap();
+                    (o.0.len(), o.1)
+                };
+                if bytes >= min {
+                    return (bytes, flushes);
+                }
+                assert!(
+                    start.elapsed() < Duration::from_secs(5),
+                    "{bytes} bytes written, {min} expected"
+                );
+                std::thread::sleep(Duration::from_millis(1));
+            }
+        };
+        c.send(1, [("a", "b")]).unwrap();
+        let (first, flushes) = written(1);
+        // Twenty intervals with nothing queued: the flush thread stays asleep.
+        std::thread::sleep(every * 20);
+        assert_eq!(out.0.lock().unwrap().1, flushes, "flushed with nothing queued");
+        c.send(1, [("a", "c")]).unwrap();
+        written(first + 1);
     }
 
     #[test]

@@ -6,9 +6,7 @@
 //! reads TLS 1.2 and older handshakes itself); the rest
 //! works on domain types ([`sink::Record`], [`connections::Outbound`]).
 //!
-//! `unsafe` is denied everywhere but [`memory`], which asks glibc to give freed
-//! memory back.
-#![deny(unsafe_code)]
+#![forbid(unsafe_code)]
 
 pub mod admin;
 pub mod audits;

@@ -171,7 +171,7 @@ fn main() -> ExitCode {
 /// For the long-running commands: what departed streams freed goes back to the
 /// system ([`keel_server::memory`]).
 fn give_memory_back() {
-    keel_server::memory::tune();
+    keel_common::alloc::tune(keel_server::memory::MMAP_FROM);
     if let Err(e) = keel_server::memory::spawn_trimmer() {
         tracing::warn!(error = %e, "cannot start the memory trimmer; freed memory stays with the process");
     }
@@ -193,7 +193,8 @@ async fn run(cli: Cli, config: Option<ServerConfig>) -> anyhow::Result<()> {
     match cli.command {
         Cmd::Serve(args) => {
             let config = config.ok_or_else(|| anyhow::anyhow!("no configuration"))?;
-            let _log = init_logging(Some(&config), "info")?;
+            let log = init_logging(Some(&config), "info")?;
+            tokio::spawn(log.drop_reporter());
             give_memory_back();
             let shutdown = keel_common::shutdown::on_signal();
             serve::run(config, shutdown, args.ready_file).await
@@ -211,7 +212,7 @@ async fn run(cli: Cli, config: Option<ServerConfig>) -> anyhow::Result<()> {
                 http_port: args.http_port,
             };
             let config = quickstart::server_config(&opts)?;
-            let _log = logging::init(
+            let log = logging::init(
                 &LogOptions {
                     dir: config.log.dir.clone(),
                     file_prefix: "keel-server".into(),
@@ -222,6 +223,7 @@ async fn run(cli: Cli, config: Option<ServerConfig>) -> anyhow::Result<()> {
                 },
                 Vec::new(),
             )?;
+            tokio::spawn(log.drop_reporter());
             give_memory_back();
             quickstart::run(opts, keel_common::shutdown::on_signal()).await
         }

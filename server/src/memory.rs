@@ -9,10 +9,10 @@
 //! walks every free block with the arenas locked, so ordinary churn in a large
 //! heap must not trigger one; each is logged at debug with its duration.
 //!
-//! Blocks of [`MMAP_FROM`] and more are mapped on their own ([`tune`]): a stream's
-//! 16 KiB HTTP/2 write buffer is then resident only as far as it was ever
-//! written (about a page for an idle agent), and goes back whole when it is
-//! freed. This is the crate's only `unsafe`: three calls into glibc.
+//! Blocks of [`MMAP_FROM`] and more are mapped on their own
+//! (`keel_common::alloc::tune`): a stream's 16 KiB HTTP/2 write buffer is then
+//! resident only as far as it was ever written (about a page for an idle agent),
+//! and goes back whole when it is freed.
 
 use std::time::Duration;
 
@@ -58,10 +58,10 @@ pub fn spawn_trimmer() -> std::io::Result<()> {
             let mut trimmer = Trimmer::default();
             loop {
                 std::thread::sleep(CHECK_EVERY);
-                let (free, used) = usage();
+                let (free, used) = keel_common::alloc::usage();
                 if trimmer.due(free, used) {
                     let start = std::time::Instant::now();
-                    trim();
+                    keel_common::alloc::trim();
                     tracing::debug!(
                         free_mib = free >> 20,
                         used_mib = used >> 20,
@@ -74,51 +74,6 @@ pub fn spawn_trimmer() -> std::io::Result<()> {
         })
         .map(drop)
 }
-
-/// Sets the allocator up: blocks from [`MMAP_FROM`] on are mapped on their own.
-/// Call once, first thing in `main`.
-#[cfg(target_env = "gnu")]
-#[allow(unsafe_code)]
-pub fn tune() {
-    let from = nix::libc::c_int::try_from(MMAP_FROM).unwrap_or(nix::libc::c_int::MAX);
-    // SAFETY: mallopt only sets a threshold; glibc checks the value.
-    unsafe {
-        nix::libc::mallopt(nix::libc::M_MMAP_THRESHOLD, from);
-    }
-}
-
-/// Bytes free inside the allocator's arenas, and bytes in use.
-#[cfg(target_env = "gnu")]
-#[allow(unsafe_code)]
-pub fn usage() -> (usize, usize) {
-    // SAFETY: mallinfo2 only reads the allocator's statistics.
-    let info = unsafe { nix::libc::mallinfo2() };
-    (info.fordblks, info.uordblks.saturating_add(info.hblkhd))
-}
-
-/// Returns every whole free page in the allocator's arenas to the system.
-#[cfg(target_env = "gnu")]
-#[allow(unsafe_code)]
-pub fn trim() {
-    // SAFETY: malloc_trim takes the arenas' locks itself and frees nothing in use.
-    unsafe {
-        nix::libc::malloc_trim(0);
-    }
-}
-
-/// Other C libraries keep their own defaults.
-#[cfg(not(target_env = "gnu"))]
-pub fn tune() {}
-
-/// Other C libraries return memory on their own terms.
-#[cfg(not(target_env = "gnu"))]
-pub fn usage() -> (usize, usize) {
-    (0, 0)
-}
-
-/// Other C libraries return memory on their own terms.
-#[cfg(not(target_env = "gnu"))]
-pub fn trim() {}
 
 #[cfg(test)]
 mod tests {
@@ -146,34 +101,5 @@ mod tests {
         t.trimmed(100 << 20);
         // Everyone left: most of it free, little in use.
         assert!(t.due(780 << 20, 20 << 20));
-    }
-
-    #[test]
-    fn a_trim_gives_freed_pages_back() {
-        // 64 MiB in 64 KiB blocks (below glibc's mmap threshold, so from the heap),
-        // every other one kept so the heap's top cannot shrink by itself.
-        let mut blocks: Vec<Vec<u8>> = (0..1024).map(|_| vec![1u8; 64 << 10]).collect();
-        let kept: Vec<Vec<u8>> = blocks.iter_mut().step_by(2).map(std::mem::take).collect();
-        drop(blocks);
-        let before = rss_kb();
-        trim();
-        let after = rss_kb();
-        drop(kept);
-        if cfg!(target_env = "gnu") {
-            assert!(
-                after + (16 << 10) <= before,
-                "a trim returned {} KiB of about 32 MiB freed",
-                before.saturating_sub(after)
-            );
-        }
-    }
-
-    fn rss_kb() -> usize {
-        std::fs::read_to_string("/proc/self/status")
-            .unwrap_or_default()
-            .lines()
-            .find_map(|l| l.strip_prefix("VmRSS:"))
-            .and_then(|v| v.trim().trim_end_matches(" kB").trim().parse().ok())
-            .unwrap_or(0)
     }
 }

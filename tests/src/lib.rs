@@ -103,13 +103,15 @@ fn toml_path(p: &Path) -> String {
     format!("{:?}", p.display().to_string())
 }
 
-fn signal(child: &Child, sig: nix::sys::signal::Signal) {
+/// Sends `sig` to `child`.
+pub fn signal(child: &Child, sig: nix::sys::signal::Signal) {
     if let Ok(pid) = i32::try_from(child.id()) {
         let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), sig);
     }
 }
 
-fn wait_bounded(child: &mut Child, limit: Duration) -> Option<ExitStatus> {
+/// Waits for `child` to exit, at most `limit`: its status, or `None` if it still runs.
+pub fn wait_bounded(child: &mut Child, limit: Duration) -> Option<ExitStatus> {
     let start = Instant::now();
     loop {
         if let Ok(Some(status)) = child.try_wait() {

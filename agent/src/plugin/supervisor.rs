@@ -27,7 +27,8 @@ use super::cgroup::{Cgroups, PluginCgroup};
 use super::logfile::{self, RotatingLog};
 use super::spawn;
 use crate::config::PluginLimits;
-use crate::outbox::{Outbox, Record, Source};
+use crate::outbox::Outbox;
+use crate::record::{Record, Source};
 use crate::tasks::{self, TaskRequest};
 
 /// A run shorter than this counts towards a crash loop; a longer one resets the backoff.

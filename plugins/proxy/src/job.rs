@@ -78,26 +78,14 @@ pub fn tls_config(config: &Config) -> Result<Arc<rustls::ClientConfig>, String> 
     use rustls::pki_types::pem::PemObject;
     use rustls::pki_types::{CertificateDer, PrivateKeyDer};
     let read = |p: &std::path::Path| std::fs::read(p).map_err(|e| format!("{}: {e}", p.display()));
-    let mut roots = rustls::RootCertStore::empty();
-    for cert in CertificateDer::pem_slice_iter(&read(&config.ca_file)?) {
-        let cert = cert.map_err(|e| format!("{}: {e}", config.ca_file.display()))?;
-        roots
-            .add(cert)
-            .map_err(|e| format!("{}: {e}", config.ca_file.display()))?;
-    }
-    if roots.is_empty() {
-        return Err(format!("{}: no CA certificate", config.ca_file.display()));
-    }
+    let pinned = keel_common::tls::pinned_client(&read(&config.ca_file)?)
+        .map_err(|e| format!("{}: {e}", config.ca_file.display()))?;
     let chain = CertificateDer::pem_slice_iter(&read(&config.cert_file)?)
         .collect::<Result<Vec<_>, _>>()
         .map_err(|e| format!("{}: {e}", config.cert_file.display()))?;
     let key = PrivateKeyDer::from_pem_slice(&read(&config.key_file)?)
         .map_err(|e| format!("{}: not a private key: {e}", config.key_file.display()))?;
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let mut tls = rustls::ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .map_err(|e| e.to_string())?
-        .with_root_certificates(roots)
+    let mut tls = pinned
         .with_client_auth_cert(chain, key)
         .map_err(|e| format!("{}: {e}", config.cert_file.display()))?;
     tls.alpn_protocols = vec![ALPN.to_vec()];

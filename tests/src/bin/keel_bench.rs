@@ -40,6 +40,10 @@
 //! registry of 50,000 agents on PostgreSQL, against the same at 500; see
 //! `keel_bench/console.rs`.
 //!
+//! `keel-bench footprint [settle_secs] [measure_secs]`: the memory and CPU of an
+//! idle agent and its three plugins, run by a quickstart, against a process that
+//! only starts a tokio runtime; see `keel_bench/footprint.rs`.
+//!
 //! `keel-bench scale [agents] [servers]`: idle agents held by keel-server
 //! processes sharing one port, on PostgreSQL and NATS, against a bare tonic
 //! server holding the same streams; see `keel_bench/scale.rs`.
@@ -70,6 +74,8 @@ use tonic::{Request, Response, Status, Streaming};
 mod console;
 #[path = "keel_bench/filedelivery.rs"]
 mod filedelivery;
+#[path = "keel_bench/footprint.rs"]
+mod footprint;
 #[path = "keel_bench/keyrequest.rs"]
 mod keyrequest;
 #[path = "keel_bench/proxy.rs"]
@@ -118,6 +124,13 @@ fn main() {
             let servers: usize = args.next().and_then(|a| a.parse().ok()).unwrap_or(3);
             runtime.block_on(scale::run(agents, servers));
         }
+        "footprint" => {
+            let settle: u64 = args.next().and_then(|a| a.parse().ok()).unwrap_or(30);
+            let measure: u64 = args.next().and_then(|a| a.parse().ok()).unwrap_or(120);
+            footprint::run(Duration::from_secs(settle), Duration::from_secs(measure));
+        }
+        // The footprint benchmark's baseline process.
+        "footprint-floor" => footprint::floor(),
         // The scale benchmark's child processes.
         "scale-sim" => runtime.block_on(scale::sim(&args.next().unwrap_or_default())),
         "scale-baseline" => {
@@ -127,7 +140,7 @@ fn main() {
         }
         _ => {
             eprintln!(
-                "usage: keel-bench dataflow [records] | rollout [agents] [batch] | keyrequest [socket_lookups] [exec_lookups] | filedelivery [agents] [files] [bytes] | proxy [scans] | console [agents] | scale [agents] [servers]"
+                "usage: keel-bench dataflow [records] | rollout [agents] [batch] | keyrequest [socket_lookups] [exec_lookups] | filedelivery [agents] [files] [bytes] | proxy [scans] | console [agents] | footprint [settle_secs] [measure_secs] | scale [agents] [servers]"
             );
             std::process::exit(64);
         }

@@ -80,7 +80,7 @@ fn anon_kb(pid: u32) -> u64 {
 }
 
 /// One `kB` figure of `/proc/<pid>/status`.
-fn status_kb(pid: u32, key: &str) -> u64 {
+pub fn status_kb(pid: u32, key: &str) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
         .unwrap_or_default()
         .lines()
