@@ -2,6 +2,8 @@
 
 use std::io::IsTerminal;
 use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use tracing_appender::non_blocking::{ErrorCounter, NonBlocking, NonBlockingBuilder, WorkerGuard};
 use tracing_appender::rolling::{RollingFileAppender, Rotation};
@@ -58,36 +60,46 @@ pub const DROP_REPORT_EVERY: std::time::Duration = std::time::Duration::from_sec
 pub struct LogGuard {
     _file: Option<WorkerGuard>,
     dropped: Option<ErrorCounter>,
+    /// Dropped lines already reported.
+    told: Arc<AtomicUsize>,
 }
 
 impl LogGuard {
-    /// Lines dropped so far because the log file's queue was full.
-    pub fn dropped_lines(&self) -> usize {
-        self.dropped.as_ref().map_or(0, ErrorCounter::dropped_lines)
-    }
-
     /// A task to spawn on the process's runtime: every [`DROP_REPORT_EVERY`] it
-    /// logs a warning with the lines dropped since the last one, if any.
+    /// logs a warning with the lines dropped since the last one, if any. What is
+    /// dropped after its last look is reported on stderr when the guard drops.
     pub fn drop_reporter(&self) -> impl std::future::Future<Output = ()> + Send + 'static {
-        let counter = self.dropped.clone();
+        let (counter, told) = (self.dropped.clone(), Arc::clone(&self.told));
         async move {
             let Some(counter) = counter else { return };
-            let mut told = 0;
             let mut every = tokio::time::interval(DROP_REPORT_EVERY);
             every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
                 every.tick().await;
                 let total = counter.dropped_lines();
-                if total > told {
+                let before = told.swap(total, Ordering::Relaxed);
+                if total > before {
                     tracing::warn!(
-                        dropped = total - told,
+                        dropped = total - before,
                         total,
                         queue = LOG_QUEUE_LINES,
                         "log lines were dropped: the log file's queue was full"
                     );
-                    told = total;
                 }
             }
+        }
+    }
+}
+
+impl Drop for LogGuard {
+    fn drop(&mut self) {
+        let total = self.dropped.as_ref().map_or(0, ErrorCounter::dropped_lines);
+        let before = self.told.swap(total, Ordering::Relaxed);
+        if total > before {
+            eprintln!(
+                "{} log lines were dropped: the log file's queue ({LOG_QUEUE_LINES} lines) was full",
+                total - before
+            );
         }
     }
 }
@@ -166,7 +178,11 @@ pub fn init(opts: &LogOptions, extra: Vec<BoxedLayer>) -> Result<LogGuard, LogEr
         layers.push(layer(opts, std::io::stderr, std::io::stderr().is_terminal()));
     }
     tracing_subscriber::registry().with(layers).try_init()?;
-    Ok(LogGuard { _file: guard, dropped })
+    Ok(LogGuard {
+        _file: guard,
+        dropped,
+        told: Arc::default(),
+    })
 }
 
 #[cfg(test)]

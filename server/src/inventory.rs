@@ -240,15 +240,12 @@ async fn run(
     // from the tunnel's side then never comes.
     let mut agent_said = None;
     let refusal = async {
-        while let Some(reply) = answers.recv().await {
-            if reply.data_type != keel_proto::data_type::TASK_RESULT {
-                continue;
-            }
-            let msg = reply.fields.get("msg").map_or("no message", String::as_str);
+        while let Some(fields) = answers.task_result().await {
+            let msg = fields.get("msg").map_or("no message", String::as_str);
             // A job that succeeded ended after its tunnel closed; the outcome
             // comes from the tunnel's side, which may be another instance whose
             // word arrives after the agent's.
-            if reply.fields.get("status").is_some_and(|s| s == "succeeded") {
+            if fields.get("status").is_some_and(|s| s == "succeeded") {
                 agent_said = Some(msg.to_owned());
                 continue;
             }
@@ -275,7 +272,10 @@ async fn run(
         Err(outcome) => outcome,
     };
     if agent_said.is_none() {
-        job_ended(&mut answers).await;
+        // The proxy frees its slot for the job only once its side of the tunnel
+        // has closed too: holding this instance's slot until the agent's result
+        // keeps the next job from finding the proxy full (`busy`).
+        let _ = tokio::time::timeout(JOB_END_WAIT, answers.task_result()).await;
     }
     outcome
 }
@@ -283,21 +283,6 @@ async fn run(
 /// How long a probe's job slot is held after its outcome, waiting for the
 /// agent's word that the job ended.
 const JOB_END_WAIT: Duration = Duration::from_secs(2);
-
-/// Waits (at most [`JOB_END_WAIT`]) for the agent's result of a job whose tunnel
-/// closed. The proxy frees its slot for the job only when its side of the
-/// tunnel has closed too; holding this instance's slot until then keeps the next
-/// job from finding the proxy full (`busy`).
-async fn job_ended(answers: &mut crate::cluster::ReplyWait) {
-    let ended = async {
-        while let Some(reply) = answers.recv().await {
-            if reply.data_type == keel_proto::data_type::TASK_RESULT {
-                return;
-            }
-        }
-    };
-    let _ = tokio::time::timeout(JOB_END_WAIT, ended).await;
-}
 
 /// Runs another instance's probe whose tunnel landed here, and publishes what it
 /// saw to the instance waiting for it.
