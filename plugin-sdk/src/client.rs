@@ -524,6 +524,7 @@ mod tests {
                 ..opts(false)
             },
         );
+        // Waits until `min` bytes were written and the flush that wrote them ended.
         let written = |min: usize| {
             let start = std::time::Instant::now();
             loop {
@@ -531,7 +532,7 @@ mod tests {
                     let o = out.0.lock().unwrap();
                     (o.0.len(), o.1)
                 };
-                if bytes >= min {
+                if bytes >= min && flushes >= 1 {
                     return (bytes, flushes);
                 }
                 assert!(
