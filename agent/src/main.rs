@@ -223,6 +223,10 @@ fn run_agent(runtime: tokio::runtime::Runtime, config: AgentConfig) -> ExitCode 
     };
     let log = match logging::init(&opts, vec![Box::new(upstream)]) {
         Ok(g) => g,
+        Err(e @ logging::LogError::Filter { .. }) => {
+            eprintln!("keel-agent: {e}");
+            return ExitCode::from(EX_USAGE as u8);
+        }
         Err(e) => {
             eprintln!("keel-agent: {e}");
             return ExitCode::FAILURE;

@@ -7,11 +7,13 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 
 use tracing_appender::non_blocking::{ErrorCounter, NonBlocking, NonBlockingBuilder, WorkerGuard};
 use tracing_appender::rolling::{RollingFileAppender, Rotation};
+use tracing_subscriber::filter::{LevelFilter, Targets};
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
-use tracing_subscriber::{EnvFilter, Layer, Registry};
+use tracing_subscriber::{Layer, Registry};
 
-/// The one filter variable, in `tracing` `EnvFilter` syntax.
+/// The one filter variable: a level (`info`), or comma-separated `target=level`
+/// directives after an optional level (`info,h2=warn,keel_agent=debug`).
 pub const ENV_FILTER: &str = "KEEL_LOG";
 
 /// A layer that can be added to the process's subscriber.
@@ -38,7 +40,7 @@ pub struct LogOptions {
     pub file_prefix: String,
     /// How many rotated files to keep.
     pub max_files: usize,
-    /// Filter used when `KEEL_LOG` is unset.
+    /// Filter used when `KEEL_LOG` is unset or empty, in its syntax.
     pub default_filter: String,
     /// Also log to stderr.
     pub stderr: bool,
@@ -123,28 +125,64 @@ pub enum LogError {
         /// Why.
         source: Box<dyn std::error::Error + Send + Sync>,
     },
+    /// A filter does not parse.
+    #[error(
+        "{from}: {value:?} is not a log filter ({reason}); write a level (error, warn, info, debug, trace) or target=level directives, e.g. info,h2=warn"
+    )]
+    Filter {
+        /// Where it came from: `KEEL_LOG` or the configuration.
+        from: &'static str,
+        /// The filter as given.
+        value: String,
+        /// What the parser said.
+        reason: String,
+    },
     /// A global subscriber was already installed.
     #[error("logging already initialised: {0}")]
     Init(#[from] tracing_subscriber::util::TryInitError),
 }
 
-fn filter(default: &str) -> EnvFilter {
-    EnvFilter::try_from_env(ENV_FILTER).unwrap_or_else(|_| EnvFilter::new(default))
+/// The filter: `KEEL_LOG` when set and not empty, else `default`. Targets and
+/// levels only (no regular expressions to compile at start-up, and none to keep
+/// in memory).
+fn filter(env: Option<String>, default: &str) -> Result<Targets, LogError> {
+    let (from, value) = match env {
+        Some(v) if !v.trim().is_empty() => (ENV_FILTER, v),
+        _ => ("log.level", default.to_owned()),
+    };
+    // A bare word is a level or nothing: the parser would take it as a target
+    // to log at every level, and silence the rest.
+    let bare = value
+        .split(',')
+        .map(str::trim)
+        .find(|d| !d.is_empty() && !d.contains('=') && d.parse::<LevelFilter>().is_err());
+    if let Some(word) = bare {
+        return Err(LogError::Filter {
+            from,
+            reason: format!("{word:?} is neither a level nor target=level"),
+            value,
+        });
+    }
+    value.trim().parse::<Targets>().map_err(|e| LogError::Filter {
+        from,
+        reason: e.to_string(),
+        value,
+    })
 }
 
 /// A layer writing to `writer` in the configured format.
-fn layer<W>(opts: &LogOptions, writer: W, ansi: bool) -> BoxedLayer
+fn layer<W>(opts: &LogOptions, filter: &Targets, writer: W, ansi: bool) -> BoxedLayer
 where
     W: for<'w> tracing_subscriber::fmt::MakeWriter<'w> + Send + Sync + 'static,
 {
     let fmt = tracing_subscriber::fmt::layer().with_writer(writer);
     match opts.format {
-        LogFormat::Text => fmt.with_ansi(ansi).with_filter(filter(&opts.default_filter)).boxed(),
+        LogFormat::Text => fmt.with_ansi(ansi).with_filter(filter.clone()).boxed(),
         LogFormat::Json => fmt
             .json()
             .with_current_span(true)
             .with_span_list(false)
-            .with_filter(filter(&opts.default_filter))
+            .with_filter(filter.clone())
             .boxed(),
     }
 }
@@ -152,6 +190,7 @@ where
 /// Installs the global subscriber: file and/or stderr, plus `extra` layers (for
 /// example the agent's upstream error forwarder).
 pub fn init(opts: &LogOptions, extra: Vec<BoxedLayer>) -> Result<LogGuard, LogError> {
+    let filter = filter(std::env::var(ENV_FILTER).ok(), &opts.default_filter)?;
     let mut layers: Vec<BoxedLayer> = extra;
     let (mut guard, mut dropped) = (None, None);
     if let Some(dir) = &opts.dir {
@@ -172,10 +211,10 @@ pub fn init(opts: &LogOptions, extra: Vec<BoxedLayer>) -> Result<LogGuard, LogEr
         let (writer, g) = file_writer(appender);
         guard = Some(g);
         dropped = Some(writer.error_counter());
-        layers.push(layer(opts, writer, false));
+        layers.push(layer(opts, &filter, writer, false));
     }
     if opts.stderr {
-        layers.push(layer(opts, std::io::stderr, std::io::stderr().is_terminal()));
+        layers.push(layer(opts, &filter, std::io::stderr, std::io::stderr().is_terminal()));
     }
     tracing_subscriber::registry().with(layers).try_init()?;
     Ok(LogGuard {
@@ -203,6 +242,28 @@ mod tests {
         fn flush(&mut self) -> std::io::Result<()> {
             Ok(())
         }
+    }
+
+    #[test]
+    fn a_filter_is_a_level_or_target_directives_and_a_bad_one_is_named() {
+        use tracing::Level;
+        let f = filter(Some("info,h2=warn,keel_agent=debug".into()), "error").expect("a filter");
+        assert!(f.would_enable("keel_agent::transport", &Level::DEBUG));
+        assert!(!f.would_enable("h2::proto", &Level::INFO));
+        assert!(f.would_enable("tokio", &Level::INFO));
+        assert!(!f.would_enable("tokio", &Level::DEBUG));
+        // Unset or empty: the configured level.
+        let f = filter(Some("  ".into()), "warn").expect("the default");
+        assert!(f.would_enable("x", &Level::WARN) && !f.would_enable("x", &Level::INFO));
+        let e = filter(Some("info,h2=loud".into()), "info").unwrap_err().to_string();
+        assert!(e.starts_with("KEEL_LOG: \"info,h2=loud\" is not a log filter"), "{e}");
+        let e = filter(None, "verbose").unwrap_err().to_string();
+        assert!(e.starts_with("log.level: \"verbose\" is not a log filter"), "{e}");
+        assert!(e.contains("\"verbose\" is neither a level nor target=level"), "{e}");
+        assert!(
+            filter(None, "warn,keel_agent=debug,").is_ok(),
+            "a trailing comma is fine"
+        );
     }
 
     #[test]

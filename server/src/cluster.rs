@@ -1,7 +1,7 @@
 //! Several keel-server instances on one database and one NATS.
 //!
 //! - **Membership.** Each instance has an ID and a lease in `instances`, renewed
-//!   every `cluster.renew` ([`run`]). An agent's row names the instance holding its
+//!   every `cluster.renew` (`crate::lease`). An agent's row names the instance holding its
 //!   stream; the agent is online while that instance's lease runs. A stopping
 //!   instance gives its agents up; a dead one's agents show offline when its lease
 //!   passes, and any instance reaps it later.
@@ -24,17 +24,13 @@ use keel_common::time::now_ms;
 use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, info, warn};
+use tracing::{debug, warn};
 
 use crate::config::{ClusterConfig, subject_token};
-use crate::connections::{Closing, Outbound, PluginCommand, SendError, TaskCommand};
-use crate::state::ServerState;
-use crate::store::InstanceRow;
+use crate::connections::{Closing, Connections, Outbound, PluginCommand, SendError, TaskCommand};
 
 /// Answers kept per waiting token; more from a flooding agent are dropped.
 const REPLY_QUEUE: usize = 8;
-/// How long a dead instance's row stays before it is reaped.
-const REAP_AFTER: Duration = Duration::from_secs(3600);
 
 /// An answer to a task: a 5100 result or a plugin's own answer record.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -389,12 +385,12 @@ impl Drop for ReplyWait {
 }
 
 /// Answers commands routed to this instance until `shutdown`.
-pub async fn serve_commands(state: Arc<ServerState>, shutdown: CancellationToken) {
-    let Some(nats) = state.cluster.nats().cloned() else {
+pub async fn serve_commands(cluster: &Cluster, connections: &Connections, shutdown: CancellationToken) {
+    let Some(nats) = cluster.nats().cloned() else {
         return;
     };
-    let subject = state.cluster.command_subject(&state.cluster.instance);
-    let mut sub = match state.cluster.subscribe(&nats, subject.clone()).await {
+    let subject = cluster.command_subject(&cluster.instance);
+    let mut sub = match cluster.subscribe(&nats, subject.clone()).await {
         Ok(s) => s,
         Err(e) => {
             warn!(%subject, error = %e, "cannot take routed commands; agents here are reachable only through this instance");
@@ -419,7 +415,7 @@ pub async fn serve_commands(state: Arc<ServerState>, shutdown: CancellationToken
                     RoutedCommand::Configs { configs, token } => Outbound::Configs(configs, token),
                     RoutedCommand::Revoked => Outbound::Close(Closing::Revoked),
                 };
-                match state.connections.send(&r.agent_id, cmd) {
+                match connections.send(&r.agent_id, cmd) {
                     Ok(()) => RouteAnswer::Sent,
                     Err(SendError::Busy(_)) => RouteAnswer::Busy,
                     Err(_) => RouteAnswer::Offline,
@@ -434,59 +430,6 @@ pub async fn serve_commands(state: Arc<ServerState>, shutdown: CancellationToken
             debug!(error = %e, "cannot answer a routed command");
         }
     }
-}
-
-/// Keeps this instance's lease, writes presence in batches, and reaps dead
-/// instances, until `shutdown`; then gives up this instance's agents.
-pub async fn run(state: Arc<ServerState>, shutdown: CancellationToken) {
-    let cfg = &state.config.cluster;
-    let mut renew = tokio::time::interval(cfg.renew);
-    let mut flush = tokio::time::interval(crate::state::FLUSH_EVERY);
-    flush.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tokio::select! {
-            _ = shutdown.cancelled() => break,
-            _ = renew.tick() => {
-                if let Err(e) = renew_lease(&state).await {
-                    warn!(error = %e, "cannot renew this instance's lease");
-                }
-            }
-            _ = flush.tick() => {
-                if let Err(e) = state.flush().await {
-                    warn!(error = %e, "cannot store stream marks and heartbeats");
-                }
-            }
-        }
-    }
-    if let Err(e) = state.flush().await {
-        warn!(error = %e, "cannot store stream marks and heartbeats at shutdown");
-    }
-    if let Err(e) = state.store.instance_leave(&state.cluster.instance, now_ms()).await {
-        warn!(error = %e, "cannot end this instance's lease at shutdown");
-    }
-}
-
-/// Registers or renews the lease, and reaps instances long dead.
-pub async fn renew_lease(state: &ServerState) -> Result<(), crate::store::StoreError> {
-    let now = now_ms();
-    let lease = i64::try_from(state.config.cluster.lease.as_millis()).unwrap_or(i64::MAX);
-    state
-        .store
-        .instance_renew(&InstanceRow {
-            id: state.cluster.instance.clone(),
-            started_at: state.cluster.started_at,
-            lease_until: now.saturating_add(lease),
-            grpc: state.advertised_grpc(),
-            http: state.public_url(),
-            agents: i64::try_from(state.connections.len()).unwrap_or(i64::MAX),
-        })
-        .await?;
-    let reap = i64::try_from(REAP_AFTER.as_millis()).unwrap_or(i64::MAX);
-    let gone = state.store.instances_reap(now.saturating_sub(reap)).await?;
-    if gone > 0 {
-        info!(instances = gone, "reaped instances whose lease ended long ago");
-    }
-    Ok(())
 }
 
 #[cfg(test)]

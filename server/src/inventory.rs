@@ -175,7 +175,15 @@ async fn look_through(
     getrandom::fill(&mut secret).map_err(|e| format!("no entropy: {e}"))?;
     let secret = hex::encode(secret);
     let wait = state.config.tunnel.wait;
-    let tunnel = crate::tunnel::expect(state, &job, agent_id, &secret, target, probe, wait).await?;
+    let expected = crate::tunnels::Expected {
+        job: &job,
+        agent_id,
+        token: &secret,
+        target,
+        probe: &probe,
+        wait,
+    };
+    let tunnel = crate::tunnels::expect(&state.store, &state.cluster, &state.tunnels, &expected).await?;
     let task_token = uuid::Uuid::new_v4().to_string();
     let answers = state.cluster.wait(&task_token, agent_id).await;
     let ids = JobIds {
@@ -184,7 +192,7 @@ async fn look_through(
         task_token: &task_token,
     };
     let outcome = run(state, agent_id, target, probe, &ids, (tunnel, answers), by).await;
-    crate::tunnel::forget(state, &job).await;
+    crate::tunnels::forget(&state.store, &state.tunnels, &job).await;
     outcome
 }
 
@@ -204,7 +212,7 @@ async fn run(
     target: &str,
     probe: Probe,
     ids: &JobIds<'_>,
-    (tunnel, mut answers): (crate::tunnel::TunnelWait, crate::cluster::ReplyWait),
+    (tunnel, mut answers): (crate::tunnels::TunnelWait, crate::cluster::ReplyWait),
     by: &str,
 ) -> Result<Seen, String> {
     let JobIds {
@@ -225,7 +233,7 @@ async fn run(
     };
     state.send_task(agent_id, task, by).await.map_err(|e| e.to_string())?;
     let wait = state.config.tunnel.wait;
-    let crate::tunnel::TunnelWait { local, remote } = tunnel;
+    let crate::tunnels::TunnelWait { local, remote } = tunnel;
     let remote_outcome = async move {
         match remote {
             Some(mut sub) => match sub.next().await {
@@ -286,7 +294,7 @@ const JOB_END_WAIT: Duration = Duration::from_secs(2);
 
 /// Runs another instance's probe whose tunnel landed here, and publishes what it
 /// saw to the instance waiting for it.
-pub async fn run_for(state: &ServerState, job: &crate::store::TunnelJobRow, tunnel: crate::tunnel::Tunnel) {
+pub async fn run_for(state: &ServerState, job: &crate::store::TunnelJobRow, tunnel: crate::tunnels::Tunnel) {
     let outcome = match serde_json::from_str::<Probe>(&job.probe) {
         Ok(probe) => look(probe, tunnel, &job.target, state.config.tunnel.wait).await,
         Err(e) => Err(format!("unknown probe {:?}: {e}", job.probe)),

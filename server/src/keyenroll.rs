@@ -23,7 +23,6 @@ use keel_common::time::now_ms;
 use keel_proto::data_type;
 use serde::{Deserialize, Serialize};
 use sha2::Digest;
-use tokio::sync::Semaphore;
 use tracing::{info, warn};
 
 use crate::config::KeyEnrollmentConfig;
@@ -130,28 +129,6 @@ pub enum Refusal {
     /// The registry failed.
     #[error(transparent)]
     Store(#[from] StoreError),
-}
-
-/// Enrollments by key in progress on this instance; the challenges themselves
-/// are in the shared store, so a host may ask one instance for its challenge and
-/// enroll through another.
-pub struct KeyEnrollment {
-    slots: Semaphore,
-}
-
-impl std::fmt::Debug for KeyEnrollment {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("KeyEnrollment").finish_non_exhaustive()
-    }
-}
-
-impl KeyEnrollment {
-    /// `max_pending` enrollments allowed at once.
-    pub fn new(cfg: &KeyEnrollmentConfig) -> Self {
-        Self {
-            slots: Semaphore::new(cfg.max_pending),
-        }
-    }
 }
 
 /// Issues a one-time nonce; the store keeps only its SHA-256.
@@ -266,8 +243,7 @@ pub async fn enroll(state: &ServerState, req: &KeyEnrollRequest, peer: IpAddr) -
     if !cfg.enabled {
         return Err(Refusal::Disabled);
     }
-    let keys = &state.key_enrollment;
-    let _slot = keys.slots.try_acquire().map_err(|_| {
+    let _slot = state.key_enrollments.try_acquire().map_err(|_| {
         Refusal::Busy(format!(
             "{} key enrollments in progress (key_enrollment.max_pending)",
             cfg.max_pending

@@ -163,7 +163,12 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("keel-server: {e:#}");
-            ExitCode::FAILURE
+            // A log filter that does not parse is a usage error like any other.
+            if matches!(e.downcast_ref(), Some(logging::LogError::Filter { .. })) {
+                ExitCode::from(EX_USAGE as u8)
+            } else {
+                ExitCode::FAILURE
+            }
         }
     }
 }

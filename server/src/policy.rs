@@ -11,6 +11,17 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
+/// One entry of an agent's desired plugin set.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DesiredPlugin {
+    /// Plugin name.
+    pub name: String,
+    /// Version.
+    pub version: String,
+    /// Passed to the plugin as `DETAIL`.
+    pub detail: String,
+}
+
 /// Which agents a policy applies to.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
@@ -136,7 +147,7 @@ struct Candidate<'a> {
 pub fn effective(
     agent: &AgentFacts,
     policies: &[Policy],
-    own: Option<&[crate::store::DesiredPlugin]>,
+    own: Option<&[DesiredPlugin]>,
 ) -> BTreeMap<String, Effective> {
     let mut by_component: BTreeMap<&str, Vec<Candidate<'_>>> = BTreeMap::new();
     for p in policies.iter().filter(|p| p.target.matches(agent)) {
@@ -217,7 +228,6 @@ pub fn conflict(new: &Policy, existing: &[Policy], agents: &[AgentFacts]) -> Opt
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::store::DesiredPlugin;
 
     fn agent(id: &str, tags: &[&str]) -> AgentFacts {
         AgentFacts {

@@ -168,7 +168,7 @@ async fn install_plugins(
             "proxy" => proxy(&opts.dir, state.tunnel_addr())?,
             _ => String::new(),
         };
-        desired.push(crate::store::DesiredPlugin {
+        desired.push(crate::policy::DesiredPlugin {
             name: (*name).to_owned(),
             version: version.to_owned(),
             detail,

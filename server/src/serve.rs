@@ -123,9 +123,9 @@ pub async fn run_with_state(
     state.set_grpc_bound(bound.grpc);
     state.set_http_bound(bound.http);
     state.set_tunnel_bound(bound.tunnel);
-    crate::cluster::renew_lease(&state).await?;
+    crate::lease::renew_lease(&state).await?;
 
-    let grpc_tls = tls::grpc_config(&state)?;
+    let grpc_tls = tls::grpc_config(&state.tls_trust())?;
     let incoming = tls::accept_loop(
         grpc_listener,
         grpc_tls,
@@ -153,7 +153,7 @@ pub async fn run_with_state(
 
     let app = http::router(Arc::clone(&state)).into_make_service_with_connect_info::<SocketAddr>();
     let http_tls = if config.http.tls {
-        Some(tls::http_config(&state)?)
+        Some(tls::http_config(&config.pki_dir())?)
     } else {
         None
     };
@@ -195,8 +195,11 @@ pub async fn run_with_state(
     let rollouts = tokio::spawn(crate::rollout::run(Arc::clone(&state), shutdown.clone()));
     let audits = tokio::spawn(crate::audits::run(Arc::clone(&state), shutdown.clone()));
     let pushes = tokio::spawn(crate::files::run(Arc::clone(&state), shutdown.clone()));
-    let commands = tokio::spawn(crate::cluster::serve_commands(Arc::clone(&state), shutdown.clone()));
-    let membership = tokio::spawn(crate::cluster::run(Arc::clone(&state), shutdown.clone()));
+    let commands = tokio::spawn({
+        let (state, shutdown) = (Arc::clone(&state), shutdown.clone());
+        async move { crate::cluster::serve_commands(&state.cluster, &state.connections, shutdown).await }
+    });
+    let membership = tokio::spawn(crate::lease::run(Arc::clone(&state), shutdown.clone()));
     let drain_state = Arc::clone(&state);
     let drain = async move {
         shutdown.cancelled().await;

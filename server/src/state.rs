@@ -31,8 +31,8 @@ pub struct ServerState {
     pub sink: Arc<dyn Sink>,
     /// Open streams.
     pub connections: Connections,
-    /// Revoked certificate serials.
-    pub revocations: Revocations,
+    /// Revoked certificate serials, shared with the TLS listeners' verifier.
+    pub revocations: Arc<Revocations>,
     /// What is written to the store in batches: marks and heartbeats.
     pending: Mutex<Pending>,
     /// This instance among the others.
@@ -49,10 +49,13 @@ pub struct ServerState {
     policies: RwLock<Arc<Vec<Policy>>>,
     /// Woken when a task may be able to move on.
     pub rollout_wake: tokio::sync::Notify,
-    /// Challenges and lookups of enrollment by key.
-    pub key_enrollment: crate::keyenroll::KeyEnrollment,
+    /// Enrollments by key in progress on this instance, at most
+    /// `key_enrollment.max_pending`; the challenges themselves are in the shared
+    /// store, so a host may ask one instance for its challenge and enroll through
+    /// another.
+    pub key_enrollments: tokio::sync::Semaphore,
     /// Audit jobs waiting for their tunnels.
-    pub tunnels: crate::tunnel::Tunnels,
+    pub tunnels: crate::tunnels::Tunnels,
     /// The trust anchors the TLS inventory judges chains against.
     pub inventory_trust: crate::findings::Trust,
     /// This instance's Prometheus metrics.
@@ -185,8 +188,8 @@ impl ServerState {
             samples: Vec::new(),
             pruned_at: 0,
         });
-        let key_enrollment = crate::keyenroll::KeyEnrollment::new(&config.key_enrollment);
-        let tunnels = crate::tunnel::Tunnels::new(config.tunnel.max_pending, config.tunnel.jobs_per_agent);
+        let key_enrollments = tokio::sync::Semaphore::new(config.key_enrollment.max_pending);
+        let tunnels = crate::tunnels::Tunnels::new(config.tunnel.max_pending, config.tunnel.jobs_per_agent);
         let metrics = Arc::new(crate::metrics::Metrics::new(&cluster.instance, |r| {
             store.register_metrics(r);
             sink.register_metrics(r);
@@ -197,7 +200,7 @@ impl ServerState {
             ca,
             sink,
             connections: Connections::default(),
-            revocations: Revocations::default(),
+            revocations: Arc::default(),
             pending,
             cluster,
             grpc_bound: OnceLock::new(),
@@ -206,7 +209,7 @@ impl ServerState {
             release,
             policies: RwLock::new(Arc::new(Vec::new())),
             rollout_wake: tokio::sync::Notify::new(),
-            key_enrollment,
+            key_enrollments,
             tunnels,
             inventory_trust,
             metrics,
@@ -448,6 +451,15 @@ impl ServerState {
         let serials = self.store.revoke_agent_certs(agent_id, reason, keep, now_ms()).await?;
         self.apply_revocations(serials.iter().cloned());
         Ok(serials)
+    }
+
+    /// What the mutual-TLS listeners check client certificates against.
+    pub fn tls_trust(&self) -> crate::tls::Trust {
+        crate::tls::Trust {
+            ca: self.ca.cert_der().clone(),
+            revocations: Arc::clone(&self.revocations),
+            identity_dir: self.config.pki_dir(),
+        }
     }
 
     /// Adds revoked serials to the handshake check and closes their streams.

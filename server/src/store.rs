@@ -32,7 +32,7 @@ pub use cluster::{InstanceRow, TunnelJobRow};
 pub use files::{Claimed, FileStatusRow, NewPushAgent, PushAgentRow, PushRow, WantedFile};
 pub use inventory::CertRow;
 pub use jobs::{JobRow, PendingSubtask, SubtaskCounts};
-pub use plugins::{DesiredPlugin, PackageRow, ReportedPlugin};
+pub use plugins::{PackageRow, ReportedPlugin};
 pub use schedules::{HISTORY_PER_TARGET, ScanEvent, ScheduleRow};
 pub use tasks::{NewTask, StreamMark, TaskRow};
 pub use tokens::{NewToken, Role, TokenRefusal, TokenRow};

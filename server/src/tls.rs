@@ -6,6 +6,7 @@
 //! peer and a plain reason.
 
 use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -22,8 +23,8 @@ use tokio_rustls::server::TlsStream;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
+use crate::connections::Revocations;
 use crate::pki;
-use crate::state::ServerState;
 
 /// The TLS configuration could not be built.
 #[derive(Debug, thiserror::Error)]
@@ -38,7 +39,7 @@ fn provider() -> Arc<rustls::crypto::CryptoProvider> {
 #[derive(Debug)]
 struct AgentVerifier {
     inner: Arc<dyn ClientCertVerifier>,
-    state: Arc<ServerState>,
+    revocations: Arc<Revocations>,
 }
 
 impl ClientCertVerifier for AgentVerifier {
@@ -64,7 +65,7 @@ impl ClientCertVerifier for AgentVerifier {
         let Some(peer) = pki::peer_cert(end_entity) else {
             return Err(rustls::Error::InvalidCertificate(CertificateError::BadEncoding));
         };
-        if self.state.revocations.contains(&peer.serial) {
+        if self.revocations.contains(&peer.serial) {
             warn!(agent_id = %peer.agent_id, serial = %peer.serial, "refused a revoked client certificate");
             return Err(rustls::Error::InvalidCertificate(CertificateError::Revoked));
         }
@@ -94,36 +95,41 @@ impl ClientCertVerifier for AgentVerifier {
     }
 }
 
-fn server_identity(
-    state: &ServerState,
-) -> Result<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>), TlsSetupError> {
-    pki::server_identity(&state.config.pki_dir()).map_err(|e| TlsSetupError(e.to_string()))
+/// What the mutual-TLS listeners check a client certificate against: the CA it
+/// must chain to and the serials revoked since; and the server's own identity.
+#[derive(Debug, Clone)]
+pub struct Trust {
+    /// The Keel CA's certificate.
+    pub ca: CertificateDer<'static>,
+    /// Revoked serials, shared with whoever revokes.
+    pub revocations: Arc<Revocations>,
+    /// Where the server's certificate and key are (`pki.dir`).
+    pub identity_dir: PathBuf,
+}
+
+fn server_identity(dir: &Path) -> Result<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>), TlsSetupError> {
+    pki::server_identity(dir).map_err(|e| TlsSetupError(e.to_string()))
 }
 
 /// The gRPC listener's TLS: mutual, HTTP/2.
-pub fn grpc_config(state: &Arc<ServerState>) -> Result<rustls::ServerConfig, TlsSetupError> {
-    mutual_config(state, b"h2")
+pub fn grpc_config(trust: &Trust) -> Result<rustls::ServerConfig, TlsSetupError> {
+    mutual_config(trust, b"h2")
 }
 
-/// The tunnel endpoint's TLS: mutual, the tunnel protocol.
-pub fn tunnel_config(state: &Arc<ServerState>) -> Result<rustls::ServerConfig, TlsSetupError> {
-    mutual_config(state, crate::tunnel::ALPN)
-}
-
-/// Mutual TLS: only agents' certificates from the Keel CA, not revoked.
-fn mutual_config(state: &Arc<ServerState>, alpn: &[u8]) -> Result<rustls::ServerConfig, TlsSetupError> {
+/// Mutual TLS speaking `alpn`: only agents' certificates from the Keel CA, not revoked.
+pub fn mutual_config(trust: &Trust, alpn: &[u8]) -> Result<rustls::ServerConfig, TlsSetupError> {
     let mut roots = RootCertStore::empty();
     roots
-        .add(state.ca.cert_der().clone())
+        .add(trust.ca.clone())
         .map_err(|e| TlsSetupError(format!("CA certificate: {e}")))?;
     let inner = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider())
         .build()
         .map_err(|e| TlsSetupError(e.to_string()))?;
     let verifier = Arc::new(AgentVerifier {
         inner,
-        state: Arc::clone(state),
+        revocations: Arc::clone(&trust.revocations),
     });
-    let (chain, key) = server_identity(state)?;
+    let (chain, key) = server_identity(&trust.identity_dir)?;
     let mut config = rustls::ServerConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()
         .map_err(|e| TlsSetupError(e.to_string()))?
@@ -135,8 +141,8 @@ fn mutual_config(state: &Arc<ServerState>, alpn: &[u8]) -> Result<rustls::Server
 }
 
 /// The HTTPS listener's TLS: server authentication only.
-pub fn http_config(state: &ServerState) -> Result<rustls::ServerConfig, TlsSetupError> {
-    let (chain, key) = server_identity(state)?;
+pub fn http_config(identity_dir: &Path) -> Result<rustls::ServerConfig, TlsSetupError> {
+    let (chain, key) = server_identity(identity_dir)?;
     let mut config = rustls::ServerConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()
         .map_err(|e| TlsSetupError(e.to_string()))?

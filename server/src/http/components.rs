@@ -18,8 +18,9 @@ use utoipa::{IntoParams, ToSchema};
 use super::agents::json_body;
 use super::{ApiError, ErrorBody, Principal};
 use crate::components::{ComponentError, PackageMeta, Upload};
+use crate::policy::DesiredPlugin;
 use crate::state::{PushError, ServerState};
-use crate::store::{DesiredPlugin, PackageRow, Role};
+use crate::store::{PackageRow, Role};
 
 /// Query of an upload.
 #[derive(Debug, Deserialize, IntoParams)]

@@ -6,6 +6,7 @@ use sqlx::Row;
 use sqlx::any::AnyRow;
 
 use super::{Store, StoreError, corrupt};
+use crate::policy::DesiredPlugin;
 
 /// A stored package of a component version.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -28,17 +29,6 @@ pub struct PackageRow {
     pub created_at: i64,
     /// Token ID of the uploader.
     pub created_by: String,
-}
-
-/// One entry of an agent's desired plugin set.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct DesiredPlugin {
-    /// Plugin name.
-    pub name: String,
-    /// Version.
-    pub version: String,
-    /// Passed to the plugin as `DETAIL`.
-    pub detail: String,
 }
 
 /// A plugin as its agent last reported it.

@@ -48,6 +48,33 @@ async fn bad_agent_toml_exits_64_naming_the_key() {
         .unwrap();
     assert_eq!(out.status.code(), Some(64));
     assert!(String::from_utf8_lossy(&out.stderr).contains("KEEL_HEARTBEAT_INTERVAL"));
+    // A log filter that does not parse names where it came from, before anything
+    // is started or created.
+    let run = |config: &str, env: Option<&str>| {
+        std::fs::write(&path, config).unwrap();
+        let mut cmd = std::process::Command::new(keel_tests::bin("keel-agent"));
+        cmd.args(["--config", path.to_str().unwrap(), "run"])
+            .env_remove("KEEL_LOG");
+        if let Some(v) = env {
+            cmd.env("KEEL_LOG", v);
+        }
+        cmd.output().unwrap()
+    };
+    let logs = dir.path().join("logs");
+    let base = format!(
+        "[agent]\nlog_dir = {:?}\n[server]\nprivate = [\"127.0.0.1:6751\"]\n",
+        logs.display().to_string()
+    );
+    let out = run(&base, Some("info,h2=loud"));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(64), "{err}");
+    assert!(err.contains("KEEL_LOG: \"info,h2=loud\" is not a log filter"), "{err}");
+    assert!(!logs.exists(), "nothing was created");
+    let out = run(&format!("{base}[log]\nlevel = \"verbose\"\n"), None);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(64), "{err}");
+    assert!(err.contains("log.level: \"verbose\" is not a log filter"), "{err}");
+    assert!(!logs.exists(), "nothing was created");
 }
 
 #[tokio::test]
