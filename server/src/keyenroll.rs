@@ -249,7 +249,21 @@ pub async fn enroll(state: &ServerState, req: &KeyEnrollRequest, peer: IpAddr) -
             cfg.max_pending
         ))
     })?;
-    // The nonce is spent by any attempt, good or bad.
+    let checked = check_request(state, req).await?;
+    let (id, name) = look_up(state, cfg, req, peer, &checked).await?;
+    make_room(state, cfg, &id, &name).await?;
+    let issued = register(state, req, &id, &name, &checked).await?;
+    info!(%peer, agent_id = %id, %name, serial = %issued.serial, "agent enrolled by key");
+    Ok(KeyEnrolled {
+        agent_id: id,
+        name,
+        issued,
+    })
+}
+
+/// Spends the nonce (any attempt does, good or bad) and checks the request's
+/// fields and its CSR.
+async fn check_request(state: &ServerState, req: &KeyEnrollRequest) -> Result<pki::CheckedCsr, Refusal> {
     if !keel_common::fingerprint::is_hex(&req.nonce, keel_proto::keyproof::NONCE_BYTES)
         || !state.store.challenge_spend(&nonce_digest(&req.nonce), now_ms()).await?
     {
@@ -267,12 +281,21 @@ pub async fn enroll(state: &ServerState, req: &KeyEnrollRequest, peer: IpAddr) -
         return Err(Refusal::BadRequest("proof must be 64 hex digits".into()));
     }
     let cn = if req.id.is_empty() { UNKNOWN_ID_CN } else { &req.id };
-    let checked = pki::check_csr(&req.csr, cn, &state.config.pki.allowed_key_types)
-        .map_err(|e| Refusal::BadRequest(e.to_string()))?;
+    pki::check_csr(&req.csr, cn, &state.config.pki.allowed_key_types).map_err(|e| Refusal::BadRequest(e.to_string()))
+}
 
+/// Asks the providers for the host's record (by its ID, else by its address)
+/// and checks what they answered: a valid record, for the ID asked, with the
+/// proof verified, for the connection's address. Returns the ID and name.
+async fn look_up(
+    state: &ServerState,
+    cfg: &KeyEnrollmentConfig,
+    req: &KeyEnrollRequest,
+    peer: IpAddr,
+    checked: &pki::CheckedCsr,
+) -> Result<(String, String), Refusal> {
     let (by, value) = if req.id.is_empty() {
-        let ip = unmapped(peer);
-        ("ip", ip.to_string())
+        ("ip", unmapped(peer).to_string())
     } else {
         ("id", req.id.clone())
     };
@@ -305,12 +328,16 @@ pub async fn enroll(state: &ServerState, req: &KeyEnrollRequest, peer: IpAddr) -
     if !address_allowed(&ip, peer).map_err(Refusal::Lookup)? {
         return Err(Refusal::Address { peer, allowed: ip, id });
     }
+    Ok((id, name))
+}
 
-    // Duplicates: the same ID, or another agent with the same name.
-    let existing_id = state.store.get_agent(&id).await?.is_some();
+/// Refuses a duplicate ID or name, or with `replace` revokes, disconnects and
+/// removes the other agents of the same name.
+async fn make_room(state: &ServerState, cfg: &KeyEnrollmentConfig, id: &str, name: &str) -> Result<(), Refusal> {
+    let existing_id = state.store.get_agent(id).await?.is_some();
     let same_name: Vec<String> = state
         .store
-        .agents_named(&name)
+        .agents_named(name)
         .await?
         .into_iter()
         .filter(|other| *other != id)
@@ -334,24 +361,30 @@ pub async fn enroll(state: &ServerState, req: &KeyEnrollRequest, peer: IpAddr) -
         state.store.agent_delete(other).await?;
         warn!(agent_id = %other, replaced_by = %id, %name, "agent replaced by enrollment by key");
     }
+    Ok(())
+}
 
-    let issued = state.issue_checked(&id, &checked, false).await?;
+/// Issues the certificate, revokes the agent's earlier ones and records it as
+/// enrolled by key.
+async fn register(
+    state: &ServerState,
+    req: &KeyEnrollRequest,
+    id: &str,
+    name: &str,
+    checked: &pki::CheckedCsr,
+) -> Result<IssuedCert, Refusal> {
+    let issued = state.issue_checked(id, checked, false).await?;
     let older = state
-        .revoke_agent(&id, "re-enrolled by key", Some(&issued.serial))
+        .revoke_agent(id, "re-enrolled by key", Some(&issued.serial))
         .await?;
     if !older.is_empty() {
         warn!(agent_id = %id, revoked = older.len(), "enrollment by key revoked earlier certificates");
     }
     state
         .store
-        .agent_key_enrolled(&id, &name, &req.hostname, now_ms())
+        .agent_key_enrolled(id, name, &req.hostname, now_ms())
         .await?;
-    info!(%peer, agent_id = %id, %name, serial = %issued.serial, "agent enrolled by key");
-    Ok(KeyEnrolled {
-        agent_id: id,
-        name,
-        issued,
-    })
+    Ok(issued)
 }
 
 /// Sends the key-proof task to each online provider in turn until one answers

@@ -195,120 +195,130 @@ fn init_logging(config: Option<&ServerConfig>, stderr_filter: &str) -> anyhow::R
 }
 
 async fn run(cli: Cli, config: Option<ServerConfig>) -> anyhow::Result<()> {
+    let config = || config.ok_or_else(|| anyhow::anyhow!("no configuration"));
     match cli.command {
-        Cmd::Serve(args) => {
-            let config = config.ok_or_else(|| anyhow::anyhow!("no configuration"))?;
-            let log = init_logging(Some(&config), "info")?;
-            tokio::spawn(log.drop_reporter());
-            give_memory_back();
-            let shutdown = keel_common::shutdown::on_signal();
-            serve::run(config, shutdown, args.ready_file).await
+        Cmd::Serve(args) => serve_cmd(config()?, args).await,
+        Cmd::Quickstart(args) => quickstart_cmd(args).await,
+        Cmd::Ca(cmd) => ca_cmd(&config()?, cmd).await,
+        Cmd::Token(cmd) => token_cmd(&config()?, cmd).await,
+    }
+}
+
+/// `serve`: logging to the configured place, then the server until a signal.
+async fn serve_cmd(config: ServerConfig, args: ServeArgs) -> anyhow::Result<()> {
+    let log = init_logging(Some(&config), "info")?;
+    tokio::spawn(log.drop_reporter());
+    give_memory_back();
+    let shutdown = keel_common::shutdown::on_signal();
+    serve::run(config, shutdown, args.ready_file).await
+}
+
+/// `quickstart`: a server and one enrolled agent in a directory of their own.
+async fn quickstart_cmd(args: QuickstartArgs) -> anyhow::Result<()> {
+    let dir = std::path::absolute(&args.dir)?;
+    let agent_bin = match args.agent_bin {
+        Some(p) => p,
+        None => std::env::current_exe()?.with_file_name("keel-agent"),
+    };
+    let opts = quickstart::Options {
+        dir,
+        agent_bin,
+        grpc_port: args.grpc_port,
+        http_port: args.http_port,
+    };
+    let config = quickstart::server_config(&opts)?;
+    let log = logging::init(
+        &LogOptions {
+            dir: config.log.dir.clone(),
+            file_prefix: "keel-server".into(),
+            max_files: config.log.max_files,
+            default_filter: "info".into(),
+            stderr: false,
+            format: config.log.format,
+        },
+        Vec::new(),
+    )?;
+    tokio::spawn(log.drop_reporter());
+    give_memory_back();
+    quickstart::run(opts, keel_common::shutdown::on_signal()).await
+}
+
+/// `ca …`: the CA, the release key and revocation.
+async fn ca_cmd(config: &ServerConfig, cmd: CaCmd) -> anyhow::Result<()> {
+    let _log = init_logging(None, "warn")?;
+    match cmd {
+        CaCmd::Init { sans } => {
+            let fp = admin::ca_init(config, &sans)?;
+            println!("CA created in {}", config.pki_dir().display());
+            println!("fingerprint: {fp}");
         }
-        Cmd::Quickstart(args) => {
-            let dir = std::path::absolute(&args.dir)?;
-            let agent_bin = match args.agent_bin {
-                Some(p) => p,
-                None => std::env::current_exe()?.with_file_name("keel-agent"),
+        CaCmd::Fingerprint => println!("{}", admin::ca_fingerprint(config)?),
+        CaCmd::ReleaseKey => {
+            let public = admin::release_key(config)?;
+            eprintln!(
+                "release key created in {}; pin this public key in agent.toml:",
+                config.pki_dir().display()
+            );
+            println!("{public}");
+        }
+        CaCmd::Revoke { agent, serial, reason } => {
+            let target = match (agent, serial) {
+                (Some(a), _) => RevokeTarget::Agent(a),
+                (None, Some(s)) => RevokeTarget::Serial(s),
+                (None, None) => anyhow::bail!("give --agent or --serial"),
             };
-            let opts = quickstart::Options {
-                dir,
-                agent_bin,
-                grpc_port: args.grpc_port,
-                http_port: args.http_port,
-            };
-            let config = quickstart::server_config(&opts)?;
-            let log = logging::init(
-                &LogOptions {
-                    dir: config.log.dir.clone(),
-                    file_prefix: "keel-server".into(),
-                    max_files: config.log.max_files,
-                    default_filter: "info".into(),
-                    stderr: false,
-                    format: config.log.format,
-                },
-                Vec::new(),
-            )?;
-            tokio::spawn(log.drop_reporter());
-            give_memory_back();
-            quickstart::run(opts, keel_common::shutdown::on_signal()).await
-        }
-        Cmd::Ca(cmd) => {
-            let config = config.ok_or_else(|| anyhow::anyhow!("no configuration"))?;
-            let _log = init_logging(None, "warn")?;
-            match cmd {
-                CaCmd::Init { sans } => {
-                    let fp = admin::ca_init(&config, &sans)?;
-                    println!("CA created in {}", config.pki_dir().display());
-                    println!("fingerprint: {fp}");
-                }
-                CaCmd::Fingerprint => println!("{}", admin::ca_fingerprint(&config)?),
-                CaCmd::ReleaseKey => {
-                    let public = admin::release_key(&config)?;
-                    eprintln!(
-                        "release key created in {}; pin this public key in agent.toml:",
-                        config.pki_dir().display()
-                    );
-                    println!("{public}");
-                }
-                CaCmd::Revoke { agent, serial, reason } => {
-                    let target = match (agent, serial) {
-                        (Some(a), _) => RevokeTarget::Agent(a),
-                        (None, Some(s)) => RevokeTarget::Serial(s),
-                        (None, None) => anyhow::bail!("give --agent or --serial"),
-                    };
-                    let revoked = admin::ca_revoke(&config, &target, &reason).await?;
-                    if revoked.is_empty() {
-                        anyhow::bail!("nothing to revoke for {target:?}");
-                    }
-                    for s in revoked {
-                        println!("revoked {s}");
-                    }
-                }
+            let revoked = admin::ca_revoke(config, &target, &reason).await?;
+            if revoked.is_empty() {
+                anyhow::bail!("nothing to revoke for {target:?}");
             }
-            Ok(())
-        }
-        Cmd::Token(cmd) => {
-            let config = config.ok_or_else(|| anyhow::anyhow!("no configuration"))?;
-            let _log = init_logging(None, "warn")?;
-            match cmd {
-                TokenCmd::Create {
-                    ttl,
-                    uses,
-                    admin: is_admin,
-                    role,
-                    description,
-                } => {
-                    let role = if is_admin { Some(Role::Admin) } else { role };
-                    let t = admin::token_create(&config, role, ttl, uses, &description).await?;
-                    eprintln!("token {} created; the secret is shown once:", t.id);
-                    println!("{}", t.secret.expose());
-                }
-                TokenCmd::List => {
-                    println!(
-                        "{:<14} {:<11} {:<9} {:<25} description",
-                        "id", "kind", "uses", "expires"
-                    );
-                    for t in admin::token_list(&config).await? {
-                        let uses = t.uses.map(|(u, m)| format!("{u}/{m}")).unwrap_or_default();
-                        let expires = match (t.revoked_at, t.expires_at) {
-                            (Some(_), _) => "revoked".to_owned(),
-                            (None, Some(e)) => keel_common::time::rfc3339_ms(e),
-                            (None, None) => "never".to_owned(),
-                        };
-                        println!(
-                            "{:<14} {:<11} {:<9} {:<25} {}",
-                            t.id, t.kind, uses, expires, t.description
-                        );
-                    }
-                }
-                TokenCmd::Revoke { id } => {
-                    if !admin::token_revoke(&config, &id).await? {
-                        anyhow::bail!("no unrevoked token {id}");
-                    }
-                    println!("revoked {id}");
-                }
+            for s in revoked {
+                println!("revoked {s}");
             }
-            Ok(())
         }
     }
+    Ok(())
+}
+
+/// `token …`: enrollment and API tokens.
+async fn token_cmd(config: &ServerConfig, cmd: TokenCmd) -> anyhow::Result<()> {
+    let _log = init_logging(None, "warn")?;
+    match cmd {
+        TokenCmd::Create {
+            ttl,
+            uses,
+            admin: is_admin,
+            role,
+            description,
+        } => {
+            let role = if is_admin { Some(Role::Admin) } else { role };
+            let t = admin::token_create(config, role, ttl, uses, &description).await?;
+            eprintln!("token {} created; the secret is shown once:", t.id);
+            println!("{}", t.secret.expose());
+        }
+        TokenCmd::List => {
+            println!(
+                "{:<14} {:<11} {:<9} {:<25} description",
+                "id", "kind", "uses", "expires"
+            );
+            for t in admin::token_list(config).await? {
+                let uses = t.uses.map(|(u, m)| format!("{u}/{m}")).unwrap_or_default();
+                let expires = match (t.revoked_at, t.expires_at) {
+                    (Some(_), _) => "revoked".to_owned(),
+                    (None, Some(e)) => keel_common::time::rfc3339_ms(e),
+                    (None, None) => "never".to_owned(),
+                };
+                println!(
+                    "{:<14} {:<11} {:<9} {:<25} {}",
+                    t.id, t.kind, uses, expires, t.description
+                );
+            }
+        }
+        TokenCmd::Revoke { id } => {
+            if !admin::token_revoke(config, &id).await? {
+                anyhow::bail!("no unrevoked token {id}");
+            }
+            println!("revoked {id}");
+        }
+    }
+    Ok(())
 }

@@ -250,7 +250,42 @@ pub async fn run(opts: Options, shutdown: CancellationToken) -> anyhow::Result<(
         );
     }
     let layout = Layout::new(&opts.dir);
-    let config = server_config(&opts)?;
+    let config = prepare(&opts, &layout).await?;
+    let _ = std::fs::remove_file(&layout.ready);
+    let state = serve::open_state(config.clone()).await?;
+    let server_stop = shutdown.child_token();
+    let server = tokio::spawn(serve::run_with_state(
+        std::sync::Arc::clone(&state),
+        server_stop.clone(),
+        Some(layout.ready.clone()),
+    ));
+    wait_for(&layout.ready, Duration::from_secs(20)).await?;
+    let http = format!("http://127.0.0.1:{}", config.http.listen.port());
+    enroll_agent(&opts, &layout, &config, &state, &http).await?;
+    let agent_id = agent_output(&opts, &["id"], &[]).await?;
+    let mut agent = agent_cmd(&opts, &["run"])
+        .await
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .context("cannot start keel-agent")?;
+    let (online, plugins) = bring_up(&state, &opts, &agent_id).await;
+    print_welcome(&opts, &layout, &http, &agent_id, online, &plugins);
+    tokio::select! {
+        _ = shutdown.cancelled() => {}
+        status = agent.wait() => eprintln!("keel-agent exited unexpectedly: {status:?}; stopping"),
+    }
+    stop_agent(&mut agent).await;
+    server_stop.cancel();
+    server.await.context("server task")??;
+    println!("Keel quickstart stopped. State is kept in {}.", opts.dir.display());
+    Ok(())
+}
+
+/// The server's configuration, and what a first run makes once: the CA, the
+/// admin token, the release key and the agent's configuration.
+async fn prepare(opts: &Options, layout: &Layout) -> anyhow::Result<ServerConfig> {
+    let config = server_config(opts)?;
     if !config.pki_dir().join(crate::pki::CA_KEY).exists() {
         admin::ca_init(&config, &[])?;
     }
@@ -276,49 +311,52 @@ pub async fn run(opts: Options, shutdown: CancellationToken) -> anyhow::Result<(
             key = release.public_hex().unwrap_or_default(),
         ),
     )?;
-    let _ = std::fs::remove_file(&layout.ready);
-    let state = serve::open_state(config.clone()).await?;
-    let server_stop = shutdown.child_token();
-    let server = tokio::spawn(serve::run_with_state(
-        std::sync::Arc::clone(&state),
-        server_stop.clone(),
-        Some(layout.ready.clone()),
-    ));
-    wait_for(&layout.ready, Duration::from_secs(20)).await?;
-    let http = format!("http://127.0.0.1:{}", config.http.listen.port());
+    Ok(config)
+}
 
+/// Enrolls the agent with a one-time token, unless it is enrolled already.
+async fn enroll_agent(
+    opts: &Options,
+    layout: &Layout,
+    config: &ServerConfig,
+    state: &ServerState,
+    http: &str,
+) -> anyhow::Result<()> {
     if !layout.agent_state.join("pki").join("agent.pem").exists() {
-        let token = admin::token_create(&config, None, Some(Duration::from_secs(600)), 1, "quickstart agent").await?;
+        let token = admin::token_create(config, None, Some(Duration::from_secs(600)), 1, "quickstart agent").await?;
         let fp = state.ca.fingerprint().to_owned();
         agent_output(
-            &opts,
-            &["enroll", "--server", &http, "--ca-fingerprint", &fp],
+            opts,
+            &["enroll", "--server", http, "--ca-fingerprint", &fp],
             &[("KEEL_ENROLL_TOKEN", token.secret.expose())],
         )
         .await?;
     }
-    let agent_id = agent_output(&opts, &["id"], &[]).await?;
-    let mut agent = agent_cmd(&opts, &["run"])
-        .await
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .context("cannot start keel-agent")?;
+    Ok(())
+}
 
+/// Waits up to 30 s for the agent's stream, then installs the plugins built
+/// next to the server. Says how each went.
+async fn bring_up(state: &ServerState, opts: &Options, agent_id: &str) -> (&'static str, String) {
     let start = Instant::now();
-    while !state.connections.is_online(&agent_id) && start.elapsed() < Duration::from_secs(30) {
+    while !state.connections.is_online(agent_id) && start.elapsed() < Duration::from_secs(30) {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    let online = if state.connections.is_online(&agent_id) {
+    let online = if state.connections.is_online(agent_id) {
         "online"
     } else {
         "not online yet; see its log"
     };
-    let plugins = match install_plugins(&state, &opts, &agent_id).await {
+    let plugins = match install_plugins(state, opts, agent_id).await {
         Ok(names) if names.is_empty() => "none built yet".to_owned(),
         Ok(names) => names.join(", "),
         Err(e) => format!("not installed: {e:#}"),
     };
+    (online, plugins)
+}
+
+/// Tells the operator where everything is and what to try.
+fn print_welcome(opts: &Options, layout: &Layout, http: &str, agent_id: &str, online: &str, plugins: &str) {
     let token_path = layout.admin_token.display();
     println!(
         "\nKeel quickstart is running.\n\
@@ -339,14 +377,4 @@ pub async fn run(opts: Options, shutdown: CancellationToken) -> anyhow::Result<(
         keeper = opts.dir.join("keeper.key").display(),
         server_log = opts.dir.join("server").join("log").display(),
     );
-
-    tokio::select! {
-        _ = shutdown.cancelled() => {}
-        status = agent.wait() => eprintln!("keel-agent exited unexpectedly: {status:?}; stopping"),
-    }
-    stop_agent(&mut agent).await;
-    server_stop.cancel();
-    server.await.context("server task")??;
-    println!("Keel quickstart stopped. State is kept in {}.", opts.dir.display());
-    Ok(())
 }

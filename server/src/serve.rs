@@ -101,126 +101,177 @@ pub async fn run_with_state(
     shutdown: CancellationToken,
     ready: Option<PathBuf>,
 ) -> anyhow::Result<()> {
-    let config = state.config.clone();
     let open_files = raise_open_file_limit();
+    let mut newest_revocation = take_over(&state).await?;
+    let (listeners, bound) = bind(&state).await?;
+    let grpc = grpc_server(&state, listeners.grpc, shutdown.clone())?;
+    let http = http_server(&state, listeners.http, shutdown.clone())?;
+    let scheme = if state.config.http.tls { "https" } else { "http" };
+    info!(instance = %state.cluster.instance, open_files, grpc = %bound.grpc, tunnel = %bound.tunnel, http = %format!("{scheme}://{}", bound.http), ca_fingerprint = %state.ca.fingerprint(), "keel-server listening");
+    if let Some(path) = ready {
+        write_ready(&path, &bound)?;
+    }
+    let loops = Loops::spawn(&state, listeners.tunnel, &shutdown);
+    let background = background(Arc::clone(&state), shutdown.clone(), &mut newest_revocation);
+    let drain = async {
+        shutdown.cancelled().await;
+        state.connections.close_all();
+    };
+    let (grpc_result, http_result, (), ()) = tokio::join!(grpc, http, background, drain);
+    loops.wait().await;
+    grpc_result.context("gRPC server")?;
+    http_result.context("HTTP server")?;
+    info!("keel-server stopped");
+    Ok(())
+}
+
+/// Takes this instance's place: what an earlier process with its ID held is
+/// given up (other instances' agents are theirs), and the policies and
+/// revocations are loaded. Returns the newest revocation's time.
+async fn take_over(state: &ServerState) -> anyhow::Result<i64> {
     // A fixed instance ID may have been this process before a crash: what that
-    // one held is gone. Other instances' agents are theirs.
+    // one held is gone.
     state
         .store
         .instance_leave(&state.cluster.instance, keel_common::time::now_ms())
         .await?;
     state.reload_policies().await?;
-    let mut newest_revocation = state.sync_revocations(0).await?;
+    Ok(state.sync_revocations(0).await?)
+}
 
-    let grpc_listener = listen(config.grpc.listen, config.grpc.reuse_port, "grpc")?;
-    let http_listener = listen(config.http.listen, config.http.reuse_port, "http")?.into_std()?;
-    let tunnel_listener = listen(config.tunnel.listen, config.tunnel.reuse_port, "tunnel")?;
+/// The three listening sockets.
+struct Listeners {
+    grpc: TcpListener,
+    http: std::net::TcpListener,
+    tunnel: TcpListener,
+}
+
+/// Binds the listeners, records their addresses, and announces this instance
+/// with its first lease.
+async fn bind(state: &ServerState) -> anyhow::Result<(Listeners, Bound)> {
+    let config = &state.config;
+    let listeners = Listeners {
+        grpc: listen(config.grpc.listen, config.grpc.reuse_port, "grpc")?,
+        http: listen(config.http.listen, config.http.reuse_port, "http")?.into_std()?,
+        tunnel: listen(config.tunnel.listen, config.tunnel.reuse_port, "tunnel")?,
+    };
     let bound = Bound {
-        grpc: grpc_listener.local_addr()?,
-        http: http_listener.local_addr()?,
-        tunnel: tunnel_listener.local_addr()?,
+        grpc: listeners.grpc.local_addr()?,
+        http: listeners.http.local_addr()?,
+        tunnel: listeners.tunnel.local_addr()?,
     };
     state.set_grpc_bound(bound.grpc);
     state.set_http_bound(bound.http);
     state.set_tunnel_bound(bound.tunnel);
-    crate::lease::renew_lease(&state).await?;
+    crate::lease::renew_lease(state).await?;
+    Ok((listeners, bound))
+}
 
-    let grpc_tls = tls::grpc_config(&state.tls_trust())?;
+/// The gRPC transfer service behind the mutual-TLS accept loop, until `shutdown`.
+fn grpc_server(
+    state: &Arc<ServerState>,
+    listener: TcpListener,
+    shutdown: CancellationToken,
+) -> anyhow::Result<impl std::future::Future<Output = Result<(), tonic::transport::Error>> + use<>> {
+    let config = &state.config.grpc;
     let incoming = tls::accept_loop(
-        grpc_listener,
-        grpc_tls,
-        config.grpc.max_handshakes,
-        config.grpc.handshake_timeout,
+        listener,
+        tls::grpc_config(&state.tls_trust())?,
+        config.max_handshakes,
+        config.handshake_timeout,
         tls::Refusals {
             family: state.metrics.handshakes_refused.clone(),
             listener: "grpc",
         },
         shutdown.clone(),
     );
-    let grpc_shutdown = shutdown.clone();
-    let grpc = tonic::transport::Server::builder()
-        .http2_keepalive_interval(Some(config.grpc.keepalive))
-        .http2_keepalive_timeout(Some(config.grpc.keepalive))
-        .tcp_keepalive(Some(config.grpc.keepalive))
+    Ok(tonic::transport::Server::builder()
+        .http2_keepalive_interval(Some(config.keepalive))
+        .http2_keepalive_timeout(Some(config.keepalive))
+        .tcp_keepalive(Some(config.keepalive))
         .layer(crate::encoding::EncodingsLayer {
-            max_message_bytes: config.grpc.max_message_bytes,
+            max_message_bytes: config.max_message_bytes,
         })
-        .add_service(TransferService::server(Arc::clone(&state)))
-        .serve_with_incoming_shutdown(
-            ReceiverStream::new(incoming),
-            async move { grpc_shutdown.cancelled().await },
-        );
+        .add_service(TransferService::server(Arc::clone(state)))
+        .serve_with_incoming_shutdown(ReceiverStream::new(incoming), async move { shutdown.cancelled().await }))
+}
 
-    let app = http::router(Arc::clone(&state)).into_make_service_with_connect_info::<SocketAddr>();
-    let http_tls = if config.http.tls {
-        Some(tls::http_config(&config.pki_dir())?)
+/// The HTTP(S) API, console and enrollment, until `shutdown` (then five
+/// seconds for requests under way).
+fn http_server(
+    state: &Arc<ServerState>,
+    listener: std::net::TcpListener,
+    shutdown: CancellationToken,
+) -> anyhow::Result<impl std::future::Future<Output = anyhow::Result<()>> + use<>> {
+    let app = http::router(Arc::clone(state)).into_make_service_with_connect_info::<SocketAddr>();
+    let tls = if state.config.http.tls {
+        Some(tls::http_config(&state.config.pki_dir())?)
     } else {
         None
     };
-    let http_shutdown = shutdown.clone();
-    let scheme = if config.http.tls { "https" } else { "http" };
-    let http = async move {
-        if let Some(http_tls) = http_tls {
-            let tls = axum_server::tls_rustls::RustlsConfig::from_config(Arc::new(http_tls));
+    Ok(async move {
+        if let Some(tls) = tls {
+            let tls = axum_server::tls_rustls::RustlsConfig::from_config(Arc::new(tls));
             let handle = axum_server::Handle::new();
             let h = handle.clone();
             tokio::spawn(async move {
-                http_shutdown.cancelled().await;
+                shutdown.cancelled().await;
                 h.graceful_shutdown(Some(Duration::from_secs(5)));
             });
-            axum_server::from_tcp_rustls(http_listener, tls)?
+            axum_server::from_tcp_rustls(listener, tls)?
                 .handle(handle)
                 .serve(app)
                 .await?;
         } else {
-            let listener = TcpListener::from_std(http_listener)?;
-            axum::serve(listener, app)
-                .with_graceful_shutdown(async move { http_shutdown.cancelled().await })
+            axum::serve(TcpListener::from_std(listener)?, app)
+                .with_graceful_shutdown(async move { shutdown.cancelled().await })
                 .await?;
         }
         anyhow::Ok(())
-    };
+    })
+}
 
-    info!(instance = %state.cluster.instance, open_files, grpc = %bound.grpc, tunnel = %bound.tunnel, http = %format!("{scheme}://{}", bound.http), ca_fingerprint = %state.ca.fingerprint(), "keel-server listening");
-    if let Some(path) = ready {
-        write_ready(&path, &bound)?;
+/// The instance's loops, each a task of its own until `shutdown`.
+struct Loops {
+    tunnels: tokio::task::JoinHandle<anyhow::Result<()>>,
+    others: Vec<tokio::task::JoinHandle<()>>,
+    membership: tokio::task::JoinHandle<()>,
+}
+
+impl Loops {
+    /// Starts the tunnel endpoint, the rollouts, the scheduled audits, the file
+    /// pushes, the routed commands and the lease.
+    fn spawn(state: &Arc<ServerState>, tunnel: TcpListener, shutdown: &CancellationToken) -> Loops {
+        let s = || Arc::clone(state);
+        let commands = {
+            let (state, shutdown) = (s(), shutdown.clone());
+            async move { crate::cluster::serve_commands(&state.cluster, &state.connections, shutdown).await }
+        };
+        Loops {
+            tunnels: tokio::spawn(crate::tunnel::serve(s(), tunnel, shutdown.clone())),
+            others: vec![
+                tokio::spawn(crate::rollout::run(s(), shutdown.clone())),
+                tokio::spawn(crate::audits::run(s(), shutdown.clone())),
+                tokio::spawn(crate::files::run(s(), shutdown.clone())),
+                tokio::spawn(commands),
+            ],
+            membership: tokio::spawn(crate::lease::run(s(), shutdown.clone())),
+        }
     }
 
-    let tunnels = tokio::spawn(crate::tunnel::serve(
-        Arc::clone(&state),
-        tunnel_listener,
-        shutdown.clone(),
-    ));
-    let background = background(Arc::clone(&state), shutdown.clone(), &mut newest_revocation);
-    let rollouts = tokio::spawn(crate::rollout::run(Arc::clone(&state), shutdown.clone()));
-    let audits = tokio::spawn(crate::audits::run(Arc::clone(&state), shutdown.clone()));
-    let pushes = tokio::spawn(crate::files::run(Arc::clone(&state), shutdown.clone()));
-    let commands = tokio::spawn({
-        let (state, shutdown) = (Arc::clone(&state), shutdown.clone());
-        async move { crate::cluster::serve_commands(&state.cluster, &state.connections, shutdown).await }
-    });
-    let membership = tokio::spawn(crate::lease::run(Arc::clone(&state), shutdown.clone()));
-    let drain_state = Arc::clone(&state);
-    let drain = async move {
-        shutdown.cancelled().await;
-        drain_state.connections.close_all();
-    };
-    let (grpc_result, http_result, (), ()) = tokio::join!(grpc, http, background, drain);
-    let _ = rollouts.await;
-    let _ = audits.await;
-    let _ = pushes.await;
-    let _ = commands.await;
-    match tunnels.await {
-        Ok(Err(e)) => warn!(error = %e, "tunnel endpoint failed"),
-        Err(e) => warn!(error = %e, "tunnel endpoint panicked"),
-        Ok(Ok(())) => {}
+    /// Waits for every loop to end; the lease last, since it flushes what is
+    /// pending and gives this instance's agents up.
+    async fn wait(self) {
+        for task in self.others {
+            let _ = task.await;
+        }
+        match self.tunnels.await {
+            Ok(Err(e)) => warn!(error = %e, "tunnel endpoint failed"),
+            Err(e) => warn!(error = %e, "tunnel endpoint panicked"),
+            Ok(Ok(())) => {}
+        }
+        let _ = self.membership.await;
     }
-    // Flushes what is pending and gives this instance's agents up.
-    let _ = membership.await;
-    grpc_result.context("gRPC server")?;
-    http_result.context("HTTP server")?;
-    info!("keel-server stopped");
-    Ok(())
 }
 
 /// Raises the soft open-file limit to the hard one: each agent's stream is a
