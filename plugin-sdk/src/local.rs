@@ -6,7 +6,6 @@
 //! is such a file; [`config_path`] reads the one thing `DETAIL` may say: which
 //! file.
 
-use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
@@ -34,43 +33,16 @@ pub fn config_path(detail: &str, default: &str) -> Result<PathBuf, String> {
     Ok(path)
 }
 
-/// Refuses `path` unless it and every directory above it are owned by root or by
-/// this process's user and writable by no one else (a sticky directory such as
-/// /tmp is fine above, as long as the rest is ours).
+/// Refuses `path` unless only root (or this process's user) can change it: see
+/// [`crate::trust::check_trusted`], the one implementation of the check.
 pub fn check_trusted(path: &Path) -> Result<(), String> {
-    let me = nix::unistd::geteuid().as_raw();
-    let mut current = Some(path);
-    let mut first = true;
-    while let Some(p) = current {
-        let meta = std::fs::symlink_metadata(p).map_err(|e| format!("{}: {e}", p.display()))?;
-        if first && !meta.is_file() {
-            return Err(format!("{} is not a regular file", p.display()));
-        }
-        let sticky = meta.mode() & 0o1000 != 0 && meta.is_dir();
-        if meta.uid() != 0 && meta.uid() != me {
-            return Err(format!(
-                "{} is owned by uid {}: only root (or the plugin's user) may own it",
-                p.display(),
-                meta.uid()
-            ));
-        }
-        if meta.mode() & 0o022 != 0 && (first || !sticky) {
-            return Err(format!(
-                "{} is writable by group or others (mode {:04o}): only its owner may change what this host trusts",
-                p.display(),
-                meta.mode() & 0o7777
-            ));
-        }
-        first = false;
-        current = p.parent().filter(|q| !q.as_os_str().is_empty());
-    }
-    Ok(())
+    crate::trust::check_trusted(path).map(drop).map_err(|e| e.to_string())
 }
 
 /// The contents of `path`, if [`check_trusted`] passes it.
 pub fn read_trusted(path: &Path) -> Result<String, String> {
-    check_trusted(path)?;
-    std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))
+    let trusted = crate::trust::check_trusted(path).map_err(|e| e.to_string())?;
+    std::fs::read_to_string(&trusted.path).map_err(|e| format!("{}: {e}", path.display()))
 }
 
 #[cfg(test)]
