@@ -359,8 +359,9 @@ pub async fn run(
             }
             Inbound::Task(task) => {
                 let token = task.token.clone();
+                let plugin = crate::plugin::span(&task.object_name);
                 if let Err(msg) = plugins.send_task(task) {
-                    warn!(%token, %msg, "task refused");
+                    plugin.in_scope(|| warn!(%token, %msg, "task refused"));
                     outbox.send(tasks::result(&token, false, &msg)).await;
                 }
             }

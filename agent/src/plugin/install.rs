@@ -306,7 +306,7 @@ impl Installer {
         if let Err(e) = std::fs::remove_dir_all(&dir)
             && e.kind() != std::io::ErrorKind::NotFound
         {
-            tracing::warn!(plugin = name, error = %e, "cannot delete the plugin directory");
+            tracing::warn!(error = %e, "cannot delete the plugin directory");
         }
     }
 

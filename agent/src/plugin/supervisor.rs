@@ -21,7 +21,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::unix::pipe;
 use tokio::sync::{Notify, mpsc};
 use tokio_util::sync::CancellationToken;
-use tracing::{info, warn};
+use tracing::{Instrument, info, warn};
 
 use super::cgroup::{Cgroups, PluginCgroup};
 use super::logfile::{self, RotatingLog};
@@ -280,7 +280,13 @@ fn sweep(cgroup: Option<&PluginCgroup>) {
 
 impl Supervisor {
     /// Runs the plugin until stopped, restarting it after every unexpected end.
-    pub async fn run(mut self) {
+    /// Everything it logs is in the plugin's span ([`super::span`]).
+    pub async fn run(self) {
+        let span = super::span(&self.name);
+        self.supervise().instrument(span).await;
+    }
+
+    async fn supervise(mut self) {
         let mut warned_cgroup = false;
         loop {
             if self.stop.is_cancelled() {
@@ -291,7 +297,7 @@ impl Supervisor {
                     Ok(cg) => Some(cg),
                     Err(e) => {
                         if !warned_cgroup {
-                            warn!(plugin = %self.name, error = %e, "cannot create the plugin's cgroup; it runs without limits");
+                            warn!(error = %e, "cannot create the plugin's cgroup; it runs without limits");
                             warned_cgroup = true;
                         }
                         None
@@ -335,7 +341,7 @@ impl Supervisor {
                 Some(f) => format!("plugin {} stopped for a fault: {f}; {how}", self.name),
                 None => format!("plugin {} {how}", self.name),
             };
-            warn!(plugin = %self.name, restart_in = ?delay, crashloop, "{msg}");
+            warn!(restart_in = ?delay, crashloop, "{msg}");
             self.changed.notify_one();
             let mut report = tasks::result("", false, &msg);
             report.data = keel_proto::payload::encode([
@@ -373,7 +379,7 @@ impl Supervisor {
         let procs = match cgroup.map(PluginCgroup::open_procs).transpose() {
             Ok(p) => p.unwrap_or_default(),
             Err(e) => {
-                warn!(plugin = %self.name, error = %e, "cannot open the plugin's cgroup; it runs without limits");
+                warn!(error = %e, "cannot open the plugin's cgroup; it runs without limits");
                 Vec::new()
             }
         };
@@ -391,7 +397,7 @@ impl Supervisor {
             }
         };
         let pid = spawned.pid;
-        info!(plugin = %self.name, pid, version = %self.version, limited, "plugin started");
+        info!(pid, version = %self.version, limited, "plugin started");
         self.status.update(|s| {
             s.state = "running";
             s.pid = Some(pid);
@@ -402,10 +408,10 @@ impl Supervisor {
         let log = Arc::new(Mutex::new(RotatingLog::open(&self.dir, &self.name)));
         let mut pumps = Vec::new();
         if let Some(out) = spawned.stdout {
-            pumps.push(tokio::spawn(logfile::pump(out, Arc::clone(&log))));
+            pumps.push(tokio::spawn(logfile::pump(out, Arc::clone(&log)).in_current_span()));
         }
         if let Some(err) = spawned.stderr {
-            pumps.push(tokio::spawn(logfile::pump(err, Arc::clone(&log))));
+            pumps.push(tokio::spawn(logfile::pump(err, Arc::clone(&log)).in_current_span()));
         }
         let mut child = spawned.child;
         let run = Run {
@@ -475,7 +481,7 @@ impl Supervisor {
                 tokio::time::timeout(self.stop_wait, drain).await.is_ok()
             };
             if !on_its_own {
-                info!(plugin = %self.name, wait = ?self.stop_wait, "plugin still running after its task pipe closed; sending SIGTERM");
+                info!(wait = ?self.stop_wait, "plugin still running after its task pipe closed; sending SIGTERM");
                 signal_group(pid, Signal::SIGTERM);
                 let wait = async {
                     if read_all {
@@ -486,16 +492,97 @@ impl Supervisor {
                     }
                 };
                 if tokio::time::timeout(self.grace, wait).await.is_err() {
-                    warn!(plugin = %self.name, grace = ?self.grace, "plugin ignored SIGTERM; killing its process group");
+                    warn!(grace = ?self.grace, "plugin ignored SIGTERM; killing its process group");
                     signal_group(pid, Signal::SIGKILL);
                     let _ = child.wait().await;
                 }
             }
-            info!(plugin = %self.name, "plugin stopped");
+            info!("plugin stopped");
         }
         for p in pumps {
             p.abort();
         }
         outcome
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use std::io::Write;
+
+    use super::*;
+
+    /// A `MakeWriter` that keeps what is logged.
+    #[derive(Clone, Default)]
+    struct Captured(Arc<Mutex<Vec<u8>>>);
+
+    impl Write for Captured {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for Captured {
+        type Writer = Captured;
+        fn make_writer(&'a self) -> Self::Writer {
+            self.clone()
+        }
+    }
+
+    #[tokio::test]
+    async fn every_line_about_a_plugin_names_it_in_its_span() {
+        let captured = Captured::default();
+        let subscriber = tracing_subscriber::fmt()
+            .with_writer(captured.clone())
+            .with_ansi(false)
+            .finish();
+        let _default = tracing::subscriber::set_default(subscriber);
+
+        let dir = tempfile::tempdir().unwrap();
+        let (outbox, _lanes) = Outbox::channel(16);
+        let status = Arc::new(Status::default());
+        let stop = CancellationToken::new();
+        let sup = Supervisor {
+            name: "ghost".into(),
+            // No executable there: the start fails, which is logged as a fault.
+            dir: dir.path().to_owned(),
+            version: "1.0.0".into(),
+            detail: String::new(),
+            max_frame: 1 << 20,
+            stop_wait: Duration::from_millis(100),
+            grace: Duration::from_millis(100),
+            backoff: Backoff::new(Duration::from_millis(10), Duration::from_millis(20), 0.0),
+            limits: PluginLimits::default(),
+            cgroups: None,
+            outbox,
+            status: Arc::clone(&status),
+            tasks: mpsc::channel(1).1,
+            stop: stop.clone(),
+            changed: Arc::new(Notify::new()),
+        };
+        let watch = async {
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while status.get().restarts == 0 && Instant::now() < deadline {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            stop.cancel();
+        };
+        tokio::join!(sup.run(), watch);
+
+        let text = String::from_utf8(captured.0.lock().unwrap().clone()).unwrap();
+        let fault = text
+            .lines()
+            .find(|l| l.contains("stopped for a fault"))
+            .unwrap_or_else(|| panic!("no fault logged: {text}"));
+        assert!(fault.contains("plugin{name=ghost}"), "{fault}");
+        assert!(
+            text.lines().all(|l| l.contains("plugin{name=ghost}")),
+            "a line outside the plugin's span: {text}"
+        );
     }
 }
