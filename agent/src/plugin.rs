@@ -27,7 +27,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::{Notify, mpsc};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
-use tracing::{info, warn};
+use tracing::{Instrument, info, warn};
 
 use self::cgroup::Cgroups;
 use self::install::{InstallError, Installer};
@@ -39,6 +39,13 @@ use crate::tasks::TaskRequest;
 
 /// How long a new plugin must keep running before an upgrade counts as done.
 const SETTLE: Duration = Duration::from_secs(3);
+
+/// The span every log line about one plugin is written in: `plugin{name=…}`
+/// (its supervisor, installs, upgrades, removal, refused tasks), so that a line
+/// names its plugin whatever its own fields say.
+pub fn span(name: &str) -> tracing::Span {
+    tracing::info_span!("plugin", name = %name)
+}
 
 /// How a package is shipped.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -314,7 +321,7 @@ impl Runtime {
         for cfg in desired {
             if !valid_plugin_name(&cfg.name) {
                 let msg = InstallError::Name(cfg.name.clone()).to_string();
-                warn!(plugin = %cfg.name, %msg, "plugin refused");
+                span(&cfg.name).in_scope(|| warn!(%msg, "plugin refused"));
                 outcomes.push(self.report(&cfg, false, msg).await);
                 continue;
             }
@@ -330,9 +337,13 @@ impl Runtime {
             .cloned()
             .collect();
         for name in gone {
-            self.stop(&name).await;
-            self.shared.installer.remove(&name);
-            info!(plugin = %name, "plugin removed");
+            async {
+                self.stop(&name).await;
+                self.shared.installer.remove(&name);
+                info!("plugin removed");
+            }
+            .instrument(span(&name))
+            .await;
             self.shared.changed.notify_one();
             outcomes.push(Outcome {
                 plugin: name.clone(),
@@ -341,7 +352,8 @@ impl Runtime {
             });
         }
         for cfg in wanted.into_values() {
-            outcomes.push(self.apply(cfg).await);
+            let span = span(&cfg.name);
+            outcomes.push(self.apply(cfg).instrument(span).await);
         }
         outcomes
     }
@@ -362,7 +374,7 @@ impl Runtime {
         match current {
             Some(cur) if cur.version == cfg.version && cur.sha256.eq_ignore_ascii_case(&cfg.sha256) => {
                 if cur.detail != cfg.detail {
-                    info!(plugin = %cfg.name, "detail changed; restarting the plugin");
+                    info!("detail changed; restarting the plugin");
                     self.stop(&cfg.name).await;
                     self.start(&cfg);
                     return self
@@ -400,7 +412,7 @@ impl Runtime {
             .map(|r| r.status.get().last_exit)
             .unwrap_or_default();
         let msg = format!("plugin {} {} does not keep running ({how})", cfg.name, cfg.version);
-        warn!(plugin = %cfg.name, %msg);
+        warn!(%msg);
         self.report(cfg, false, msg).await
     }
 
@@ -425,7 +437,7 @@ impl Runtime {
                 Ok(dir)
             }
             Err(e) => {
-                warn!(plugin = %cfg.name, version = %cfg.version, check = %e, "plugin package refused");
+                warn!(version = %cfg.version, check = %e, "plugin package refused");
                 Err(self
                     .report(cfg, false, format!("plugin {} {} refused: {e}", cfg.name, cfg.version))
                     .await)
@@ -440,11 +452,11 @@ impl Runtime {
         };
         if let Err(e) = self.shared.installer.activate(&cfg.name, &staged) {
             let msg = format!("plugin {} {} not installed: {e}", cfg.name, cfg.version);
-            warn!(plugin = %cfg.name, %msg);
+            warn!(%msg);
             return self.report(&cfg, false, msg).await;
         }
         self.start(&cfg);
-        info!(plugin = %cfg.name, version = %cfg.version, "plugin installed");
+        info!(version = %cfg.version, "plugin installed");
         let outcome = self
             .settled(&cfg, format!("plugin {} {} installed", cfg.name, cfg.version))
             .await;
@@ -480,7 +492,7 @@ impl Runtime {
         let previous = match self.shared.installer.activate(&cfg.name, &staged) {
             Ok(p) => p,
             Err(e) => {
-                warn!(plugin = %cfg.name, error = %e, "upgrade failed; starting the old version again");
+                warn!(error = %e, "upgrade failed; starting the old version again");
                 self.start(&old);
                 return self.report(&cfg, false, format!("upgrade failed: {e}")).await;
             }
@@ -491,7 +503,7 @@ impl Runtime {
                 let _ = std::fs::remove_dir_all(p);
             }
             let msg = format!("plugin {} upgraded {} -> {}", cfg.name, old.version, cfg.version);
-            info!(plugin = %cfg.name, from = %old.version, to = %cfg.version, "plugin upgraded");
+            info!(from = %old.version, to = %cfg.version, "plugin upgraded");
             return self.report(&cfg, true, msg).await;
         }
         let how = self
@@ -504,11 +516,11 @@ impl Runtime {
             "plugin {} {} did not keep running ({how}); rolled back to {}",
             cfg.name, cfg.version, old.version
         );
-        warn!(plugin = %cfg.name, %msg);
+        warn!(%msg);
         if let Some(p) = previous {
             match self.shared.installer.restore(&cfg.name, &p) {
                 Ok(()) => self.start(&old),
-                Err(e) => warn!(plugin = %cfg.name, error = %e, "cannot restore the previous version"),
+                Err(e) => warn!(error = %e, "cannot restore the previous version"),
             }
         }
         self.report(&cfg, false, msg).await
@@ -554,7 +566,7 @@ impl Runtime {
         let Some(r) = self.running().remove(name) else { return };
         r.stop.cancel();
         if let Err(e) = r.join.await {
-            warn!(plugin = name, error = %e, "plugin supervisor failed");
+            span(name).in_scope(|| warn!(error = %e, "plugin supervisor failed"));
         }
     }
 

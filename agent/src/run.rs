@@ -7,12 +7,13 @@ use std::time::Duration;
 
 use anyhow::Context;
 use tokio::sync::{Notify, mpsc, watch};
+use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
 use crate::config::AgentConfig;
 use crate::heartbeat::Heartbeat;
-use crate::outbox::{BatchLimits, Outbox, batcher};
+use crate::outbox::{BatchLimits, Lanes, Outbox, batcher};
 use crate::pki::{self, PkiError};
 use crate::plugin::{PluginConfig, Runtime};
 use crate::record::{Header, PRODUCT, Record};
@@ -168,113 +169,210 @@ fn finish_upgrade(
 pub async fn run(
     config: AgentConfig,
     shutdown: CancellationToken,
-    mut upstream_logs: mpsc::Receiver<Record>,
+    upstream_logs: mpsc::Receiver<Record>,
 ) -> anyhow::Result<Exit> {
-    keel_common::tls::install_crypto_provider();
-    let state_dir = config.agent.state_dir.clone();
-    keel_common::fsutil::create_dir(&state_dir, 0o700)
-        .with_context(|| format!("cannot create state_dir {}", state_dir.display()))?;
-    let (derived, source) = id::resolve(&config.agent.id, &config.agent.host_root, &state_dir)?;
-    let Some(identity) = wait_for_enrollment(&config, &shutdown).await? else {
+    let Some(identity) = prepare(&config, &shutdown).await? else {
         return Ok(Exit::Stopped);
     };
-    let agent_id = identity.info.agent_id.clone();
-    if agent_id != derived && !pki::id_assigned(&config.agent.state_dir) {
-        warn!(enrolled = %agent_id, derived = %derived, ?source,
-            "the host's agent ID changed since enrollment; using the enrolled ID");
-    }
-    info!(%agent_id, version = keel_common::VERSION, "keel-agent starting");
-
-    let spool = Arc::new(Spool::open(SpoolOptions {
-        dir: state_dir.join("spool"),
-        max_bytes: config.transfer.spool_max_bytes,
-        segment_bytes: config
-            .transfer
-            .spool_segment_bytes
-            .min(config.transfer.spool_max_bytes / 8)
-            .max(1 << 16),
-        cache_bytes: config.transfer.spool_cache_bytes,
-        min_free_bytes: config.transfer.spool_min_free_bytes,
-    })?);
-
+    let spool = open_spool(&config)?;
     let stop = shutdown.child_token();
     let (outbox, records) = Outbox::channel(OUTBOX_CHUNKS);
     let header = Arc::new(RwLock::new(Header {
-        agent_id: agent_id.clone(),
+        agent_id: identity.info.agent_id.clone(),
         hostname: host::hostname(),
         addresses: host::addresses(),
     }));
     let plugins = Runtime::new(&config, outbox.clone(), &identity.ca_pem)?;
     let identity = Arc::new(RwLock::new(identity));
-    let stats = Arc::new(TransferStats::default());
-    let connected = Arc::new(AtomicBool::new(false));
-    let connected_signal = Arc::new(Notify::new());
-    let reconnect = Arc::new(Notify::new());
-    let metadata = MetadataStore::load(&state_dir);
-    let (inbound_tx, mut inbound) = mpsc::channel(64);
+    let link = Link::default();
+    let metadata = MetadataStore::load(&config.agent.state_dir);
+    let (inbound_tx, inbound) = mpsc::channel(64);
 
+    let batching = spawn_batcher(&config, records, &spool, &header);
+    let syncing = spawn_spool_sync(&spool, config.transfer.spool_sync_interval, stop.clone());
+    let forward = spawn_log_forward(upstream_logs, outbox.clone());
+    let transport = spawn_transport(&config, &identity, &header, &spool, inbound_tx, &link);
+    start_plugins(&plugins).await;
+    finish_upgrade(
+        upgrade::on_start(&config.agent.state_dir),
+        config.agent.state_dir.clone(),
+        outbox.clone(),
+        Arc::clone(&spool),
+        Arc::clone(&link.connected),
+    );
+    let (desired, desired_rx) = watch::channel(None);
+    let ctx = Reconciler {
+        runtime: plugins.clone(),
+        config: config.clone(),
+        outbox: outbox.clone(),
+    };
+    let reconciling = tokio::spawn(reconciler(ctx, desired_rx, stop.clone()));
+    spawn_metrics(&config, &link, &spool, &outbox, &plugins, &stop).await;
+    let heartbeat = spawn_heartbeat(&config, &link, &spool, &outbox, &plugins, &metadata, header, &stop);
+    let renewer = Arc::new(Renewer::new(
+        config.agent.state_dir.clone(),
+        identity,
+        outbox.clone(),
+        Arc::clone(&link.connected),
+        Arc::clone(&link.reconnect),
+    ));
+    let renewal = tokio::spawn(Arc::clone(&renewer).run(stop.clone()));
+
+    let parts = Dispatch {
+        plugins: &plugins,
+        outbox: &outbox,
+        metadata: &metadata,
+        renewer: &renewer,
+        desired: &desired,
+        stop: &stop,
+    };
+    let exit = parts.dispatch(inbound).await;
+
+    let running = Running {
+        stop,
+        reconciling,
+        heartbeat,
+        renewal,
+        syncing,
+        forward,
+        batching,
+        transport,
+    };
+    running.stop_in_order(plugins, outbox, renewer, &spool).await;
+    info!(?exit, spool = ?spool.stats(), "keel-agent stopped");
+    Ok(exit)
+}
+
+/// Before anything runs: the state directory, the agent's ID, and the identity
+/// from enrollment (waited for; `None` if the agent is stopped first).
+async fn prepare(config: &AgentConfig, shutdown: &CancellationToken) -> anyhow::Result<Option<pki::Identity>> {
+    keel_common::tls::install_crypto_provider();
+    let state_dir = &config.agent.state_dir;
+    keel_common::fsutil::create_dir(state_dir, 0o700)
+        .with_context(|| format!("cannot create state_dir {}", state_dir.display()))?;
+    let (derived, source) = id::resolve(&config.agent.id, &config.agent.host_root, state_dir)?;
+    let Some(identity) = wait_for_enrollment(config, shutdown).await? else {
+        return Ok(None);
+    };
+    let agent_id = &identity.info.agent_id;
+    if *agent_id != derived && !pki::id_assigned(state_dir) {
+        warn!(enrolled = %agent_id, derived = %derived, ?source,
+            "the host's agent ID changed since enrollment; using the enrolled ID");
+    }
+    info!(%agent_id, version = keel_common::VERSION, "keel-agent starting");
+    Ok(Some(identity))
+}
+
+fn open_spool(config: &AgentConfig) -> anyhow::Result<Arc<Spool>> {
+    let t = &config.transfer;
+    Ok(Arc::new(Spool::open(SpoolOptions {
+        dir: config.agent.state_dir.join("spool"),
+        max_bytes: t.spool_max_bytes,
+        segment_bytes: t.spool_segment_bytes.min(t.spool_max_bytes / 8).max(1 << 16),
+        cache_bytes: t.spool_cache_bytes,
+        min_free_bytes: t.spool_min_free_bytes,
+    })?))
+}
+
+/// What the transport shares with the heartbeat, the renewal and the metrics.
+#[derive(Default)]
+struct Link {
+    stats: Arc<TransferStats>,
+    connected: Arc<AtomicBool>,
+    connected_signal: Arc<Notify>,
+    reconnect: Arc<Notify>,
+}
+
+/// A task with a stop of its own, stopped after the others.
+struct Stoppable {
+    stop: CancellationToken,
+    task: JoinHandle<()>,
+}
+
+impl Stoppable {
+    async fn stop(self) {
+        self.stop.cancel();
+        let _ = self.task.await;
+    }
+}
+
+/// The batcher outlives `stop`: records produced while stopping (the plugins' last
+/// words, a restart's task result) still reach the spool.
+fn spawn_batcher(config: &AgentConfig, records: Lanes, spool: &Arc<Spool>, header: &Arc<RwLock<Header>>) -> Stoppable {
     let limits = BatchLimits {
         interval: config.transfer.batch_interval,
         max_records: config.transfer.batch_max_records,
         max_bytes: config.transfer.batch_max_bytes,
     };
-    // The batcher outlives `stop`: records produced while stopping (the plugins' last
-    // words, a restart's task result) still reach the spool.
-    let batch_stop = CancellationToken::new();
-    let batching = tokio::spawn(batcher(
+    let stop = CancellationToken::new();
+    let task = tokio::spawn(batcher(
         records,
-        Arc::clone(&spool),
-        Arc::clone(&header),
+        Arc::clone(spool),
+        Arc::clone(header),
         limits,
-        batch_stop.clone(),
+        stop.clone(),
     ));
+    Stoppable { stop, task }
+}
 
-    let sync_spool = Arc::clone(&spool);
-    let sync_every = config.transfer.spool_sync_interval;
-    let sync_stop = stop.clone();
-    // Written batches are synced at most `spool_sync_interval` after the first
-    // write since the last sync; with nothing written nothing wakes.
-    let syncing = tokio::spawn(async move {
+/// Written batches are synced at most `every` after the first write since the
+/// last sync; with nothing written nothing wakes.
+fn spawn_spool_sync(spool: &Arc<Spool>, every: Duration, stop: CancellationToken) -> JoinHandle<()> {
+    let spool = Arc::clone(spool);
+    tokio::spawn(async move {
         loop {
             tokio::select! {
-                _ = sync_stop.cancelled() => break,
-                () = sync_spool.wait_unsynced() => {}
+                _ = stop.cancelled() => break,
+                () = spool.wait_unsynced() => {}
             }
             tokio::select! {
-                _ = sync_stop.cancelled() => break,
-                () = tokio::time::sleep(sync_every) => {}
+                _ = stop.cancelled() => break,
+                () = tokio::time::sleep(every) => {}
             }
-            let s = Arc::clone(&sync_spool);
+            let s = Arc::clone(&spool);
             let _ = tokio::task::spawn_blocking(move || s.sync()).await;
         }
-    });
+    })
+}
 
-    let forward_outbox = outbox.clone();
-    let forward = tokio::spawn(async move {
+/// The logging layer's error records into the outbox.
+fn spawn_log_forward(mut upstream_logs: mpsc::Receiver<Record>, outbox: Outbox) -> JoinHandle<()> {
+    tokio::spawn(async move {
         while let Some(r) = upstream_logs.recv().await {
-            forward_outbox.try_send(r);
+            outbox.try_send(r);
         }
-    });
+    })
+}
 
+fn spawn_transport(
+    config: &AgentConfig,
+    identity: &Arc<RwLock<pki::Identity>>,
+    header: &Arc<RwLock<Header>>,
+    spool: &Arc<Spool>,
+    inbound: mpsc::Sender<Inbound>,
+    link: &Link,
+) -> Stoppable {
     let transport = Transport {
         server: config.server.clone(),
-        identity: Arc::clone(&identity),
-        header: Arc::clone(&header),
-        spool: Arc::clone(&spool),
-        inbound: inbound_tx,
-        stats: Arc::clone(&stats),
-        connected_signal: Arc::clone(&connected_signal),
-        reconnect: Arc::clone(&reconnect),
-        connected: Arc::clone(&connected),
+        identity: Arc::clone(identity),
+        header: Arc::clone(header),
+        spool: Arc::clone(spool),
+        inbound,
+        stats: Arc::clone(&link.stats),
+        connected_signal: Arc::clone(&link.connected_signal),
+        reconnect: Arc::clone(&link.reconnect),
+        connected: Arc::clone(&link.connected),
         drain: config.agent.shutdown_grace / 2,
         heartbeat: config.agent.heartbeat_interval,
     };
-    let transport_stop = CancellationToken::new();
-    let transport_task = tokio::spawn(transport.run(transport_stop.clone()));
+    let stop = CancellationToken::new();
+    let task = tokio::spawn(transport.run(stop.clone()));
+    Stoppable { stop, task }
+}
 
-    // Plugins come back from the stored set before the server is reachable; an
-    // agent no server has sent a set to runs its local set.
-    let (desired_tx, desired_rx) = watch::channel(None);
+/// Plugins come back from the stored set before the server is reachable; an
+/// agent no server has sent a set to runs its local set.
+async fn start_plugins(plugins: &Runtime) {
     let initial = if plugins.managed() {
         plugins.stored()
     } else {
@@ -288,112 +386,143 @@ pub async fn run(
         );
         plugins.reconcile(initial, false).await;
     }
-    finish_upgrade(
-        upgrade::on_start(&state_dir),
-        state_dir.clone(),
-        outbox.clone(),
-        Arc::clone(&spool),
-        Arc::clone(&connected),
-    );
-    let ctx = Reconciler {
-        runtime: plugins.clone(),
-        config: config.clone(),
-        outbox: outbox.clone(),
-    };
-    let reconciling = tokio::spawn(reconciler(ctx, desired_rx, stop.clone()));
+}
 
-    if let Some(addr) = config.metrics.listen {
-        let sources = crate::metrics::Sources {
-            stats: Arc::clone(&stats),
-            spool: Arc::clone(&spool),
-            outbox: outbox.clone(),
-            plugins: plugins.clone(),
-        };
-        match crate::metrics::bind(addr).await {
-            Ok(listener) => {
-                tokio::spawn(crate::metrics::serve(listener, sources, stop.clone()));
-            }
-            Err(e) => {
-                error!(%addr, error = %e, "cannot listen on metrics.listen; the agent runs without its metrics endpoint")
-            }
+async fn spawn_metrics(
+    config: &AgentConfig,
+    link: &Link,
+    spool: &Arc<Spool>,
+    outbox: &Outbox,
+    plugins: &Runtime,
+    stop: &CancellationToken,
+) {
+    let Some(addr) = config.metrics.listen else { return };
+    let sources = crate::metrics::Sources {
+        stats: Arc::clone(&link.stats),
+        spool: Arc::clone(spool),
+        outbox: outbox.clone(),
+        plugins: plugins.clone(),
+    };
+    match crate::metrics::bind(addr).await {
+        Ok(listener) => {
+            tokio::spawn(crate::metrics::serve(listener, sources, stop.clone()));
+        }
+        Err(e) => {
+            error!(%addr, error = %e, "cannot listen on metrics.listen; the agent runs without its metrics endpoint")
         }
     }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn spawn_heartbeat(
+    config: &AgentConfig,
+    link: &Link,
+    spool: &Arc<Spool>,
+    outbox: &Outbox,
+    plugins: &Runtime,
+    metadata: &MetadataStore,
+    header: Arc<RwLock<Header>>,
+    stop: &CancellationToken,
+) -> JoinHandle<()> {
     let heartbeat = Heartbeat {
         host_root: config.agent.host_root.clone(),
         interval: config.agent.heartbeat_interval,
         outbox: outbox.clone(),
-        spool: Arc::clone(&spool),
-        stats,
+        spool: Arc::clone(spool),
+        stats: Arc::clone(&link.stats),
         metadata: metadata.clone(),
         header,
-        connected: connected_signal,
+        connected: Arc::clone(&link.connected_signal),
         plugins: plugins.clone(),
-        package_type: upgrade::package_type(&config).unwrap_or_default(),
+        package_type: upgrade::package_type(config).unwrap_or_default(),
     };
-    let heartbeat_task = tokio::spawn(heartbeat.run(stop.clone()));
-    let renewer = Arc::new(Renewer::new(
-        state_dir.clone(),
-        identity,
-        outbox.clone(),
-        connected,
-        reconnect,
-    ));
-    let renew_task = tokio::spawn(Arc::clone(&renewer).run(stop.clone()));
+    tokio::spawn(heartbeat.run(stop.clone()))
+}
 
-    let mut exit = Exit::Stopped;
-    loop {
-        let msg = tokio::select! {
-            _ = stop.cancelled() => break,
-            m = inbound.recv() => m,
-        };
-        let Some(msg) = msg else { break };
-        match msg {
-            Inbound::Task(task) if task.object_name == PRODUCT => {
-                let (reply, action) = tasks::handle(&task, &metadata);
-                outbox.send(reply).await;
-                if action == Action::Restart {
-                    info!(token = %task.token, "restart requested by the server");
-                    exit = Exit::Restart;
-                    stop.cancel();
+/// What the server's messages are handed to.
+struct Dispatch<'a> {
+    plugins: &'a Runtime,
+    outbox: &'a Outbox,
+    metadata: &'a MetadataStore,
+    renewer: &'a Renewer,
+    desired: &'a watch::Sender<Desired>,
+    stop: &'a CancellationToken,
+}
+
+impl Dispatch<'_> {
+    /// Hands each message from the server to its part until the agent stops or a
+    /// task restarts it.
+    async fn dispatch(&self, mut inbound: mpsc::Receiver<Inbound>) -> Exit {
+        let mut exit = Exit::Stopped;
+        loop {
+            let msg = tokio::select! {
+                _ = self.stop.cancelled() => break,
+                m = inbound.recv() => m,
+            };
+            let Some(msg) = msg else { break };
+            match msg {
+                Inbound::Task(task) if task.object_name == PRODUCT => {
+                    let (reply, action) = tasks::handle(&task, self.metadata);
+                    self.outbox.send(reply).await;
+                    if action == Action::Restart {
+                        info!(token = %task.token, "restart requested by the server");
+                        exit = Exit::Restart;
+                        self.stop.cancel();
+                    }
+                }
+                Inbound::Task(task) => {
+                    let token = task.token.clone();
+                    let plugin = crate::plugin::span(&task.object_name);
+                    if let Err(msg) = self.plugins.send_task(task) {
+                        plugin.in_scope(|| warn!(%token, %msg, "task refused"));
+                        self.outbox.send(tasks::result(&token, false, &msg)).await;
+                    }
+                }
+                Inbound::Renewal(answer) => self.renewer.complete(answer),
+                Inbound::Configs(configs, token) => {
+                    info!(entries = configs.len(), "desired configuration received");
+                    self.desired.send_replace(Some((configs, token)));
                 }
             }
-            Inbound::Task(task) => {
-                let token = task.token.clone();
-                if let Err(msg) = plugins.send_task(task) {
-                    warn!(%token, %msg, "task refused");
-                    outbox.send(tasks::result(&token, false, &msg)).await;
-                }
-            }
-            Inbound::Renewal(answer) => renewer.complete(answer),
-            Inbound::Configs(configs, token) => {
-                info!(entries = configs.len(), "desired configuration received");
-                desired_tx.send_replace(Some((configs, token)));
-            }
         }
+        exit
     }
+}
 
-    // Stop producers and plugins, let the batcher flush, let the transport drain.
-    stop.cancel();
-    let _ = reconciling.await;
-    plugins.shutdown().await;
-    for (name, task) in [
-        ("heartbeat", heartbeat_task),
-        ("renewal", renew_task),
-        ("spool sync", syncing),
-    ] {
-        if let Err(e) = task.await {
-            error!(task = name, error = %e, "task failed");
+/// The agent's tasks, to be stopped in order.
+struct Running {
+    stop: CancellationToken,
+    reconciling: JoinHandle<()>,
+    heartbeat: JoinHandle<()>,
+    renewal: JoinHandle<()>,
+    syncing: JoinHandle<()>,
+    forward: JoinHandle<()>,
+    batching: Stoppable,
+    transport: Stoppable,
+}
+
+impl Running {
+    /// Stops producers and plugins, lets the batcher flush (once every other
+    /// holder of the outbox is gone), lets the transport drain, and syncs the spool.
+    async fn stop_in_order(self, plugins: Runtime, outbox: Outbox, renewer: Arc<Renewer>, spool: &Spool) {
+        self.stop.cancel();
+        let _ = self.reconciling.await;
+        plugins.shutdown().await;
+        for (name, task) in [
+            ("heartbeat", self.heartbeat),
+            ("renewal", self.renewal),
+            ("spool sync", self.syncing),
+        ] {
+            if let Err(e) = task.await {
+                error!(task = name, error = %e, "task failed");
+            }
         }
+        self.forward.abort();
+        drop(outbox);
+        drop(renewer);
+        drop(plugins);
+        self.batching.stop().await;
+        self.transport.stop().await;
+        spool.sync();
     }
-    forward.abort();
-    drop(outbox);
-    drop(renewer);
-    drop(plugins);
-    batch_stop.cancel();
-    let _ = batching.await;
-    transport_stop.cancel();
-    let _ = transport_task.await;
-    spool.sync();
-    info!(?exit, spool = ?spool.stats(), "keel-agent stopped");
-    Ok(exit)
 }

@@ -41,8 +41,9 @@
 //! - Records are numbered ([`Record::seq`]), so the server counts any that go
 //!   missing; [`stop`] says how a plugin stops without losing any.
 //! - [`local::check_trusted`] says whether a local file (a plugin's trust
-//!   anchors: keys, allow lists) is one that only root can change, and
-//!   [`local::config_path`] reads which file `DETAIL` names.
+//!   anchors: keys, allow lists) is one that only root can change (the check is
+//!   [`trust::check_trusted`], which the agent applies to its packaged plugins
+//!   too), and [`local::config_path`] reads which file `DETAIL` names.
 #![deny(unsafe_code)]
 #![warn(missing_docs)]
 
@@ -51,6 +52,7 @@ mod fds;
 pub mod local;
 pub mod logging;
 pub mod stop;
+pub mod trust;
 
 pub use client::{Client, ClientOptions, Error};
 pub use keel_proto::data_type;

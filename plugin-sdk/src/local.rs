@@ -6,10 +6,11 @@
 //! is such a file; [`config_path`] reads the one thing `DETAIL` may say: which
 //! file.
 
-use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
+
+use crate::trust::TrustError;
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -18,59 +19,62 @@ struct Detail {
     config: Option<PathBuf>,
 }
 
+/// Why `DETAIL` named no usable configuration file.
+#[derive(Debug, thiserror::Error)]
+pub enum DetailError {
+    /// `DETAIL` is not JSON, or holds more than `config`.
+    #[error("DETAIL: {0}")]
+    Json(#[source] serde_json::Error),
+    /// `DETAIL`'s `config` is a relative path.
+    #[error("DETAIL: config: {} is not an absolute path", .0.display())]
+    Relative(PathBuf),
+}
+
+/// Why a trusted file could not be read.
+#[derive(Debug, thiserror::Error)]
+pub enum ReadError {
+    /// The file is not one that only root can change.
+    #[error(transparent)]
+    Untrusted(#[from] TrustError),
+    /// The file passed the check but could not be read.
+    #[error("{}: {source}", .path.display())]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// What reading it said.
+        source: std::io::Error,
+    },
+}
+
 /// The configuration file a plugin's `DETAIL` names (`{"config": "/abs/path"}`),
 /// or `default` when `DETAIL` is empty or names none. Nothing else may be in
 /// `DETAIL`: the file, which the server cannot change, holds the plugin's trust
 /// anchors.
-pub fn config_path(detail: &str, default: &str) -> Result<PathBuf, String> {
+pub fn config_path(detail: &str, default: &str) -> Result<PathBuf, DetailError> {
     if detail.trim().is_empty() {
         return Ok(PathBuf::from(default));
     }
-    let d: Detail = serde_json::from_str(detail).map_err(|e| format!("DETAIL: {e}"))?;
+    let d: Detail = serde_json::from_str(detail).map_err(DetailError::Json)?;
     let path = d.config.unwrap_or_else(|| PathBuf::from(default));
     if !path.is_absolute() {
-        return Err(format!("DETAIL: config: {} is not an absolute path", path.display()));
+        return Err(DetailError::Relative(path));
     }
     Ok(path)
 }
 
-/// Refuses `path` unless it and every directory above it are owned by root or by
-/// this process's user and writable by no one else (a sticky directory such as
-/// /tmp is fine above, as long as the rest is ours).
-pub fn check_trusted(path: &Path) -> Result<(), String> {
-    let me = nix::unistd::geteuid().as_raw();
-    let mut current = Some(path);
-    let mut first = true;
-    while let Some(p) = current {
-        let meta = std::fs::symlink_metadata(p).map_err(|e| format!("{}: {e}", p.display()))?;
-        if first && !meta.is_file() {
-            return Err(format!("{} is not a regular file", p.display()));
-        }
-        let sticky = meta.mode() & 0o1000 != 0 && meta.is_dir();
-        if meta.uid() != 0 && meta.uid() != me {
-            return Err(format!(
-                "{} is owned by uid {}: only root (or the plugin's user) may own it",
-                p.display(),
-                meta.uid()
-            ));
-        }
-        if meta.mode() & 0o022 != 0 && (first || !sticky) {
-            return Err(format!(
-                "{} is writable by group or others (mode {:04o}): only its owner may change what this host trusts",
-                p.display(),
-                meta.mode() & 0o7777
-            ));
-        }
-        first = false;
-        current = p.parent().filter(|q| !q.as_os_str().is_empty());
-    }
-    Ok(())
+/// Refuses `path` unless only root (or this process's user) can change it: see
+/// [`crate::trust::check_trusted`], the one implementation of the check.
+pub fn check_trusted(path: &Path) -> Result<(), TrustError> {
+    crate::trust::check_trusted(path).map(drop)
 }
 
 /// The contents of `path`, if [`check_trusted`] passes it.
-pub fn read_trusted(path: &Path) -> Result<String, String> {
-    check_trusted(path)?;
-    std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))
+pub fn read_trusted(path: &Path) -> Result<String, ReadError> {
+    let trusted = crate::trust::check_trusted(path)?;
+    std::fs::read_to_string(&trusted.path).map_err(|source| ReadError::Read {
+        path: path.to_owned(),
+        source,
+    })
 }
 
 #[cfg(test)]
@@ -91,14 +95,21 @@ mod tests {
         assert!(
             config_path(r#"{"config":"x.toml"}"#, "/d")
                 .unwrap_err()
+                .to_string()
                 .contains("not an absolute path")
         );
         assert!(
             config_path(r#"{"allow":["0.0.0.0/0:*"]}"#, "/d")
                 .unwrap_err()
+                .to_string()
                 .contains("unknown field")
         );
-        assert!(config_path("not json", "/d").unwrap_err().starts_with("DETAIL: "));
+        assert!(
+            config_path("not json", "/d")
+                .unwrap_err()
+                .to_string()
+                .starts_with("DETAIL: ")
+        );
     }
 
     #[test]
@@ -111,20 +122,31 @@ mod tests {
         check_trusted(&file).unwrap();
         assert_eq!(read_trusted(&file).unwrap(), "x = 1");
         std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o664)).unwrap();
-        assert!(read_trusted(&file).unwrap_err().contains("writable by group or others"));
+        assert!(
+            read_trusted(&file)
+                .unwrap_err()
+                .to_string()
+                .contains("writable by group or others")
+        );
         assert!(
             check_trusted(&file)
                 .unwrap_err()
+                .to_string()
                 .contains("writable by group or others (mode 0664)")
         );
         std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o600)).unwrap();
         std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o777)).unwrap();
-        let e = check_trusted(&file).unwrap_err();
+        let e = check_trusted(&file).unwrap_err().to_string();
         assert!(e.contains(&format!("{} is writable", dir.path().display())), "{e}");
         std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
         let link = dir.path().join("link.toml");
         std::os::unix::fs::symlink(&file, &link).unwrap();
-        assert!(check_trusted(&link).unwrap_err().contains("is not a regular file"));
+        assert!(
+            check_trusted(&link)
+                .unwrap_err()
+                .to_string()
+                .contains("is not a regular file")
+        );
         assert!(check_trusted(&dir.path().join("missing")).is_err());
     }
 }

@@ -37,6 +37,7 @@ pub mod rollout;
 pub mod serve;
 pub mod sink;
 pub mod state;
+pub mod states;
 pub mod store;
 #[cfg(test)]
 mod testutil;

@@ -20,6 +20,7 @@ use keel_proto::product::KEEL_AGENT;
 
 use crate::rollout::SYNC_CONFIG;
 use crate::state::ServerState;
+use crate::states::SubtaskState;
 use crate::store::StoreError;
 
 /// How long an agent has to apply a plugin set before a round that shows
@@ -100,12 +101,15 @@ pub async fn judge(
     let mut ended = 0;
     for (token, sent) in pending {
         let (status, msg) = match difference(&desired, &round.plugins) {
-            None => ("succeeded", "the plugin heartbeats show the desired set".to_owned()),
-            Some(why) if complete && round.at - sent >= grace => ("failed", why),
+            None => (
+                SubtaskState::Succeeded,
+                "the plugin heartbeats show the desired set".to_owned(),
+            ),
+            Some(why) if complete && round.at - sent >= grace => (SubtaskState::Failed, why),
             Some(_) => continue,
         };
         let fields = HashMap::from([
-            ("status".to_owned(), status.to_owned()),
+            ("status".to_owned(), status.as_str().to_owned()),
             ("msg".to_owned(), msg),
             ("token".to_owned(), token.clone()),
         ]);

@@ -19,6 +19,7 @@ use tracing::{info, warn};
 
 use crate::connections::{Outbound, TaskCommand};
 use crate::state::ServerState;
+use crate::states::{JobState, SubtaskState};
 use crate::store::{JobRow, PendingSubtask, StoreError};
 
 /// How often running tasks are looked at without a wake-up.
@@ -78,7 +79,10 @@ async fn step(state: &ServerState, job: &JobRow) -> Result<(), StoreError> {
     let now = now_ms();
     for token in state.store.job_overdue(&job.id, now - job.timeout_ms).await? {
         let msg = format!("no answer within {} s", job.timeout_ms / 1000);
-        state.store.subtask_end(&token, "timed_out", &msg, now).await?;
+        state
+            .store
+            .subtask_end(&token, SubtaskState::TimedOut, &msg, now)
+            .await?;
     }
     let c = state.store.job_counts(&job.id).await?;
     if c.sent > 0 {
@@ -93,21 +97,21 @@ async fn step(state: &ServerState, job: &JobRow) -> Result<(), StoreError> {
             job.failure_threshold
         );
         warn!(task = %job.id, %reason, "task paused");
-        return state.store.job_state(&job.id, "paused", &reason, now).await;
+        return state.store.job_state(&job.id, JobState::Paused, &reason, now).await;
     }
     if c.pending == 0 {
         let (end, reason) = if c.unsuccessful() == 0 {
-            ("succeeded", format!("{} succeeded", c.succeeded))
+            (JobState::Succeeded, format!("{} succeeded", c.succeeded))
         } else {
             (
-                "failed",
+                JobState::Failed,
                 format!(
                     "{} succeeded, {} failed, {} timed out",
                     c.succeeded, c.failed, c.timed_out
                 ),
             )
         };
-        info!(task = %job.id, state = end, %reason, "task finished");
+        info!(task = %job.id, state = %end, %reason, "task finished");
         return state.store.job_state(&job.id, end, &reason, now).await;
     }
     for s in state.store.job_pending(&job.id, job.batch_size).await? {
@@ -152,7 +156,10 @@ async fn dispatch(state: &ServerState, job: &JobRow, s: &PendingSubtask, now: i6
         }
     };
     if let Err(msg) = sent {
-        state.store.subtask_end(&s.token, "failed", &msg, now).await?;
+        state
+            .store
+            .subtask_end(&s.token, SubtaskState::Failed, &msg, now)
+            .await?;
     }
     Ok(())
 }

@@ -247,43 +247,16 @@ impl Installer {
     /// Reads a packaged plugin of the local set. It is trusted for where it is, like
     /// the agent's own binary: a regular file (not a link) in directories that only
     /// root or the agent's user own and can write (a sticky directory such as /tmp
-    /// may be writable by all: nobody else can replace what is in it), and with the
-    /// hash it had when the set was read.
+    /// may be writable by all: nobody else can replace what is in it), checked by
+    /// the one implementation of that rule ([`keel_plugin_sdk::trust`]), and with
+    /// the hash it had when the set was read.
     fn read_local(&self, path: &Path, sha256: &str) -> Result<Vec<u8>, InstallError> {
-        let untrusted = |why: String| InstallError::Untrusted(format!("{}: {why}", path.display()));
-        let me = nix::unistd::geteuid().as_raw();
-        let check = |p: &Path, what: &str| -> Result<std::fs::Metadata, InstallError> {
-            let m = std::fs::symlink_metadata(p).map_err(|e| untrusted(format!("{what} {}: {e}", p.display())))?;
-            if m.file_type().is_symlink() {
-                return Err(untrusted(format!("{what} {} is a symbolic link", p.display())));
-            }
-            if m.uid() != 0 && m.uid() != me {
-                return Err(untrusted(format!("{what} {} is owned by uid {}", p.display(), m.uid())));
-            }
-            let sticky_dir = m.is_dir() && m.mode() & 0o1000 != 0;
-            if m.mode() & 0o022 != 0 && !sticky_dir {
-                return Err(untrusted(format!("{what} {} is writable by others", p.display())));
-            }
-            Ok(m)
-        };
-        use std::os::unix::fs::MetadataExt;
-        // The directories as they really are (/lib may be a link to /usr/lib); the
-        // file itself must not be a link.
-        let (Some(parent), Some(file)) = (path.parent(), path.file_name()) else {
-            return Err(untrusted("not a file path".into()));
-        };
-        let parent = std::fs::canonicalize(parent).map_err(|e| untrusted(format!("its directory: {e}")))?;
-        let path = &parent.join(file);
-        let m = check(path, "the file")?;
-        if !m.file_type().is_file() {
-            return Err(untrusted("not a regular file".into()));
-        }
-        if m.len() > self.max_bytes {
+        let trusted = keel_plugin_sdk::trust::check_trusted(path)
+            .map_err(|e| InstallError::Untrusted(format!("{}: {e}", path.display())))?;
+        if trusted.metadata.len() > self.max_bytes {
             return Err(InstallError::TooLarge(self.max_bytes));
         }
-        for dir in path.ancestors().skip(1).filter(|d| !d.as_os_str().is_empty()) {
-            check(dir, "the directory")?;
-        }
+        let path = &trusted.path;
         let bytes = std::fs::read(path).map_err(io("reading the packaged plugin"))?;
         let actual = hex::encode(Sha256::digest(&bytes));
         if !actual.eq_ignore_ascii_case(sha256) {
@@ -333,7 +306,7 @@ impl Installer {
         if let Err(e) = std::fs::remove_dir_all(&dir)
             && e.kind() != std::io::ErrorKind::NotFound
         {
-            tracing::warn!(plugin = name, error = %e, "cannot delete the plugin directory");
+            tracing::warn!(error = %e, "cannot delete the plugin directory");
         }
     }
 

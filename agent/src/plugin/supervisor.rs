@@ -21,7 +21,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::unix::pipe;
 use tokio::sync::{Notify, mpsc};
 use tokio_util::sync::CancellationToken;
-use tracing::{info, warn};
+use tracing::{Instrument, info, warn};
 
 use super::cgroup::{Cgroups, PluginCgroup};
 use super::logfile::{self, RotatingLog};
@@ -280,7 +280,13 @@ fn sweep(cgroup: Option<&PluginCgroup>) {
 
 impl Supervisor {
     /// Runs the plugin until stopped, restarting it after every unexpected end.
-    pub async fn run(mut self) {
+    /// Everything it logs is in the plugin's span ([`super::span`]).
+    pub async fn run(self) {
+        let span = super::span(&self.name);
+        self.supervise().instrument(span).await;
+    }
+
+    async fn supervise(mut self) {
         let mut warned_cgroup = false;
         loop {
             if self.stop.is_cancelled() {
@@ -291,7 +297,7 @@ impl Supervisor {
                     Ok(cg) => Some(cg),
                     Err(e) => {
                         if !warned_cgroup {
-                            warn!(plugin = %self.name, error = %e, "cannot create the plugin's cgroup; it runs without limits");
+                            warn!(error = %e, "cannot create the plugin's cgroup; it runs without limits");
                             warned_cgroup = true;
                         }
                         None
@@ -335,7 +341,7 @@ impl Supervisor {
                 Some(f) => format!("plugin {} stopped for a fault: {f}; {how}", self.name),
                 None => format!("plugin {} {how}", self.name),
             };
-            warn!(plugin = %self.name, restart_in = ?delay, crashloop, "{msg}");
+            warn!(restart_in = ?delay, crashloop, "{msg}");
             self.changed.notify_one();
             let mut report = tasks::result("", false, &msg);
             report.data = keel_proto::payload::encode([
@@ -358,55 +364,20 @@ impl Supervisor {
         self.changed.notify_one();
     }
 
+    /// One run of the process: start it, move records and tasks until it ends or
+    /// is stopped, then stop it gracefully.
     async fn run_once(&mut self, cgroup: Option<&PluginCgroup>) -> Ended {
         self.status.update(|s| s.state = "starting");
-        let exe = self.dir.join(&self.name);
-        let env = vec![
-            (
-                "PATH".to_owned(),
-                "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".to_owned(),
-            ),
-            ("DETAIL".to_owned(), self.detail.clone()),
-            ("KEEL_PLUGIN_NAME".to_owned(), self.name.clone()),
-            ("KEEL_PLUGIN_VERSION".to_owned(), self.version.clone()),
-        ];
-        let procs = match cgroup.map(PluginCgroup::open_procs).transpose() {
-            Ok(p) => p.unwrap_or_default(),
-            Err(e) => {
-                warn!(plugin = %self.name, error = %e, "cannot open the plugin's cgroup; it runs without limits");
-                Vec::new()
-            }
-        };
+        let procs = self.cgroup_procs(cgroup);
         let limited = !procs.is_empty();
         let started = Instant::now();
-        let spawned = match spawn::spawn(&exe, &self.dir, &env, procs) {
+        let spawned = match self.spawn(procs) {
             Ok(s) => s,
-            Err(e) => {
-                let fault = format!("cannot start {}: {e}", exe.display());
-                return Ended::Exited {
-                    how: "did not start".into(),
-                    fault: Some(fault),
-                    ran: Duration::ZERO,
-                };
-            }
+            Err(ended) => return ended,
         };
         let pid = spawned.pid;
-        info!(plugin = %self.name, pid, version = %self.version, limited, "plugin started");
-        self.status.update(|s| {
-            s.state = "running";
-            s.pid = Some(pid);
-            s.started_at = now_secs();
-            s.limited = limited;
-        });
-        self.changed.notify_one();
-        let log = Arc::new(Mutex::new(RotatingLog::open(&self.dir, &self.name)));
-        let mut pumps = Vec::new();
-        if let Some(out) = spawned.stdout {
-            pumps.push(tokio::spawn(logfile::pump(out, Arc::clone(&log))));
-        }
-        if let Some(err) = spawned.stderr {
-            pumps.push(tokio::spawn(logfile::pump(err, Arc::clone(&log))));
-        }
+        self.mark_running(pid, limited);
+        let pumps = self.pump_output(spawned.stdout, spawned.stderr);
         let mut child = spawned.child;
         let run = Run {
             plugin: Arc::from(self.name.as_str()),
@@ -422,80 +393,258 @@ impl Supervisor {
         };
         tokio::pin!(reader);
         let mut writer = Box::pin(write_tasks(spawned.tasks, &mut self.tasks, &self.status));
-        let mut reader_done = false;
-
-        let outcome = tokio::select! {
-            exit = child.wait() => {
-                // What it wrote before exiting is still in the pipe: read it.
-                let fault = match tokio::time::timeout(DRAIN_AFTER_EXIT, &mut reader).await {
-                    Ok(Err(f)) => Some(f.to_string()),
-                    _ => None,
-                };
-                let how = exit.map(describe_exit).unwrap_or_else(|e| format!("wait failed: {e}"));
-                Ended::Exited { how, fault, ran: started.elapsed() }
-            }
-            r = &mut reader => {
-                reader_done = true;
-                match r {
-                    Err(fault) => {
-                        signal_group(pid, Signal::SIGKILL);
-                        let how = child.wait().await.map(describe_exit).unwrap_or_default();
-                        Ended::Exited { how, fault: Some(fault.to_string()), ran: started.elapsed() }
-                    }
-                    // It closed its record pipe; it may still be running.
-                    Ok(()) => {
-                        tokio::select! {
-                            exit = child.wait() => {
-                                let how = exit.map(describe_exit).unwrap_or_default();
-                                Ended::Exited { how, fault: None, ran: started.elapsed() }
-                            }
-                            _ = self.stop.cancelled() => Ended::Stopped,
-                        }
-                    }
-                }
-            }
-            never = &mut writer => match never {},
-            _ = self.stop.cancelled() => Ended::Stopped,
-        };
+        let (outcome, reader_done) =
+            until_ended(&mut child, reader.as_mut(), writer.as_mut(), &self.stop, pid, started).await;
         // Closing the task pipe is the first stop signal a plugin sees.
         drop(writer);
         if let Ended::Stopped = outcome {
             self.status.update(|s| s.state = "stopping");
-            // Asked by the closed pipe, it flushes and exits on its own: read all it
-            // writes until then, for at most `stop_wait`.
-            let mut read_all = reader_done;
-            let on_its_own = {
-                let drain = async {
-                    if !read_all {
-                        let _ = (&mut reader).await;
-                        read_all = true;
-                    }
-                    let _ = child.wait().await;
-                };
-                tokio::time::timeout(self.stop_wait, drain).await.is_ok()
+            let stopping = Stopping {
+                pid,
+                stop_wait: self.stop_wait,
+                grace: self.grace,
             };
-            if !on_its_own {
-                info!(plugin = %self.name, wait = ?self.stop_wait, "plugin still running after its task pipe closed; sending SIGTERM");
-                signal_group(pid, Signal::SIGTERM);
-                let wait = async {
-                    if read_all {
-                        let _ = child.wait().await;
-                    } else {
-                        // Keep reading so a plugin flushing its last records can finish.
-                        let _ = tokio::join!(child.wait(), &mut reader);
-                    }
-                };
-                if tokio::time::timeout(self.grace, wait).await.is_err() {
-                    warn!(plugin = %self.name, grace = ?self.grace, "plugin ignored SIGTERM; killing its process group");
-                    signal_group(pid, Signal::SIGKILL);
-                    let _ = child.wait().await;
-                }
-            }
-            info!(plugin = %self.name, "plugin stopped");
+            stopping.stop(&mut child, reader.as_mut(), reader_done).await;
         }
         for p in pumps {
             p.abort();
         }
         outcome
+    }
+
+    /// The open `cgroup.procs` of the plugin's cgroup (empty: no limits).
+    fn cgroup_procs(&self, cgroup: Option<&PluginCgroup>) -> Vec<std::os::fd::OwnedFd> {
+        match cgroup.map(PluginCgroup::open_procs).transpose() {
+            Ok(p) => p.unwrap_or_default(),
+            Err(e) => {
+                warn!(error = %e, "cannot open the plugin's cgroup; it runs without limits");
+                Vec::new()
+            }
+        }
+    }
+
+    /// Starts the process with its environment, or says how the run ended.
+    fn spawn(&self, procs: Vec<std::os::fd::OwnedFd>) -> Result<spawn::Spawned, Ended> {
+        let exe = self.dir.join(&self.name);
+        let env = vec![
+            (
+                "PATH".to_owned(),
+                "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".to_owned(),
+            ),
+            ("DETAIL".to_owned(), self.detail.clone()),
+            ("KEEL_PLUGIN_NAME".to_owned(), self.name.clone()),
+            ("KEEL_PLUGIN_VERSION".to_owned(), self.version.clone()),
+        ];
+        spawn::spawn(&exe, &self.dir, &env, procs).map_err(|e| Ended::Exited {
+            how: "did not start".into(),
+            fault: Some(format!("cannot start {}: {e}", exe.display())),
+            ran: Duration::ZERO,
+        })
+    }
+
+    fn mark_running(&self, pid: u32, limited: bool) {
+        info!(pid, version = %self.version, limited, "plugin started");
+        self.status.update(|s| {
+            s.state = "running";
+            s.pid = Some(pid);
+            s.started_at = now_secs();
+            s.limited = limited;
+        });
+        self.changed.notify_one();
+    }
+
+    /// Copies the plugin's stdout and stderr into its rotating log.
+    fn pump_output(
+        &self,
+        stdout: Option<tokio::process::ChildStdout>,
+        stderr: Option<tokio::process::ChildStderr>,
+    ) -> Vec<tokio::task::JoinHandle<()>> {
+        let log = Arc::new(Mutex::new(RotatingLog::open(&self.dir, &self.name)));
+        let mut pumps = Vec::new();
+        if let Some(out) = stdout {
+            pumps.push(tokio::spawn(logfile::pump(out, Arc::clone(&log)).in_current_span()));
+        }
+        if let Some(err) = stderr {
+            pumps.push(tokio::spawn(logfile::pump(err, Arc::clone(&log)).in_current_span()));
+        }
+        pumps
+    }
+}
+
+/// Waits for the run to end: the process exits (what it wrote before is still
+/// read), its record pipes fail or close, or the plugin is stopped. Also says
+/// whether the reader finished.
+async fn until_ended(
+    child: &mut tokio::process::Child,
+    mut reader: std::pin::Pin<&mut impl Future<Output = Result<(), FrameError>>>,
+    writer: std::pin::Pin<&mut impl Future<Output = Infallible>>,
+    stop: &CancellationToken,
+    pid: u32,
+    started: Instant,
+) -> (Ended, bool) {
+    let mut reader_done = false;
+    let outcome = tokio::select! {
+        exit = child.wait() => {
+            // What it wrote before exiting is still in the pipe: read it.
+            let fault = match tokio::time::timeout(DRAIN_AFTER_EXIT, reader.as_mut()).await {
+                Ok(Err(f)) => Some(f.to_string()),
+                _ => None,
+            };
+            let how = exit.map(describe_exit).unwrap_or_else(|e| format!("wait failed: {e}"));
+            Ended::Exited { how, fault, ran: started.elapsed() }
+        }
+        r = reader.as_mut() => {
+            reader_done = true;
+            match r {
+                Err(fault) => {
+                    signal_group(pid, Signal::SIGKILL);
+                    let how = child.wait().await.map(describe_exit).unwrap_or_default();
+                    Ended::Exited { how, fault: Some(fault.to_string()), ran: started.elapsed() }
+                }
+                // It closed its record pipe; it may still be running.
+                Ok(()) => {
+                    tokio::select! {
+                        exit = child.wait() => {
+                            let how = exit.map(describe_exit).unwrap_or_default();
+                            Ended::Exited { how, fault: None, ran: started.elapsed() }
+                        }
+                        _ = stop.cancelled() => Ended::Stopped,
+                    }
+                }
+            }
+        }
+        never = writer => match never {},
+        _ = stop.cancelled() => Ended::Stopped,
+    };
+    (outcome, reader_done)
+}
+
+/// How a stopped plugin is brought down.
+struct Stopping {
+    pid: u32,
+    stop_wait: Duration,
+    grace: Duration,
+}
+
+impl Stopping {
+    /// Asked by the closed task pipe, it flushes and exits on its own: read all it
+    /// writes until then, for at most `stop_wait`; then SIGTERM, and after `grace`
+    /// SIGKILL of its group.
+    async fn stop(
+        &self,
+        child: &mut tokio::process::Child,
+        mut reader: std::pin::Pin<&mut impl Future<Output = Result<(), FrameError>>>,
+        reader_done: bool,
+    ) {
+        let mut read_all = reader_done;
+        let on_its_own = {
+            let drain = async {
+                if !read_all {
+                    let _ = reader.as_mut().await;
+                    read_all = true;
+                }
+                let _ = child.wait().await;
+            };
+            tokio::time::timeout(self.stop_wait, drain).await.is_ok()
+        };
+        if !on_its_own {
+            info!(wait = ?self.stop_wait, "plugin still running after its task pipe closed; sending SIGTERM");
+            signal_group(self.pid, Signal::SIGTERM);
+            let wait = async {
+                if read_all {
+                    let _ = child.wait().await;
+                } else {
+                    // Keep reading so a plugin flushing its last records can finish.
+                    let _ = tokio::join!(child.wait(), reader.as_mut());
+                }
+            };
+            if tokio::time::timeout(self.grace, wait).await.is_err() {
+                warn!(grace = ?self.grace, "plugin ignored SIGTERM; killing its process group");
+                signal_group(self.pid, Signal::SIGKILL);
+                let _ = child.wait().await;
+            }
+        }
+        info!("plugin stopped");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use std::io::Write;
+
+    use super::*;
+
+    /// A `MakeWriter` that keeps what is logged.
+    #[derive(Clone, Default)]
+    struct Captured(Arc<Mutex<Vec<u8>>>);
+
+    impl Write for Captured {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for Captured {
+        type Writer = Captured;
+        fn make_writer(&'a self) -> Self::Writer {
+            self.clone()
+        }
+    }
+
+    #[tokio::test]
+    async fn every_line_about_a_plugin_names_it_in_its_span() {
+        let captured = Captured::default();
+        let subscriber = tracing_subscriber::fmt()
+            .with_writer(captured.clone())
+            .with_ansi(false)
+            .finish();
+        let _default = tracing::subscriber::set_default(subscriber);
+
+        let dir = tempfile::tempdir().unwrap();
+        let (outbox, _lanes) = Outbox::channel(16);
+        let status = Arc::new(Status::default());
+        let stop = CancellationToken::new();
+        let sup = Supervisor {
+            name: "ghost".into(),
+            // No executable there: the start fails, which is logged as a fault.
+            dir: dir.path().to_owned(),
+            version: "1.0.0".into(),
+            detail: String::new(),
+            max_frame: 1 << 20,
+            stop_wait: Duration::from_millis(100),
+            grace: Duration::from_millis(100),
+            backoff: Backoff::new(Duration::from_millis(10), Duration::from_millis(20), 0.0),
+            limits: PluginLimits::default(),
+            cgroups: None,
+            outbox,
+            status: Arc::clone(&status),
+            tasks: mpsc::channel(1).1,
+            stop: stop.clone(),
+            changed: Arc::new(Notify::new()),
+        };
+        let watch = async {
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while status.get().restarts == 0 && Instant::now() < deadline {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            stop.cancel();
+        };
+        tokio::join!(sup.run(), watch);
+
+        let text = String::from_utf8(captured.0.lock().unwrap().clone()).unwrap();
+        let fault = text
+            .lines()
+            .find(|l| l.contains("stopped for a fault"))
+            .unwrap_or_else(|| panic!("no fault logged: {text}"));
+        assert!(fault.contains("plugin{name=ghost}"), "{fault}");
+        assert!(
+            text.lines().all(|l| l.contains("plugin{name=ghost}")),
+            "a line outside the plugin's span: {text}"
+        );
     }
 }

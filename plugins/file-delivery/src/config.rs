@@ -64,12 +64,13 @@ fn default_max_files() -> usize {
 
 /// The configuration file `DETAIL` names, or the default.
 pub fn path_from_detail(detail: &str) -> Result<PathBuf, String> {
-    keel_plugin_sdk::local::config_path(detail, DEFAULT_PATH)
+    keel_plugin_sdk::local::config_path(detail, DEFAULT_PATH).map_err(|e| e.to_string())
 }
 
 /// Reads and checks the configuration at `path`.
 pub fn load(path: &Path) -> Result<Config, String> {
-    parse(path, &keel_plugin_sdk::local::read_trusted(path)?)
+    let text = keel_plugin_sdk::local::read_trusted(path).map_err(|e| e.to_string())?;
+    parse(path, &text)
 }
 
 /// Checks the configuration `text` of `path`.

@@ -565,7 +565,7 @@ pub async fn activity(
             token: t.token,
             data_type: t.data_type,
             object_name: t.object_name,
-            status: t.status,
+            status: t.status.as_str().to_owned(),
             created_at: rfc3339_ms(t.created_at),
             finished_at: t.finished_at.map(rfc3339_ms),
         })

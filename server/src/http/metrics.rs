@@ -18,6 +18,7 @@ use tracing::warn;
 use super::{ApiError, Peer};
 use crate::metrics::{RegistryFigures, RolloutProgress, Route};
 use crate::state::ServerState;
+use crate::states::{JobState, SubtaskState};
 
 /// Running and paused tasks whose progress is exported, the newest first.
 const MAX_ROLLOUTS: i64 = 50;
@@ -107,18 +108,18 @@ async fn registry_figures(state: &ServerState) -> Result<RegistryFigures, ApiErr
     let (agents_known, agents_online) = state.store.agent_counts(now_ms()).await?;
     let tasks = state.store.jobs_by_state().await?;
     let mut rollouts = Vec::new();
-    for s in ["running", "paused"] {
+    for s in [JobState::Running, JobState::Paused] {
         for job in state.store.jobs(Some(s), MAX_ROLLOUTS).await? {
             let c = state.store.job_counts(&job.id).await?;
             rollouts.push(RolloutProgress {
                 id: job.id,
                 counts: vec![
-                    ("pending", c.pending),
-                    ("sent", c.sent),
-                    ("succeeded", c.succeeded),
-                    ("failed", c.failed),
-                    ("timed_out", c.timed_out),
-                    ("cancelled", c.cancelled),
+                    (SubtaskState::Pending.as_str(), c.pending),
+                    (SubtaskState::Sent.as_str(), c.sent),
+                    (SubtaskState::Succeeded.as_str(), c.succeeded),
+                    (SubtaskState::Failed.as_str(), c.failed),
+                    (SubtaskState::TimedOut.as_str(), c.timed_out),
+                    (SubtaskState::Cancelled.as_str(), c.cancelled),
                 ],
                 failure_threshold: job.failure_threshold,
             });

@@ -18,6 +18,7 @@ use super::{ApiError, ErrorBody, Principal};
 use crate::policy::Target;
 use crate::rollout::{PLUGIN_TASK, RESTART_AGENT, SYNC_CONFIG};
 use crate::state::ServerState;
+use crate::states::JobState;
 use crate::store::{JobRow, PendingSubtask, Role, SubtaskCounts, TaskRow};
 
 /// Body of `POST /api/v1/tasks`.
@@ -90,7 +91,7 @@ impl From<TaskRow> for SubtaskView {
             agent_id: t.agent_id,
             data_type: t.data_type,
             object_name: t.object_name,
-            status: t.status,
+            status: t.status.as_str().to_owned(),
             created_at: rfc3339_ms(t.created_at),
             finished_at: t.finished_at.map(rfc3339_ms),
             result: t.result,
@@ -102,7 +103,7 @@ fn view(j: JobRow, counts: SubtaskCounts, subtasks: Option<Vec<SubtaskView>>) ->
     TaskView {
         id: j.id,
         kind: j.kind,
-        state: j.state,
+        state: j.state.as_str().to_owned(),
         reason: j.reason,
         batch_size: j.batch_size,
         failure_threshold: j.failure_threshold,
@@ -186,7 +187,7 @@ pub async fn create(
         id: uuid::Uuid::new_v4().to_string(),
         kind: n.kind.clone(),
         spec: serde_json::to_string(&n).unwrap_or_default(),
-        state: "running".into(),
+        state: JobState::Running,
         reason: String::new(),
         batch_size,
         failure_threshold: threshold,
@@ -233,7 +234,13 @@ pub async fn list(
     who.require(Role::Viewer)?;
     let q = super::agents::query(q)?;
     let mut out = Vec::new();
-    for j in state.store.jobs(q.state.as_deref(), q.limit.unwrap_or(100)).await? {
+    // A state that names none matches no task, as it always did.
+    let filter = match q.state.as_deref().map(str::parse::<JobState>) {
+        None => None,
+        Some(Ok(s)) => Some(s),
+        Some(Err(_)) => return Ok(Json(out)),
+    };
+    for j in state.store.jobs(filter, q.limit.unwrap_or(100)).await? {
         let counts = state.store.job_counts(&j.id).await?;
         out.push(view(j, counts, None));
     }
@@ -300,12 +307,17 @@ pub async fn pause(
 ) -> Result<Json<TaskView>, ApiError> {
     who.require(Role::Operator)?;
     let j = job_or_404(&state, &id).await?;
-    if j.state != "running" {
+    if j.state != JobState::Running {
         return Err(refuse(&j, "paused"));
     }
     state
         .store
-        .job_state(&id, "paused", &format!("paused by token {}", who.token_id), now_ms())
+        .job_state(
+            &id,
+            JobState::Paused,
+            &format!("paused by token {}", who.token_id),
+            now_ms(),
+        )
         .await?;
     current(&state, &id).await
 }
@@ -320,7 +332,7 @@ pub async fn resume(
 ) -> Result<Json<TaskView>, ApiError> {
     who.require(Role::Operator)?;
     let j = job_or_404(&state, &id).await?;
-    if j.state != "paused" {
+    if j.state != JobState::Paused {
         return Err(refuse(&j, "resumed"));
     }
     let counts = state.store.job_counts(&id).await?;
@@ -339,13 +351,18 @@ pub async fn cancel(
 ) -> Result<Json<TaskView>, ApiError> {
     who.require(Role::Operator)?;
     let j = job_or_404(&state, &id).await?;
-    if !matches!(j.state.as_str(), "running" | "paused") {
+    if !j.state.is_open() {
         return Err(refuse(&j, "cancelled"));
     }
     let now = now_ms();
     state
         .store
-        .job_state(&id, "cancelled", &format!("cancelled by token {}", who.token_id), now)
+        .job_state(
+            &id,
+            JobState::Cancelled,
+            &format!("cancelled by token {}", who.token_id),
+            now,
+        )
         .await?;
     state.store.job_cancel_pending(&id, now).await?;
     current(&state, &id).await

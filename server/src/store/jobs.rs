@@ -5,6 +5,7 @@ use sqlx::Row;
 use sqlx::any::AnyRow;
 
 use super::{Store, StoreError};
+use crate::states::{JobState, SubtaskState};
 
 /// A task as stored.
 #[derive(Debug, Clone, PartialEq)]
@@ -15,8 +16,8 @@ pub struct JobRow {
     pub kind: String,
     /// The request that made it, JSON.
     pub spec: String,
-    /// `running`, `paused`, `succeeded`, `failed` or `cancelled`.
-    pub state: String,
+    /// Its state.
+    pub state: JobState,
     /// Why it is paused or ended.
     pub reason: String,
     /// Agents per batch.
@@ -86,11 +87,17 @@ pub struct PendingSubtask {
 
 fn job(row: &AnyRow) -> Result<JobRow, StoreError> {
     let threshold: String = row.try_get("failure_threshold")?;
+    let state: String = row.try_get("state")?;
     Ok(JobRow {
         id: row.try_get("id")?,
         kind: row.try_get("kind")?,
         spec: row.try_get("spec")?,
-        state: row.try_get("state")?,
+        state: state
+            .parse()
+            .map_err(|e: crate::states::UnknownState| StoreError::Corrupt {
+                what: "task state",
+                message: e.to_string(),
+            })?,
         reason: row.try_get("reason")?,
         batch_size: row.try_get("batch_size")?,
         failure_threshold: threshold.parse().unwrap_or(1.0),
@@ -123,7 +130,7 @@ impl Store {
         .bind(&j.id)
         .bind(&j.kind)
         .bind(&j.spec)
-        .bind(&j.state)
+        .bind(j.state.as_str())
         .bind(&j.reason)
         .bind(j.batch_size)
         .bind(j.failure_threshold.to_string())
@@ -163,11 +170,11 @@ impl Store {
     }
 
     /// Tasks, newest first; only those in `state` when given.
-    pub async fn jobs(&self, state: Option<&str>, limit: i64) -> Result<Vec<JobRow>, StoreError> {
+    pub async fn jobs(&self, state: Option<JobState>, limit: i64) -> Result<Vec<JobRow>, StoreError> {
         let rows = sqlx::query(select_jobs!(
             " WHERE ($1 = '' OR state = $1) ORDER BY created_at DESC, id LIMIT $2"
         ))
-        .bind(state.unwrap_or(""))
+        .bind(state.map_or("", JobState::as_str))
         .bind(limit.clamp(1, 10_000))
         .fetch_all(&self.pool)
         .await?;
@@ -189,10 +196,10 @@ impl Store {
     }
 
     /// Sets a task's state and why.
-    pub async fn job_state(&self, id: &str, state: &str, reason: &str, now: i64) -> Result<(), StoreError> {
+    pub async fn job_state(&self, id: &str, state: JobState, reason: &str, now: i64) -> Result<(), StoreError> {
         sqlx::query("UPDATE jobs SET state = $2, reason = $3, updated_at = $4 WHERE id = $1")
             .bind(id)
-            .bind(state)
+            .bind(state.as_str())
             .bind(reason)
             .bind(now)
             .execute(&self.pool)
@@ -224,14 +231,14 @@ impl Store {
         for r in rows {
             let status: String = r.try_get("status")?;
             let n: i64 = r.try_get("n")?;
-            match status.as_str() {
-                "pending" => c.pending = n,
-                "sent" => c.sent = n,
-                "succeeded" => c.succeeded = n,
-                "failed" => c.failed = n,
-                "timed_out" => c.timed_out = n,
-                "cancelled" => c.cancelled = n,
-                _ => {}
+            match status.parse() {
+                Ok(SubtaskState::Pending) => c.pending = n,
+                Ok(SubtaskState::Sent) => c.sent = n,
+                Ok(SubtaskState::Succeeded) => c.succeeded = n,
+                Ok(SubtaskState::Failed) => c.failed = n,
+                Ok(SubtaskState::TimedOut) => c.timed_out = n,
+                Ok(SubtaskState::Cancelled) => c.cancelled = n,
+                Err(_) => {}
             }
         }
         Ok(c)
@@ -292,13 +299,13 @@ impl Store {
     }
 
     /// Ends a subtask that got no (or no usable) answer: `failed`, `timed_out` or `cancelled`.
-    pub async fn subtask_end(&self, token: &str, status: &str, msg: &str, now: i64) -> Result<(), StoreError> {
+    pub async fn subtask_end(&self, token: &str, status: SubtaskState, msg: &str, now: i64) -> Result<(), StoreError> {
         let result = serde_json::json!({"status": status, "msg": msg, "token": token}).to_string();
         sqlx::query(
             "UPDATE tasks SET status = $2, result = $3, finished_at = $4 WHERE token = $1 AND status IN ('pending', 'sent')",
         )
         .bind(token)
-        .bind(status)
+        .bind(status.as_str())
         .bind(result)
         .bind(now)
         .execute(&self.pool)
@@ -332,7 +339,7 @@ impl Store {
 
     /// Cancels every pending subtask of a task.
     pub async fn job_cancel_pending(&self, id: &str, now: i64) -> Result<u64, StoreError> {
-        let result = serde_json::json!({"status": "cancelled", "msg": "task cancelled"}).to_string();
+        let result = serde_json::json!({"status": SubtaskState::Cancelled, "msg": "task cancelled"}).to_string();
         let done = sqlx::query(
             "UPDATE tasks SET status = 'cancelled', result = $2, finished_at = $3 WHERE job_id = $1 AND status = 'pending'",
         )
@@ -372,7 +379,7 @@ mod tests {
             id: "j1".into(),
             kind: "restart-agent".into(),
             spec: "{}".into(),
-            state: "running".into(),
+            state: JobState::Running,
             reason: String::new(),
             batch_size: 2,
             failure_threshold: 0.5,
@@ -406,7 +413,10 @@ mod tests {
         let ok = std::collections::HashMap::from([("status".to_owned(), "succeeded".to_owned())]);
         assert!(store.task_result("s0", "a0", &ok, 30).await.unwrap());
         assert_eq!(store.job_overdue("j1", 25).await.unwrap(), ["s1"]);
-        store.subtask_end("s1", "timed_out", "no answer", 40).await.unwrap();
+        store
+            .subtask_end("s1", SubtaskState::TimedOut, "no answer", 40)
+            .await
+            .unwrap();
         assert!(
             !store.task_result("s1", "a1", &ok, 50).await.unwrap(),
             "a late answer does not change a timed-out subtask"

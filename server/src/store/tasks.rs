@@ -5,6 +5,7 @@ use std::collections::HashMap;
 use sqlx::Row;
 
 use super::{Store, StoreError, corrupt};
+use crate::states::SubtaskState;
 
 /// A task about to be sent.
 #[derive(Debug, Clone)]
@@ -36,8 +37,8 @@ pub struct TaskRow {
     pub data_type: i32,
     /// Target object.
     pub object_name: String,
-    /// `pending`, `sent`, `succeeded`, `failed`, `timed_out` or `cancelled`.
-    pub status: String,
+    /// Its state.
+    pub status: SubtaskState,
     /// Fields of the 5100 result.
     pub result: Option<HashMap<String, String>>,
     /// Made at, Unix ms.
@@ -49,12 +50,18 @@ pub struct TaskRow {
 fn task_row(row: &sqlx::any::AnyRow) -> Result<TaskRow, StoreError> {
     let result: Option<String> = row.try_get("result")?;
     let data_type: i64 = row.try_get("data_type")?;
+    let status: String = row.try_get("status")?;
     Ok(TaskRow {
         token: row.try_get("token")?,
         agent_id: row.try_get("agent_id")?,
         data_type: i32::try_from(data_type).unwrap_or_default(),
         object_name: row.try_get("object_name")?,
-        status: row.try_get("status")?,
+        status: status
+            .parse()
+            .map_err(|e: crate::states::UnknownState| StoreError::Corrupt {
+                what: "task status",
+                message: e.to_string(),
+            })?,
         result: result
             .map(|r| serde_json::from_str(&r))
             .transpose()
@@ -89,7 +96,7 @@ impl Store {
     /// Returns how many ended.
     pub async fn tasks_expire(&self, now: i64) -> Result<u64, StoreError> {
         let result = serde_json::json!({
-            "status": "timed_out",
+            "status": SubtaskState::TimedOut,
             "msg": "no answer before the task's deadline (timeout_secs)",
         })
         .to_string();
@@ -114,8 +121,8 @@ impl Store {
         now: i64,
     ) -> Result<bool, StoreError> {
         let status = match fields.get("status").map(String::as_str) {
-            Some("succeeded") => "succeeded",
-            _ => "failed",
+            Some("succeeded") => SubtaskState::Succeeded,
+            _ => SubtaskState::Failed,
         };
         let json = serde_json::to_string(fields).map_err(corrupt("task result"))?;
         let done = self
@@ -125,7 +132,7 @@ impl Store {
                     "UPDATE tasks SET status = $1, result = $2, finished_at = $3 \
              WHERE token = $4 AND agent_id = $5 AND status IN ('pending', 'sent')",
                 )
-                .bind(status)
+                .bind(status.as_str())
                 .bind(json)
                 .bind(now)
                 .bind(token)
@@ -242,10 +249,10 @@ mod tests {
         store.task_sent(&t, 1).await.unwrap();
         let fields = HashMap::from([("status".to_owned(), "succeeded".to_owned())]);
         assert!(!store.task_result("t1", "a2", &fields, 2).await.unwrap());
-        assert_eq!(store.get_task("t1").await.unwrap().unwrap().status, "sent");
+        assert_eq!(store.get_task("t1").await.unwrap().unwrap().status, SubtaskState::Sent);
         assert!(store.task_result("t1", "a1", &fields, 3).await.unwrap());
         let row = store.get_task("t1").await.unwrap().unwrap();
-        assert_eq!(row.status, "succeeded");
+        assert_eq!(row.status, SubtaskState::Succeeded);
         assert_eq!(row.finished_at, Some(3));
     }
 
@@ -269,11 +276,17 @@ mod tests {
         assert_eq!(store.tasks_expire(1_100).await.unwrap(), 0, "not before the deadline");
         assert_eq!(store.tasks_expire(1_101).await.unwrap(), 1);
         let quick = store.get_task("quick").await.unwrap().unwrap();
-        assert_eq!(quick.status, "timed_out");
+        assert_eq!(quick.status, SubtaskState::TimedOut);
         assert_eq!(quick.finished_at, Some(1_101));
         assert_eq!(quick.result.unwrap()["status"], "timed_out");
-        assert_eq!(store.get_task("slow").await.unwrap().unwrap().status, "sent");
-        assert_eq!(store.get_task("answered").await.unwrap().unwrap().status, "succeeded");
+        assert_eq!(
+            store.get_task("slow").await.unwrap().unwrap().status,
+            SubtaskState::Sent
+        );
+        assert_eq!(
+            store.get_task("answered").await.unwrap().unwrap().status,
+            SubtaskState::Succeeded
+        );
         // A late answer does not reopen it.
         assert!(!store.task_result("quick", "a1", &fields, 1_200).await.unwrap());
         assert_eq!(store.tasks_expire(20_000).await.unwrap(), 1, "slow, in its turn");
