@@ -76,8 +76,9 @@ case "$cmd" in
         name="${2:-}"
         case "$name" in
             footprint)
-                # The packages' binaries: the dist profile, as ./build.sh package builds them.
-                cargo build --profile dist --workspace --bins --quiet
+                # The packages' binaries: the dist profile, built as ./build.sh package
+                # builds them (each side on its own).
+                packaging/build-bins.sh dist
                 export KEEL_FOOTPRINT_BIN_DIR="$PWD/target/dist"
                 ;;
             dataflow | rollout | keyrequest | filedelivery | proxy | console | scale) ;;

@@ -31,7 +31,7 @@ build_for() {
         target_args=(--target "$target")
         built="target/$target/$profile_dir"
     fi
-    BUILD_VERSION="$version" cargo build --profile "$profile" --workspace --bins --quiet "${target_args[@]}"
+    BUILD_VERSION="$version" packaging/build-bins.sh "$profile" "${target_args[@]}"
 
     # Stripped copies of what goes into the packages.
     local bin_dir="$output/.nfpm/bin-$nfpm_arch"

@@ -9,7 +9,6 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use keel_proto::data_type;
 use tokio::sync::mpsc;
-use tracing::field::{Field, Visit};
 use tracing::{Event, Level, Subscriber};
 use tracing_subscriber::layer::{Context, Layer};
 
@@ -39,34 +38,17 @@ impl UpstreamErrors {
     }
 }
 
-#[derive(Default)]
-struct Fields(Vec<(String, String)>);
-
-impl Visit for Fields {
-    fn record_str(&mut self, field: &Field, value: &str) {
-        self.0.push((field.name().to_owned(), value.to_owned()));
-    }
-
-    fn record_debug(&mut self, field: &Field, value: &dyn std::fmt::Debug) {
-        self.0.push((field.name().to_owned(), format!("{value:?}")));
-    }
-}
-
 impl<S: Subscriber> Layer<S> for UpstreamErrors {
     fn on_event(&self, event: &Event<'_>, _ctx: Context<'_, S>) {
         if *event.metadata().level() != Level::ERROR {
             return;
         }
-        let mut fields = Fields::default();
-        event.record(&mut fields);
-        let mut out = vec![
-            ("level".to_owned(), "error".to_owned()),
-            ("source".to_owned(), event.metadata().target().to_owned()),
-        ];
-        for (k, v) in fields.0 {
-            out.push((if k == "message" { "msg".to_owned() } else { k }, v));
-        }
-        if self.tx.try_send(Record::new(data_type::AGENT_ERROR_LOG, out)).is_err() {
+        let fields = keel_plugin_sdk::logging::log_fields(event);
+        if self
+            .tx
+            .try_send(Record::new(data_type::AGENT_ERROR_LOG, fields))
+            .is_err()
+        {
             self.dropped.fetch_add(1, Ordering::Relaxed);
         }
     }

@@ -50,6 +50,23 @@ impl Visit for Fields {
     }
 }
 
+/// The fields of a log record (the agent's 1010, a plugin's 1011) for `event`:
+/// `level` (lowercase), `source` (the tracing target), `msg` (the message) and
+/// the event's own fields, in order.
+pub fn log_fields(event: &Event<'_>) -> Vec<(String, String)> {
+    let meta = event.metadata();
+    let mut fields = Fields::default();
+    event.record(&mut fields);
+    let mut out = vec![
+        ("level".to_owned(), meta.level().as_str().to_ascii_lowercase()),
+        ("source".to_owned(), meta.target().to_owned()),
+    ];
+    for (k, v) in fields.0 {
+        out.push((if k == "message" { "msg".to_owned() } else { k }, v));
+    }
+    out
+}
+
 impl<S: Subscriber> Layer<S> for AgentLogLayer {
     fn on_event(&self, event: &Event<'_>, _ctx: Context<'_, S>) {
         let meta = event.metadata();
@@ -57,16 +74,7 @@ impl<S: Subscriber> Layer<S> for AgentLogLayer {
         if *meta.level() > self.min {
             return;
         }
-        let mut fields = Fields::default();
-        event.record(&mut fields);
-        let mut out = vec![
-            ("level".to_owned(), meta.level().as_str().to_ascii_lowercase()),
-            ("source".to_owned(), meta.target().to_owned()),
-        ];
-        for (k, v) in fields.0 {
-            out.push((if k == "message" { "msg".to_owned() } else { k }, v));
-        }
         // A closed pipe means the plugin is stopping; there is nobody to tell.
-        let _ = self.client.send(PLUGIN_LOG, out);
+        let _ = self.client.send(PLUGIN_LOG, log_fields(event));
     }
 }

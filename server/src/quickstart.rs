@@ -10,6 +10,7 @@ use tokio::process::{Child, Command};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::ServerConfig;
+use crate::state::ServerState;
 use crate::store::Role;
 use crate::{admin, serve};
 
@@ -138,7 +139,7 @@ const PLUGINS: &[&str] = &["key-request", "proxy", "file-delivery"];
 /// Uploads every plugin built next to `keel-agent` (as this build's version) and
 /// makes them the agent's desired set, through the same path the API uses.
 async fn install_plugins(
-    state: &std::sync::Arc<crate::state::ServerState>,
+    state: &std::sync::Arc<ServerState>,
     opts: &Options,
     agent_id: &str,
 ) -> anyhow::Result<Vec<String>> {
@@ -337,7 +338,7 @@ async fn enroll_agent(
 
 /// Waits up to 30 s for the agent's stream, then installs the plugins built
 /// next to the server. Says how each went.
-async fn bring_up(state: &ServerState, opts: &Options, agent_id: &str) -> (&'static str, String) {
+async fn bring_up(state: &std::sync::Arc<ServerState>, opts: &Options, agent_id: &str) -> (&'static str, String) {
     let start = Instant::now();
     while !state.connections.is_online(agent_id) && start.elapsed() < Duration::from_secs(30) {
         tokio::time::sleep(Duration::from_millis(100)).await;

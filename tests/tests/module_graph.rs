@@ -19,6 +19,7 @@ const CRATES: &[&str] = &[
     "plugins/key-request",
     "plugins/file-delivery",
     "plugins/proxy",
+    "tests",
 ];
 
 fn workspace() -> PathBuf {
