@@ -169,7 +169,7 @@ async fn files_are_sealed_to_the_host_sent_when_changed_and_served_to_their_read
     assert_eq!(action(&rows, "app/db.pass").0, "unchanged");
     let (code, rows) = h.push(&[], &files[1..]);
     assert_eq!(code, Some(0), "{rows:?}");
-    assert_eq!(action(&rows, "app/root-only").0, "sent");
+    assert_eq!(action(&rows, "app/root-only").0, "sent", "{rows:?}");
     // Other readers are a change of the delivery: sent, and the host keeps the
     // bytes, which did not change.
     let (_, rows) = h.push(&["--mode", "0640"], &files[..1]);
