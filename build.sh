@@ -77,8 +77,10 @@ case "$cmd" in
         case "$name" in
             footprint)
                 # The packages' binaries: the dist profile, built as ./build.sh package
-                # builds them (each side on its own).
+                # builds them (each side on its own); and the baseline's keel-bench
+                # in the same profile, beside them.
                 packaging/build-bins.sh dist
+                cargo build --profile dist -p keel-tests --bin keel-bench --quiet
                 export KEEL_FOOTPRINT_BIN_DIR="$PWD/target/dist"
                 ;;
             dataflow | rollout | keyrequest | filedelivery | proxy | console | scale) ;;
