@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use tempfile::TempDir;
 
-use crate::{Server, bin, netns, output_ok, signal, tail, toml_path, wait_bounded};
+use crate::{Server, bin, failure_report, netns, output_ok, signal, toml_path, wait_bounded};
 
 /// A `keel-agent` with its own state directory.
 #[derive(Debug)]
@@ -198,9 +198,9 @@ impl Drop for Agent {
         }
         if std::thread::panicking() {
             eprintln!(
-                "---- keel-agent {} log (last 40 lines) ----\n{}",
+                "---- keel-agent {} log ----\n{}",
                 self.id,
-                tail(&self.log(), 40)
+                failure_report(&self.log())
             );
         }
     }

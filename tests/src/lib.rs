@@ -30,7 +30,7 @@ pub use dpkg::{deb, dpkg, dpkg_command, packages, run, throwaway_root};
 pub use grpc::{RawStream, batch, raw_channel, raw_stream, stream_refusal};
 pub use pki::{Pair, agent_pair, ca_signed, foreign_signed, key_enroll_body};
 pub use procs::Supervisor;
-pub(crate) use server::tail;
+pub(crate) use server::failure_report;
 pub use server::{Server, ServerOptions, postgres_schema, sink_records, test_database};
 pub use sim::{InFlight, SimAgent, SimBehavior, SimLog};
 pub use support::{

@@ -342,11 +342,26 @@ pub(crate) fn tail(log: &str, n: usize) -> String {
     lines[lines.len().saturating_sub(n)..].join("\n")
 }
 
+/// A failed test's view of a process's log: every panic, warning and error in it
+/// (the first 60), then its last 40 lines.
+pub(crate) fn failure_report(log: &str) -> String {
+    let alarms: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("panicked") || l.contains(" WARN ") || l.contains(" ERROR "))
+        .take(60)
+        .collect();
+    format!(
+        "panics, warnings and errors:\n{}\n-- last 40 lines --\n{}",
+        alarms.join("\n"),
+        tail(log, 40)
+    )
+}
+
 impl Drop for Server {
     fn drop(&mut self) {
         self.kill();
         if std::thread::panicking() {
-            eprintln!("---- keel-server log (last 40 lines) ----\n{}", tail(&self.log(), 40));
+            eprintln!("---- keel-server log ----\n{}", failure_report(&self.log()));
         }
     }
 }
