@@ -197,11 +197,7 @@ impl Drop for Agent {
             let _ = child.wait();
         }
         if std::thread::panicking() {
-            eprintln!(
-                "---- keel-agent {} log ----\n{}",
-                self.id,
-                failure_report(&self.log())
-            );
+            eprintln!("---- keel-agent {} log ----\n{}", self.id, failure_report(&self.log()));
         }
     }
 }
