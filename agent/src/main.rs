@@ -92,9 +92,19 @@ struct EnrollArgs {
 /// Batches (1 MiB at most by default) stay below it: mapping each anew cost a
 /// quarter more CPU per record in `keel-bench dataflow`.
 const MMAP_FROM: usize = 1 << 20;
+/// The runtime's worker threads, whatever the host's core count: the agent relays
+/// and waits, and two threads carry `keel-bench dataflow`'s rate; each further
+/// one would cost a stack and, in glibc, a heap of its own on a large host.
+const WORKERS: usize = 2;
+/// Threads for blocking work (spool writes and reads, a key pair at renewal),
+/// each awaited by the stream that asked for it.
+const BLOCKING: usize = 4;
+/// glibc heaps shared by all of the agent's threads (`keel_common::alloc`).
+const ARENAS: usize = 1;
 
 fn main() -> ExitCode {
     keel_common::alloc::tune(MMAP_FROM);
+    keel_common::alloc::limit_arenas(ARENAS);
     let cli = Cli::parse();
     if let Cmd::UpgradeWatchdog { state_dir } = &cli.command {
         // Runs without the agent's configuration: everything it needs is in pending.json.
@@ -123,7 +133,12 @@ fn main() -> ExitCode {
             return ExitCode::from(EX_USAGE as u8);
         }
     };
-    let runtime = match tokio::runtime::Runtime::new() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(WORKERS)
+        .max_blocking_threads(BLOCKING)
+        .enable_all()
+        .build()
+    {
         Ok(r) => r,
         Err(e) => {
             eprintln!("keel-agent: cannot start the runtime: {e}");

@@ -5,8 +5,9 @@
 //! mapped block freed, so after one large transient buffer (a plugin package
 //! read whole, a burst of records) later ones of that size are cut from a heap,
 //! and a heap other than the main one hands nothing back. [`tune`] fixes the
-//! threshold instead; [`usage`] and [`trim`] serve the server's trimmer. This is
-//! the crate's only `unsafe`: three calls into glibc.
+//! threshold instead; [`limit_arenas`] keeps a small process's threads on few
+//! heaps; [`usage`] and [`trim`] serve the server's trimmer. This is the crate's
+//! only `unsafe`: four calls into glibc.
 
 /// Blocks of `mmap_from` bytes or more are mapped on their own and go back to the
 /// system whole when freed; the threshold no longer moves. Call once, first
@@ -18,6 +19,20 @@ pub fn tune(mmap_from: usize) {
     // SAFETY: mallopt only sets a threshold; glibc checks the value.
     unsafe {
         nix::libc::mallopt(nix::libc::M_MMAP_THRESHOLD, from);
+    }
+}
+
+/// At most `arenas` heaps for all threads. By default glibc gives each new thread
+/// its own heap, up to eight per core, and each keeps what its thread freed; a
+/// process that allocates little loses nothing to lock contention by sharing.
+/// Call once, first thing in `main`, before any thread starts.
+#[cfg(target_env = "gnu")]
+#[allow(unsafe_code)]
+pub fn limit_arenas(arenas: usize) {
+    let arenas = nix::libc::c_int::try_from(arenas.max(1)).unwrap_or(nix::libc::c_int::MAX);
+    // SAFETY: mallopt only sets a limit; glibc checks the value.
+    unsafe {
+        nix::libc::mallopt(nix::libc::M_ARENA_MAX, arenas);
     }
 }
 
@@ -43,6 +58,10 @@ pub fn trim() {
 /// Other C libraries keep their own defaults.
 #[cfg(not(target_env = "gnu"))]
 pub fn tune(_mmap_from: usize) {}
+
+/// Other C libraries keep their own defaults.
+#[cfg(not(target_env = "gnu"))]
+pub fn limit_arenas(_arenas: usize) {}
 
 /// Other C libraries return memory on their own terms.
 #[cfg(not(target_env = "gnu"))]

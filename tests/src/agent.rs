@@ -112,6 +112,13 @@ impl Agent {
         self.spawn(cmd);
     }
 
+    /// Starts `keel-agent run` with `vars` added to its environment.
+    pub fn start_with_env(&mut self, vars: &[(&str, &str)]) {
+        let mut cmd = self.cmd(&["run"]);
+        cmd.envs(vars.iter().copied());
+        self.spawn(cmd);
+    }
+
     /// Runs the agent inside network namespace `ns` (see [`netns::NetNs`]).
     pub fn start_in(&mut self, ns: &netns::NetNs) {
         let mut cmd = Command::new("ip");

@@ -128,6 +128,58 @@ async fn agent_id_is_stable_across_restarts_and_a_lost_id_file() {
     );
 }
 
+/// glibc's heaps other than the main one in `/proc/<pid>/maps`: anonymous
+/// mappings that start on a 64 MiB boundary, readable and writable, followed by
+/// their inaccessible reserve, 64 MiB in all.
+fn thread_heaps(pid: u32) -> usize {
+    const HEAP: u64 = 64 << 20;
+    let maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).expect("the agent's maps");
+    let regions: Vec<(u64, u64, String, bool)> = maps
+        .lines()
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            let (start, end) = f.first()?.split_once('-')?;
+            let anonymous = f.len() == 5 && f[4] == "0";
+            Some((
+                u64::from_str_radix(start, 16).ok()?,
+                u64::from_str_radix(end, 16).ok()?,
+                f.get(1)?.to_string(),
+                anonymous,
+            ))
+        })
+        .collect();
+    regions
+        .iter()
+        .enumerate()
+        .filter(|(i, (start, end, perms, anonymous))| {
+            let reserve_end = regions
+                .get(i + 1)
+                .filter(|next| next.0 == *end && next.2 == "---p")
+                .map_or(*end, |next| next.1);
+            *anonymous && perms == "rw-p" && start % HEAP == 0 && reserve_end - start == HEAP
+        })
+        .count()
+}
+
+#[tokio::test]
+async fn the_agent_keeps_few_threads_and_one_heap_on_a_host_of_many_cores() {
+    let server = Server::start(ServerOptions::default()).await;
+    let mut agent = Agent::enrolled(&server, "threads-1");
+    // What tokio would otherwise take on a 16-core host.
+    agent.start_with_env(&[("TOKIO_WORKER_THREADS", "16")]);
+    server.api().online("threads-1").await;
+    let pid = agent.pid().expect("the agent runs");
+    // Two workers, and at most four threads for blocking work, which share
+    // the name.
+    let runtime_threads = std::fs::read_dir(format!("/proc/{pid}/task"))
+        .expect("the agent's threads")
+        .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("comm")).ok())
+        .filter(|name| name.starts_with("tokio-r"))
+        .count();
+    assert!((2..=6).contains(&runtime_threads), "{runtime_threads} runtime threads");
+    assert_eq!(thread_heaps(pid), 0, "glibc heaps besides the main one");
+}
+
 #[tokio::test]
 async fn tasks_round_trip_with_5100_results() {
     let server = Server::start(ServerOptions::default()).await;
