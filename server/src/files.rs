@@ -562,7 +562,7 @@ pub async fn progress(
                 return Ok(None);
             };
             let shares = state.store.push_agents(id).await?;
-            let online = state.store.push_waiting_online(id, now_ms()).await?;
+            let online = state.store.push_agents_online(id, now_ms()).await?;
             let revision = shares.iter().map(|s| s.updated_at).max().unwrap_or(push.created_at);
             let mut settled = true;
             let agents: Vec<ShareView> = shares

@@ -153,7 +153,7 @@ impl Agent {
             .open(self.log_path())
             .expect("log file");
         let child = cmd
-            .env("KEEL_LOG", "info,keel_agent=debug")
+            .env("KEEL_LOG", crate::log_filter("info,keel_agent=debug"))
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()

@@ -34,6 +34,6 @@ pub(crate) use server::failure_report;
 pub use server::{Server, ServerOptions, postgres_schema, sink_records, test_database};
 pub use sim::{InFlight, SimAgent, SimBehavior, SimLog};
 pub use support::{
-    DEADLINE, bin, eventually, eventually_within, files_under, free_port, signal, test_plugin, wait_bounded,
+    DEADLINE, bin, eventually, eventually_within, files_under, free_port, log_filter, signal, test_plugin, wait_bounded,
 };
 pub(crate) use support::{output_ok, toml_path};

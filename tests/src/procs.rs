@@ -35,7 +35,7 @@ impl Agent {
                     .arg("--config")
                     .arg(&config)
                     .arg("run")
-                    .env("KEEL_LOG", "info,keel_agent=debug")
+                    .env("KEEL_LOG", crate::log_filter("info,keel_agent=debug"))
                     .stdout(Stdio::null())
                     .stderr(out)
                     .spawn();

@@ -179,7 +179,7 @@ impl Server {
                 .arg(http.to_string());
         }
         let child = cmd
-            .env("KEEL_LOG", "info,keel_server=debug")
+            .env("KEEL_LOG", crate::log_filter("info,keel_server=debug"))
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()

@@ -116,3 +116,12 @@ pub(crate) fn output_ok(out: Output, what: &str) -> String {
 pub fn test_plugin() -> Vec<u8> {
     std::fs::read(bin("keel-test-plugin")).expect("keel-test-plugin binary")
 }
+
+/// The log filter of a process under test: `base`, and after it whatever
+/// `KEEL_TEST_LOG` adds (say `h2=debug,rustls=debug` to follow a connection).
+pub fn log_filter(base: &str) -> String {
+    match std::env::var("KEEL_TEST_LOG") {
+        Ok(extra) if !extra.trim().is_empty() => format!("{base},{}", extra.trim()),
+        _ => base.to_owned(),
+    }
+}

@@ -452,15 +452,20 @@ impl Store {
         )
     }
 
-    /// The agents of a push's waiting shares that are online now.
-    pub async fn push_waiting_online(
+    /// The agents of a push that are online now, whatever their share's state.
+    ///
+    /// Read apart from the shares, so not filtered on their state: a share read
+    /// as waiting and claimed (no longer waiting) before this read would then
+    /// have its online agent counted offline, and a waiter told "queued" for a
+    /// push being sent.
+    pub async fn push_agents_online(
         &self,
         push_id: &str,
         now: i64,
     ) -> Result<std::collections::HashSet<String>, StoreError> {
         Ok(sqlx::query_scalar(
             "SELECT s.agent_id FROM file_push_agents s JOIN agents a ON a.id = s.agent_id \
-             WHERE s.push_id = $1 AND s.state = 'waiting' AND a.online <> 0 \
+             WHERE s.push_id = $1 AND a.online <> 0 \
              AND EXISTS (SELECT 1 FROM instances i WHERE i.id = a.instance AND i.lease_until > $2)",
         )
         .bind(push_id)
@@ -623,8 +628,15 @@ mod tests {
             "only online agents' shares"
         );
 
+        let online = || store.push_agents_online("p1", 100);
+        assert_eq!(online().await.unwrap(), ["a1".to_owned()].into(), "waiting, online");
         let claimed = store.push_claim("p1", "a1", "i1", 100, 0).await.unwrap().unwrap();
         assert_eq!((claimed.part_count, claimed.sent), (3, 0));
+        assert_eq!(
+            online().await.unwrap(),
+            ["a1".to_owned()].into(),
+            "claimed since the shares were read: still online"
+        );
         assert_eq!(store.push_part("p1", "a1", 2).await.unwrap().as_deref(), Some("part 2"));
         assert!(
             store.push_claim("p1", "a1", "i2", 200, 0).await.unwrap().is_none(),
