@@ -216,6 +216,8 @@ fn take_meta(pd: &mut PackagedData) -> AgentMeta {
 /// What is known once the first valid batch arrived.
 struct Session {
     generation: u64,
+    /// When it began, as stored: its close is for this stream only.
+    connected_at: i64,
     meta: AgentMeta,
     mark: Option<(u64, u64)>,
     /// The plugin list of the last heartbeat, to write only changes.
@@ -309,7 +311,11 @@ impl StreamTask {
                 warn!(error = %e, "cannot store the stream mark and heartbeat");
             }
             let instance = &self.state.cluster.instance;
-            if let Err(e) = self.state.store.agent_disconnected(agent_id, now_ms(), instance).await {
+            let ended = self
+                .state
+                .store
+                .agent_disconnected(agent_id, now_ms(), instance, session.connected_at);
+            if let Err(e) = ended.await {
                 warn!(error = %e, "cannot mark agent offline");
             }
             info!("agent offline");
@@ -339,6 +345,7 @@ impl StreamTask {
         info!(version = %meta.version, hostname = %meta.hostname, "agent online");
         self.session = Some(Session {
             generation,
+            connected_at: now,
             round: None,
             round_changed: false,
             sampled_at: 0,

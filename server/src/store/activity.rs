@@ -200,10 +200,10 @@ mod tests {
             Some(newest),
             "replaced at the other instance"
         );
-        store.agent_disconnected("a", 5000, "i2").await.unwrap();
+        store.agent_disconnected("a", 5000, "i2", newest - 1).await.unwrap();
         let open = store.sessions("a").await.unwrap()[0].disconnected_at;
         assert_eq!(open, None, "another instance's close does not end it");
-        store.agent_disconnected("a", 6000, "i1").await.unwrap();
+        store.agent_disconnected("a", 6000, "i1", newest).await.unwrap();
         let sessions = store.sessions("a").await.unwrap();
         assert_eq!(sessions[0].disconnected_at, Some(6000));
         assert!(sessions.iter().all(|s| s.disconnected_at.is_some()));

@@ -298,25 +298,38 @@ impl Store {
 
     /// Marks the agent offline, if `instance` still holds it: a stream that ended
     /// late on one instance does not undo a reconnection to another.
-    pub async fn agent_disconnected(&self, id: &str, now: i64, instance: &str) -> Result<(), StoreError> {
-        // The agent's stream at this instance ends.
+    pub async fn agent_disconnected(
+        &self,
+        id: &str,
+        now: i64,
+        instance: &str,
+        connected_at: i64,
+    ) -> Result<(), StoreError> {
+        // The agent's stream at this instance that began at `connected_at` ends,
+        // and only it: a stream of the same agent that began since (a reconnect
+        // to this instance, whose write may land first) stays online. Two streams
+        // of one agent cannot begin in the same millisecond: each needs its own
+        // TLS handshake and first batch.
         sqlx::query(
             "UPDATE agent_sessions SET disconnected_at = $2 WHERE agent_id = $1 AND instance = $3 \
-             AND disconnected_at IS NULL",
+             AND connected_at = $4 AND disconnected_at IS NULL",
         )
         .bind(id)
         .bind(now)
         .bind(instance)
+        .bind(connected_at)
         .execute(&self.pool)
         .await?;
         self.timed(
             "agent_disconnected",
             sqlx::query(
-                "UPDATE agents SET online = 0, instance = NULL, last_seen = $2 WHERE id = $1 AND instance = $3",
+                "UPDATE agents SET online = 0, instance = NULL, last_seen = $2 \
+                 WHERE id = $1 AND instance = $3 AND connected_at = $4",
             )
             .bind(id)
             .bind(now)
             .bind(instance)
+            .bind(connected_at)
             .execute(&self.pool),
         )
         .await?;
@@ -538,12 +551,21 @@ mod tests {
             ])
             .await
             .unwrap();
-        store.agent_disconnected("a1", 3000, "i1").await.unwrap();
+        store.agent_disconnected("a1", 3000, "i1", 1000).await.unwrap();
         let a = store.get_agent("a1").await.unwrap().unwrap();
         assert!(!a.online);
         assert_eq!(a.last_heartbeat, Some(2000));
         assert_eq!(a.heartbeat["cpu"], "0.1");
         store.agent_connected("a1", &meta, 4000, "i1").await.unwrap();
+        // Reconnected to the same instance, the new stream's write landing before
+        // the old one's close: the close ends the old stream only.
+        store.agent_connected("a1", &meta, 4500, "i1").await.unwrap();
+        store.agent_disconnected("a1", 4600, "i1", 4000).await.unwrap();
+        let a = store.get_agent("a1").await.unwrap().unwrap();
+        assert!(a.online, "the newer stream stays online");
+        assert_eq!(a.connected_at, Some(4500));
+        let newest = &store.sessions("a1").await.unwrap()[0];
+        assert_eq!((newest.connected_at, newest.disconnected_at), (4500, None));
         store.instance_leave("i1", 5000).await.unwrap();
         let all = store.list_agents().await.unwrap();
         assert_eq!(all.len(), 1);

@@ -285,7 +285,7 @@ mod tests {
             .agent_connected("a1", &AgentMeta::default(), 200, "i2")
             .await
             .unwrap();
-        store.agent_disconnected("a1", 300, "i1").await.unwrap();
+        store.agent_disconnected("a1", 300, "i1", 100).await.unwrap();
         assert_eq!(store.agent_holder("a1", 5_000).await.unwrap().as_deref(), Some("i2"));
         // i1 leaves: i2's agent stays; i2 reaped: offline.
         store.instance_leave("i1", 400).await.unwrap();
