@@ -108,8 +108,7 @@ impl Agent {
 
     /// Starts `keel-agent run`.
     pub fn start(&mut self) {
-        let cmd = self.cmd(&["run"]);
-        self.spawn(cmd);
+        self.start_with_env(&[]);
     }
 
     /// Starts `keel-agent run` with `vars` added to its environment.

@@ -296,8 +296,12 @@ impl Store {
         Ok(())
     }
 
-    /// Marks the agent offline, if `instance` still holds it: a stream that ended
-    /// late on one instance does not undo a reconnection to another.
+    /// Ends the agent's stream that began at `connected_at` at `instance`, and
+    /// marks the agent offline if that stream is still the one stored: a stream
+    /// that ended late does not undo a reconnection, to another instance or to
+    /// this one (whose write may land first). Two streams of one agent cannot
+    /// begin in the same millisecond: each needs its own TLS handshake and first
+    /// batch.
     pub async fn agent_disconnected(
         &self,
         id: &str,
@@ -305,11 +309,6 @@ impl Store {
         instance: &str,
         connected_at: i64,
     ) -> Result<(), StoreError> {
-        // The agent's stream at this instance that began at `connected_at` ends,
-        // and only it: a stream of the same agent that began since (a reconnect
-        // to this instance, whose write may land first) stays online. Two streams
-        // of one agent cannot begin in the same millisecond: each needs its own
-        // TLS handshake and first batch.
         sqlx::query(
             "UPDATE agent_sessions SET disconnected_at = $2 WHERE agent_id = $1 AND instance = $3 \
              AND connected_at = $4 AND disconnected_at IS NULL",
