@@ -1,15 +1,50 @@
-//! Maps that live as long as the process and hold one entry per connected peer.
+//! Maps and sets that live as long as the process and hold one entry per
+//! connected peer.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::hash::Hash;
 
-/// Gives back most of a map's table once it holds under a quarter of what it
+/// A hash table that can give room back.
+pub trait Table {
+    /// Entries held.
+    fn len(&self) -> usize;
+    /// Entries there is room for.
+    fn capacity(&self) -> usize;
+    /// Keeps room for at least `n` entries.
+    fn shrink_to(&mut self, n: usize);
+}
+
+impl<K: Eq + Hash, V> Table for HashMap<K, V> {
+    fn len(&self) -> usize {
+        HashMap::len(self)
+    }
+    fn capacity(&self) -> usize {
+        HashMap::capacity(self)
+    }
+    fn shrink_to(&mut self, n: usize) {
+        HashMap::shrink_to(self, n);
+    }
+}
+
+impl<K: Eq + Hash> Table for HashSet<K> {
+    fn len(&self) -> usize {
+        HashSet::len(self)
+    }
+    fn capacity(&self) -> usize {
+        HashSet::capacity(self)
+    }
+    fn shrink_to(&mut self, n: usize) {
+        HashSet::shrink_to(self, n);
+    }
+}
+
+/// Gives back most of a table's room once it holds under a quarter of what it
 /// has room for: after thousands of agents left, their slots would otherwise stay
 /// allocated for the life of the process.
-pub fn shrink_sparse<K: Eq + Hash, V>(map: &mut HashMap<K, V>) {
+pub fn shrink_sparse(table: &mut impl Table) {
     const KEEP: usize = 64;
-    if map.capacity() > KEEP && map.len() < map.capacity() / 4 {
-        map.shrink_to(map.len().saturating_mul(2).max(KEEP));
+    if table.capacity() > KEEP && table.len() < table.capacity() / 4 {
+        table.shrink_to(table.len().saturating_mul(2).max(KEEP));
     }
 }
 

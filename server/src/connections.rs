@@ -184,7 +184,7 @@ impl Connections {
         let mut open = self.lock();
         if open.get(agent_id).is_some_and(|c| c.generation == generation) {
             open.remove(agent_id);
-            shrink_sparse(&mut open);
+            shrink_sparse(&mut *open);
             true
         } else {
             false

@@ -307,9 +307,7 @@ impl StreamTask {
         let agent_id = &self.cert.agent_id;
         if self.state.connections.unregister(agent_id, session.generation) {
             self.state.metrics.agent_gone(agent_id);
-            if let Err(e) = self.state.forget_agent(agent_id).await {
-                warn!(error = %e, "cannot store the stream mark and heartbeat");
-            }
+            self.state.forget_agent(agent_id);
             let instance = &self.state.cluster.instance;
             let ended = self
                 .state

@@ -475,7 +475,7 @@ impl Metrics {
     pub fn agent_gone(&self, agent_id: &str) {
         let mut fleet = self.fleet_lock();
         fleet.remove(agent_id);
-        keel_common::maps::shrink_sparse(&mut fleet);
+        keel_common::maps::shrink_sparse(&mut *fleet);
     }
 
     fn fleet_lock(&self) -> std::sync::MutexGuard<'_, HashMap<Box<str>, AgentFigures>> {

@@ -1,7 +1,7 @@
 //! What every request handler and stream shares.
 
 use std::collections::BTreeMap;
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, OnceLock, RwLock};
 use std::time::Duration;
@@ -72,17 +72,67 @@ pub const FLUSH_EVERY: Duration = Duration::from_secs(2);
 /// Presence kept in memory and written to the store in batches, only when changed.
 #[derive(Debug, Default)]
 struct Pending {
-    /// Highest persisted batch per agent connected here: (epoch, seq).
+    /// Highest persisted batch per agent connected here, or gone but not yet
+    /// written: (epoch, seq).
     marks: HashMap<String, (u64, u64)>,
     /// Marks changed since the last flush, with where the agent's plugins'
     /// record numbering stood at each ([`crate::gaps`]).
     dirty: HashMap<String, (u64, u64, Arc<str>)>,
+    /// Agents whose streams ended: their marks leave memory once the store holds
+    /// them, so a stream that opens meanwhile starts from the newest one.
+    gone: HashSet<String>,
     /// Heartbeats not written yet: fields as JSON, arrival time.
     beats: HashMap<String, (String, i64)>,
     /// Heartbeat samples not written yet ([`SAMPLE_EVERY`]).
     samples: Vec<(String, Sample)>,
     /// When samples older than [`SAMPLES_KEPT`] were last deleted.
     pruned_at: i64,
+}
+
+/// Changed marks and heartbeats taken for one write to the store.
+type Taken = (HashMap<String, (u64, u64, Arc<str>)>, HashMap<String, (String, i64)>);
+
+impl Pending {
+    fn set_mark(&mut self, agent_id: &str, epoch: u64, seq: u64, sources: Arc<str>) {
+        self.marks.insert(agent_id.to_owned(), (epoch, seq));
+        self.dirty.insert(agent_id.to_owned(), (epoch, seq, sources));
+    }
+
+    /// A stream ended: the agent's mark stays until the store holds it.
+    fn forget(&mut self, agent_id: &str) {
+        self.gone.insert(agent_id.to_owned());
+    }
+
+    /// What changed since the last write.
+    fn take(&mut self) -> Taken {
+        (std::mem::take(&mut self.dirty), std::mem::take(&mut self.beats))
+    }
+
+    /// The write of `taken` landed: marks of agents gone and not changed since
+    /// are in the store, and leave memory.
+    fn written(&mut self) {
+        let Pending { marks, dirty, gone, .. } = self;
+        gone.retain(|a| {
+            if dirty.contains_key(a) {
+                return true;
+            }
+            marks.remove(a);
+            false
+        });
+        keel_common::maps::shrink_sparse(marks);
+        keel_common::maps::shrink_sparse(gone);
+    }
+
+    /// The write of `taken` failed: it is tried again with the next, under
+    /// anything newer.
+    fn unwritten(&mut self, (marks, beats): Taken) {
+        for (a, m) in marks {
+            self.dirty.entry(a).or_insert(m);
+        }
+        for (a, b) in beats {
+            self.beats.entry(a).or_insert(b);
+        }
+    }
 }
 
 /// How often an agent's heartbeats are sampled for its page's charts.
@@ -183,6 +233,7 @@ impl ServerState {
                 .iter()
                 .map(|(a, (e, s))| (a.clone(), (*e, *s, Arc::clone(&unknown))))
                 .collect(),
+            gone: recovered.keys().cloned().collect(),
             marks: recovered,
             beats: HashMap::new(),
             samples: Vec::new(),
@@ -552,9 +603,7 @@ impl ServerState {
     /// Records a persisted batch, and where the agent's plugins' record numbering
     /// stood after it; both reach the store with the next flush.
     pub fn set_mark(&self, agent_id: &str, epoch: u64, seq: u64, sources: Arc<str>) {
-        let mut p = self.pending_lock();
-        p.marks.insert(agent_id.to_owned(), (epoch, seq));
-        p.dirty.insert(agent_id.to_owned(), (epoch, seq, sources));
+        self.pending_lock().set_mark(agent_id, epoch, seq, sources);
     }
 
     /// Keeps a heartbeat (its fields as JSON) for the next flush.
@@ -592,10 +641,7 @@ impl ServerState {
     }
 
     async fn flush_marks_and_beats(&self) -> Result<(), StoreError> {
-        let (marks, beats) = {
-            let mut p = self.pending_lock();
-            (std::mem::take(&mut p.dirty), std::mem::take(&mut p.beats))
-        };
+        let (marks, beats) = self.pending_lock().take();
         let marks_rows: Vec<StreamMark> = marks.iter().map(|(a, m)| stream_mark(a, m)).collect();
         let beat_rows: Vec<(String, String, i64)> =
             beats.iter().map(|(a, (j, t))| (a.clone(), j.clone(), *t)).collect();
@@ -604,34 +650,18 @@ impl ServerState {
             self.store.agent_heartbeats(&beat_rows).await
         }
         .await;
-        if result.is_err() {
-            let mut p = self.pending_lock();
-            for (a, m) in marks {
-                p.dirty.entry(a).or_insert(m);
-            }
-            for (a, b) in beats {
-                p.beats.entry(a).or_insert(b);
-            }
+        let mut p = self.pending_lock();
+        match result {
+            Ok(()) => p.written(),
+            Err(_) => p.unwritten((marks, beats)),
         }
         result
     }
 
-    /// A stream ended: its agent's mark and heartbeat are written now, and the
-    /// memory they took is given back.
-    pub async fn forget_agent(&self, agent_id: &str) -> Result<(), StoreError> {
-        let (mark, beat) = {
-            let mut p = self.pending_lock();
-            p.marks.remove(agent_id);
-            keel_common::maps::shrink_sparse(&mut p.marks);
-            (p.dirty.remove(agent_id), p.beats.remove(agent_id))
-        };
-        if let Some(m) = mark {
-            self.store.save_stream_marks(&[stream_mark(agent_id, &m)]).await?;
-        }
-        if let Some((json, at)) = beat {
-            self.store.agent_heartbeats(&[(agent_id.to_owned(), json, at)]).await?;
-        }
-        Ok(())
+    /// A stream ended: its agent's mark and heartbeat go to the store with the
+    /// next flush, and the mark leaves memory once the store holds it.
+    pub fn forget_agent(&self, agent_id: &str) {
+        self.pending_lock().forget(agent_id);
     }
 
     fn pending_lock(&self) -> std::sync::MutexGuard<'_, Pending> {
@@ -645,5 +675,61 @@ fn stream_mark(agent_id: &str, (epoch, seq, sources): &(u64, u64, Arc<str>)) -> 
         epoch: *epoch,
         seq: *seq,
         sources: Arc::clone(sources),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn mark(p: &Pending, agent: &str) -> Option<(u64, u64)> {
+        p.marks.get(agent).copied()
+    }
+
+    #[test]
+    fn a_gone_agents_mark_stays_in_memory_until_the_store_holds_it() {
+        let mut p = Pending::default();
+        p.set_mark("a", 1, 5, Arc::from(""));
+        p.forget("a");
+        // A stream opening now must not start from an older stored mark.
+        assert_eq!(mark(&p, "a"), Some((1, 5)));
+        let taken = p.take();
+        assert_eq!(mark(&p, "a"), Some((1, 5)), "taken for the store, not in it yet");
+        p.unwritten(taken);
+        assert_eq!(mark(&p, "a"), Some((1, 5)), "the write failed");
+        assert!(p.dirty.contains_key("a"), "tried again with the next write");
+        let _ = p.take();
+        p.written();
+        assert_eq!(mark(&p, "a"), None, "in the store now");
+        assert!(p.gone.is_empty());
+    }
+
+    #[test]
+    fn a_mark_changed_while_being_written_stays() {
+        let mut p = Pending::default();
+        p.set_mark("a", 1, 5, Arc::from(""));
+        p.forget("a");
+        let _ = p.take();
+        // The agent came back and moved on while the write was under way.
+        p.set_mark("a", 1, 6, Arc::from(""));
+        p.written();
+        assert_eq!(mark(&p, "a"), Some((1, 6)));
+        let (dirty, _) = p.take();
+        assert_eq!(dirty.get("a").map(|m| (m.0, m.1)), Some((1, 6)));
+        p.written();
+        assert_eq!(mark(&p, "a"), None, "gone and written");
+    }
+
+    #[test]
+    fn a_failed_write_keeps_what_changed_since() {
+        let mut p = Pending::default();
+        p.set_mark("a", 1, 5, Arc::from(""));
+        let taken = p.take();
+        p.set_mark("a", 1, 7, Arc::from(""));
+        p.unwritten(taken);
+        assert_eq!(p.dirty.get("a").map(|m| (m.0, m.1)), Some((1, 7)), "not overwritten by the older mark");
+        assert_eq!(mark(&p, "a"), Some((1, 7)), "a connected agent's mark stays");
+        p.written();
+        assert_eq!(mark(&p, "a"), Some((1, 7)), "not gone");
     }
 }
