@@ -19,6 +19,7 @@ pub const ENV: &[EnvBinding] = &[
     ("KEEL_STATE_DIR", "agent.state_dir", EnvKind::Str),
     ("KEEL_LOG_DIR", "agent.log_dir", EnvKind::Str),
     ("KEEL_HEARTBEAT_INTERVAL", "agent.heartbeat_interval", EnvKind::Str),
+    ("KEEL_RELEASE_CODE_AFTER", "agent.release_code_after", EnvKind::Str),
     ("KEEL_SERVER_PRIVATE", "server.private", EnvKind::List),
     ("KEEL_SERVER_PUBLIC", "server.public", EnvKind::List),
     ("KEEL_DISCOVERY_URL", "server.discovery_url", EnvKind::Str),
@@ -85,6 +86,11 @@ pub struct AgentSection {
     /// Bound on a graceful stop after SIGTERM.
     #[serde(default = "default_grace", with = "humantime_serde")]
     pub shutdown_grace: Duration,
+    /// How long after start the agent pages out its own code
+    /// (`keel_common::residency`): what start-up alone ran leaves memory, and
+    /// what runs later comes back as it runs. 0 never does.
+    #[serde(default = "default_release_code_after", with = "humantime_serde")]
+    pub release_code_after: Duration,
 }
 
 /// How to reach the server.
@@ -297,6 +303,9 @@ fn default_heartbeat() -> Duration {
 fn default_grace() -> Duration {
     Duration::from_secs(10)
 }
+fn default_release_code_after() -> Duration {
+    Duration::from_secs(30)
+}
 fn default_plugin_stop_grace() -> Duration {
     Duration::from_secs(5)
 }
@@ -376,6 +385,7 @@ impl Default for AgentSection {
             log_dir: default_log_dir(),
             heartbeat_interval: default_heartbeat(),
             shutdown_grace: default_grace(),
+            release_code_after: default_release_code_after(),
         }
     }
 }
@@ -654,6 +664,10 @@ mod tests {
         assert_eq!(c.agent.heartbeat_interval, Duration::from_secs(60));
         assert_eq!(c.server.backoff_max, Duration::from_secs(60));
         assert_eq!(c.transfer.batch_interval, Duration::ZERO);
+        assert_eq!(c.agent.release_code_after, Duration::from_secs(30));
+        let never = "[agent]\nrelease_code_after = \"0s\"\n[server]\nprivate = [\"a:1\"]\n";
+        let c = AgentConfig::from_toml("a.toml", never, Purpose::Run).unwrap();
+        assert_eq!(c.agent.release_code_after, Duration::ZERO);
     }
 
     #[test]
@@ -669,6 +683,10 @@ mod tests {
             ("[server]\nprivate = [\"nohost\"]\n", "server.private[0]"),
             ("[server]\npublic = [\"::1:80\"]\n", "server.public[0]"),
             ("[agent]\nid = \"a/b\"\n[server]\nprivate = [\"a:1\"]\n", "agent.id"),
+            (
+                "[agent]\nrelease_code_after = \"soon\"\n[server]\nprivate = [\"a:1\"]\n",
+                "agent.release_code_after",
+            ),
         ];
         for (text, key) in cases {
             let e = AgentConfig::from_toml("a.toml", text, Purpose::Run).unwrap_err();

@@ -208,6 +208,7 @@ pub async fn run(
     };
     let reconciling = tokio::spawn(reconciler(ctx, desired_rx, stop.clone()));
     spawn_metrics(&config, &link, &spool, &outbox, &plugins, &stop).await;
+    spawn_code_release(config.agent.release_code_after, &stop);
     let heartbeat = spawn_heartbeat(&config, &link, &spool, &outbox, &plugins, &metadata, header, &stop);
     let renewer = Arc::new(Renewer::new(
         config.agent.state_dir.clone(),
@@ -241,6 +242,23 @@ pub async fn run(
     running.stop_in_order(plugins, outbox, renewer, &spool).await;
     info!(?exit, spool = ?spool.stats(), "keel-agent stopped");
     Ok(exit)
+}
+
+/// Pages the agent's code out once start-up is over (`agent.release_code_after`).
+fn spawn_code_release(after: Duration, stop: &CancellationToken) {
+    if after.is_zero() {
+        return;
+    }
+    let stop = stop.clone();
+    tokio::spawn(async move {
+        tokio::select! {
+            () = stop.cancelled() => {}
+            () = tokio::time::sleep(after) => match keel_common::residency::release_code() {
+                Ok(bytes) => info!(kib = bytes >> 10, "paged out the agent's code; what runs comes back as it runs"),
+                Err(e) => warn!(error = %e, "cannot page out the agent's code"),
+            },
+        }
+    });
 }
 
 /// Before anything runs: the state directory, the agent's ID, and the identity

@@ -6,8 +6,9 @@
 //! read whole, a burst of records) later ones of that size are cut from a heap,
 //! and a heap other than the main one hands nothing back. [`tune`] fixes the
 //! threshold instead; [`limit_arenas`] keeps a small process's threads on few
-//! heaps; [`usage`] and [`trim`] serve the server's trimmer. This is the crate's
-//! only `unsafe`: four calls into glibc.
+//! heaps; [`usage`] and [`trim`] serve the server's trimmer. With
+//! [`crate::residency`]'s one `madvise`, these four calls into glibc are the
+//! crate's only `unsafe`.
 
 /// Blocks of `mmap_from` bytes or more are mapped on their own and go back to the
 /// system whole when freed; the threshold no longer moves. Call once, first

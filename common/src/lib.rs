@@ -11,6 +11,7 @@ pub mod ids;
 pub mod keys;
 pub mod logging;
 pub mod maps;
+pub mod residency;
 pub mod secret;
 pub mod shutdown;
 #[cfg(feature = "test-support")]

@@ -7,18 +7,18 @@ use std::hash::Hash;
 /// A hash table that can give room back.
 pub trait Table {
     /// Entries held.
-    fn len(&self) -> usize;
+    fn held(&self) -> usize;
     /// Entries there is room for.
-    fn capacity(&self) -> usize;
+    fn room(&self) -> usize;
     /// Keeps room for at least `n` entries.
     fn shrink_to(&mut self, n: usize);
 }
 
 impl<K: Eq + Hash, V> Table for HashMap<K, V> {
-    fn len(&self) -> usize {
+    fn held(&self) -> usize {
         HashMap::len(self)
     }
-    fn capacity(&self) -> usize {
+    fn room(&self) -> usize {
         HashMap::capacity(self)
     }
     fn shrink_to(&mut self, n: usize) {
@@ -27,10 +27,10 @@ impl<K: Eq + Hash, V> Table for HashMap<K, V> {
 }
 
 impl<K: Eq + Hash> Table for HashSet<K> {
-    fn len(&self) -> usize {
+    fn held(&self) -> usize {
         HashSet::len(self)
     }
-    fn capacity(&self) -> usize {
+    fn room(&self) -> usize {
         HashSet::capacity(self)
     }
     fn shrink_to(&mut self, n: usize) {
@@ -43,8 +43,8 @@ impl<K: Eq + Hash> Table for HashSet<K> {
 /// allocated for the life of the process.
 pub fn shrink_sparse(table: &mut impl Table) {
     const KEEP: usize = 64;
-    if table.capacity() > KEEP && table.len() < table.capacity() / 4 {
-        table.shrink_to(table.len().saturating_mul(2).max(KEEP));
+    if table.room() > KEEP && table.held() < table.room() / 4 {
+        table.shrink_to(table.held().saturating_mul(2).max(KEEP));
     }
 }
 

@@ -727,7 +727,11 @@ mod tests {
         let taken = p.take();
         p.set_mark("a", 1, 7, Arc::from(""));
         p.unwritten(taken);
-        assert_eq!(p.dirty.get("a").map(|m| (m.0, m.1)), Some((1, 7)), "not overwritten by the older mark");
+        assert_eq!(
+            p.dirty.get("a").map(|m| (m.0, m.1)),
+            Some((1, 7)),
+            "not overwritten by the older mark"
+        );
         assert_eq!(mark(&p, "a"), Some((1, 7)), "a connected agent's mark stays");
         p.written();
         assert_eq!(mark(&p, "a"), Some((1, 7)), "not gone");

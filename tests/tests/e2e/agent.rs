@@ -181,6 +181,41 @@ async fn the_agent_keeps_few_threads_and_one_heap_on_a_host_of_many_cores() {
 }
 
 #[tokio::test]
+async fn the_agent_pages_out_its_code_once_started() {
+    let server = Server::start(ServerOptions::default()).await;
+    let mut agent = Agent::enrolled(&server, "residency-1");
+    agent.start_with_env(&[("KEEL_RELEASE_CODE_AFTER", "1s")]);
+    server.api().online("residency-1").await;
+    let line = eventually("the agent to page out its code", || async {
+        agent
+            .log()
+            .lines()
+            .find(|l| l.contains("paged out the agent's code"))
+            .map(str::to_owned)
+    })
+    .await;
+    let kib: u64 = line
+        .split("kib=")
+        .nth(1)
+        .and_then(|v| v.split(|c: char| !c.is_ascii_digit()).next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no size in {line:?}"));
+    assert!(kib > 1024, "the agent's code and constants are more than 1 MiB: {line}");
+    // It still works: a task round-trips afterwards.
+    let api = server.api();
+    let body = json!({"data_type": 1051, "object_name": "keel-agent", "data": r#"{"idc":"lab-9"}"#});
+    let (status, answer) = api.post("/api/v1/agents/residency-1/tasks", &body).await;
+    assert_eq!(status, 202, "{answer}");
+    let token = answer["token"].as_str().unwrap().to_owned();
+    let t = eventually("the task result", || async {
+        let (_, t) = api.get(&format!("/api/v1/tasks/{token}")).await;
+        (t["status"] != "sent").then_some(t)
+    })
+    .await;
+    assert_eq!(t["status"], "succeeded", "{t}");
+}
+
+#[tokio::test]
 async fn tasks_round_trip_with_5100_results() {
     let server = Server::start(ServerOptions::default()).await;
     let mut agent = Agent::enrolled(&server, "tasks-1");
