@@ -44,24 +44,32 @@ pub fn release_code() -> std::io::Result<usize> {
     let maps = std::fs::read_to_string("/proc/self/maps")?;
     let mut advised = 0;
     for (start, len) in code_mappings(&maps, &exe) {
-        for advice in [nix::libc::MADV_RANDOM, nix::libc::MADV_PAGEOUT] {
+        for (advice, name) in [
+            (nix::libc::MADV_RANDOM, "MADV_RANDOM"),
+            (nix::libc::MADV_PAGEOUT, "MADV_PAGEOUT (Linux 5.4 or later)"),
+        ] {
             // SAFETY: the range is a whole mapping of this process, read from its
             // own maps; neither advice changes content, only how pages are read
             // and where they live.
             let r = unsafe { nix::libc::madvise(start as *mut nix::libc::c_void, len, advice) };
             if r != 0 {
-                return Err(std::io::Error::last_os_error());
+                let e = std::io::Error::last_os_error();
+                return Err(std::io::Error::new(
+                    e.kind(),
+                    format!("madvise {name} on {} at {start:#x}, {len} bytes: {e}", exe.display()),
+                ));
             }
         }
         advised += len;
     }
-    // Unmapped now, the pages would still sit in the page cache, and the next
-    // fault would map in the cached 64 KiB around it ("fault-around"): dropped
-    // from the cache too, and with MADV_RANDOM (no read-ahead), a fault brings
-    // back the one page it needs.
+    // Unmapped now, the pages may still sit in the page cache, and the next
+    // fault would map in the cached 64 KiB around it ("fault-around"). Dropped
+    // from the cache too, a fault brings back the one page it needs (no
+    // read-ahead, MADV_RANDOM). The kernel keeps a large folio while any page of
+    // it is mapped: where it caches the binary in large folios, part stays.
     let file = std::fs::File::open(&exe)?;
     nix::fcntl::posix_fadvise(&file, 0, 0, nix::fcntl::PosixFadviseAdvice::POSIX_FADV_DONTNEED)
-        .map_err(std::io::Error::from)?;
+        .map_err(|e| std::io::Error::other(format!("posix_fadvise DONTNEED on {}: {e}", exe.display())))?;
     Ok(advised)
 }
 
@@ -96,6 +104,7 @@ mod tests {
             code_mappings(spaced, Path::new("/opt/my keel/keel-agent")),
             [(0x5000, 0x1000)]
         );
+        assert_eq!(code_mappings("", Path::new("/x")), [], "no maps, nothing");
     }
 
     #[test]
@@ -124,8 +133,7 @@ mod tests {
             after < before / 2,
             "{before} KiB of code resident before, {after} KiB after"
         );
-        // What runs next comes back on demand.
-        assert_eq!(code_mappings("", Path::new("/x")), []);
+        // What runs next (here, reading smaps) comes back on demand.
         assert!(resident() > after, "code that ran again is resident again");
     }
 }
